@@ -1,0 +1,134 @@
+"""Mixing the retrieved single-neuron experts: out[t] = Σ_e gates[t,e] · σ(u_ids[t,e] · x[t]) · v_ids[t,e].
+
+``expert_mix`` is the fast path. Its cost follows the experts the tokens use, never the pool size:
+
+* forward: one gather-dot for the pre-activations and one ``embedding_bag`` (fused gather + weighted
+  sum) for the output, so the gathered up-vectors are never materialised;
+* backward: the gradients of the two expert tables are *sparse* (COO, one row per expert used in the
+  step, already coalesced), built with a sparse × dense product instead of a dense ``[N, d]`` buffer;
+  rows of experts marked frozen are dropped there, so a frozen expert costs nothing and cannot change.
+
+``expert_mix_reference`` is the plain autograd version the tests compare against.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+# Bound on the temporary gathered rows in a gather-dot, in elements (64 MiB of fp32).
+_GATHER_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+def _activation(pre: torch.Tensor, name: str) -> torch.Tensor:
+    return F.gelu(pre) if name == "gelu" else F.relu(pre)
+
+
+def _activation_grad(grad: torch.Tensor, pre: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(grad, pre)
+    return torch.where(pre > 0, grad, torch.zeros_like(grad))
+
+
+def gather_dot(table: torch.Tensor, ids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``out[t, e] = table[ids[t, e]] · vectors[t]`` without holding all gathered rows at once."""
+    tokens, per_token = ids.shape
+    out = torch.empty(tokens, per_token, dtype=table.dtype, device=table.device)
+    step = max(1, _GATHER_CHUNK_ELEMENTS // max(1, per_token * table.shape[1]))
+    for start in range(0, tokens, step):
+        stop = min(tokens, start + step)
+        rows = table.index_select(0, ids[start:stop].reshape(-1)).view(stop - start, per_token, -1)
+        torch.bmm(rows, vectors[start:stop].unsqueeze(-1), out=out[start:stop].unsqueeze(-1))
+    return out
+
+
+class _RowGradients:
+    """Sums per-(token, expert) contributions into one gradient row per distinct expert.
+
+    The pattern (which token used which expert) is the same for both tables, so it is built once:
+    a CSR matrix ``S: (distinct experts, tokens)`` whose values are set per table.
+    """
+
+    def __init__(self, ids: torch.Tensor, trainable: torch.Tensor | None):
+        tokens, per_token = ids.shape
+        flat = ids.reshape(-1)
+        rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        order = torch.argsort(inverse, stable=True)
+        counts = torch.bincount(inverse, minlength=rows.numel())
+        self.crow = torch.zeros(rows.numel() + 1, dtype=torch.long, device=ids.device)
+        torch.cumsum(counts, 0, out=self.crow[1:])
+        self.col = torch.div(order, per_token, rounding_mode="floor")  # token of each entry
+        self.order, self.rows, self.tokens = order, rows, tokens
+        self.keep = None if trainable is None else trainable[rows]
+
+    def __call__(self, weights: torch.Tensor, vectors: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """Sparse ``(num_rows, d)`` gradient: row r = Σ_{(t,e): ids[t,e]=r} weights[t,e] · vectors[t]."""
+        matrix = torch.sparse_csr_tensor(
+            self.crow, self.col, weights.reshape(-1)[self.order], size=(self.rows.numel(), self.tokens),
+            check_invariants=False,
+        )
+        values, rows = matrix @ vectors, self.rows
+        if self.keep is not None:
+            values, rows = values[self.keep], rows[self.keep]
+        return torch.sparse_coo_tensor(
+            rows.unsqueeze(0), values, (num_rows, vectors.shape[1]), is_coalesced=True
+        )
+
+
+class _ExpertMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ids, gates, down, up, activation, trainable):
+        x, gates = x.to(down.dtype), gates.to(down.dtype)
+        pre = gather_dot(down, ids, x)  # (M, E)
+        weights = gates * _activation(pre, activation)
+        ctx.save_for_backward(x, ids, gates, down, up, pre, trainable)
+        ctx.activation = activation
+        return F.embedding_bag(ids, up, per_sample_weights=weights, mode="sum")  # (M, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, ids, gates, down, up, pre, trainable = ctx.saved_tensors
+        grad_out = grad_out.to(up.dtype).contiguous()
+        act = _activation(pre, ctx.activation)
+        grad_weights = gather_dot(up, ids, grad_out)  # dL/d(gate * act), (M, E)
+        grad_pre = _activation_grad(grad_weights * gates, pre, ctx.activation)
+        grad_x = grad_gates = grad_down = grad_up = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(ids, down, per_sample_weights=grad_pre, mode="sum")
+        if ctx.needs_input_grad[2]:
+            grad_gates = grad_weights * act
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            row_grads = _RowGradients(ids, trainable)
+            if ctx.needs_input_grad[3]:
+                grad_down = row_grads(grad_pre, x, down.shape[0])
+            if ctx.needs_input_grad[4]:
+                grad_up = row_grads(gates * act, grad_out, up.shape[0])
+        return grad_x, None, grad_gates, grad_down, grad_up, None, None
+
+
+def expert_mix(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    gates: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    activation: str = "gelu",
+    trainable: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x: (M, d); ids, gates: (M, E); down, up: (N, d); trainable: optional bool (N,) row mask.
+
+    Gradients of ``down``/``up`` are sparse COO tensors holding only the trainable rows used here.
+    """
+    return _ExpertMix.apply(x, ids, gates, down, up, activation, trainable)
+
+
+def expert_mix_reference(
+    x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    """Plain autograd: gather both expert tables, dense gradients."""
+    pre = torch.einsum("med,md->me", down[ids], x)
+    return torch.einsum("me,med->md", gates * _activation(pre, activation), up[ids])
