@@ -5,19 +5,17 @@
 * forward: one gather-dot for the pre-activations and one ``embedding_bag`` (fused gather + weighted
   sum) for the output, so the gathered up-vectors are never materialised;
 * backward: the gradients of the two expert tables are *sparse* (COO, one row per expert used in the
-  step, already coalesced), built with a sparse × dense product instead of a dense ``[N, d]`` buffer;
+  step, already coalesced), built with a sparse × dense product (rowsum.py) instead of a dense ``[N, d]`` buffer;
   rows of experts marked frozen are dropped there, so a frozen expert costs nothing and cannot change.
 
 ``expert_mix_reference`` is the plain autograd version the tests compare against.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+from .rowsum import RowSum
 
 # Bound on the temporary gathered rows in a gather-dot, in elements (64 MiB of fp32).
 _GATHER_CHUNK_ELEMENTS = 16 * 1024 * 1024
@@ -45,37 +43,17 @@ def gather_dot(table: torch.Tensor, ids: torch.Tensor, vectors: torch.Tensor) ->
     return out
 
 
-class _RowGradients:
-    """Sums per-(token, expert) contributions into one gradient row per distinct expert.
-
-    The pattern (which token used which expert) is the same for both tables, so it is built once:
-    a CSR matrix ``S: (distinct experts, tokens)`` whose values are set per table.
-    """
-
-    def __init__(self, ids: torch.Tensor, trainable: torch.Tensor | None):
-        tokens, per_token = ids.shape
-        flat = ids.reshape(-1)
-        rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-        order = torch.argsort(inverse, stable=True)
-        counts = torch.bincount(inverse, minlength=rows.numel())
-        self.crow = torch.zeros(rows.numel() + 1, dtype=torch.long, device=ids.device)
-        torch.cumsum(counts, 0, out=self.crow[1:])
-        self.col = torch.div(order, per_token, rounding_mode="floor")  # token of each entry
-        self.order, self.rows, self.tokens = order, rows, tokens
-        self.keep = None if trainable is None else trainable[rows]
-
-    def __call__(self, weights: torch.Tensor, vectors: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """Sparse ``(num_rows, d)`` gradient: row r = Σ_{(t,e): ids[t,e]=r} weights[t,e] · vectors[t]."""
-        matrix = torch.sparse_csr_tensor(
-            self.crow, self.col, weights.reshape(-1)[self.order], size=(self.rows.numel(), self.tokens),
-            check_invariants=False,
-        )
-        values, rows = matrix @ vectors, self.rows
-        if self.keep is not None:
-            values, rows = values[self.keep], rows[self.keep]
-        return torch.sparse_coo_tensor(
-            rows.unsqueeze(0), values, (num_rows, vectors.shape[1]), is_coalesced=True
-        )
+def _sparse_rows(
+    row_sum: RowSum, weights: torch.Tensor, vectors: torch.Tensor, num_rows: int, trainable: torch.Tensor | None
+) -> torch.Tensor:
+    """Sparse COO ``(num_rows, d)`` gradient holding one row per distinct, trainable expert used."""
+    values, rows = row_sum(weights, vectors), row_sum.rows
+    if trainable is not None:
+        keep = trainable[rows]
+        values, rows = values[keep], rows[keep]
+    return torch.sparse_coo_tensor(
+        rows.unsqueeze(0), values, (num_rows, vectors.shape[1]), is_coalesced=True, check_invariants=False
+    )
 
 
 class _ExpertMix(torch.autograd.Function):
@@ -101,11 +79,11 @@ class _ExpertMix(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_gates = grad_weights * act
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            row_grads = _RowGradients(ids, trainable)
+            row_sum = RowSum(ids)  # the same (token, expert) pattern serves both tables
             if ctx.needs_input_grad[3]:
-                grad_down = row_grads(grad_pre, x, down.shape[0])
+                grad_down = _sparse_rows(row_sum, grad_pre, x, down.shape[0], trainable)
             if ctx.needs_input_grad[4]:
-                grad_up = row_grads(gates * act, grad_out, up.shape[0])
+                grad_up = _sparse_rows(row_sum, gates * act, grad_out, up.shape[0], trainable)
         return grad_x, None, grad_gates, grad_down, grad_up, None, None
 
 

@@ -2,10 +2,18 @@
 
 ``SparseRowAdam`` is Adam applied lazily, row by row: a step reads and writes only the rows present in
 the gradient (the experts the batch used), so an untouched expert costs nothing: no dense ``[N, d]``
-gradient, no optimizer pass over all N rows. Each row keeps its own step count, so its bias correction
-is that of a plain Adam that has seen exactly the steps in which the row was used (a global step count,
-as in ``torch.optim.SparseAdam``, would under-correct the first update of a rarely used expert).
-Frozen experts never appear in the gradient, so they stay bit-identical.
+gradient, no optimizer pass over all N rows. Frozen experts never appear in the gradient, so they stay
+bit-identical.
+
+Two choices differ from dense Adam, both made for a pool of a million single-neuron experts:
+
+* the second moment is one scalar per row, the running mean of the row's squared gradient (as
+  row-wise AdaGrad does for embedding tables in recommender systems). An expert row is one neuron's
+  input or output vector, whose coordinates share a scale; keeping ``N`` scalars instead of ``N × d``
+  halves the optimizer state and cuts the memory traffic that bounds a sparse step;
+* each row keeps its own step count, so its bias correction is that of an Adam that has seen exactly
+  the steps in which the row was used (a global count, as in ``torch.optim.SparseAdam``, under-corrects
+  the first update of a rarely used expert).
 """
 from __future__ import annotations
 
@@ -32,26 +40,41 @@ class SparseRowAdam(torch.optim.Optimizer):
                     continue
                 if not param.grad.is_sparse:
                     raise TypeError("SparseRowAdam needs sparse row gradients (use experts.expert_mix)")
-                grad = param.grad.coalesce()
-                rows, values = grad.indices()[0], grad.values()
+                rows, values = _rows_and_values(param.grad)
                 if rows.numel() == 0:
                     continue
                 state = self.state[param]
                 if not state:
                     state["step"] = torch.zeros(param.shape[0], dtype=torch.int32, device=param.device)
                     state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros(param.shape[0], dtype=param.dtype, device=param.device)
                 steps = state["step"].index_select(0, rows) + 1
                 state["step"].index_copy_(0, rows, steps)
                 exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
                 state["exp_avg"].index_copy_(0, rows, exp_avg)
+                mean_sq = values.pow(2).mean(dim=1)
+                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).lerp_(mean_sq, 1 - beta2)
                 state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-                steps = steps.to(values.dtype).unsqueeze(1)
-                denom = (exp_avg_sq / (1 - beta2**steps)).sqrt_().add_(eps)
-                update = exp_avg.div_(1 - beta1**steps).div_(denom)
+                steps = steps.to(values.dtype)
+                # per row: -lr / (1 - beta1^t) / (sqrt(v / (1 - beta2^t)) + eps)
+                scale = (exp_avg_sq / (1 - beta2**steps)).sqrt_().add_(eps).reciprocal_()
+                scale.mul_(-lr / (1 - beta1**steps))
                 weights = param.index_select(0, rows)
                 if decay:
                     weights.mul_(1 - lr * decay)
-                param.index_copy_(0, rows, weights.sub_(update, alpha=lr))
+                # rows are distinct: gather, update, scatter back (index_add_ is ~5x slower on CPU)
+                param.index_copy_(0, rows, weights.addcmul_(exp_avg, scale.unsqueeze(1)))
         return loss
+
+
+def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct rows and their summed gradients.
+
+    Autograd drops the coalesced flag when it stores a sparse gradient, though one backward of
+    ``expert_mix`` yields sorted distinct rows; checking that is far cheaper than coalescing again.
+    """
+    rows = grad._indices()[0]
+    if grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all()):
+        return rows, grad._values()
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()

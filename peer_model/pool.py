@@ -110,7 +110,8 @@ class ExpertGrid:
         t = self._tables(i.device)
         # a cell belongs to the first segment whose grid contains both its row and its column
         seg = torch.maximum(
-            torch.searchsorted(t["rows"], i, right=True), torch.searchsorted(t["cols"], j, right=True)
+            torch.searchsorted(t["rows"], i.contiguous(), right=True),
+            torch.searchsorted(t["cols"], j.contiguous(), right=True),
         )
         prev_rows, prev_cols, cols = t["prev_rows"][seg], t["prev_cols"][seg], t["cols"][seg]
         new_cols = cols - prev_cols

@@ -10,6 +10,32 @@ from __future__ import annotations
 import torch
 
 from .pool import ExpertGrid
+from .rowsum import RowSum
+
+
+class _ScoreTopK(torch.autograd.Function):
+    """``(queries @ keys.T).topk(k)`` whose backward touches only the k selected keys per query.
+
+    Autograd's own backward would scatter the (M, k) gradient into a dense (M, n) score gradient and
+    run two more (M, n, d) matmuls; here ``dq = Σ_j g_j key_j`` and ``dkey_j += g_j q`` cost O(M k d).
+    """
+
+    @staticmethod
+    def forward(ctx, queries, keys, k):
+        scores, index = (queries @ keys.t()).topk(k, dim=-1)
+        ctx.save_for_backward(queries, keys, index)
+        return scores, index
+
+    @staticmethod
+    def backward(ctx, grad_scores, _grad_index):
+        queries, keys, index = ctx.saved_tensors
+        grad_scores = grad_scores.to(keys.dtype)
+        grad_queries = grad_keys = None
+        if ctx.needs_input_grad[0]:
+            grad_queries = torch.bmm(grad_scores.unsqueeze(1), keys[index]).squeeze(1).to(queries.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_keys = RowSum(index).dense(grad_scores, queries.to(keys.dtype), keys.shape[0])
+        return grad_queries, grad_keys, None
 
 
 def product_key_topk(
@@ -20,8 +46,8 @@ def product_key_topk(
     Exact: if (i, j) is in the overall top-k, then i is in the top-k of the first half (else k
     better cells (i', j) exist) and likewise j, so the k² candidates contain the answer.
     """
-    scores1, rows = (q1 @ keys1.t()).topk(k, dim=-1)  # (M, k)
-    scores2, cols = (q2 @ keys2.t()).topk(k, dim=-1)  # (M, k)
+    scores1, rows = _ScoreTopK.apply(q1, keys1, k)  # (M, k)
+    scores2, cols = _ScoreTopK.apply(q2, keys2, k)  # (M, k)
     combined = (scores1.unsqueeze(-1) + scores2.unsqueeze(-2)).flatten(1)  # (M, k*k)
     scores, flat = combined.topk(k, dim=-1)  # (M, k)
     i = rows.gather(1, torch.div(flat, k, rounding_mode="floor"))

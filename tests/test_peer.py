@@ -1,0 +1,111 @@
+"""The fast PEER path against the brute-force reference: same experts, same output, same gradients."""
+import copy
+
+import pytest
+import torch
+
+from peer_model.config import PEERConfig
+from peer_model.peer import PEER
+
+D_MODEL = 48
+
+
+def pair(num_experts, heads, top_k, d_key=32, **options):
+    torch.manual_seed(num_experts + heads + top_k)
+    fast = PEER(D_MODEL, PEERConfig(num_experts=num_experts, heads=heads, top_k=top_k, d_key=d_key, **options))
+    reference = copy.deepcopy(fast)
+    reference.reference = True
+    return fast, reference
+
+
+def dense_grad(param):
+    return param.grad.to_dense() if param.grad.is_sparse else param.grad
+
+
+def assert_same_forward_and_backward(fast, reference, x):
+    ids_fast = fast.route(x.reshape(-1, D_MODEL))[1]
+    ids_ref = reference.route(x.reshape(-1, D_MODEL))[1]
+    assert torch.equal(ids_fast, ids_ref), "fast retrieval selected different experts"
+    out_fast, out_ref = fast(x), reference(x)
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=0)
+    target = torch.randn_like(out_ref)
+    ((out_fast - target) ** 2).sum().backward()
+    ((out_ref - target) ** 2).sum().backward()
+    for (name, p_fast), (_, p_ref) in zip(fast.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(dense_grad(p_fast), p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("num_experts,heads,top_k", [(16 * 16, 1, 4), (32 * 32, 4, 8), (64 * 64, 8, 16), (48 * 48, 2, 48)])
+def test_fast_path_equals_brute_force(num_experts, heads, top_k):
+    fast, reference = pair(num_experts, heads, top_k)
+    assert_same_forward_and_backward(fast, reference, torch.randn(3, 11, D_MODEL))
+
+
+@pytest.mark.parametrize("options", [dict(query_batchnorm=False), dict(activation="relu")])
+def test_fast_path_equals_brute_force_with_options(options):
+    fast, reference = pair(32 * 32, 4, 8, **options)
+    assert_same_forward_and_backward(fast, reference, torch.randn(2, 9, D_MODEL))
+
+
+def test_fast_path_equals_brute_force_after_growth():
+    fast, reference = pair(24 * 24, 4, 8)
+    for layer in (fast, reference):
+        torch.manual_seed(7)
+        layer.grow(300, tag="a")
+        layer.grow(rows=layer.grid.rows + 5, cols=layer.grid.cols, tag="rows only")
+        layer.grow(rows=layer.grid.rows, cols=layer.grid.cols + 3, tag="cols only")
+        with torch.no_grad():  # trained new experts: make them produce output
+            layer.expert_up[24 * 24:] = torch.randn_like(layer.expert_up[24 * 24:]) * 0.1
+    assert fast.num_experts > 24 * 24 + 300
+    x = torch.randn(4, 16, D_MODEL)
+    assert_same_forward_and_backward(fast, reference, x)
+    ids = fast.route(x.reshape(-1, D_MODEL))[1]
+    assert bool((ids >= 24 * 24).any()), "new experts must be reachable by retrieval"
+
+
+def test_growth_keeps_ids_rows_and_sub_keys_bit_identical():
+    layer, _ = pair(32 * 32, 4, 8)
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    segment = layer.grow(5000, tag="new corpus")
+    assert segment.start == 32 * 32 and segment.end == layer.num_experts >= 32 * 32 + 5000
+    assert torch.equal(layer.expert_down[: 32 * 32], before["expert_down"])
+    assert torch.equal(layer.expert_up[: 32 * 32], before["expert_up"])
+    assert torch.equal(layer.sub_keys1[:32], before["sub_keys1"])
+    assert torch.equal(layer.sub_keys2[:32], before["sub_keys2"])
+    assert torch.equal(layer.query.weight, before["query.weight"])
+    assert layer.expert_up[32 * 32:].abs().sum() == 0, "new experts start silent"
+    # the old grid cells still map to the old ids
+    i, j = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    assert torch.equal(layer.grid.cell_to_id(i, j).flatten(), torch.arange(32 * 32))
+
+
+def test_frozen_experts_get_no_gradient_rows():
+    layer, _ = pair(16 * 16, 4, 8)
+    layer.set_trainable(slice(0, 128), False)
+    x = torch.randn(2, 30, D_MODEL)
+    layer(x).pow(2).sum().backward()
+    for table in (layer.expert_down, layer.expert_up):
+        rows = table.grad.coalesce().indices()[0]
+        assert rows.numel() > 0 and bool((rows >= 128).all())
+    used = layer.route(x.reshape(-1, D_MODEL))[1].unique()
+    assert bool((used < 128).any()), "the test must exercise frozen experts"
+
+
+def test_usage_counts_every_selection():
+    layer, _ = pair(16 * 16, 4, 8)
+    layer.eval()
+    layer.track_usage = True
+    x = torch.randn(3, 5, D_MODEL)
+    layer(x)
+    ids = layer.route(x.reshape(-1, D_MODEL))[1]
+    assert torch.equal(layer.usage_counts, torch.bincount(ids.flatten(), minlength=layer.num_experts))
+    assert int(layer.usage_counts.sum()) == 3 * 5 * 4 * 8
+    layer.reset_usage()
+    assert int(layer.usage_counts.sum()) == 0
+
+
+def test_gates_are_a_softmax_per_head():
+    layer, _ = pair(16 * 16, 4, 8)
+    gates, ids = layer.route(torch.randn(10, D_MODEL))
+    assert gates.shape == ids.shape == (10, 4 * 8)
+    torch.testing.assert_close(gates.view(10, 4, 8).sum(-1), torch.ones(10, 4))
