@@ -67,8 +67,8 @@ class Attention(nn.Module):
             cache.values[layer, :, :, start : start + T] = v
             k_all = cache.keys[layer, :, :, : start + T]
             v_all = cache.values[layer, :, :, : start + T]
-            # query t (absolute position start + t) sees keys 0 .. start + t
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            # query t (absolute position start + t) sees keys 0 .. start + t; one new token sees all
+            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
@@ -137,9 +137,9 @@ class PEERTransformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         cfg = self.config
-        max_len = max_len or cfg.max_seq_len
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"cache length {max_len} exceeds max_seq_len {cfg.max_seq_len}")
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if not 0 < max_len <= cfg.max_seq_len:
+            raise ValueError(f"cache length must be in 1..{cfg.max_seq_len}, got {max_len}")
         shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads)
         weight = self.embed.weight
         return KVCache(weight.new_zeros(shape), weight.new_zeros(shape))
