@@ -58,6 +58,7 @@ def _sparse_rows(
 
 class _ExpertMix(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x, ids, gates, down, up, activation, trainable):
         x, gates = x.to(down.dtype), gates.to(down.dtype)
         pre = gather_dot(down, ids, x)  # (M, E)
@@ -67,6 +68,7 @@ class _ExpertMix(torch.autograd.Function):
         return F.embedding_bag(ids, up, per_sample_weights=weights, mode="sum")  # (M, d)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         x, ids, gates, down, up, pre, trainable = ctx.saved_tensors
         grad_out = grad_out.to(up.dtype).contiguous()

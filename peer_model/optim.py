@@ -40,7 +40,8 @@ class SparseRowAdam(torch.optim.Optimizer):
                     continue
                 if not param.grad.is_sparse:
                     raise TypeError("SparseRowAdam needs sparse row gradients (use experts.expert_mix)")
-                rows, values = _rows_and_values(param.grad)
+                grad = coalesced(param.grad)
+                rows, values = grad.indices()[0], grad.values()
                 if rows.numel() == 0:
                     continue
                 state = self.state[param]
@@ -67,14 +68,17 @@ class SparseRowAdam(torch.optim.Optimizer):
         return loss
 
 
-def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct rows and their summed gradients.
+
+def coalesced(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` with distinct, sorted rows, flagged as coalesced.
 
     Autograd drops the coalesced flag when it stores a sparse gradient, though one backward of
     ``expert_mix`` yields sorted distinct rows; checking that is far cheaper than coalescing again.
     """
+    if grad.is_coalesced():
+        return grad
     rows = grad._indices()[0]
-    if grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all()):
-        return rows, grad._values()
-    grad = grad.coalesce()
-    return grad.indices()[0], grad.values()
+    if grad.sparse_dim() == 1 and bool((rows[1:] > rows[:-1]).all()):
+        return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
+                                       check_invariants=False)
+    return grad.coalesce()

@@ -33,8 +33,8 @@ class PEER(nn.Module):
         self.sub_keys1 = nn.Parameter(torch.randn(self.grid.rows, half) * half**-0.5)
         self.sub_keys2 = nn.Parameter(torch.randn(self.grid.cols, half) * half**-0.5)
         n = self.grid.num_experts
-        self.expert_down = nn.Parameter(torch.randn(n, d_model) * d_model**-0.5)  # u_i
-        self.expert_up = nn.Parameter(torch.randn(n, d_model) * d_model**-0.5 / math.sqrt(config.heads))  # v_i
+        self.expert_down = nn.Parameter(torch.randn(n, d_model).mul_(d_model**-0.5))  # u_i
+        self.expert_up = nn.Parameter(torch.randn(n, d_model).mul_(d_model**-0.5 / math.sqrt(config.heads)))  # v_i
         self.register_buffer("trainable", torch.ones(n, dtype=torch.bool), persistent=False)
         self.register_buffer("usage_counts", torch.zeros(n, dtype=torch.long), persistent=False)
         self.track_usage = False

@@ -21,12 +21,14 @@ class _ScoreTopK(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, queries, keys, k):
         scores, index = (queries @ keys.t()).topk(k, dim=-1)
         ctx.save_for_backward(queries, keys, index)
         return scores, index
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_scores, _grad_index):
         queries, keys, index = ctx.saved_tensors
         grad_scores = grad_scores.to(keys.dtype)

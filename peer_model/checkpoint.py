@@ -1,0 +1,126 @@
+"""Checkpoints: a directory with ``model.safetensors`` and ``config.json``.
+
+``config.json`` = ``{"format": 1, "model": ModelConfig.to_dict(), "pools": {layer: grid segments},
+"extra": ...}``: enough to rebuild the model, grown pools included, before loading the weights.
+``model.safetensors`` holds every parameter and persistent buffer (BatchNorm running statistics); the
+tied output projection is stored once, as ``embed.weight``. Non-persistent buffers (RoPE tables, the
+``trainable`` mask, usage counters) are not saved: a loaded model has every expert trainable.
+
+Saving is crash-safe for one writer: the files are written and fsynced in a temporary directory
+beside the target, which then takes the target's place by ``os.replace``. Overwriting an existing
+checkpoint moves the old one aside first (``.<name>.old``) and deletes it once the new one is in
+place; a crash between the two renames leaves the old checkpoint there, and readers fall back to it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from .config import ModelConfig
+from .model import PEERTransformer
+from .pool import ExpertGrid
+
+FORMAT = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, incomplete, corrupt or does not match its config."""
+
+
+def save_checkpoint(model: PEERTransformer, path: str | os.PathLike[str], extra: dict | None = None) -> None:
+    path = Path(path)
+    meta = {
+        "format": FORMAT,
+        "model": model.config.to_dict(),
+        "pools": {str(i): layer.grid.to_list() for i, layer in model.peer_layers().items()},
+        "extra": extra,
+    }
+    text = json.dumps(meta, indent=2)  # fails here, before any file is written, if extra is not JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(text, encoding="utf-8")
+        _fsync(tmp / WEIGHTS, tmp / CONFIG, tmp)
+        _move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> PEERTransformer:
+    """Rebuild the model (grown pools included) on ``device`` and load its weights there, in eval mode."""
+    root = _resolve(Path(path))
+    meta = _read_meta(root)
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+        grids = {int(i): ExpertGrid.from_list(segments) for i, segments in meta["pools"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{root / CONFIG}: invalid model or pool description: {exc}") from exc
+    device = torch.device(device)
+    with device:
+        model = PEERTransformer(config, grids)
+    try:
+        load_model(model, str(root / WEIGHTS), strict=True, device=str(device))
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise CheckpointError(f"{root / WEIGHTS}: cannot load the weights: {exc}") from exc
+    return model.eval()
+
+
+def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict:
+    """The content of ``config.json``: format, model config, pools, extra."""
+    return _read_meta(_resolve(Path(path)))
+
+
+def _read_meta(root: Path) -> dict:
+    try:
+        meta = json.loads((root / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{root / CONFIG}: unreadable: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{root / CONFIG}: not a format-{FORMAT} checkpoint config")
+    missing = {"model", "pools", "extra"} - set(meta)
+    if missing:
+        raise CheckpointError(f"{root / CONFIG}: missing {sorted(missing)}")
+    return meta
+
+
+def _backup(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _resolve(path: Path) -> Path:
+    """The directory holding the checkpoint: ``path``, or its backup if a save crashed mid-swap."""
+    for candidate in (path, _backup(path)):
+        if (candidate / CONFIG).is_file():
+            return candidate
+    raise CheckpointError(f"no checkpoint at {path}")
+
+
+def _move_into_place(new: Path, path: Path) -> None:
+    backup = _backup(path)
+    if path.exists():
+        shutil.rmtree(backup, ignore_errors=True)  # left over by an earlier save; path is complete
+        os.replace(path, backup)
+    os.replace(new, path)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _fsync(*paths: Path) -> None:
+    """Flush files (and directory entries) to disk, so a power loss cannot leave them half written."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,367 @@
+"""Training loop, data windows and evaluation in bits per byte.
+
+One step: sample ``batch_size`` random windows of ``seq_len + 1`` bytes, next-byte cross-entropy,
+backward, clip the global gradient norm, set the learning rate (linear warm-up, cosine decay), step.
+
+Two optimizers share the step (:class:`Optimizers`):
+
+* dense ``AdamW`` for every ordinary parameter, peak ``lr``. Weight decay applies to the weight
+  matrices of ``nn.Linear`` layers only (attention, dense feed-forward, PEER query projection); norms,
+  BatchNorm, the (tied) byte embedding and the product sub-keys are not decayed: they are scales,
+  shifts or lookup vectors, and shrinking the sub-keys would only flatten the routing softmax;
+* :class:`~peer_model.optim.SparseRowAdam` for the PEER expert tables, peak ``expert_lr``, no decay:
+  their gradients hold only the rows the batch used, and only those rows are read or written.
+
+Both follow the same warm-up + cosine multiplier.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .optim import SparseRowAdam, coalesced
+from .peer import PEER
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3  # dense AdamW peak
+    expert_lr: float = 1e-3  # expert tables (SparseRowAdam) peak
+    weight_decay: float = 0.1  # nn.Linear weight matrices only, see the module docstring
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak
+    grad_clip: float = 1.0  # max global L2 norm; float("inf") never clips
+    eval_every: int = 100
+    eval_batches: int = 20
+    seed: int = 0  # batch sampling
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    log_every: int = 10
+    track_usage: bool = False  # count expert selections (PEER.usage_counts) on training batches
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "expert_lr", "weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as exc:
+                raise ValueError(f"invalid device {self.device!r}: {exc}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+class TokenData:
+    """A 1-D sequence of token ids (bytes: see tokenizer.py; no BOS inside) cut into windows."""
+
+    def __init__(self, tokens: torch.Tensor):
+        if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex():
+            raise ValueError(f"tokens must be a 1-D integer tensor, got {tokens.dtype} {tuple(tokens.shape)}")
+        self.tokens = tokens
+
+    @classmethod
+    def from_text(cls, text: str) -> "TokenData":
+        """The UTF-8 bytes of ``text`` (= ByteTokenizer.encode without specials), stored as uint8."""
+        data = bytearray(text.encode("utf-8"))
+        return cls(torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    def sample_batch(
+        self, batch_size: int, seq_len: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` windows at uniform random offsets: inputs, targets (shifted by one), (B, T) int64."""
+        if len(self) < seq_len + 1:
+            raise ValueError(f"{len(self)} tokens cannot fill a window of seq_len + 1 = {seq_len + 1}")
+        starts = torch.randint(0, len(self) - seq_len, (batch_size, 1), generator=generator)
+        windows = self.tokens[starts + torch.arange(seq_len + 1)].long()  # (B, T + 1)
+        return windows[:, :-1], windows[:, 1:]
+
+    def iter_eval_batches(
+        self, batch_size: int, seq_len: int, max_batches: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Deterministic windows from the start: window w predicts tokens ``w*T + 1 .. (w+1)*T``, so
+        every token but the first is a target exactly once. Full windows come ``batch_size`` at a
+        time; a shorter last window, if any, is a batch of its own. At most ``max_batches`` batches.
+        """
+        n = len(self)
+        starts = list(range(0, n - 1, seq_len))
+        full = [s for s in starts if s + seq_len + 1 <= n]
+        batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+        if len(full) < len(starts):
+            batches.append(starts[len(full) :])  # the tail window, shorter than seq_len
+        for group in batches[:max_batches]:
+            length = min(seq_len, n - 1 - group[0])
+            windows = self.tokens[torch.tensor(group).unsqueeze(1) + torch.arange(length + 1)].long()
+            yield windows[:, :-1], windows[:, 1:]
+
+
+# ---- optimizers ----------------------------------------------------------------------------------
+
+
+class Optimizers:
+    """Dense AdamW + SparseRowAdam on the expert tables, stepped and scheduled together.
+
+    Built for a fixed set of parameters: rebuild after ``model.grow`` (it replaces the tables).
+    """
+
+    def __init__(self, dense: torch.optim.AdamW, experts: SparseRowAdam | None):
+        self.dense = dense
+        self.experts = experts
+        self._all = [opt for opt in (dense, experts) if opt is not None]
+        for opt in self._all:
+            for group in opt.param_groups:
+                group.setdefault("peak_lr", group["lr"])
+
+    def zero_grad(self) -> None:
+        for opt in self._all:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self._all:
+            opt.step()
+
+    def set_lr_scale(self, scale: float) -> None:
+        for opt in self._all:
+            for group in opt.param_groups:
+                group["lr"] = group["peak_lr"] * scale
+
+    def state_dict(self) -> dict:
+        experts = None if self.experts is None else self.experts.state_dict()
+        return {"dense": self.dense.state_dict(), "experts": experts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dense.load_state_dict(state["dense"])
+        if self.experts is not None:
+            self.experts.load_state_dict(state["experts"])
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig) -> Optimizers:
+    experts = [
+        table
+        for layer in model.modules() if isinstance(layer, PEER)
+        for table in (layer.expert_down, layer.expert_up) if table.requires_grad
+    ]
+    expert_ids = {id(p) for p in experts}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
+    decay, no_decay = [], []
+    for param in model.parameters():  # tied weights appear once
+        if param.requires_grad and id(param) not in expert_ids:
+            (decay if id(param) in matrices else no_decay).append(param)
+    dense = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.betas,
+    )
+    sparse = SparseRowAdam(experts, lr=cfg.expert_lr, betas=cfg.betas) if experts else None
+    return Optimizers(dense, sparse)
+
+
+def lr_scale(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak learning rates for optimizer step ``step`` (1-based, 1..cfg.steps).
+
+    Linear warm-up ``step / warmup_steps`` up to 1 at ``warmup_steps``, then a cosine from 1 down to
+    ``min_lr_ratio``, reached at the last step.
+    """
+    if step < cfg.warmup_steps:
+        return step / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Global L2 norm of all gradients, dense and sparse COO; returns it (before clipping).
+
+    ``torch.nn.utils.clip_grad_norm_`` raises NotImplementedError on sparse gradients (torch 2.13:
+    no ``linalg_vector_norm`` for SparseCPU). A sparse gradient's norm is that of its values once
+    duplicate rows are summed (coalesced, never densified). When the norm exceeds ``max_norm`` every
+    gradient is scaled in place to bring it to ``max_norm``.
+    """
+    grads = []
+    for param in params:
+        if param.grad is None:
+            continue
+        if param.grad.is_sparse:
+            param.grad = coalesced(param.grad)
+            grads.append(param.grad._values())  # an alias: scaling it scales the gradient
+        else:
+            grads.append(param.grad)
+    if not grads:
+        return 0.0
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms)).item()
+    if total > max_norm:
+        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+    return total
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA; full fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _usage_tracking(model: nn.Module, enabled: bool):
+    layers = [m for m in model.modules() if isinstance(m, PEER)]
+    before = [layer.track_usage for layer in layers]
+    for layer in layers:
+        layer.track_usage = enabled
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before):
+            layer.track_usage = value
+
+
+@torch.no_grad()
+def evaluate_bpb(
+    model: nn.Module, data: TokenData, seq_len: int, batch_size: int, max_batches: int | None = None
+) -> float:
+    """Bits per byte: mean next-token cross-entropy (nats) / ln 2 over every predicted token of the
+    windows of :meth:`TokenData.iter_eval_batches` (one token = one byte). Eval mode (BatchNorm running
+    statistics), no gradients; the model's train/eval mode is restored afterwards.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_nats, count = 0.0, 0
+    try:
+        for inputs, targets in data.iter_eval_batches(batch_size, seq_len, max_batches):
+            inputs, targets = inputs.to(device), targets.to(device)
+            with _autocast(device):
+                logits = model(inputs)
+            total_nats += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+            count += targets.numel()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError(f"no evaluation window: {len(data)} tokens")
+    return total_nats / count / math.log(2)
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    tokens_seen: int
+    final_val_bpb: float | None  # of the returned model; None if it was not evaluated
+    history: list[dict] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    stopped_early: bool = False
+
+
+def train(
+    model: nn.Module,
+    train_data: TokenData,
+    val_data: TokenData | None,
+    cfg: TrainConfig,
+    on_log: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    optimizers: Optimizers | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``cfg``'s device.
+
+    Every ``log_every`` steps, every ``eval_every`` steps and at the last step a record
+    ``{step, loss, lr, grad_norm, tokens_per_s, eta_s[, val_bpb]}`` is appended to the history and
+    passed to ``on_log``; ``loss`` and ``grad_norm`` are means since the previous record, ``lr`` is the
+    dense learning rate, speeds count training time only. ``should_stop`` is polled before every step
+    (keep it cheap); when it returns True the loop ends without a further evaluation. ``optimizers``
+    (from :func:`build_optimizers` for this model) lets a caller keep or restore optimizer state;
+    by default fresh ones are built.
+    """
+    device = resolve_device(cfg.device)
+    model.to(device)
+    was_training = model.training
+    model.train()
+    if optimizers is None:
+        optimizers = build_optimizers(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+
+    result = TrainResult(steps_done=0, tokens_seen=0, final_val_bpb=None)
+    start = time.perf_counter()
+    interval_start, interval_steps, loss_sum, grad_norm_sum = time.perf_counter(), 0, 0.0, 0.0
+    try:
+        with _usage_tracking(model, cfg.track_usage):
+            for step in range(1, cfg.steps + 1):
+                if should_stop is not None and should_stop():
+                    result.stopped_early = True
+                    break
+                scale = lr_scale(step, cfg)
+                optimizers.set_lr_scale(scale)
+                inputs, targets = train_data.sample_batch(cfg.batch_size, cfg.seq_len, generator)
+                inputs, targets = inputs.to(device), targets.to(device)
+                with _autocast(device):
+                    logits = model(inputs)  # (B, T, vocab)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                optimizers.zero_grad()
+                loss.backward()
+                grad_norm_sum += clip_grad_norm(params, cfg.grad_clip)
+                optimizers.step()
+                result.final_val_bpb = None  # the model changed since the last evaluation
+                loss_sum += loss.detach()
+                interval_steps += 1
+                result.steps_done, result.tokens_seen = step, step * tokens_per_step
+
+                evaluate = val_data is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
+                if not (step % cfg.log_every == 0 or evaluate or step == cfg.steps):
+                    continue
+                seconds = time.perf_counter() - interval_start
+                record = {
+                    "step": step,
+                    "loss": float(loss_sum) / interval_steps,
+                    "lr": cfg.lr * scale,
+                    "grad_norm": grad_norm_sum / interval_steps,
+                    "tokens_per_s": interval_steps * tokens_per_step / seconds,
+                    "eta_s": (cfg.steps - step) * seconds / interval_steps,
+                }
+                if evaluate:
+                    with _usage_tracking(model, False):
+                        record["val_bpb"] = evaluate_bpb(model, val_data, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+                    result.final_val_bpb = record["val_bpb"]
+                result.history.append(record)
+                if on_log is not None:
+                    on_log(record)
+                interval_start, interval_steps, loss_sum, grad_norm_sum = time.perf_counter(), 0, 0.0, 0.0
+    finally:
+        model.train(was_training)
+    result.elapsed_s = time.perf_counter() - start
+    return result

@@ -1,0 +1,130 @@
+"""SparseRowAdam against independent references: torch Adam and a plain per-row Adam loop.
+
+SparseRowAdam keeps one second-moment scalar per row (the running mean of the row's squared
+gradient), so it equals element-wise ``torch.optim.Adam`` only for rows of width 1.
+"""
+import math
+
+import pytest
+import torch
+
+from peer_model.optim import SparseRowAdam
+
+ROWS, DIM = 12, 5
+
+
+def sparse_rows(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, (ROWS, values.shape[1]), check_invariants=True)
+
+
+def reference_row_adam(weights, grads_per_step, lr, betas, eps, weight_decay):
+    """Adam written out row by row: each row has its own first moment (a vector), second moment (one
+    scalar: the mean squared gradient of the row) and step count, advanced only on the steps whose
+    gradient contains the row. ``grads_per_step``: list of {row: summed gradient vector}."""
+    beta1, beta2 = betas
+    weights = [row.clone().double() for row in weights]
+    state = {}
+    for grads in grads_per_step:
+        for r, g in grads.items():
+            g = g.double()
+            m, v, t = state.get(r, (torch.zeros(DIM, dtype=torch.float64), 0.0, 0))
+            t += 1
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * float((g * g).mean())
+            state[r] = (m, v, t)
+            m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+            weights[r] = weights[r] * (1 - lr * weight_decay) - lr * m_hat / (math.sqrt(v_hat) + eps)
+    return torch.stack(weights).float(), {r: t for r, (_, _, t) in state.items()}
+
+
+def test_equals_torch_adam_for_width_one_rows_each_with_a_gradient_every_step():
+    torch.manual_seed(0)
+    init = torch.randn(ROWS, 1)
+    ours = torch.nn.Parameter(init.clone())
+    theirs = torch.nn.Parameter(init.clone())
+    opt_ours = SparseRowAdam([ours], lr=1e-2, betas=(0.9, 0.95))
+    opt_theirs = torch.optim.Adam([theirs], lr=1e-2, betas=(0.9, 0.95))
+    for _ in range(20):
+        grad = torch.randn(ROWS, 1)
+        ours.grad = sparse_rows(torch.arange(ROWS), grad)
+        theirs.grad = grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    torch.testing.assert_close(ours.data, theirs.data, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_random_row_subsets_match_a_per_row_adam_loop(weight_decay):
+    torch.manual_seed(1)
+    init = torch.randn(ROWS, DIM)
+    param = torch.nn.Parameter(init.clone())
+    lr, betas, eps = 1e-2, (0.9, 0.99), 1e-8
+    opt = SparseRowAdam([param], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    never = {3, 7}  # rows no gradient ever touches
+    candidates = torch.tensor([r for r in range(ROWS) if r not in never])
+    history = []
+    for _ in range(30):
+        chosen = candidates[torch.randperm(len(candidates))[: int(torch.randint(1, 6, ()))]]
+        rows = torch.cat([chosen, chosen[:1]])  # a duplicate row: its two values must be summed
+        values = torch.randn(len(rows), DIM)
+        param.grad = sparse_rows(rows, values)  # uncoalesced, as autograd may deliver it
+        opt.step()
+        summed = {}
+        for r, v in zip(rows.tolist(), values):
+            summed[r] = summed.get(r, 0) + v
+        history.append(summed)
+    expected, expected_steps = reference_row_adam(init, history, lr, betas, eps, weight_decay)
+    torch.testing.assert_close(param.data, expected, rtol=0, atol=1e-5)
+    steps = opt.state[param]["step"]
+    assert {r: int(steps[r]) for r in range(ROWS) if steps[r] > 0} == expected_steps
+    for r in never:
+        assert steps[r] == 0
+        assert torch.equal(param.data[r], init[r])  # bit-identical
+
+
+def test_rows_without_gradient_stay_bit_identical_with_weight_decay():
+    torch.manual_seed(2)
+    init = torch.randn(ROWS, DIM)
+    param = torch.nn.Parameter(init.clone())
+    opt = SparseRowAdam([param], lr=0.1, weight_decay=0.5)
+    for _ in range(5):
+        param.grad = sparse_rows(torch.tensor([0, 5]), torch.randn(2, DIM))
+        opt.step()
+    untouched = [r for r in range(ROWS) if r not in (0, 5)]
+    assert torch.equal(param.data[untouched], init[untouched])
+    assert not torch.equal(param.data[[0, 5]], init[[0, 5]])
+    assert torch.count_nonzero(opt.state[param]["exp_avg"][untouched]) == 0
+
+
+def test_empty_sparse_gradient_is_a_no_op():
+    param = torch.nn.Parameter(torch.randn(ROWS, DIM))
+    before = param.data.clone()
+    param.grad = sparse_rows(torch.zeros(0, dtype=torch.long), torch.zeros(0, DIM))
+    SparseRowAdam([param]).step()
+    assert torch.equal(param.data, before)
+
+
+def test_dense_gradient_raises_type_error():
+    param = torch.nn.Parameter(torch.randn(ROWS, DIM))
+    param.grad = torch.randn(ROWS, DIM)
+    with pytest.raises(TypeError):
+        SparseRowAdam([param]).step()
+
+
+def test_rejects_invalid_hyper_parameters():
+    param = torch.nn.Parameter(torch.randn(ROWS, DIM))
+    for kwargs in ({"lr": -1.0}, {"betas": (0.9, 1.0)}, {"eps": -1e-8}):
+        with pytest.raises(ValueError):
+            SparseRowAdam([param], **kwargs)
+
+
+def test_first_update_of_a_rare_row_is_fully_bias_corrected():
+    """A row first used at step 50 moves by ~lr, as in a fresh Adam (sign of its gradient)."""
+    param = torch.nn.Parameter(torch.zeros(ROWS, DIM))
+    opt = SparseRowAdam([param], lr=1e-2)
+    for _ in range(49):
+        param.grad = sparse_rows(torch.tensor([0]), torch.randn(1, DIM))
+        opt.step()
+    param.grad = sparse_rows(torch.tensor([1]), torch.full((1, DIM), 3.0))
+    opt.step()
+    assert math.isclose(float(param.data[1, 0]), -1e-2, rel_tol=1e-4)
