@@ -26,6 +26,9 @@ class SparseRowAdam(torch.optim.Optimizer):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid SparseRowAdam hyper-parameters lr={lr} betas={betas} eps={eps}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        # Rows are updated in chunks that fit in cache: each chunk is gathered, updated and scattered
+        # back while hot, and its same-sized temporaries are recycled by the allocator.
+        self.rows_per_chunk = 8192
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,24 +52,30 @@ class SparseRowAdam(torch.optim.Optimizer):
                     state["step"] = torch.zeros(param.shape[0], dtype=torch.int32, device=param.device)
                     state["exp_avg"] = torch.zeros_like(param)
                     state["exp_avg_sq"] = torch.zeros(param.shape[0], dtype=param.dtype, device=param.device)
-                steps = state["step"].index_select(0, rows) + 1
-                state["step"].index_copy_(0, rows, steps)
-                exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
-                state["exp_avg"].index_copy_(0, rows, exp_avg)
-                mean_sq = values.pow(2).mean(dim=1)
-                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).lerp_(mean_sq, 1 - beta2)
-                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-                steps = steps.to(values.dtype)
-                # per row: -lr / (1 - beta1^t) / (sqrt(v / (1 - beta2^t)) + eps)
-                scale = (exp_avg_sq / (1 - beta2**steps)).sqrt_().add_(eps).reciprocal_()
-                scale.mul_(-lr / (1 - beta1**steps))
-                weights = param.index_select(0, rows)
-                if decay:
-                    weights.mul_(1 - lr * decay)
-                # rows are distinct: gather, update, scatter back (index_add_ is ~5x slower on CPU)
-                param.index_copy_(0, rows, weights.addcmul_(exp_avg, scale.unsqueeze(1)))
+                for start in range(0, rows.numel(), self.rows_per_chunk):
+                    chunk = slice(start, start + self.rows_per_chunk)
+                    _update_rows(param, state, rows[chunk], values[chunk], lr, beta1, beta2, eps, decay)
         return loss
 
+
+
+def _update_rows(param, state, rows, values, lr, beta1, beta2, eps, decay) -> None:
+    """Adam with a row-wise second moment on the distinct ``rows`` of ``param``."""
+    steps = state["step"].index_select(0, rows) + 1
+    state["step"].index_copy_(0, rows, steps)
+    exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
+    state["exp_avg"].index_copy_(0, rows, exp_avg)
+    exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).lerp_(values.pow(2).mean(dim=1), 1 - beta2)
+    state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+    steps = steps.to(values.dtype)
+    # per row: -lr / (1 - beta1^t) / (sqrt(v / (1 - beta2^t)) + eps)
+    scale = (exp_avg_sq / (1 - beta2**steps)).sqrt_().add_(eps).reciprocal_()
+    scale.mul_(-lr / (1 - beta1**steps))
+    weights = param.index_select(0, rows)
+    if decay:
+        weights.mul_(1 - lr * decay)
+    # rows are distinct: gather, update, scatter back (index_add_ is ~5x slower on CPU)
+    param.index_copy_(0, rows, weights.addcmul_(exp_avg, scale.unsqueeze(1)))
 
 
 def coalesced(grad: torch.Tensor) -> torch.Tensor:

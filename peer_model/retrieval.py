@@ -8,6 +8,7 @@ The score of expert (i, j) is ``q1·keys1[i] + q2·keys2[j]``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .pool import ExpertGrid
 from .rowsum import RowSum
@@ -34,7 +35,7 @@ class _ScoreTopK(torch.autograd.Function):
         grad_scores = grad_scores.to(keys.dtype)
         grad_queries = grad_keys = None
         if ctx.needs_input_grad[0]:
-            grad_queries = torch.bmm(grad_scores.unsqueeze(1), keys[index]).squeeze(1).to(queries.dtype)
+            grad_queries = F.embedding_bag(index, keys, per_sample_weights=grad_scores, mode="sum").to(queries.dtype)
         if ctx.needs_input_grad[1]:
             grad_keys = RowSum(index).dense(grad_scores, queries.to(keys.dtype), keys.shape[0])
         return grad_queries, grad_keys, None

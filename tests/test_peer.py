@@ -109,3 +109,14 @@ def test_gates_are_a_softmax_per_head():
     gates, ids = layer.route(torch.randn(10, D_MODEL))
     assert gates.shape == ids.shape == (10, 4 * 8)
     torch.testing.assert_close(gates.view(10, 4, 8).sum(-1), torch.ones(10, 4))
+
+
+def test_both_gather_dot_kernels_equal_a_plain_gather():
+    from peer_model.experts import _gather_dot_chunked, _gather_dot_sddmm
+
+    table, vectors = torch.randn(300, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64)
+    ids = torch.randint(0, 300, (40, 9))
+    ids[:, 1] = ids[:, 0]  # repeated experts within a token
+    expected = (table[ids] * vectors.unsqueeze(1)).sum(-1)
+    torch.testing.assert_close(_gather_dot_sddmm(table, ids, vectors), expected)
+    torch.testing.assert_close(_gather_dot_chunked(table, ids, vectors), expected)
