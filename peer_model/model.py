@@ -132,7 +132,8 @@ class PEERTransformer(nn.Module):
         return {i: b.ffw for i, b in enumerate(self.blocks) if isinstance(b.ffw, PEER)}
 
     def grow(self, num_experts: int, tag: str = "") -> dict[int, Segment]:
-        """Append ``num_experts`` (rounded up to the grid) to every PEER layer."""
+        """Append ``num_experts`` (rounded up to the grid) to every PEER layer; see :meth:`PEER.grow`.
+        Optimizers hold the old parameter objects: build new ones after growing."""
         return {i: layer.grow(num_experts, tag=tag) for i, layer in self.peer_layers().items()}
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
