@@ -7,6 +7,5 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e .
-.venv/bin/peer train --corpus shakespeare --max-bytes 1000000 --steps 1500 --warmup-steps 100 \
-    --eval-every 250 --out runs/quickstart
+.venv/bin/peer train --corpus shakespeare --max-bytes 1000000 --steps 800 --eval-every 200 --out runs/quickstart
 .venv/bin/peer generate runs/quickstart "ROMEO:" --max-tokens 300 --temperature 0.8 --top-p 0.95 --seed 1
