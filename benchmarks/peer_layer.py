@@ -140,8 +140,9 @@ def main() -> None:
           f"tokens/step={TOKENS}, d={D_MODEL}, h={HEADS}, k={TOP_K}")
     machine = matmul_gflops()
     print(f"machine fp32 matmul (2048³): {machine:.1f} GFLOP/s")
-    header = f"{'N':>9} {'ours s':>8} {'theirs s':>9} {'speed-up':>9} {'ours GiB':>9} {'theirs GiB':>10} {'mem ratio':>9} {'ours GFLOP/s':>12} {'theirs GFLOP/s':>14}"
-    print(header)
+    columns = [("N", 9), ("ours s", 8), ("theirs s", 9), ("speed-up", 9), ("ours GiB", 9), ("theirs GiB", 10),
+               ("mem ratio", 9), ("ours GFLOP/s", 12), ("theirs GFLOP/s", 14)]
+    print(" ".join(f"{name:>{width}}" for name, width in columns))
     for side in args.sides:
         # children first: with the tuned allocator this process keeps the heap it grew while timing
         mem = {impl: peak_memory(impl, side, args.allocator) / 2**30 for impl in ("ours", "theirs")}

@@ -2,11 +2,11 @@
 
 ``expert_mix`` is the fast path. Its cost follows the experts the tokens use, never the pool size:
 
-* forward: one gather-dot (an SDDMM on CPU) for the pre-activations and one ``embedding_bag`` (fused gather + weighted
-  sum) for the output, so the gathered up-vectors are never materialised;
+* forward: one gather-dot (an SDDMM on CPU) for the pre-activations and one ``embedding_bag`` (fused
+  gather + weighted sum) for the output, so gathered expert rows are never materialised;
 * backward: the gradients of the two expert tables are *sparse* (COO, one row per expert used in the
-  step, already coalesced), built with a sparse × dense product (rowsum.py) instead of a dense ``[N, d]`` buffer;
-  rows of experts marked frozen are dropped there, so a frozen expert costs nothing and cannot change.
+  step, already coalesced), built with a sparse × dense product (rowsum.py) instead of a dense
+  ``[N, d]`` buffer; rows of frozen experts are dropped there, so they cost nothing and cannot change.
 
 ``expert_mix_reference`` is the plain autograd version the tests compare against.
 """
