@@ -28,6 +28,7 @@ from torch import nn
 
 from .optim import SparseRowAdam, coalesced
 from .peer import PEER
+from .tokenizer import BOS
 
 
 @dataclass
@@ -80,7 +81,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 class TokenData:
-    """A 1-D sequence of token ids (bytes: see tokenizer.py; no BOS inside) cut into windows."""
+    """A 1-D sequence of token ids (bytes: see tokenizer.py) cut into windows.
+
+    Every window is a fresh context that starts with BOS, exactly as generation does
+    (``BOS + prompt``): inputs ``[BOS, w0 .. w(T-2)]``, targets ``[w0 .. w(T-1)]``. A model trained
+    on windows that start mid-text never sees BOS and reads it as noise at generation time.
+    """
 
     def __init__(self, tokens: torch.Tensor):
         if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex():
@@ -99,30 +105,35 @@ class TokenData:
     def sample_batch(
         self, batch_size: int, seq_len: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``batch_size`` windows at uniform random offsets: inputs, targets (shifted by one), (B, T) int64."""
-        if len(self) < seq_len + 1:
-            raise ValueError(f"{len(self)} tokens cannot fill a window of seq_len + 1 = {seq_len + 1}")
-        starts = torch.randint(0, len(self) - seq_len, (batch_size, 1), generator=generator)
-        windows = self.tokens[starts + torch.arange(seq_len + 1)].long()  # (B, T + 1)
-        return windows[:, :-1], windows[:, 1:]
+        """``batch_size`` windows of ``seq_len`` tokens at uniform random offsets: (inputs, targets),
+        both (B, T) int64, inputs = BOS + targets shifted right by one."""
+        if len(self) < seq_len:
+            raise ValueError(f"{len(self)} tokens cannot fill a window of seq_len = {seq_len}")
+        starts = torch.randint(0, len(self) - seq_len + 1, (batch_size, 1), generator=generator)
+        return _with_bos(self.tokens[starts + torch.arange(seq_len)].long())
 
     def iter_eval_batches(
         self, batch_size: int, seq_len: int, max_batches: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Deterministic windows from the start: window w predicts tokens ``w*T + 1 .. (w+1)*T``, so
-        every token but the first is a target exactly once. Full windows come ``batch_size`` at a
-        time; a shorter last window, if any, is a batch of its own. At most ``max_batches`` batches.
+        """Deterministic windows from the start: window w predicts tokens ``w*T .. (w+1)*T - 1``, so
+        every token is a target exactly once. Full windows come ``batch_size`` at a time; a shorter
+        last window, if any, is a batch of its own. At most ``max_batches`` batches.
         """
         n = len(self)
-        starts = list(range(0, n - 1, seq_len))
-        full = [s for s in starts if s + seq_len + 1 <= n]
+        starts = list(range(0, n, seq_len))
+        full = [s for s in starts if s + seq_len <= n]
         batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
         if len(full) < len(starts):
             batches.append(starts[len(full) :])  # the tail window, shorter than seq_len
         for group in batches[:max_batches]:
-            length = min(seq_len, n - 1 - group[0])
-            windows = self.tokens[torch.tensor(group).unsqueeze(1) + torch.arange(length + 1)].long()
-            yield windows[:, :-1], windows[:, 1:]
+            length = min(seq_len, n - group[0])
+            yield _with_bos(self.tokens[torch.tensor(group).unsqueeze(1) + torch.arange(length)].long())
+
+
+def _with_bos(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) target windows → (inputs, targets) with inputs = [BOS, targets[:, :-1]]."""
+    inputs = torch.cat([torch.full_like(targets[:, :1], BOS), targets[:, :-1]], dim=1)
+    return inputs, targets
 
 
 # ---- optimizers ----------------------------------------------------------------------------------

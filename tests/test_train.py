@@ -8,6 +8,7 @@ import torch
 from peer_model.config import ModelConfig, PEERConfig
 from peer_model.model import PEERTransformer
 from peer_model.optim import SparseRowAdam
+from peer_model.tokenizer import BOS
 from peer_model.train import (
     TokenData, TrainConfig, build_optimizers, clip_grad_norm, evaluate_bpb, lr_scale, train,
 )
@@ -88,26 +89,28 @@ def test_token_data_holds_utf8_bytes():
     assert len(TokenData.from_text("")) == 0
 
 
-def test_sample_batch_windows_are_shifted_by_one():
+def test_sample_batch_windows_start_with_bos_and_are_shifted_by_one():
     data = TokenData(torch.arange(100))
     inputs, targets = data.sample_batch(6, 10, torch.Generator().manual_seed(0))
     assert inputs.shape == targets.shape == (6, 10) and inputs.dtype == torch.int64
-    assert torch.equal(targets, inputs + 1)  # consecutive ids: each target follows its input
-    assert torch.equal(inputs[:, 1:], inputs[:, :-1] + 1)
+    assert bool((inputs[:, 0] == BOS).all())  # every window is a fresh context, as in generation
+    assert torch.equal(targets[:, :-1] + 1, targets[:, 1:])  # consecutive ids
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
     assert int(targets.max()) <= 99
+    assert data.sample_batch(3, 100)[1].shape == (3, 100)  # the whole sequence is one window
     with pytest.raises(ValueError):
-        data.sample_batch(1, 100)
+        data.sample_batch(1, 101)
 
 
-def test_eval_windows_predict_every_token_but_the_first_once():
-    data = TokenData(torch.arange(103))  # 102 targets: 10 windows of 10 (3 batches of 4) + a tail of 2
+def test_eval_windows_predict_every_token_exactly_once():
+    data = TokenData(torch.arange(102))  # 10 windows of 10 (3 batches of 4) + a tail of 2
     batches = list(data.iter_eval_batches(batch_size=4, seq_len=10))
     assert [b[0].shape for b in batches] == [(4, 10), (4, 10), (2, 10), (1, 2)]
     targets = torch.cat([t.flatten() for _, t in batches])
-    assert torch.equal(targets, torch.arange(1, 103))
-    assert all(torch.equal(t, i + 1) for i, t in batches)
+    assert torch.equal(targets, torch.arange(102))
+    assert all(bool((i[:, 0] == BOS).all()) and torch.equal(i[:, 1:], t[:, :-1]) for i, t in batches)
     assert len(list(data.iter_eval_batches(4, 10, max_batches=2))) == 2
-    exact = TokenData(torch.arange(21))
+    exact = TokenData(torch.arange(20))
     assert [b[0].shape for b in exact.iter_eval_batches(4, 10)] == [(2, 10)]
 
 
@@ -189,14 +192,15 @@ def test_evaluate_bpb_of_zero_logits_is_log2_of_the_vocabulary():
 
 def test_evaluate_bpb_matches_a_manual_cross_entropy():
     model = tiny_model().eval()
-    tokens = VAL.tokens[:50].long()  # one full window of 32 and a tail of 17
+    tokens = VAL.tokens[:50].long()  # one full window of 32 and a tail of 18, each read after BOS
     with torch.no_grad():
         nats = sum(
-            torch.nn.functional.cross_entropy(model(window[:-1].unsqueeze(0))[0], window[1:], reduction="sum")
-            for window in (tokens[:33], tokens[32:])
+            torch.nn.functional.cross_entropy(
+                model(torch.cat([torch.tensor([BOS]), window[:-1]]).unsqueeze(0))[0], window, reduction="sum")
+            for window in (tokens[:32], tokens[32:])
         )
     bpb = evaluate_bpb(model, TokenData(tokens), seq_len=32, batch_size=8)
-    assert bpb == pytest.approx(float(nats) / 49 / math.log(2), rel=1e-5)
+    assert bpb == pytest.approx(float(nats) / 50 / math.log(2), rel=1e-5)
     assert not model.training
 
 

@@ -1,0 +1,222 @@
+"""Lifelong learning that does not forget: every continual strategy on the same stream of corpora.
+
+A base model is trained on the first corpus; then each strategy (peer_model/continual.py) runs the
+same stages (one per further corpus, equal steps) from that same base. Every stage's training text
+also carries a few hundred invented facts (peer_model/facts.py, BOS before each sentence). After
+every stage: bits per byte on the validation split of every corpus seen so far (R[stage][corpus])
+and greedy fact recall on every stage's facts so far (F[stage][facts of stage]).
+
+Reported per strategy: the R matrix, average forgetting (per old corpus: final bpb − best earlier
+bpb), learning (bpb on each corpus right after its stage), plasticity (learning − naive's learning;
+> 0 = learns worse than naive), final fact recall per stage. The library has no dense (non-PEER)
+model, so the "dense reference" is naive fine-tuning of the PEER model, i.e. the ``naive`` row.
+
+    python benchmarks/continual.py --size tiny            # < 3 minutes on 2 cores
+    python benchmarks/continual.py                        # --size small: about 25 minutes on 2 cores (estimated from 0.2 s/step)
+    python benchmarks/continual.py --strategies naive,grow_freeze_protect --json runs/c.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peer_model.config import ModelConfig, PEERConfig
+from peer_model.continual import ContinualOptions, continual_stage, evaluate_all, forgetting_report
+from peer_model.corpora import load_corpus, split_train_val
+from peer_model.facts import fact_recall, facts_tokens, make_facts
+from peer_model.model import PEERTransformer
+from peer_model.runtime import tune_allocator
+from peer_model.train import TokenData, TrainConfig, train
+
+
+@dataclass
+class Size:
+    model: ModelConfig
+    base_steps: int
+    stage_steps: int
+    batch_size: int
+    seq_len: int
+    max_bytes: int  # per corpus
+    facts: int  # per stage
+    fact_repeats: int
+    eval_batches: int
+    new_experts: int  # per stage and PEER layer
+    sparse_top: int
+
+
+def _model(d, layers, heads, side, peer_heads, k, d_key, seq):
+    return ModelConfig(d_model=d, n_layers=layers, n_heads=heads, d_ff=4 * d, max_seq_len=seq,
+                       peer_layers=[layers // 2],
+                       peer=PEERConfig(num_experts=side * side, heads=peer_heads, top_k=k, d_key=d_key))
+
+
+SIZES = {
+    "tiny": Size(_model(64, 2, 4, 16, 2, 4, 16, 64), base_steps=300, stage_steps=150, batch_size=8, seq_len=64,
+                 max_bytes=300_000, facts=30, fact_repeats=10, eval_batches=4, new_experts=128, sparse_top=32),
+    "small": Size(_model(128, 4, 4, 64, 4, 8, 32, 128), base_steps=1500, stage_steps=200, batch_size=16,
+                  seq_len=128, max_bytes=3_000_000, facts=200, fact_repeats=20, eval_batches=12,
+                  new_experts=64 * 64 // 3, sparse_top=256),
+}
+
+CORPORA = ["shakespeare", "kjv", "gcide", "python-docs"]
+
+
+def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
+    keep = dict(freeze_old_sub_keys=True, freeze_query_batchnorm_stats=True)
+    grow = dict(new_experts=size.new_experts)
+    return {
+        "naive": ContinualOptions("naive", train=cfg),  # also the dense reference (no dense model here)
+        "replay": ContinualOptions("replay", replay_fraction=0.25, train=cfg),
+        "grow_freeze(routing free)": ContinualOptions("grow_freeze", train=cfg, **grow),
+        "grow_freeze": ContinualOptions("grow_freeze", train=cfg, **grow, **keep),
+        "grow_freeze+dense": ContinualOptions("grow_freeze", train=cfg, train_dense=True, **grow, **keep),
+        "grow_freeze_protect": ContinualOptions("grow_freeze_protect", replay_fraction=0.25, distill_weight=1.0,
+                                                train=cfg, **grow, **keep),
+        "grow_freeze_protect+dense": ContinualOptions("grow_freeze_protect", replay_fraction=0.25,
+                                                      distill_weight=1.0, train_dense=True, train=cfg, **grow, **keep),
+        "sparse_finetune": ContinualOptions("sparse_finetune", sparse_top_experts=size.sparse_top, train=cfg,
+                                            freeze_query_batchnorm_stats=True),
+    }
+
+
+def table(names: list[str], rows: list[list[float | None]], row_label: str) -> str:
+    lines = [f"| {row_label} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for s, row in enumerate(rows):
+        cells = ["" if v is None else f"{v:.3f}" for v in row]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--corpora", default=",".join(CORPORA), help="comma-separated, in stream order")
+    parser.add_argument("--strategies", help="comma-separated subset of the strategy names")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="runs/continual.json")
+    parser.add_argument("--plot", default="runs/continual.png")
+    args = parser.parse_args()
+    tune_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = SIZES[args.size]
+    names = args.corpora.split(",")
+    started = time.perf_counter()
+
+    train_sets, val_sets, facts = [], {}, []
+    for stage, name in enumerate(names):
+        text_train, text_val = split_train_val(load_corpus(name, max_bytes=size.max_bytes), 0.05, seed=args.seed)
+        stage_facts = make_facts(stage, size.facts, seed=args.seed)
+        tokens = torch.cat([TokenData.from_text(text_train).tokens.to(torch.int16),
+                            facts_tokens(stage_facts, size.fact_repeats, seed=args.seed + stage)])
+        train_sets.append(TokenData(tokens))
+        val_sets[name] = TokenData.from_text(text_val)
+        facts.append(stage_facts)
+    cfg = TrainConfig(steps=size.stage_steps, batch_size=size.batch_size, seq_len=size.seq_len, lr=3e-3,
+                      expert_lr=1e-2, warmup_steps=max(1, size.stage_steps // 10), eval_every=10**9,
+                      log_every=max(1, size.stage_steps // 4), device="cpu", seed=args.seed)
+
+    def measure(model, stage):
+        seen = {n: val_sets[n] for n in names[: stage + 1]}
+        bpb = evaluate_all(model, seen, size.seq_len, size.batch_size, size.eval_batches)
+        recall = [fact_recall(model, facts[s]) for s in range(stage + 1)]
+        return [bpb.get(n) for n in names], recall + [None] * (len(names) - stage - 1)
+
+    torch.manual_seed(args.seed)
+    base = PEERTransformer(size.model)
+    base_cfg = TrainConfig(**{**cfg.__dict__, "steps": size.base_steps, "warmup_steps": max(1, size.base_steps // 10),
+                              "log_every": max(1, size.base_steps // 4)})
+    train(base, train_sets[0], None, base_cfg)
+    base_row, base_recall = measure(base, 0)
+    print(f"base on {names[0]}: {base_cfg.steps} steps, bpb {base_row[0]:.3f}, fact recall {base_recall[0]:.2f} "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+    chosen = strategies(size, cfg)
+    if args.strategies:
+        unknown = set(args.strategies.split(",")) - set(chosen)
+        if unknown:
+            parser.error(f"unknown strategies {sorted(unknown)}; known: {', '.join(chosen)}")
+        chosen = {k: v for k, v in chosen.items() if k in args.strategies.split(",")}
+
+    results = {}
+    for label, options in chosen.items():
+        t0 = time.perf_counter()
+        model, R, F = base, [base_row], [base_recall]
+        for stage in range(1, len(names)):
+            model = continual_stage(model, train_sets[stage], train_sets[:stage], options, tag=names[stage]).child
+            row, recall = measure(model, stage)
+            R.append(row)
+            F.append(recall)
+        results[label] = {"R": R, "fact_recall": F, "seconds": time.perf_counter() - t0,
+                          "experts": model.peer_layers()[size.model.peer_layers[0]].num_experts}
+        print(f"{label}: {results[label]['seconds']:.0f} s", flush=True)
+
+    reference = results.get("naive", {}).get("R")
+    summary = {}
+    for label, res in results.items():
+        report = forgetting_report(res["R"], reference)
+        final_recall = res["fact_recall"][-1]
+        summary[label] = {
+            "average_forgetting": report["average_forgetting"],
+            "plasticity_vs_naive": report.get("plasticity"),
+            "final_average_bpb": report["final_average_bpb"],
+            "final_fact_recall": final_recall,
+            "fact_recall_when_learned": [res["fact_recall"][s][s] for s in range(len(names))],
+        }
+        print(f"\n### {label}  ({res['seconds']:.0f} s, {res['experts']} experts per PEER layer at the end)")
+        print("bits per byte, R[stage][corpus]:")
+        print(table(names, res["R"], "stage"))
+        print("fact recall, F[stage][facts of stage]:")
+        print(table([f"facts{s}" for s in range(len(names))], res["fact_recall"], "stage"))
+
+    print("\n| strategy | avg forgetting (bpb) | plasticity vs naive (bpb) | final mean bpb | final recall per stage |")
+    print("|---|---|---|---|---|")
+    fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
+    for label, s in summary.items():
+        recall = " ".join(f"{r:.2f}" for r in s["final_fact_recall"])
+        print(f"| {label} | {fmt(s['average_forgetting'])} | {fmt(s['plasticity_vs_naive'])} | "
+              f"{s['final_average_bpb']:.3f} | {recall} |")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; dense reference = naive PEER fine-tuning "
+          "(no dense model in peer_model)")
+
+    out = {"size": args.size, "corpora": names, "model": size.model.to_dict(), "stage_steps": size.stage_steps,
+           "base_steps": size.base_steps, "results": results, "summary": summary,
+           "total_s": time.perf_counter() - started}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.json}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for label, res in results.items():
+        axes[0].plot(range(len(names)), [row[0] for row in res["R"]], marker="o", label=label)
+        axes[2].plot(range(len(names)), [row[0] for row in res["fact_recall"]], marker="o", label=label)
+        s = summary[label]
+        if s["average_forgetting"] is not None and s["plasticity_vs_naive"] is not None:
+            axes[1].scatter(s["plasticity_vs_naive"], s["average_forgetting"])
+            axes[1].annotate(label, (s["plasticity_vs_naive"], s["average_forgetting"]), fontsize=7)
+    axes[0].set(title=f"bpb on {names[0]} after each stage", xlabel="stage", ylabel="bits per byte")
+    axes[1].set(title="forgetting vs plasticity (lower-left is better)", xlabel="plasticity vs naive (bpb)",
+                ylabel="average forgetting (bpb)")
+    axes[2].set(title="recall of stage-0 facts", xlabel="stage", ylabel="fraction recalled")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=110)
+    print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,457 @@
+"""Continual training: one stage = grow, fine-tune on a new corpus while protecting old behaviour.
+
+:func:`continual_stage` takes a parent model, the new corpus' training tokens and the earlier corpora's,
+and returns a child (the parent is never modified). Strategies (``ContinualOptions.strategy``):
+
+* ``naive``: fine-tune everything on the new corpus (the forgetting baseline);
+* ``replay``: as naive, but a ``replay_fraction`` of every batch's windows comes from earlier corpora;
+* ``grow_freeze``: grow ``new_experts`` per PEER layer; the new experts and the routing (query
+  projection, query BatchNorm, product sub-keys) train, every older expert is frozen; the dense
+  parameters (attention, embeddings, norms, dense feed-forward blocks) are frozen unless
+  ``train_dense``;
+* ``grow_freeze_protect``: grow_freeze plus replay and/or distillation: ``distill_weight`` × the KL
+  divergence from the parent's next-byte distribution to the child's on the replayed old windows
+  (Lifelong-MoE's output regularisation, there computed on the new data: ``distill_on="all"``);
+* ``sparse_finetune``: Sparse Memory Finetuning (Lin et al. 2025): train only the
+  ``sparse_top_experts`` experts per layer whose usage on the new corpus is high relative to their
+  usage on earlier corpora (TF-IDF, :func:`expert_scores`), plus any new segment.
+
+Routing parameters change under every strategy unless frozen; three switches keep old inputs finding
+old experts: ``freeze_old_sub_keys`` (gradient hooks zero the rows of the sub-keys that existed before
+growth: bit-identical), ``freeze_query_batchnorm_stats`` (query BatchNorm in eval mode during
+training: the running statistics stay the parent's and normalisation uses them) and ``freeze_query``
+(the query projection and BatchNorm affine parameters do not train).
+
+Evaluation: :func:`evaluate_all` gives bits per byte on every corpus' validation split;
+:func:`forgetting_report` turns the matrix ``R[stage][corpus]`` of those into average forgetting,
+learning and (given the naive strategy's matrix) plasticity.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import PEERTransformer
+from .peer import PEER
+from .pool import Segment
+from .train import (
+    TokenData, TrainConfig, TrainResult, _autocast, build_optimizers, clip_grad_norm, evaluate_bpb, lr_scale,
+    resolve_device, train,
+)
+
+Strategy = Literal["naive", "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune"]
+STRATEGIES: tuple[str, ...] = ("naive", "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune")
+_GROWING = ("grow_freeze", "grow_freeze_protect")
+
+
+@dataclass
+class ContinualOptions:
+    strategy: Strategy = "grow_freeze"
+    new_experts: int = 0  # per PEER layer, rounded up to fill the grid; 0 = no growth
+    replay_fraction: float = 0.0  # fraction of each batch's windows drawn from earlier corpora
+    distill_weight: float = 0.0  # weight of KL(parent || child); 0 = off
+    distill_on: Literal["old", "all"] = "old"  # windows the KL is taken on: replayed old ones, or all
+    sparse_top_experts: int = 0  # sparse_finetune: experts trained per PEER layer (besides new ones)
+    usage_batches: int = 8  # sparse_finetune: batches of new (and of old) data the usage is counted on
+    freeze_old_sub_keys: bool = False
+    freeze_query_batchnorm_stats: bool = False
+    freeze_query: bool = False
+    train_dense: bool | None = None  # None: True for naive/replay, False for the other strategies
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        s = self.strategy
+        if s not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {s!r}")
+        for name in ("new_experts", "sparse_top_experts", "usage_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.usage_batches < 1:
+            raise ValueError("usage_batches must be >= 1")
+        if not (isinstance(self.replay_fraction, (int, float)) and 0.0 <= self.replay_fraction < 1.0):
+            raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
+        if not (isinstance(self.distill_weight, (int, float)) and math.isfinite(self.distill_weight)
+                and self.distill_weight >= 0):
+            raise ValueError(f"distill_weight must be a finite number >= 0, got {self.distill_weight!r}")
+        if self.distill_on not in ("old", "all"):
+            raise ValueError(f"distill_on must be 'old' or 'all', got {self.distill_on!r}")
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError(f"train must be a TrainConfig, got {type(self.train).__name__}")
+        protection = self.replay_fraction > 0 or self.distill_weight > 0
+        if s in _GROWING and self.new_experts == 0:
+            raise ValueError(f"strategy {s!r} grows the pool: new_experts must be > 0")
+        if s in ("naive", "grow_freeze") and protection:
+            hint = "replay" if s == "naive" else "grow_freeze_protect"
+            raise ValueError(f"strategy {s!r} has no protection: replay_fraction and distill_weight must be 0 "
+                             f"(use {hint!r})")
+        if s == "replay" and self.replay_fraction == 0:
+            raise ValueError("strategy 'replay' needs replay_fraction > 0")
+        if s == "grow_freeze_protect" and not protection:
+            raise ValueError("strategy 'grow_freeze_protect' needs replay_fraction > 0 and/or distill_weight > 0")
+        if self.distill_weight > 0 and self.distill_on == "old" and self.replay_fraction == 0:
+            raise ValueError("distillation on old text (distill_on='old') needs replay_fraction > 0 "
+                             "to bring old windows into the batches; or set distill_on='all'")
+        if s == "sparse_finetune" and self.sparse_top_experts == 0:
+            raise ValueError("strategy 'sparse_finetune' needs sparse_top_experts >= 1")
+        if s != "sparse_finetune" and self.sparse_top_experts:
+            raise ValueError(f"sparse_top_experts applies to 'sparse_finetune' only, not {s!r}")
+
+    @property
+    def dense_trains(self) -> bool:
+        return self.strategy in ("naive", "replay") if self.train_dense is None else self.train_dense
+
+
+@dataclass
+class StageResult:
+    child: PEERTransformer
+    segments: dict[int, Segment]  # per PEER layer, the segment grown in this stage (empty: no growth)
+    train_result: TrainResult
+    trained_experts: dict[int, torch.Tensor] = field(default_factory=dict)  # sparse_finetune: per layer, ids
+
+
+# ---- data mix ------------------------------------------------------------------------------------
+
+
+class MixedData:
+    """Windows from ``new`` and, each with probability ``replay_fraction``, from one of ``old``
+    (chosen uniformly, so every earlier corpus is replayed alike). Same ``sample_batch`` as TokenData."""
+
+    def __init__(self, new: TokenData, old: Sequence[TokenData], replay_fraction: float):
+        if not 0.0 <= replay_fraction <= 1.0:
+            raise ValueError(f"replay_fraction must be in [0, 1], got {replay_fraction}")
+        if replay_fraction > 0 and not old:
+            raise ValueError("replay needs at least one earlier corpus")
+        self.new, self.old, self.replay_fraction = new, list(old), replay_fraction
+
+    def __len__(self) -> int:
+        return len(self.new)
+
+    def sample_batch_with_source(
+        self, batch_size: int, seq_len: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """inputs, targets (B, T) and ``source`` (B,): -1 for the new corpus, else the index in ``old``."""
+        source = torch.full((batch_size,), -1, dtype=torch.long)
+        if self.old and self.replay_fraction > 0:
+            replay = torch.rand(batch_size, generator=generator) < self.replay_fraction
+            which = torch.randint(0, len(self.old), (batch_size,), generator=generator)
+            source = torch.where(replay, which, source)
+        inputs = torch.empty(batch_size, seq_len, dtype=torch.long)
+        targets = torch.empty(batch_size, seq_len, dtype=torch.long)
+        for index in source.unique().tolist():
+            rows = torch.nonzero(source == index).squeeze(1)
+            data = self.new if index < 0 else self.old[index]
+            x, y = data.sample_batch(rows.numel(), seq_len, generator)
+            inputs[rows], targets[rows] = x, y
+        return inputs, targets, source
+
+    def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator | None = None):
+        inputs, targets, _ = self.sample_batch_with_source(batch_size, seq_len, generator)
+        return inputs, targets
+
+
+# ---- freezing ------------------------------------------------------------------------------------
+
+
+def _routing_params(layer: PEER) -> list[nn.Parameter]:
+    return [layer.sub_keys1, layer.sub_keys2, *layer.query.parameters(), *layer.query_norm.parameters()]
+
+
+def _freeze_dense(model: nn.Module) -> None:
+    """requires_grad=False for everything but the PEER layers' experts and routing."""
+    keep = {id(p) for layer in model.modules() if isinstance(layer, PEER)
+            for p in (layer.expert_down, layer.expert_up, *_routing_params(layer))}
+    for param in model.parameters():
+        if id(param) not in keep:
+            param.requires_grad_(False)
+
+
+def _zero_rows_hook(rows: int):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:rows] = 0
+        return grad
+    return hook
+
+
+@contextlib.contextmanager
+def _batchnorm_eval(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Keep ``modules`` in eval mode even when ``model.train()`` is called (train() does)."""
+    for module in modules:
+        module.eval()
+        module.train = types.MethodType(lambda self, mode=True: self, module)  # shadows nn.Module.train
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.train
+
+
+def _restore_trainable(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.requires_grad_(True)
+    for layer in model.modules():
+        if isinstance(layer, PEER):
+            layer.trainable.fill_(True)
+
+
+# ---- sparse memory finetuning: which experts to train ----------------------------------------------
+
+
+@torch.no_grad()
+def _count_usage(model: PEERTransformer, data, batches: int, batch_size: int, seq_len: int,
+                 generator: torch.Generator, per_batch: bool) -> dict[int, torch.Tensor]:
+    """Per PEER layer: selections per expert over ``batches`` sampled batches (eval mode), or, with
+    ``per_batch``, the number of batches in which each expert was selected (a document frequency)."""
+    device = next(model.parameters()).device
+    layers = model.peer_layers()
+    saved = {i: (layer.track_usage, layer.usage_counts.clone()) for i, layer in layers.items()}
+    totals = {i: torch.zeros_like(layer.usage_counts) for i, layer in layers.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for layer in layers.values():
+            layer.track_usage = True
+        for _ in range(batches):
+            for layer in layers.values():
+                layer.reset_usage()
+            inputs, _ = data.sample_batch(batch_size, seq_len, generator)
+            with _autocast(device):
+                model(inputs.to(device))
+            for i, layer in layers.items():
+                totals[i] += (layer.usage_counts > 0).long() if per_batch else layer.usage_counts
+    finally:
+        model.train(was_training)
+        for i, layer in layers.items():
+            layer.track_usage, counts = saved[i]
+            layer.usage_counts.copy_(counts)
+    return totals
+
+
+def expert_scores(model: PEERTransformer, new: TokenData, old: Sequence[TokenData], batches: int,
+                  batch_size: int, seq_len: int, seed: int = 0) -> dict[int, torch.Tensor]:
+    """TF-IDF score of every expert of every PEER layer for the new corpus against the earlier ones.
+
+    TF = the expert's share of all selections over ``batches`` batches of new data; IDF =
+    log((B + 1) / (df + 1)) where df counts the B batches of old data (earlier corpora mixed alike) in
+    which the expert was selected at least once: experts the old data uses everywhere score ~0. This
+    is the ranking of Sparse Memory Finetuning (Lin et al. 2025, memory slots there, experts here),
+    computed once per stage from samples rather than per training batch as in the paper. With no old
+    data, IDF is constant and the ranking is plain usage on the new corpus.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tf = _count_usage(model, new, batches, batch_size, seq_len, generator, per_batch=False)
+    if old:
+        df = _count_usage(model, MixedData(new, old, 1.0), batches, batch_size, seq_len, generator, per_batch=True)
+    else:
+        df = {i: torch.zeros_like(t) for i, t in tf.items()}
+    scores = {}
+    for i, counts in tf.items():
+        share = counts.double() / max(1, int(counts.sum()))
+        scores[i] = share * torch.log((batches + 1) / (df[i].double() + 1))
+    return scores
+
+
+def select_experts(scores: torch.Tensor, top: int) -> torch.Tensor:
+    """Ids of the ``top`` best-scoring experts with a positive score, best first (ties: lower id)."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:top]
+    return order[scores[order] > 0]
+
+
+# ---- one stage -----------------------------------------------------------------------------------
+
+
+def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Sequence[TokenData],
+                    options: ContinualOptions, tag: str = "") -> StageResult:
+    """Grow, freeze per ``options.strategy``, fine-tune on ``new_train`` (+ replay); the parent is unchanged.
+
+    The child comes back with every parameter and expert trainable again (the freezing is this stage's).
+    """
+    cfg = options.train
+    if cfg.seq_len > parent.config.max_seq_len:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {parent.config.max_seq_len}")
+    needs_old = options.replay_fraction > 0 or (options.distill_weight > 0 and options.distill_on == "old")
+    if needs_old and not old_train:
+        raise ValueError(f"strategy {options.strategy!r} with replay/distillation needs earlier corpora (old_train)")
+    child = copy.deepcopy(parent)
+    _restore_trainable(child)
+    layers = child.peer_layers()
+    before = {i: (layer.grid.rows, layer.grid.cols, layer.num_experts) for i, layer in layers.items()}
+
+    # which experts train (decided on the parent's experts, before growth)
+    trained: dict[int, torch.Tensor] = {}
+    if options.strategy == "sparse_finetune":
+        scores = expert_scores(child, new_train, old_train, options.usage_batches, cfg.batch_size, cfg.seq_len,
+                               seed=cfg.seed + 1)
+        trained = {i: select_experts(s, options.sparse_top_experts) for i, s in scores.items()}
+
+    segments = child.grow(options.new_experts, tag=tag) if options.new_experts else {}
+
+    for i, layer in layers.items():
+        old_n = before[i][2]
+        if options.strategy in _GROWING:
+            layer.set_trainable(slice(0, old_n), False)
+        elif options.strategy == "sparse_finetune":
+            layer.set_trainable(slice(0, old_n), False)
+            layer.set_trainable(trained[i], True)
+    if not options.dense_trains:
+        _freeze_dense(child)
+    if options.freeze_query:
+        for layer in layers.values():
+            for p in (*layer.query.parameters(), *layer.query_norm.parameters()):
+                p.requires_grad_(False)
+
+    hooks = []
+    if options.freeze_old_sub_keys:
+        for i, layer in layers.items():
+            rows, cols, _ = before[i]
+            for table, n in ((layer.sub_keys1, rows), (layer.sub_keys2, cols)):
+                if table.requires_grad:
+                    hooks.append(table.register_hook(_zero_rows_hook(n)))
+    batchnorms = [layer.query_norm for layer in layers.values()
+                  if options.freeze_query_batchnorm_stats and isinstance(layer.query_norm, nn.modules.batchnorm._BatchNorm)]
+
+    data = MixedData(new_train, old_train, options.replay_fraction) if options.replay_fraction > 0 else new_train
+    try:
+        with _batchnorm_eval(batchnorms):
+            if options.distill_weight > 0:
+                result = _train_distill(child, parent, data, options)
+            else:
+                result = train(child, data, None, cfg)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        _restore_trainable(child)
+    return StageResult(child, segments, result, trained)
+
+
+def _train_distill(model: PEERTransformer, teacher: PEERTransformer, data, options: ContinualOptions) -> TrainResult:
+    """train()'s step with loss = cross-entropy + distill_weight · KL(teacher ‖ model) on the chosen windows.
+
+    Only the loss differs from :func:`peer_model.train.train` (no periodic evaluation, no callbacks);
+    a ``loss_fn`` hook in train() would let this reuse it instead.
+    """
+    cfg = options.train
+    device = resolve_device(cfg.device)
+    model.to(device)
+    if next(teacher.parameters()).device != device:
+        teacher = copy.deepcopy(teacher).to(device)
+    teacher_was_training = teacher.training
+    teacher.eval()
+    was_training = model.training
+    model.train()
+    optimizers = build_optimizers(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    result = TrainResult(steps_done=0, tokens_seen=0, final_val_bpb=None)
+    start, loss_sum, kl_sum = time.perf_counter(), 0.0, 0.0
+    try:
+        for step in range(1, cfg.steps + 1):
+            scale = lr_scale(step, cfg)
+            optimizers.set_lr_scale(scale)
+            if isinstance(data, MixedData):
+                inputs, targets, source = data.sample_batch_with_source(cfg.batch_size, cfg.seq_len, generator)
+            else:
+                inputs, targets = data.sample_batch(cfg.batch_size, cfg.seq_len, generator)
+                source = torch.full((cfg.batch_size,), -1, dtype=torch.long)
+            rows = (source >= 0) if options.distill_on == "old" else torch.ones_like(source, dtype=torch.bool)
+            inputs, targets, rows = inputs.to(device), targets.to(device), rows.to(device)
+            with _autocast(device):
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            kl = logits.new_zeros((), dtype=torch.float32)
+            if bool(rows.any()):
+                with torch.no_grad(), _autocast(device):
+                    teacher_logits = teacher(inputs[rows])
+                kl = F.kl_div(F.log_softmax(logits[rows].float(), -1).flatten(0, 1),
+                              F.log_softmax(teacher_logits.float(), -1).flatten(0, 1),
+                              reduction="batchmean", log_target=True)
+                loss = loss + options.distill_weight * kl
+            optimizers.zero_grad()
+            loss.backward()
+            grad_norm = clip_grad_norm(params, cfg.grad_clip)
+            optimizers.step()
+            loss_sum += float(loss.detach())
+            kl_sum += float(kl.detach())
+            result.steps_done, result.tokens_seen = step, step * cfg.batch_size * cfg.seq_len
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                result.history.append({"step": step, "loss": loss_sum / n, "kl": kl_sum / n,
+                                       "lr": cfg.lr * scale, "grad_norm": grad_norm})
+                loss_sum, kl_sum = 0.0, 0.0
+    finally:
+        model.train(was_training)
+        teacher.train(teacher_was_training)
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+
+def evaluate_all(model: nn.Module, val_sets: Mapping[str, TokenData], seq_len: int, batch_size: int,
+                 max_batches: int | None = None) -> dict[str, float]:
+    """Bits per byte of ``model`` on every validation set, by name."""
+    return {name: evaluate_bpb(model, data, seq_len, batch_size, max_batches) for name, data in val_sets.items()}
+
+
+def forgetting_report(R: Sequence[Sequence[float | None]],
+                      reference: Sequence[Sequence[float | None]] | None = None) -> dict:
+    """Summary of a matrix ``R[stage][corpus]`` of validation bits per byte (None: not seen yet).
+
+    A corpus is introduced at the first stage with a value. For every corpus introduced before the
+    last stage, forgetting = final bpb − best (lowest) bpb over the stages before the last (≥ 0 up
+    to noise; 0 = nothing forgotten); ``average_forgetting`` is their mean (None with one stage).
+    ``learning[j]`` = bpb on corpus j right after the stage that introduced it. With ``reference``
+    (the naive strategy's matrix on the same stream), ``plasticity`` = mean over corpora of
+    learning − the reference's learning: > 0 means the strategy learns new corpora worse than naive.
+    """
+    if not R or any(len(row) != len(R[0]) for row in R):
+        raise ValueError("R must be a non-empty rectangular matrix (stages × corpora)")
+    last = len(R) - 1
+    n_corpora = len(R[0])
+
+    def intro(matrix, j):
+        return next((s for s, row in enumerate(matrix) if row[j] is not None), None)
+
+    forgetting: dict[int, float] = {}
+    learning: dict[int, float] = {}
+    for j in range(n_corpora):
+        s0 = intro(R, j)
+        if s0 is None:
+            continue
+        learning[j] = R[s0][j]
+        if s0 < last and R[last][j] is not None:
+            earlier = [R[s][j] for s in range(s0, last) if R[s][j] is not None]
+            forgetting[j] = R[last][j] - min(earlier)
+    report = {
+        "matrix": [list(row) for row in R],
+        "forgetting": forgetting,
+        "average_forgetting": sum(forgetting.values()) / len(forgetting) if forgetting else None,
+        "learning": learning,
+        "final_average_bpb": _mean([v for v in R[last] if v is not None]),
+    }
+    if reference is not None:
+        if len(reference) != len(R) or any(len(row) != n_corpora for row in reference):
+            raise ValueError("reference must have the shape of R")
+        diffs = []
+        for j, value in learning.items():
+            s0 = intro(reference, j)
+            if s0 is not None:
+                diffs.append(value - reference[s0][j])
+        report["plasticity"] = _mean(diffs)
+    return report
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

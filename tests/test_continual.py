@@ -1,0 +1,316 @@
+"""Continual training: freezing keeps old experts bit-identical, protection forgets less than naive
+fine-tuning, replay mixes the asked fraction, sparse finetuning trains only its experts; fact probes."""
+import copy
+import random
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from peer_model.config import ModelConfig
+from peer_model.continual import (
+    ContinualOptions, MixedData, continual_stage, evaluate_all, expert_scores, forgetting_report, select_experts,
+)
+from peer_model.facts import fact_recall, facts_text, facts_tokens, make_facts, recalled
+from peer_model.tokenizer import EOS, ByteTokenizer
+from peer_model.train import TokenData, evaluate_bpb, train
+from test_train import DATA, VAL, small_cfg, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def grammar_b(n_sentences: int, seed: int = 0) -> str:
+    """Domain B: other bytes (capitals, digits, punctuation) than test_train's lower-case grammar."""
+    rng = random.Random(seed)
+    heads = ["ZORK", "QUAX", "VYPH", "KLUD"]
+    codes = ["9X7", "42Q", "J0K", "W5Z"]
+    tails = ["#!", "$$", "%@", "&*"]
+    return " ".join(f"{rng.choice(heads)}-{rng.choice(codes)} {rng.choice(tails)};" for _ in range(n_sentences))
+
+
+DATA_B = TokenData.from_text(grammar_b(800, seed=0))
+VAL_B = TokenData.from_text(grammar_b(100, seed=1))
+FAST = dict(lr=1e-2, expert_lr=1e-2, warmup_steps=5, log_every=20)
+
+
+def stage_cfg(steps: int = 60):
+    return small_cfg(steps=steps, **FAST)
+
+
+@pytest.fixture(scope="module")
+def parent():
+    """A tiny model trained on domain A (test_train's grammar)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = tiny_model(num_experts=16 * 16)
+    train(model, DATA, None, small_cfg(steps=150, lr=1e-2, expert_lr=1e-2, warmup_steps=15, log_every=50))
+    yield model
+    torch.set_num_threads(threads)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---- (a) grow + freeze keeps the old experts and sub-keys bit-identical ----------------------------
+
+
+def test_grow_freeze_keeps_old_experts_sub_keys_and_batchnorm_bit_identical(parent):
+    before = snapshot(parent)
+    options = ContinualOptions("grow_freeze", new_experts=16 * 16, freeze_old_sub_keys=True,
+                               freeze_query_batchnorm_stats=True, train=stage_cfg(30))
+    result = continual_stage(parent, DATA_B, [DATA], options, tag="B")
+    old, new = parent.peer_layers()[1], result.child.peer_layers()[1]
+    n, rows, cols = old.num_experts, old.grid.rows, old.grid.cols
+    assert result.segments[1].tag == "B" and new.num_experts > n
+    for name in ("expert_down", "expert_up"):
+        assert torch.equal(getattr(new, name)[:n], getattr(old, name)), name
+    assert new.expert_up[n:].abs().sum() > 0, "the new experts must learn"
+    assert torch.equal(new.sub_keys1[:rows], old.sub_keys1) and torch.equal(new.sub_keys2[:cols], old.sub_keys2)
+    assert not torch.equal(new.sub_keys1[rows:], new.sub_keys1.new_zeros(1).expand_as(new.sub_keys1[rows:]))
+    assert torch.equal(new.query_norm.running_mean, old.query_norm.running_mean)
+    assert torch.equal(new.query_norm.running_var, old.query_norm.running_var)
+    assert not torch.equal(new.query.weight, old.query.weight), "routing trains"
+    assert torch.equal(result.child.embed.weight, parent.embed.weight), "dense parameters frozen by default"
+    assert torch.equal(result.child.blocks[0].ffw.up.weight, parent.blocks[0].ffw.up.weight)
+    # the parent is untouched, the child is left fully trainable and in no special mode
+    assert all(torch.equal(v, parent.state_dict()[k]) for k, v in before.items())
+    assert bool(new.trainable.all()) and all(p.requires_grad for p in result.child.parameters())
+    assert "train" not in vars(new.query_norm)
+
+
+def test_without_the_switches_old_sub_keys_and_batchnorm_statistics_move(parent):
+    options = ContinualOptions("grow_freeze", new_experts=16 * 16, train=stage_cfg(20))
+    new = continual_stage(parent, DATA_B, [DATA], options).child.peer_layers()[1]
+    old = parent.peer_layers()[1]
+    assert not torch.equal(new.sub_keys1[: old.grid.rows], old.sub_keys1)
+    assert not torch.equal(new.query_norm.running_mean, old.query_norm.running_mean)
+    assert torch.equal(new.expert_up[: old.num_experts], old.expert_up)
+
+
+# ---- (b) protection forgets less than naive fine-tuning ------------------------------------------
+
+
+def test_grow_freeze_and_protection_forget_less_of_domain_a_than_naive(parent):
+    """A then B with equal steps: increase of A's validation bpb. Measured (seeded): naive +17,
+    grow_freeze (old sub-keys, BatchNorm statistics frozen) +2.6, + replay 25% & distillation +0.05."""
+    a0 = evaluate_bpb(parent, VAL, 32, 8)
+    b0 = evaluate_bpb(parent, VAL_B, 32, 8)
+    keep = dict(freeze_old_sub_keys=True, freeze_query_batchnorm_stats=True)
+    runs = {
+        "naive": ContinualOptions("naive", train=stage_cfg()),
+        "grow_freeze": ContinualOptions("grow_freeze", new_experts=16 * 16, train=stage_cfg(), **keep),
+        "protect": ContinualOptions("grow_freeze_protect", new_experts=16 * 16, replay_fraction=0.25,
+                                    distill_weight=1.0, train=stage_cfg(), **keep),
+    }
+    forgot, b_after = {}, {}
+    for name, options in runs.items():
+        child = continual_stage(parent, DATA_B, [DATA], options, tag="B").child
+        bpb = evaluate_all(child, {"A": VAL, "B": VAL_B}, 32, 8)
+        forgot[name], b_after[name] = bpb["A"] - a0, bpb["B"]
+    assert forgot["naive"] > 3.0, forgot
+    assert forgot["grow_freeze"] < 0.5 * forgot["naive"], forgot
+    assert forgot["protect"] < 0.5 * forgot["grow_freeze"] and forgot["protect"] < 0.3, forgot
+    assert all(b < b0 - 0.5 for b in b_after.values()), (b0, b_after)  # every strategy learned some of B
+    assert b_after["naive"] < min(b_after["grow_freeze"], b_after["protect"])  # the price: plasticity
+
+
+# ---- (c) replay mixing ---------------------------------------------------------------------------
+
+
+def test_replay_draws_the_asked_fraction_from_old_corpora_uniformly():
+    new = TokenData.from_text("a" * 500)
+    old = [TokenData.from_text("b" * 500), TokenData.from_text("c" * 500)]
+    mix = MixedData(new, old, 0.25)
+    generator = torch.Generator().manual_seed(0)
+    firsts = torch.cat([mix.sample_batch(32, 16, generator)[1][:, 0] for _ in range(200)])  # 6,400 windows
+    share = {ch: float((firsts == ord(ch)).float().mean()) for ch in "abc"}
+    # binomial standard deviation of the old share: sqrt(.25 * .75 / 6400) = 0.0054
+    assert abs(share["b"] + share["c"] - 0.25) < 0.025, share
+    assert abs(share["b"] - share["c"]) < 0.03, share
+    inputs, targets, source = mix.sample_batch_with_source(64, 16, torch.Generator().manual_seed(1))
+    expected = torch.tensor([ord("a"), ord("b"), ord("c")])[source + 1]
+    assert torch.equal(targets[:, 0], expected) and torch.equal(targets[:, -1], expected)
+    a = MixedData(new, old, 0.25).sample_batch(8, 16, torch.Generator().manual_seed(3))
+    b = MixedData(new, old, 0.25).sample_batch(8, 16, torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    none = MixedData(new, old, 0.0).sample_batch(64, 16, generator)[1]
+    assert bool((none == ord("a")).all())
+    with pytest.raises(ValueError):
+        MixedData(new, [], 0.5)
+
+
+# ---- (d) facts -----------------------------------------------------------------------------------
+
+
+def test_facts_are_deterministic_and_distinct_across_stages():
+    assert make_facts(2, 50, seed=7) == make_facts(2, 50, seed=7)
+    assert make_facts(2, 50, seed=7) != make_facts(2, 50, seed=8)
+    stages = [make_facts(s, 300, seed=0) for s in range(4)]
+    prompts = [f.prompt for facts in stages for f in facts]
+    assert len(set(prompts)) == len(prompts) == 1200
+    assert len({f.template for f in stages[0]}) >= 5
+    fact = stages[1][0]
+    assert fact.stage == 1 and fact.answer.startswith(" ") and fact.answer.endswith(".")
+    assert fact.sentence == fact.prompt + fact.answer and fact.subject in fact.prompt
+    text = facts_text(stages[0][:10], repeats=3)
+    assert all(text.count(f.sentence + "\n") == 3 for f in stages[0][:10])
+    assert text.count("\n") == 30
+    tokens = facts_tokens(stages[0][:10], repeats=3)
+    assert int((tokens == 256).sum()) == 30 and tokens[0] == 256
+    with pytest.raises(ValueError):
+        make_facts(-1, 10)
+
+
+class ForcingModel(nn.Module):
+    """Stand-in language model: its logits force the continuation of the known sentence the context
+    starts (``wrong``: always '#'). Works with and without the generation KV cache."""
+
+    def __init__(self, sentences: list[str], wrong: bool = False):
+        super().__init__()
+        self.config = ModelConfig(d_model=8, n_layers=1, n_heads=1, d_ff=8, max_seq_len=64)
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.sentences = [s.encode() for s in sentences]
+        self.wrong = wrong
+
+    def new_cache(self, batch, max_len=None):
+        return types.SimpleNamespace(length=0, tokens=[])
+
+    def next_id(self, context: list[int]) -> int:
+        if self.wrong:
+            return ord("#")
+        text = bytes(t for t in context if t < 256)
+        return next((s[len(text)] for s in self.sentences if s.startswith(text) and len(s) > len(text)), EOS)
+
+    def forward(self, tokens, cache=None):
+        B, T = tokens.shape
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        for b in range(B):
+            history = (cache.tokens if cache is not None else []) + tokens[b].tolist()
+            offset = len(history) - T
+            for t in range(T):
+                logits[b, t, self.next_id(history[: offset + t + 1])] = 10.0
+        if cache is not None:
+            cache.tokens, cache.length = history, cache.length + T
+        return logits
+
+
+@pytest.mark.parametrize("method", ["batched", "generate"])
+def test_fact_recall_is_one_for_a_model_that_knows_and_zero_for_one_that_does_not(method):
+    facts = make_facts(0, 12)
+    knows = ForcingModel([f.sentence for f in facts])
+    assert fact_recall(knows, facts, ByteTokenizer(), batch_size=5, method=method) == 1.0
+    assert fact_recall(ForcingModel([], wrong=True), facts, method=method) == 0.0
+    half = ForcingModel([f.sentence for f in facts[:6]])  # the rest: EOS right after the prompt
+    assert fact_recall(half, facts, method=method) == 0.5
+
+
+def test_batched_recall_agrees_with_greedy_generation_on_a_trained_model():
+    facts = make_facts(0, 6)
+    model = tiny_model()
+    data = TokenData(facts_tokens(facts, repeats=40))  # BOS before each sentence, as in the prompts
+    train(model, data, None, small_cfg(steps=150, seq_len=48, lr=1e-2, expert_lr=1e-2, warmup_steps=10, log_every=50))
+    probes = facts + make_facts(1, 3)  # 3 facts it never saw: some probes must fail
+    batched = recalled(model, probes, batch_size=4)
+    generated = [fact_recall(model, [f], method="generate") == 1.0 for f in probes]
+    assert batched == generated
+    assert any(batched) and not all(batched), batched
+
+
+# ---- (e) sparse finetuning -----------------------------------------------------------------------
+
+
+def test_sparse_finetune_trains_only_the_selected_experts(parent):
+    options = ContinualOptions("sparse_finetune", sparse_top_experts=24, train=stage_cfg(30))
+    result = continual_stage(parent, DATA_B, [DATA], options)
+    old, new = parent.peer_layers()[1], result.child.peer_layers()[1]
+    selected = result.trained_experts[1]
+    assert 0 < selected.numel() <= 24
+    others = torch.ones(old.num_experts, dtype=torch.bool)
+    others[selected] = False
+    for name in ("expert_down", "expert_up"):
+        assert torch.equal(getattr(new, name)[others], getattr(old, name)[others]), name
+    changed = (new.expert_up[selected] != old.expert_up[selected]).any(dim=1)
+    assert changed.any(), "the selected experts must train"
+    # with growth: the new experts train as well
+    grown = continual_stage(parent, DATA_B, [DATA], ContinualOptions(
+        "sparse_finetune", sparse_top_experts=24, new_experts=16 * 16, train=stage_cfg(20))).child.peer_layers()[1]
+    assert torch.equal(grown.expert_up[: old.num_experts][others], old.expert_up[others])
+    assert grown.expert_up[old.num_experts:].abs().sum() > 0
+
+
+def test_tf_idf_scores_favour_experts_the_old_data_does_not_use(parent):
+    scores = expert_scores(parent, DATA_B, [DATA], batches=4, batch_size=8, seq_len=32)[1]
+    from peer_model.continual import _count_usage
+    df = _count_usage(parent, DATA, 4, 8, 32, torch.Generator().manual_seed(5), per_batch=True)[1]
+    assert bool((scores >= 0).all())
+    assert scores[df == 4].max() < 1e-6 or scores[df == 4].max() < scores.max(), "used in every old batch: idf ~ 0"
+    assert select_experts(torch.tensor([0.0, 3.0, 1.0, 3.0, -1.0]), 3).tolist() == [1, 3, 2]
+    assert select_experts(torch.tensor([0.0, 2.0, 0.0]), 5).tolist() == [1]
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+
+def test_forgetting_report():
+    R = [[2.0, None, None],
+         [2.5, 3.0, None],
+         [2.8, 3.5, 1.0]]
+    naive = [[2.0, None, None], [4.0, 2.5, None], [5.0, 4.0, 0.5]]
+    report = forgetting_report(R, reference=naive)
+    assert report["forgetting"] == {0: pytest.approx(0.8), 1: pytest.approx(0.5)}
+    assert report["average_forgetting"] == pytest.approx(0.65)
+    assert report["learning"] == {0: 2.0, 1: 3.0, 2: 1.0}
+    assert report["plasticity"] == pytest.approx((0.0 + 0.5 + 0.5) / 3)
+    assert forgetting_report([[1.0]])["average_forgetting"] is None
+    with pytest.raises(ValueError):
+        forgetting_report([[1.0], [1.0, 2.0]])
+
+
+# ---- (f) options ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [
+    dict(strategy="lora"),
+    dict(strategy="grow_freeze", new_experts=0),
+    dict(strategy="grow_freeze", new_experts=4, replay_fraction=0.2),
+    dict(strategy="naive", distill_weight=1.0, distill_on="all"),
+    dict(strategy="replay", replay_fraction=0.0),
+    dict(strategy="replay", replay_fraction=1.0),
+    dict(strategy="replay", replay_fraction=-0.1),
+    dict(strategy="grow_freeze_protect", new_experts=4),
+    dict(strategy="grow_freeze_protect", new_experts=4, distill_weight=1.0),  # old text needs replay
+    dict(strategy="grow_freeze_protect", new_experts=4, distill_weight=float("nan"), replay_fraction=0.1),
+    dict(strategy="grow_freeze_protect", new_experts=4, distill_weight=1.0, distill_on="new"),
+    dict(strategy="sparse_finetune"),
+    dict(strategy="naive", sparse_top_experts=4),
+    dict(strategy="naive", new_experts=-1),
+    dict(strategy="sparse_finetune", sparse_top_experts=4, usage_batches=0),
+    dict(strategy="naive", train={"steps": 10}),
+])
+def test_options_reject_invalid_values(bad):
+    with pytest.raises(ValueError):
+        ContinualOptions(**bad)
+
+
+def test_stage_rejects_replay_without_old_corpora_and_overlong_windows(parent):
+    with pytest.raises(ValueError, match="earlier corpora"):
+        continual_stage(parent, DATA_B, [], ContinualOptions("replay", replay_fraction=0.5, train=stage_cfg(2)))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        continual_stage(parent, DATA_B, [], ContinualOptions("naive", train=small_cfg(seq_len=65)))
+
+
+def test_options_accept_the_documented_combinations():
+    ContinualOptions("naive")
+    ContinualOptions("naive", new_experts=16)
+    ContinualOptions("replay", replay_fraction=0.3, distill_weight=0.5)
+    ContinualOptions("grow_freeze_protect", new_experts=16, distill_weight=1.0, distill_on="all")
+    ContinualOptions("sparse_finetune", sparse_top_experts=8, new_experts=16, replay_fraction=0.1)
+    assert ContinualOptions("naive").dense_trains and not ContinualOptions("grow_freeze", new_experts=1).dense_trains
