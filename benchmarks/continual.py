@@ -18,7 +18,6 @@ model, so the "dense reference" is naive fine-tuning of the PEER model, i.e. the
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from dataclasses import dataclass

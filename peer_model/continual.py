@@ -28,12 +28,9 @@ learning and (given the naive strategy's matrix) plasticity.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import time
-import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,8 +42,7 @@ from .model import PEERTransformer
 from .peer import PEER
 from .pool import Segment
 from .train import (
-    TokenData, TrainConfig, TrainResult, _autocast, build_optimizers, clip_grad_norm, evaluate_bpb, lr_scale,
-    resolve_device, train,
+    LossFn, TokenData, TrainConfig, TrainResult, autocast_for, evaluate_bpb, next_byte_loss, resolve_device, train,
 )
 
 Strategy = Literal["naive", "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune"]
@@ -125,7 +121,9 @@ class StageResult:
 
 class MixedData:
     """Windows from ``new`` and, each with probability ``replay_fraction``, from one of ``old``
-    (chosen uniformly, so every earlier corpus is replayed alike). Same ``sample_batch`` as TokenData."""
+    (chosen uniformly, so every earlier corpus is replayed alike). ``sample_batch`` returns TokenData's
+    ``(inputs, targets)`` plus ``source`` (B,): -1 for the new corpus, else the index in ``old``;
+    train() hands it to the loss function."""
 
     def __init__(self, new: TokenData, old: Sequence[TokenData], replay_fraction: float):
         if not 0.0 <= replay_fraction <= 1.0:
@@ -137,10 +135,9 @@ class MixedData:
     def __len__(self) -> int:
         return len(self.new)
 
-    def sample_batch_with_source(
+    def sample_batch(
         self, batch_size: int, seq_len: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """inputs, targets (B, T) and ``source`` (B,): -1 for the new corpus, else the index in ``old``."""
         source = torch.full((batch_size,), -1, dtype=torch.long)
         if self.old and self.replay_fraction > 0:
             replay = torch.rand(batch_size, generator=generator) < self.replay_fraction
@@ -154,10 +151,6 @@ class MixedData:
             x, y = data.sample_batch(rows.numel(), seq_len, generator)
             inputs[rows], targets[rows] = x, y
         return inputs, targets, source
-
-    def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator | None = None):
-        inputs, targets, _ = self.sample_batch_with_source(batch_size, seq_len, generator)
-        return inputs, targets
 
 
 # ---- freezing ------------------------------------------------------------------------------------
@@ -182,19 +175,6 @@ def _zero_rows_hook(rows: int):
         grad[:rows] = 0
         return grad
     return hook
-
-
-@contextlib.contextmanager
-def _batchnorm_eval(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Keep ``modules`` in eval mode even when ``model.train()`` is called (train() does)."""
-    for module in modules:
-        module.eval()
-        module.train = types.MethodType(lambda self, mode=True: self, module)  # shadows nn.Module.train
-    try:
-        yield
-    finally:
-        for module in modules:
-            del module.train
 
 
 def _restore_trainable(model: nn.Module) -> None:
@@ -225,8 +205,8 @@ def _count_usage(model: PEERTransformer, data, batches: int, batch_size: int, se
         for _ in range(batches):
             for layer in layers.values():
                 layer.reset_usage()
-            inputs, _ = data.sample_batch(batch_size, seq_len, generator)
-            with _autocast(device):
+            inputs = data.sample_batch(batch_size, seq_len, generator)[0]
+            with autocast_for(device):
                 model(inputs.to(device))
             for i, layer in layers.items():
                 totals[i] += (layer.usage_counts > 0).long() if per_batch else layer.usage_counts
@@ -322,12 +302,12 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
                   if options.freeze_query_batchnorm_stats and isinstance(layer.query_norm, nn.modules.batchnorm._BatchNorm)]
 
     data = MixedData(new_train, old_train, options.replay_fraction) if options.replay_fraction > 0 else new_train
+    loss_fn = None
+    if options.distill_weight > 0:
+        teacher = copy.deepcopy(parent).to(resolve_device(cfg.device)).eval()
+        loss_fn = distillation_loss(teacher, options.distill_weight, options.distill_on == "old")
     try:
-        with _batchnorm_eval(batchnorms):
-            if options.distill_weight > 0:
-                result = _train_distill(child, parent, data, options)
-            else:
-                result = train(child, data, None, cfg)
+        result = train(child, data, None, cfg, loss_fn=loss_fn, eval_modules=batchnorms)
     finally:
         for hook in hooks:
             hook.remove()
@@ -335,65 +315,27 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
     return StageResult(child, segments, result, trained)
 
 
-def _train_distill(model: PEERTransformer, teacher: PEERTransformer, data, options: ContinualOptions) -> TrainResult:
-    """train()'s step with loss = cross-entropy + distill_weight · KL(teacher ‖ model) on the chosen windows.
+def distillation_loss(teacher: PEERTransformer, weight: float, old_rows_only: bool) -> LossFn:
+    """Next-byte cross-entropy + ``weight`` · KL(teacher ‖ model) on the windows from earlier corpora
+    (``old_rows_only``: rows whose MixedData source is >= 0) or on every window (Lifelong-MoE style)."""
 
-    Only the loss differs from :func:`peer_model.train.train` (no periodic evaluation, no callbacks);
-    a ``loss_fn`` hook in train() would let this reuse it instead.
-    """
-    cfg = options.train
-    device = resolve_device(cfg.device)
-    model.to(device)
-    if next(teacher.parameters()).device != device:
-        teacher = copy.deepcopy(teacher).to(device)
-    teacher_was_training = teacher.training
-    teacher.eval()
-    was_training = model.training
-    model.train()
-    optimizers = build_optimizers(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    generator = torch.Generator().manual_seed(cfg.seed)
-    result = TrainResult(steps_done=0, tokens_seen=0, final_val_bpb=None)
-    start, loss_sum, kl_sum = time.perf_counter(), 0.0, 0.0
-    try:
-        for step in range(1, cfg.steps + 1):
-            scale = lr_scale(step, cfg)
-            optimizers.set_lr_scale(scale)
-            if isinstance(data, MixedData):
-                inputs, targets, source = data.sample_batch_with_source(cfg.batch_size, cfg.seq_len, generator)
-            else:
-                inputs, targets = data.sample_batch(cfg.batch_size, cfg.seq_len, generator)
-                source = torch.full((cfg.batch_size,), -1, dtype=torch.long)
-            rows = (source >= 0) if options.distill_on == "old" else torch.ones_like(source, dtype=torch.bool)
-            inputs, targets, rows = inputs.to(device), targets.to(device), rows.to(device)
-            with _autocast(device):
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            kl = logits.new_zeros((), dtype=torch.float32)
-            if bool(rows.any()):
-                with torch.no_grad(), _autocast(device):
-                    teacher_logits = teacher(inputs[rows])
-                kl = F.kl_div(F.log_softmax(logits[rows].float(), -1).flatten(0, 1),
-                              F.log_softmax(teacher_logits.float(), -1).flatten(0, 1),
-                              reduction="batchmean", log_target=True)
-                loss = loss + options.distill_weight * kl
-            optimizers.zero_grad()
-            loss.backward()
-            grad_norm = clip_grad_norm(params, cfg.grad_clip)
-            optimizers.step()
-            loss_sum += float(loss.detach())
-            kl_sum += float(kl.detach())
-            result.steps_done, result.tokens_seen = step, step * cfg.batch_size * cfg.seq_len
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                result.history.append({"step": step, "loss": loss_sum / n, "kl": kl_sum / n,
-                                       "lr": cfg.lr * scale, "grad_norm": grad_norm})
-                loss_sum, kl_sum = 0.0, 0.0
-    finally:
-        model.train(was_training)
-        teacher.train(teacher_was_training)
-    result.elapsed_s = time.perf_counter() - start
-    return result
+    def loss_fn(logits, inputs, targets, extras):
+        loss = next_byte_loss(logits, inputs, targets, extras)
+        if not old_rows_only:
+            rows = torch.ones(len(inputs), dtype=torch.bool, device=inputs.device)
+        elif extras:
+            rows = extras[0] >= 0
+        else:
+            return loss  # plain TokenData: no replayed windows
+        if not bool(rows.any()):
+            return loss
+        with torch.no_grad(), autocast_for(inputs.device):
+            teacher_logits = teacher(inputs[rows])
+        kl = F.kl_div(F.log_softmax(logits[rows].float(), -1).flatten(0, 1),
+                      F.log_softmax(teacher_logits.float(), -1).flatten(0, 1), reduction="batchmean", log_target=True)
+        return loss + weight * kl
+
+    return loss_fn
 
 
 # ---- evaluation ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -239,7 +239,7 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
 # ---- evaluation ----------------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device):
+def autocast_for(device: torch.device):
     """bf16 autocast on CUDA; full fp32 on CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -274,7 +274,7 @@ def evaluate_bpb(
     try:
         for inputs, targets in data.iter_eval_batches(batch_size, seq_len, max_batches):
             inputs, targets = inputs.to(device), targets.to(device)
-            with _autocast(device):
+            with autocast_for(device):
                 logits = model(inputs)
             total_nats += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
             count += targets.numel()
@@ -298,6 +298,14 @@ class TrainResult:
     stopped_early: bool = False
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple], torch.Tensor]
+
+
+def next_byte_loss(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, extras: tuple) -> torch.Tensor:
+    """The default training loss: mean next-byte cross-entropy in nats."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
 def train(
     model: nn.Module,
     train_data: TokenData,
@@ -306,8 +314,15 @@ def train(
     on_log: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     optimizers: Optimizers | None = None,
+    loss_fn: LossFn | None = None,
+    eval_modules: Sequence[nn.Module] = (),
 ) -> TrainResult:
     """Train ``model`` in place on ``cfg``'s device.
+
+    ``train_data.sample_batch`` returns ``(inputs, targets, *extras)``; ``loss_fn(logits, inputs,
+    targets, extras)`` replaces the next-byte cross-entropy (e.g. to add distillation on some rows,
+    see continual.py). ``eval_modules`` stay in eval mode throughout (e.g. a BatchNorm whose running
+    statistics must not move).
 
     Every ``log_every`` steps, every ``eval_every`` steps and at the last step a record
     ``{step, loss, lr, grad_norm, tokens_per_s, eta_s[, val_bpb]}`` is appended to the history and
@@ -320,7 +335,14 @@ def train(
     device = resolve_device(cfg.device)
     model.to(device)
     was_training = model.training
-    model.train()
+
+    def training_mode() -> None:
+        model.train()
+        for module in eval_modules:
+            module.eval()
+
+    training_mode()
+    loss_fn = loss_fn or next_byte_loss
     if optimizers is None:
         optimizers = build_optimizers(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -338,11 +360,11 @@ def train(
                     break
                 scale = lr_scale(step, cfg)
                 optimizers.set_lr_scale(scale)
-                inputs, targets = train_data.sample_batch(cfg.batch_size, cfg.seq_len, generator)
-                inputs, targets = inputs.to(device), targets.to(device)
-                with _autocast(device):
+                inputs, targets, *extras = (t.to(device) for t in train_data.sample_batch(
+                    cfg.batch_size, cfg.seq_len, generator))
+                with autocast_for(device):
                     logits = model(inputs)  # (B, T, vocab)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                loss = loss_fn(logits, inputs, targets, tuple(extras))
                 optimizers.zero_grad()
                 loss.backward()
                 grad_norm_sum += clip_grad_norm(params, cfg.grad_clip)
@@ -367,6 +389,7 @@ def train(
                 if evaluate:
                     with _usage_tracking(model, False):
                         record["val_bpb"] = evaluate_bpb(model, val_data, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+                    training_mode()
                     result.final_val_bpb = record["val_bpb"]
                 result.history.append(record)
                 if on_log is not None:

@@ -1,6 +1,5 @@
 """Continual training: freezing keeps old experts bit-identical, protection forgets less than naive
 fine-tuning, replay mixes the asked fraction, sparse finetuning trains only its experts; fact probes."""
-import copy
 import random
 import types
 
@@ -135,7 +134,7 @@ def test_replay_draws_the_asked_fraction_from_old_corpora_uniformly():
     # binomial standard deviation of the old share: sqrt(.25 * .75 / 6400) = 0.0054
     assert abs(share["b"] + share["c"] - 0.25) < 0.025, share
     assert abs(share["b"] - share["c"]) < 0.03, share
-    inputs, targets, source = mix.sample_batch_with_source(64, 16, torch.Generator().manual_seed(1))
+    inputs, targets, source = mix.sample_batch(64, 16, torch.Generator().manual_seed(1))
     expected = torch.tensor([ord("a"), ord("b"), ord("c")])[source + 1]
     assert torch.equal(targets[:, 0], expected) and torch.equal(targets[:, -1], expected)
     a = MixedData(new, old, 0.25).sample_batch(8, 16, torch.Generator().manual_seed(3))

@@ -295,3 +295,28 @@ def test_only_experts_train_when_every_dense_parameter_is_frozen():
     fresh = build_optimizers(model, small_cfg())
     fresh.load_state_dict(opts.state_dict())
     assert torch.equal(fresh.experts.state[layer.expert_up]["step"], opts.experts.state[layer.expert_up]["step"])
+
+
+def test_eval_modules_keep_their_statistics_through_training_and_evaluations():
+    model = tiny_model()
+    norm = model.peer_layers()[1].query_norm
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    train(model, DATA, VAL, small_cfg(steps=12, eval_every=4), eval_modules=[norm])
+    assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)
+    train(model, DATA, VAL, small_cfg(steps=4, eval_every=4))
+    assert not torch.equal(norm.running_mean, mean), "without eval_modules the statistics move"
+
+
+def test_loss_fn_receives_the_extras_of_the_batch():
+    class Tagged:
+        def sample_batch(self, batch_size, seq_len, generator=None):
+            return (*DATA.sample_batch(batch_size, seq_len, generator), torch.arange(batch_size))
+
+    seen = []
+
+    def loss_fn(logits, inputs, targets, extras):
+        seen.append(extras[0].tolist())
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    train(tiny_model(), Tagged(), None, small_cfg(steps=3), loss_fn=loss_fn)
+    assert seen == [list(range(8))] * 3
