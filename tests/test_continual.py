@@ -17,14 +17,6 @@ from peer_model.train import TokenData, evaluate_bpb, train
 from test_train import DATA, VAL, small_cfg, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def grammar_b(n_sentences: int, seed: int = 0) -> str:
     """Domain B: other bytes (capitals, digits, punctuation) than test_train's lower-case grammar."""
     rng = random.Random(seed)
@@ -46,12 +38,9 @@ def stage_cfg(steps: int = 60):
 @pytest.fixture(scope="module")
 def parent():
     """A tiny model trained on domain A (test_train's grammar)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = tiny_model(num_experts=16 * 16)
     train(model, DATA, None, small_cfg(steps=150, lr=1e-2, expert_lr=1e-2, warmup_steps=15, log_every=50))
-    yield model
-    torch.set_num_threads(threads)
+    return model
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

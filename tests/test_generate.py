@@ -34,15 +34,6 @@ def tiny_model(max_seq_len: int = 64, dtype: torch.dtype = torch.float32, seed: 
     return PEERTransformer(config).to(dtype).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy CPU the thread hand-offs cost ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> PEERTransformer:
     return tiny_model()

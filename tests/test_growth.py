@@ -2,7 +2,6 @@
 import copy
 
 import pytest
-import torch
 
 from peer_model.train import evaluate_bpb, train
 from test_train import DATA, VAL, small_cfg, tiny_model
@@ -10,12 +9,9 @@ from test_train import DATA, VAL, small_cfg, tiny_model
 
 @pytest.fixture(scope="module")
 def trained():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = tiny_model(num_experts=32 * 32)
     train(model, DATA, VAL, small_cfg(steps=150, warmup_steps=15, eval_every=150, log_every=50, lr=1e-2, expert_lr=1e-2))
-    yield model
-    torch.set_num_threads(threads)
+    return model
 
 
 @pytest.mark.parametrize("fraction", [0.25, 1.0])

@@ -14,15 +14,6 @@ from peer_model.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed: int = 0, num_experts: int = 16 * 16) -> PEERTransformer:
     torch.manual_seed(seed)
     config = ModelConfig(
