@@ -1,6 +1,5 @@
 """Continual training: freezing keeps old experts bit-identical, protection forgets less than naive
 fine-tuning, replay mixes the asked fraction, sparse finetuning trains only its experts; fact probes."""
-import random
 import types
 
 import pytest
@@ -14,20 +13,13 @@ from peer_model.continual import (
 from peer_model.facts import fact_recall, facts_text, facts_tokens, make_facts, recalled
 from peer_model.tokenizer import EOS, ByteTokenizer
 from peer_model.train import TokenData, evaluate_bpb, train
-from test_train import DATA, VAL, small_cfg, tiny_model
+from test_train import DATA, VAL, grammar_text, small_cfg, tiny_model
 
 
-def grammar_b(n_sentences: int, seed: int = 0) -> str:
-    """Domain B: other bytes (capitals, digits, punctuation) than test_train's lower-case grammar."""
-    rng = random.Random(seed)
-    heads = ["ZORK", "QUAX", "VYPH", "KLUD"]
-    codes = ["9X7", "42Q", "J0K", "W5Z"]
-    tails = ["#!", "$$", "%@", "&*"]
-    return " ".join(f"{rng.choice(heads)}-{rng.choice(codes)} {rng.choice(tails)};" for _ in range(n_sentences))
-
-
-DATA_B = TokenData.from_text(grammar_b(800, seed=0))
-VAL_B = TokenData.from_text(grammar_b(100, seed=1))
+# domain B: other bytes (capitals, digits, punctuation) than test_train's lower-case grammar
+CODE_GRAMMAR = (["ZORK-", "QUAX-", "VYPH-", "KLUD-"], ["9X7", "42Q", "J0K", "W5Z"], ["#!;", "$$;", "%@;", "&*;"])
+DATA_B = TokenData.from_text(grammar_text(800, seed=0, grammar=CODE_GRAMMAR))
+VAL_B = TokenData.from_text(grammar_text(100, seed=1, grammar=CODE_GRAMMAR))
 FAST = dict(lr=1e-2, expert_lr=1e-2, warmup_steps=5, log_every=20)
 
 

@@ -23,13 +23,18 @@ def tiny_model(seed: int = 0, num_experts: int = 16 * 16) -> PEERTransformer:
     return PEERTransformer(config)
 
 
-def grammar_text(n_sentences: int, seed: int = 0) -> str:
-    """Sentences from a small random grammar: low entropy per byte, but not a fixed string."""
+ENGLISH_GRAMMAR = (
+    ["the cat", "a dog", "my friend", "the old man"],
+    ["sees", "likes", "finds", "wants"],
+    ["the ball.", "a red box.", "some bread.", "the moon."],
+)
+
+
+def grammar_text(n_sentences: int, seed: int = 0, grammar=ENGLISH_GRAMMAR) -> str:
+    """Sentences from a small random grammar (one choice per part): low entropy per byte, but not a
+    fixed string."""
     rng = random.Random(seed)
-    subjects = ["the cat", "a dog", "my friend", "the old man"]
-    verbs = ["sees", "likes", "finds", "wants"]
-    objects = ["the ball.", "a red box.", "some bread.", "the moon."]
-    return " ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}" for _ in range(n_sentences))
+    return " ".join(" ".join(rng.choice(part) for part in grammar) for _ in range(n_sentences))
 
 
 def small_cfg(**overrides) -> TrainConfig:
