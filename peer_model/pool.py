@@ -44,6 +44,7 @@ class ExpertGrid:
         if not segments:
             raise ValueError("an expert grid needs at least one segment")
         self.segments: list[Segment] = []
+        self._tables_by_device: dict[torch.device, dict[str, torch.Tensor]] = {}  # cleared on growth
         for seg in segments:
             self._append(seg)
 
@@ -75,6 +76,7 @@ class ExpertGrid:
         if seg.size <= 0:
             raise ValueError("a segment must add at least one expert")
         self.segments.append(seg)
+        self._tables_by_device.clear()
 
     def plan_growth(self, num_experts: int) -> tuple[int, int]:
         """Smallest near-square grid holding at least ``num_experts`` more experts."""
@@ -92,7 +94,13 @@ class ExpertGrid:
         return seg
 
     def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Per-segment bounds as tensors: row/col extent, the previous extent and the first id."""
+        """Per-segment bounds as tensors on ``device`` (built once per device and growth, since every
+        forward pass looks ids up): row/col extent, the previous extent and the first id."""
+        if device not in self._tables_by_device:
+            self._tables_by_device[device] = self._build_tables(device)
+        return self._tables_by_device[device]
+
+    def _build_tables(self, device: torch.device) -> dict[str, torch.Tensor]:
         rows = [s.rows for s in self.segments]
         cols = [s.cols for s in self.segments]
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
