@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .generate import SamplingParams, generate_text, mask_unsampleable
 from .tokenizer import BOS, PAD, ByteTokenizer
 
 MAX_FACTS_PER_STAGE = 50_000
@@ -120,10 +121,11 @@ def facts_text(facts: Sequence[Fact], repeats: int = 1, seed: int = 0) -> str:
 def facts_tokens(facts: Sequence[Fact], repeats: int = 1, seed: int = 0) -> torch.Tensor:
     """The sentences of :func:`facts_text` as byte ids, each one preceded by BOS (int16, 1-D).
 
-    Recall prompts start with BOS (generation adds it): a model must have seen BOS in training to
-    read it. Windows of plain corpus text never hold one, and a model trained on them alone was
-    measured to complete "<BOS>The capital of X is" with garbage bytes while, fed the same sentence
-    after a newline and no BOS, it predicted nearly every byte. Append these to a stage's corpus tokens.
+    Recall prompts start with BOS (generation adds it). Training windows start with BOS too, but a
+    fact sentence mostly sits mid-window; a BOS before each sentence lets the model see the probe's
+    exact context. (Before training windows started with BOS, a model trained on plain sentences was
+    measured to complete "<BOS>The capital of X is" with garbage bytes.) Append these to a stage's
+    corpus tokens.
     """
     ids: list[int] = []
     for line in facts_text(facts, repeats, seed).splitlines(keepends=True):
@@ -176,8 +178,7 @@ def recalled(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer |
             tokens = torch.full((len(rows), width - 1), PAD, dtype=torch.long)
             for i, row in enumerate(rows):
                 tokens[i, : len(row) - 1] = torch.tensor(row[:-1])
-            logits = model(tokens.to(device)).float()
-            logits[..., [t for t in (BOS, PAD) if t < logits.shape[-1]]] = float("-inf")
+            logits = mask_unsampleable(model(tokens.to(device)).float())
             best = logits.argmax(dim=-1).cpu()  # (B, T): greedy choice after each position
             for i, (p, a) in enumerate(zip(prompts, answers)):
                 first = len(p)  # position of the last prompt token (BOS shifts by one)
@@ -188,8 +189,6 @@ def recalled(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer |
 
 
 def _recall_generate(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer) -> float:
-    from .generate import SamplingParams, generate_text
-
     hits = 0
     for fact in facts:
         n = len(fact.answer.encode("utf-8"))

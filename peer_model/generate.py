@@ -110,13 +110,17 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, -math.inf)
 
 
+def mask_unsampleable(logits: torch.Tensor) -> torch.Tensor:
+    """Set the logits of BOS and PAD (never generated) to -inf in place, over the last dimension."""
+    logits[..., [t for t in (BOS, PAD) if t < logits.shape[-1]]] = -math.inf
+    return logits
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) → token ids (B,). Greedy when ``params.temperature`` is 0; BOS and PAD never come out."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    logits = logits.clone()
-    specials = [t for t in (BOS, PAD) if t < logits.shape[-1]]
-    logits[:, specials] = -math.inf
+    logits = mask_unsampleable(logits.clone())
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = apply_top_p(apply_top_k(logits / params.temperature, params.top_k), params.top_p)
