@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -252,10 +252,12 @@ def select_experts(scores: torch.Tensor, top: int) -> torch.Tensor:
 
 
 def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Sequence[TokenData],
-                    options: ContinualOptions, tag: str = "") -> StageResult:
+                    options: ContinualOptions, tag: str = "", on_log: Callable[[dict], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> StageResult:
     """Grow, freeze per ``options.strategy``, fine-tune on ``new_train`` (+ replay); the parent is unchanged.
 
     The child comes back with every parameter and expert trainable again (the freezing is this stage's).
+    ``on_log`` and ``should_stop`` are passed to :func:`peer_model.train.train` (progress, cancellation).
     """
     cfg = options.train
     if cfg.seq_len > parent.config.max_seq_len:
@@ -307,7 +309,8 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
         teacher = copy.deepcopy(parent).to(resolve_device(cfg.device)).eval()
         loss_fn = distillation_loss(teacher, options.distill_weight, options.distill_on == "old")
     try:
-        result = train(child, data, None, cfg, loss_fn=loss_fn, eval_modules=batchnorms)
+        result = train(child, data, None, cfg, on_log=on_log, should_stop=should_stop, loss_fn=loss_fn,
+                       eval_modules=batchnorms)
     finally:
         for hook in hooks:
             hook.remove()

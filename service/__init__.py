@@ -1,0 +1,1 @@
+"""peer-service: the FastAPI server, Celery workers and database around :mod:`peer_model`."""

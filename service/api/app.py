@@ -1,0 +1,89 @@
+"""The FastAPI application: routers, one error mapping, request ids and metrics, the model host's life.
+
+``create_app`` builds everything from settings; on start-up it makes sure a first version exists
+(a fresh model of the configured shape, plus a bootstrap training job on a small real corpus when
+PEER_BOOTSTRAP_CORPUS is set), loads the active version and starts the scheduler and the swap watcher.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from ..bootstrap import bootstrap
+from ..context import ServiceContext
+from ..engine import ModelHost
+from ..errors import ServiceError
+from ..jobs import Dispatch
+from ..metrics import Metrics
+from ..settings import Settings
+from .routes import corpora, experts, generate, health, jobs, openai, streams, versions
+
+log = logging.getLogger(__name__)
+
+
+def error_body(status: int, message: str, kind: str) -> dict:
+    """``detail`` for humans and FastAPI clients, ``error`` in the OpenAI shape for its client."""
+    return {"detail": message, "error": {"message": message, "type": kind, "code": status}}
+
+
+def create_app(settings: Settings | None = None, dispatch: Dispatch | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ctx = ServiceContext.from_settings(settings)
+        if dispatch is None:
+            from ..worker.app import dispatcher, make_celery
+
+            app.state.dispatch = dispatcher(make_celery(settings))
+        else:
+            app.state.dispatch = dispatch
+        app.state.ctx = ctx
+        bootstrap(ctx, app.state.dispatch)
+        host = ModelHost(ctx)
+        host.sync_active()
+        host.start()
+        app.state.host = host
+        try:
+            yield
+        finally:
+            host.stop()
+            ctx.close()
+
+    app = FastAPI(title="peer-service", version="0.1.0", lifespan=lifespan,
+                  description="A lifelong-learning language model on a growing pool of PEER experts.")
+    app.state.metrics = Metrics()
+    app.state.started_at = time.time()
+    for module in (generate, openai, corpora, streams, jobs, versions, experts, health):
+        app.include_router(module.router)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        return JSONResponse(status_code=exc.status_code, content=error_body(exc.status_code, exc.message,
+                                                                            type(exc).__name__))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse(status_code=422, content=error_body(422, f"invalid request: {problems}", "InvalidInput"))
+
+    @app.middleware("http")
+    async def request_id_and_metrics(request: Request, call_next):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics: Metrics = request.app.state.metrics
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    return app

@@ -1,0 +1,125 @@
+"""Corpora: upload (JSON, multipart file, plain text or JSONL body) and listing."""
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.datastructures import UploadFile
+
+from ...db.models import Corpus, Job
+from ...errors import InvalidInput, NotFound, PayloadTooLarge
+from ...ingest import parse_upload
+from ...uploads import accept_corpus, validate_train_options
+from ..deps import get_ctx, get_dispatch, get_session, require_key
+from ..schemas import CorpusAccepted, CorpusOut, JobOut, TextCorpusRequest
+
+router = APIRouter(tags=["corpora"])
+MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around the file
+
+UPLOAD_BODY = {"requestBody": {"content": {
+    "application/json": {"schema": TextCorpusRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
+        "format": {"type": "string", "enum": ["text", "jsonl"]}, "train": {"type": "boolean"}}}},
+    "text/plain": {"schema": {"type": "string"}},
+    "application/jsonl": {"schema": {"type": "string", "description": 'one {"text": ...} object per line'}},
+}}}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the corpus limit is {limit - MULTIPART_OVERHEAD} "
+                              f"bytes (PEER_MAX_CORPUS_BYTES)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body passes {limit} bytes (PEER_MAX_CORPUS_BYTES)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _flag(value: str | bool | None, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise InvalidInput(f"train must be true or false, got {value!r}")
+
+
+@router.post("/v1/corpora", status_code=202, response_model=CorpusAccepted, openapi_extra=UPLOAD_BODY)
+async def upload_corpus(request: Request, name: str | None = Query(None, max_length=200),
+                        train: bool | None = Query(None), ctx=Depends(get_ctx), session: Session = Depends(get_session),
+                        dispatch=Depends(get_dispatch), actor: str = Depends(require_key)):
+    """Accept a corpus; 202 with the corpus (pending) and its ingest job. Once ingested, a training job
+    follows unless ``train=false``. Invalid text (not UTF-8, empty, malformed JSONL) is a 422, a corpus over
+    PEER_MAX_CORPUS_BYTES a 413; nothing is stored then."""
+    limit = ctx.settings.max_corpus_bytes
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    train_options: dict = {}
+    if content_type == "application/json":
+        try:
+            body = TextCorpusRequest.model_validate_json(await read_body(request, limit + MULTIPART_OVERHEAD))
+        except ValidationError as exc:
+            raise InvalidInput(f"invalid corpus request: {exc.errors(include_url=False)}") from None
+        if (body.text is None) == (body.documents is None):
+            raise InvalidInput('give exactly one of "text" and "documents"')
+        if body.text is not None:
+            data, fmt = body.text.encode("utf-8", errors="surrogatepass"), "text"
+        else:
+            data = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in body.documents).encode()
+            fmt = "jsonl"
+        name, train, train_options = body.name, body.train, body.train_options
+    elif content_type == "multipart/form-data":
+        await read_body(request, limit + MULTIPART_OVERHEAD)  # enforce the limit before parsing
+        form = await request.form(max_files=1, max_fields=10)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidInput('multipart upload needs a file field named "file"')
+        data = await upload.read()
+        fmt = str(form.get("format") or ("jsonl" if (upload.filename or "").endswith(".jsonl") else "text"))
+        name = str(form.get("name") or name or upload.filename or "upload")
+        train = _flag(form.get("train"), True if train is None else train)
+    elif content_type in ("text/plain", "application/jsonl", "application/x-ndjson"):
+        data = await read_body(request, limit)
+        fmt = "text" if content_type == "text/plain" else "jsonl"
+    else:
+        raise InvalidInput(f"unsupported content type {content_type or 'none'!r}: use application/json, "
+                           f"multipart/form-data, text/plain or application/jsonl")
+    if not name:
+        raise InvalidInput("a corpus needs a name (query parameter ?name=...)")
+    train = True if train is None else train
+    parsed = parse_upload(data, fmt, limit)
+    validate_train_options(ctx, train_options)
+    corpus, job = accept_corpus(ctx, session, name, parsed, data.decode("utf-8"), fmt, train, train_options)
+    session.commit()
+    dispatch(job)
+    return JSONResponse(status_code=202, content=CorpusAccepted(
+        corpus=CorpusOut.model_validate(corpus), job=JobOut.model_validate(job)).model_dump(mode="json"))
+
+
+@router.get("/v1/corpora", response_model=list[CorpusOut])
+def list_corpora(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                 session: Session = Depends(get_session)):
+    return session.scalars(select(Corpus).order_by(Corpus.id.desc()).limit(limit).offset(offset)).all()
+
+
+@router.get("/v1/corpora/{corpus_id}")
+def get_corpus(corpus_id: int, session: Session = Depends(get_session)):
+    corpus = session.get(Corpus, corpus_id)
+    if corpus is None:
+        raise NotFound(f"corpus {corpus_id} not found")
+    jobs = session.scalars(select(Job).where(Job.kind == "ingest").order_by(Job.id)).all()
+    ingest = next((j for j in jobs if corpus_id in j.corpus_ids), None)
+    return {**CorpusOut.model_validate(corpus).model_dump(mode="json"),
+            "ingest_job_id": ingest.id if ingest else None}

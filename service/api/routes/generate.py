@@ -1,0 +1,61 @@
+"""POST /v1/generate (JSON or server-sent events) and POST /v1/tokenize."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from peer_model.tokenizer import ByteTokenizer
+
+from ..deps import get_host
+from ..sampling import sampling_params
+from ..schemas import GenerateRequest, GenerateResponse
+from ..streaming import SSE_HEADERS, sse, start_generation
+
+router = APIRouter(tags=["generation"])
+tokenizer = ByteTokenizer()
+
+
+@router.post("/v1/generate", response_model=GenerateResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}})
+async def generate(body: GenerateRequest, request: Request, host=Depends(get_host)):
+    """Complete a prompt. With ``stream=true`` the answer is ``text/event-stream``: one ``token`` event per
+    sampled token (``{"text", "version"}``), then one ``done`` event (finish reason, token counts, version,
+    latency) or, if generation fails, one ``error`` event. Closing the connection cancels the generation."""
+    settings = request.app.state.ctx.settings
+    params = sampling_params(settings, max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                             top_p=body.top_p, stop=body.stop, seed=body.seed)
+    prompt_ids = tokenizer.encode(body.prompt)
+    generation = start_generation(host, request.app.state.metrics, prompt_ids, params)
+    version = generation.ticket.version_id
+
+    def summary() -> dict:
+        return {"finish_reason": generation.finish_reason, "prompt_tokens": len(prompt_ids),
+                "completion_tokens": generation.completion_tokens, "version": version,
+                "latency_ms": round(generation.latency_ms, 2)}
+
+    if not body.stream:
+        text = await generation.text()
+        return GenerateResponse(text=text, **summary())
+
+    async def events():
+        try:
+            async for step in generation.steps():
+                if step.text:
+                    yield sse({"text": step.text, "version": version}, "token")
+            yield sse(summary(), "done")
+        except Exception as exc:  # noqa: BLE001 - a stream ends with a terminal event, also on error
+            yield sse({"message": f"generation failed: {type(exc).__name__}: {exc}", "version": version}, "error")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+class TokenizeRequest(BaseModel):
+    text: str
+
+
+@router.post("/v1/tokenize")
+async def tokenize(body: TokenizeRequest):
+    """Byte-level ids as the model sees them (generation prepends BOS = 256)."""
+    ids = tokenizer.encode(body.text)
+    return {"tokens": ids, "count": len(ids)}

@@ -1,0 +1,70 @@
+"""Training jobs: submit, list, inspect, cancel."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ...db.models import JOB_KINDS, JOB_STATES, Corpus, Job
+from ...errors import Conflict, InvalidInput, NotFound
+from ...jobs import create_job, get_job, request_cancel
+from ...training import check_activate_choice, continual_options
+from ...versions import active_version_id, get_version
+from ..deps import get_ctx, get_dispatch, get_session, require_key
+from ..schemas import JobOut, JobRequest
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.post("/v1/jobs", status_code=202, response_model=JobOut)
+def submit_job(body: JobRequest, ctx=Depends(get_ctx), session: Session = Depends(get_session),
+               dispatch=Depends(get_dispatch), actor: str = Depends(require_key)):
+    """Train a new version on ingested corpora: grow a segment of experts per PEER layer, fine-tune,
+    evaluate on every corpus the version knows, publish, activate when the evaluation gate passes."""
+    corpora = {c.id: c for c in session.scalars(select(Corpus).where(Corpus.id.in_(body.corpus_ids)))}
+    missing = [c for c in body.corpus_ids if c not in corpora]
+    if missing:
+        raise NotFound(f"corpora {missing} not found")
+    not_ready = [c for c in body.corpus_ids if corpora[c].state != "ready"]
+    if not_ready:
+        raise Conflict(f"corpora {not_ready} are not ingested yet (state must be 'ready')")
+    base_id = body.base_version_id or active_version_id(session)
+    if base_id is None:
+        raise Conflict("no version to train from")
+    base = get_version(session, base_id)
+    has_old = any(c not in body.corpus_ids for c in base.corpus_ids)
+    continual_options(ctx.settings, body.options, has_old)
+    check_activate_choice(body.options)
+    job = create_job(session, "train", body.corpus_ids, body.options, base_version_id=base_id)
+    session.commit()
+    dispatch(job)
+    return JSONResponse(status_code=202, content=JobOut.model_validate(job).model_dump(mode="json"))
+
+
+@router.get("/v1/jobs", response_model=list[JobOut])
+def list_jobs(state: str | None = None, kind: str | None = None, limit: int = Query(100, ge=1, le=1000),
+              offset: int = Query(0, ge=0), session: Session = Depends(get_session)):
+    query = select(Job).order_by(Job.id.desc()).limit(limit).offset(offset)
+    if state is not None:
+        if state not in JOB_STATES:
+            raise InvalidInput(f"state must be one of {', '.join(JOB_STATES)}")
+        query = query.where(Job.state == state)
+    if kind is not None:
+        if kind not in JOB_KINDS:
+            raise InvalidInput(f"kind must be one of {', '.join(JOB_KINDS)}")
+        query = query.where(Job.kind == kind)
+    return session.scalars(query).all()
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobOut)
+def read_job(job_id: int, session: Session = Depends(get_session)):
+    return get_job(session, job_id)
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: int, session: Session = Depends(get_session), actor: str = Depends(require_key)):
+    """A queued job is cancelled at once; a running one stops at its next heartbeat (409 if finished)."""
+    job = request_cancel(session, job_id)
+    session.commit()
+    return job

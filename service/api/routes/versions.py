@@ -1,0 +1,59 @@
+"""Pool versions: list, inspect (evaluations, segments, activation history), activate or roll back."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ...db.models import Activation, Evaluation, PoolVersion
+from ...versions import activate, active_version_id, get_version
+from ..deps import get_host, get_session, require_key
+from ..schemas import ActivateRequest
+
+router = APIRouter(tags=["versions"])
+
+
+def version_view(session: Session, version: PoolVersion, active_id: int | None, detail: bool = False) -> dict:
+    view = {
+        "id": version.id, "parent_id": version.parent_id, "job_id": version.job_id, "active": version.id == active_id,
+        "created_at": version.created_at.isoformat(), "experts": version.experts, "corpus_ids": version.corpus_ids,
+        "strategy": version.strategy, "gate_passed": version.gate_passed, "gate_reason": version.gate_reason,
+        "evaluation": {str(e.corpus_id): e.bpb for e in session.scalars(
+            select(Evaluation).where(Evaluation.version_id == version.id).order_by(Evaluation.corpus_id))},
+    }
+    if detail:
+        view["segments"] = version.segments
+        view["model_config"] = version.model_config_json
+        view["checkpoint"] = version.checkpoint
+        view["activations"] = [
+            {"id": a.id, "reason": a.reason, "actor": a.actor, "created_at": a.created_at.isoformat()}
+            for a in session.scalars(select(Activation).where(Activation.version_id == version.id)
+                                     .order_by(Activation.id))]
+    return view
+
+
+@router.get("/v1/versions")
+def list_versions(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                  session: Session = Depends(get_session)):
+    active_id = active_version_id(session)
+    versions = session.scalars(select(PoolVersion).order_by(PoolVersion.id.desc()).limit(limit).offset(offset)).all()
+    return [version_view(session, v, active_id) for v in versions]
+
+
+@router.get("/v1/versions/{version_id}")
+def read_version(version_id: int, session: Session = Depends(get_session)):
+    return version_view(session, get_version(session, version_id), active_version_id(session), detail=True)
+
+
+@router.post("/v1/versions/{version_id}/activate")
+async def activate_version(version_id: int, body: ActivateRequest | None = None,
+                           session: Session = Depends(get_session), host=Depends(get_host),
+                           actor: str = Depends(require_key)):
+    """Make this version the active one (also a rollback). Returns once this API process serves it;
+    other API processes follow within PEER_SWAP_POLL_SECONDS."""
+    reason = body.reason if body else "requested through the API"
+    activate(session, version_id, reason, actor)
+    session.commit()
+    await run_in_threadpool(host.sync_active)
+    return version_view(session, get_version(session, version_id), version_id, detail=True)

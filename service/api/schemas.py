@@ -1,0 +1,124 @@
+"""Request and response bodies (the OpenAPI schema at /docs comes from these)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingFields(BaseModel):
+    max_tokens: int = Field(128, ge=1, description="upper bound; the service limit is PEER_MAX_TOKENS_LIMIT")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = off")
+    stop: str | list[str] | None = Field(None, description="generation ends before the first of these strings")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class GenerateRequest(SamplingFields):
+    prompt: str = Field(..., description="text to complete (a prompt longer than the context window is a 422)")
+    stream: bool = Field(False, description="server-sent events: token events, then one done (or error) event")
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length", "eos"]
+    prompt_tokens: int
+    completion_tokens: int
+    version: int = Field(..., description="the pool version that served the whole request")
+    latency_ms: float
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI ``/v1/completions``; fields this server cannot honour are refused, unknown ones ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1, le=1, description="only 1")
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    echo: bool | None = Field(False, description="only false")
+    logprobs: int | None = Field(None, le=0, description="not supported: null or 0")
+    best_of: int | None = Field(None, ge=1, le=1)
+    user: str | None = None
+
+
+class TextCorpusRequest(BaseModel):
+    name: str = Field(..., min_length=1, max_length=200)
+    text: str | None = Field(None, description="one plain-text document")
+    documents: list[str] | None = Field(None, description="several documents")
+    train: bool = Field(True, description="start a training job once the corpus is ingested")
+    train_options: dict[str, Any] = Field(default_factory=dict, description="options of that job, as POST /v1/jobs")
+
+
+class CorpusOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    source: str
+    stream_id: int | None
+    state: str
+    error: str | None
+    sha256: str
+    raw_bytes: int
+    documents: int
+    duplicates_removed: int | None
+    train_bytes: int | None
+    val_bytes: int | None
+    created_at: datetime
+    ingested_at: datetime | None
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    state: str
+    corpus_ids: list[int]
+    options: dict[str, Any]
+    base_version_id: int | None
+    result_version_id: int | None
+    next_job_id: int | None
+    progress: float
+    tokens_per_s: float | None
+    eta_s: float | None
+    metrics: dict[str, Any]
+    error: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+
+
+class CorpusAccepted(BaseModel):
+    corpus: CorpusOut
+    job: JobOut
+
+
+class DocumentsRequest(BaseModel):
+    documents: list[str] = Field(..., min_length=1)
+
+
+class JobRequest(BaseModel):
+    corpus_ids: list[int] = Field(..., min_length=1)
+    base_version_id: int | None = Field(None, description="default: the active version")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="strategy, new_experts, steps, freeze_old_experts, replay_fraction, distill_weight, "
+                    "sparse_top_experts, activate (auto|always|never), seed")
+
+
+class ActivateRequest(BaseModel):
+    reason: str = Field("requested through the API", max_length=200)

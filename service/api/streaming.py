@@ -1,0 +1,74 @@
+"""From the scheduler thread to the event loop: a request's steps arrive on an asyncio queue."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from peer_model.generate import GenerationStep, SamplingParams
+
+from ..engine import ModelHost, Ticket
+from ..metrics import Metrics
+
+
+@dataclass
+class Generation:
+    ticket: Ticket
+    queue: asyncio.Queue
+    metrics: Metrics
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    async def steps(self) -> AsyncIterator[GenerationStep]:
+        """The steps in order; raises what the generation raised. Leaving early cancels the generation."""
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                    self.metrics.first_token.observe(self.first_token_at - self.started)
+                self.completion_tokens += 1
+                self.metrics.tokens.inc()
+                yield item
+                if item.finish_reason is not None:
+                    self.finish_reason = item.finish_reason
+                    return
+        finally:
+            self.ticket.cancel()  # no-op once finished; stops the scheduler's work on a dropped client
+
+    async def text(self) -> str:
+        return "".join([step.text async for step in self.steps()])
+
+    @property
+    def latency_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+def start_generation(host: ModelHost, metrics: Metrics, prompt_ids: list[int], params: SamplingParams) -> Generation:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def deliver(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+            pass
+
+    ticket = host.submit(prompt_ids, params, deliver)
+    metrics.queue_depth.set(host.queue_depth)
+    return Generation(ticket, queue, metrics)
+
+
+def sse(data: dict | str, event: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n"
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -1,0 +1,37 @@
+"""First start with an empty database: version 1 (a fresh model) and a training job on a small real corpus,
+so a newcomer sees the whole loop: ingest → train → evaluate → publish → hot swap."""
+from __future__ import annotations
+
+import logging
+
+from peer_model.corpora import CorpusUnavailable, load_corpus
+
+from .context import ServiceContext
+from .db.session import transaction
+from .ingest import parse_upload
+from .jobs import Dispatch
+from .uploads import accept_corpus
+from .versions import ensure_initial_version
+
+log = logging.getLogger(__name__)
+
+
+def bootstrap(ctx: ServiceContext, dispatch: Dispatch) -> int | None:
+    """Create version 1 if there is no version; then, if PEER_BOOTSTRAP_CORPUS names a packaged corpus,
+    upload it with a training job. Returns that job's id (None when nothing was started)."""
+    settings = ctx.settings
+    if ensure_initial_version(ctx) is None or not settings.bootstrap_corpus:
+        return None
+    name = settings.bootstrap_corpus
+    try:
+        text = load_corpus(name, settings.resolved_corpora_cache_dir, settings.bootstrap_max_bytes)
+    except (CorpusUnavailable, KeyError) as exc:
+        log.warning("bootstrap corpus %r unavailable, version 1 stays untrained: %s", name, exc)
+        return None
+    data = text.encode("utf-8")
+    with transaction(ctx.sessions) as session:
+        _, job = accept_corpus(ctx, session, name, parse_upload(data, "text", len(data)), text, "text", True,
+                               {"steps": settings.bootstrap_steps}, source="builtin")
+    dispatch(job)
+    log.info("bootstrap: training version 2 on %r (ingest job %s)", name, job.id)
+    return job.id

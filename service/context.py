@@ -1,0 +1,28 @@
+"""What every process of the service shares: settings, the database and the store."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from .db.session import make_engine, make_session_factory
+from .settings import Settings
+from .store import Store
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: Store
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> "ServiceContext":
+        settings = settings or Settings()
+        engine = make_engine(settings.resolved_database_url)
+        return cls(settings, engine, make_session_factory(engine), Store(settings.resolved_store_dir))
+
+    def close(self) -> None:
+        self.engine.dispose()

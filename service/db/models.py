@@ -1,0 +1,166 @@
+"""The database is the source of truth: corpora, streams, jobs, pool versions, activations, evaluations
+and expert usage. The schema is created by the Alembic migrations in ``migrations/`` only.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text,
+    TypeDecorator, UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+JOB_KINDS = ("ingest", "train")
+CORPUS_STATES = ("pending", "ready", "failed")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every database (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return value.astimezone(timezone.utc) if value is not None and value.tzinfo else value
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict: JSON, list: JSON}
+
+
+class Corpus(Base):
+    __tablename__ = "corpora"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(20))  # upload | stream | builtin
+    stream_id: Mapped[int | None] = mapped_column(ForeignKey("streams.id"))
+    state: Mapped[str] = mapped_column(String(20), default="pending")
+    error: Mapped[str | None] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))  # of the raw upload
+    raw_bytes: Mapped[int] = mapped_column(BigInteger)
+    documents: Mapped[int] = mapped_column(Integer)
+    duplicates_removed: Mapped[int | None] = mapped_column(Integer)
+    train_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    val_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ingested_at: Mapped[datetime | None] = mapped_column()
+
+
+class Stream(Base):
+    __tablename__ = "streams"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StreamDocument(Base):
+    """A document appended to a stream; ``corpus_id`` is set when a flush turns it into a corpus."""
+
+    __tablename__ = "stream_documents"
+    __table_args__ = (Index("ix_stream_documents_pending", "stream_id", "corpus_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stream_id: Mapped[int] = mapped_column(ForeignKey("streams.id"))
+    text: Mapped[str] = mapped_column(Text)
+    bytes: Mapped[int] = mapped_column(Integer)
+    corpus_id: Mapped[int | None] = mapped_column(ForeignKey("corpora.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state", "state"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))  # ingest | train
+    state: Mapped[str] = mapped_column(String(20), default="queued")
+    corpus_ids: Mapped[list] = mapped_column(default=list)
+    options: Mapped[dict] = mapped_column(default=dict)
+    base_version_id: Mapped[int | None] = mapped_column(ForeignKey("pool_versions.id"))
+    result_version_id: Mapped[int | None] = mapped_column(ForeignKey("pool_versions.id"))
+    next_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))  # ingest → the training it started
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float)
+    eta_s: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease: Mapped[str | None] = mapped_column(String(32))  # the attempt that owns a running job
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class PoolVersion(Base):
+    """A published model: a complete checkpoint in the store. The row exists only once the files do."""
+
+    __tablename__ = "pool_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("pool_versions.id"))
+    job_id: Mapped[int | None] = mapped_column(Integer, unique=True)  # the job that made it (no FK: jobs refer here)
+    checkpoint: Mapped[str] = mapped_column(String(500), unique=True)  # path relative to the store root
+    model_config_json: Mapped[dict] = mapped_column("model_config")
+    experts: Mapped[dict] = mapped_column()  # {layer: number of experts}
+    segments: Mapped[dict] = mapped_column()  # {layer: [{start, end, rows, cols, tag, corpus_ids}]}
+    corpus_ids: Mapped[list] = mapped_column(default=list)  # corpora this version was trained on
+    strategy: Mapped[str | None] = mapped_column(String(40))
+    gate_passed: Mapped[bool | None] = mapped_column(Boolean)
+    gate_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Activation(Base):
+    """Audit trail; the active version is the one of the latest row."""
+
+    __tablename__ = "activations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("pool_versions.id"))
+    reason: Mapped[str] = mapped_column(String(200))
+    actor: Mapped[str] = mapped_column(String(100))  # "job:<id>", "api", "bootstrap"
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Evaluation(Base):
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("version_id", "corpus_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("pool_versions.id"))
+    corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id"))
+    bpb: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ExpertUsage(Base):
+    """Expert selections counted while serving one version, per PEER layer and time window.
+
+    ``counts`` holds the non-zero counters only: int64 expert ids then int64 counts, little-endian
+    (a million-expert pool would make dense rows megabytes each).
+    """
+
+    __tablename__ = "expert_usage"
+    __table_args__ = (Index("ix_expert_usage_version_layer", "version_id", "layer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("pool_versions.id"))
+    layer: Mapped[int] = mapped_column(Integer)
+    window_start: Mapped[datetime] = mapped_column()
+    window_end: Mapped[datetime] = mapped_column()
+    tokens: Mapped[int] = mapped_column(BigInteger)  # token positions routed in the window
+    counts: Mapped[bytes] = mapped_column(LargeBinary)

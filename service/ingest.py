@@ -1,0 +1,110 @@
+"""Corpus validation (synchronous, before anything is stored) and ingestion (in the worker).
+
+Validation rejects what a user must fix: not UTF-8, empty, over the size limit. Ingestion normalises
+(Unicode NFC, ``\\n`` line ends, no NUL or other C0 controls but tab and newline), drops exact duplicate
+documents (paragraphs for plain text), and splits train/validation by whole blocks of lines.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from peer_model.corpora import split_train_val
+
+from .errors import InvalidInput, PayloadTooLarge
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n+")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A validated upload: its documents and the checksum of the raw bytes."""
+
+    documents: list[str]
+    raw_bytes: int
+    sha256: str
+
+
+def decode_utf8(data: bytes, what: str = "corpus") -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{what} is not valid UTF-8: byte {exc.start} ({data[exc.start:exc.start + 1]!r}) "
+                           f"cannot be decoded") from None
+    return text.removeprefix("\ufeff")
+
+
+def check_size(size: int, limit: int, what: str = "corpus") -> None:
+    if size > limit:
+        raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {limit} bytes (setting PEER_MAX_CORPUS_BYTES)")
+
+
+def parse_upload(data: bytes, fmt: str, max_bytes: int) -> Upload:
+    """``fmt``: "text" (one document; paragraphs are de-duplicated at ingestion) or "jsonl" (one JSON
+    object per line with a string field ``text``)."""
+    check_size(len(data), max_bytes)
+    text = decode_utf8(data)
+    if fmt == "text":
+        documents = [text]
+    elif fmt == "jsonl":
+        documents = _jsonl_documents(text)
+    else:
+        raise InvalidInput(f"format must be 'text' or 'jsonl', got {fmt!r}")
+    if not any(doc.strip() for doc in documents):
+        raise InvalidInput("corpus is empty (no non-whitespace text)")
+    return Upload(documents, len(data), hashlib.sha256(data).hexdigest())
+
+
+def _jsonl_documents(text: str) -> list[str]:
+    documents = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"JSONL line {number} is not JSON: {exc.msg}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InvalidInput(f'JSONL line {number} must be an object with a string field "text"')
+        documents.append(record["text"])
+    return documents
+
+
+def normalise(text: str) -> str:
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    return _CONTROL.sub("", text)
+
+
+@dataclass(frozen=True)
+class Ingested:
+    train: str
+    val: str
+    paragraphs: int  # kept, after de-duplication
+    duplicates_removed: int
+
+
+def ingest_documents(documents: list[str], val_fraction: float, seed: int = 0) -> Ingested:
+    """Normalise, de-duplicate (documents, and paragraphs within plain text) and split."""
+    seen: set[str] = set()
+    kept: list[str] = []
+    duplicates = 0
+    for document in documents:
+        for paragraph in _PARAGRAPH_BREAK.split(normalise(document)):
+            key = paragraph.strip()
+            if not key:
+                continue
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            kept.append(paragraph.strip("\n") + "\n")
+    if not kept:
+        raise InvalidInput("corpus is empty after normalisation")
+    train, val = split_train_val("\n".join(kept), val_fraction, seed)
+    if not val:  # a text too short to split: evaluate on what we have rather than on nothing
+        val = train
+    return Ingested(train, val, len(kept), duplicates)

@@ -1,0 +1,142 @@
+"""Service settings: every limit and location is a field, overridable from the environment (prefix ``PEER_``).
+
+With no settings at all the service runs embedded under ``PEER_HOME`` (default ``./data/service``): a
+SQLite database, a local store and Celery's filesystem transport, so one machine needs no other
+service. ``PEER_DATABASE_URL=postgresql+psycopg://...`` and ``PEER_BROKER_URL=redis://...`` make the
+same code run distributed (docker-compose.yml).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from peer_model.config import ModelConfig, PEERConfig
+from peer_model.continual import STRATEGIES
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PEER_", env_file=None, extra="ignore")
+
+    # ---- locations -------------------------------------------------------------------------------
+    home: Path = Path("data/service")
+    database_url: str | None = None  # default: sqlite:///<home>/peer.db
+    broker_url: str | None = None  # default: Celery's filesystem transport under <home>/broker
+    store_dir: Path | None = None  # default: <home>/store
+    corpora_cache_dir: Path | None = None  # packaged corpora (bootstrap); default: <home>/corpora
+
+    # ---- HTTP --------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # comma-separated in the env
+    model_name: str = "peer"  # the id /v1/models lists and /v1/completions accepts
+
+    # ---- hardware ----------------------------------------------------------------------------------
+    device: str = "auto"  # "auto": cuda if present, else cpu
+    api_torch_threads: int = 1  # one decode thread; more threads slow small-batch decoding down on CPU
+    worker_torch_threads: int = 0  # 0: torch's default (all cores)
+
+    # ---- limits ------------------------------------------------------------------------------------
+    max_corpus_bytes: int = 50_000_000
+    max_document_bytes: int = 1_000_000
+    max_documents_per_request: int = 10_000
+    max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
+    max_active_generations: int = 32  # interleaved token by token by the scheduler
+    max_queued_generations: int = 128  # beyond active + queued a request gets 429
+    usage_flush_seconds: float = 10.0
+    swap_poll_seconds: float = 2.0
+
+    # ---- fresh pool shape (version 1) ----------------------------------------------------------------
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 768
+    max_seq_len: int = 256
+    peer_experts: int = 128 * 128
+    peer_heads: int = 4
+    peer_top_k: int = 16
+    peer_d_key: int = 64
+
+    # ---- training jobs -----------------------------------------------------------------------------
+    train_steps: int = 300
+    train_batch_size: int = 16
+    train_seq_len: int = 128
+    train_lr: float = 1e-3
+    train_expert_lr: float = 3e-3
+    new_experts: int = 4096  # per PEER layer and job
+    strategy: str = "grow_freeze_protect"
+    replay_fraction: float = 0.25
+    distill_weight: float = 0.0
+    sparse_top_experts: int = 1024  # strategy sparse_finetune: experts trained per PEER layer
+    eval_max_batches: int = 8  # validation batches per corpus per evaluation
+    activation_tolerance: float = 0.05  # a version activates when no old corpus gets worse by more than this
+    val_fraction: float = 0.05
+    stream_train_threshold_bytes: int = 64 * 1024  # untrained stream text that starts a job by itself
+    job_max_attempts: int = 3
+    job_stale_seconds: float = 600.0  # a running job without a heartbeat this long is re-queued
+    broker_visibility_timeout: int = 4 * 3600  # Redis: above the longest job
+
+    # ---- first start ---------------------------------------------------------------------------------
+    bootstrap_corpus: str = "shakespeare"  # packaged corpus trained into version 1; "" = none
+    bootstrap_max_bytes: int = 1_000_000
+    bootstrap_steps: int = 800
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
+        return value
+
+    @field_validator("max_corpus_bytes", "max_document_bytes", "max_documents_per_request", "max_tokens_limit",
+                     "max_active_generations", "max_queued_generations", "train_steps", "train_batch_size",
+                     "train_seq_len", "eval_max_batches", "job_max_attempts", "stream_train_threshold_bytes",
+                     "api_torch_threads")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be >= 1")
+        return value
+
+    # ---- derived -------------------------------------------------------------------------------------
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'peer.db').resolve()}"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.home / "broker").resolve()
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def resolved_store_dir(self) -> Path:
+        return (self.store_dir or self.home / "store").resolve()
+
+    @property
+    def resolved_corpora_cache_dir(self) -> Path:
+        return (self.corpora_cache_dir or self.home / "corpora").resolve()
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+    def fresh_model_config(self) -> ModelConfig:
+        return ModelConfig(
+            d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.d_ff,
+            max_seq_len=self.max_seq_len,
+            peer=PEERConfig(num_experts=self.peer_experts, heads=self.peer_heads, top_k=self.peer_top_k,
+                            d_key=self.peer_d_key),
+        )

@@ -1,0 +1,285 @@
+"""The two job kinds as plain functions (the Celery tasks only call these).
+
+ingest: the validated upload in the store → normalised, de-duplicated train/validation splits → the
+corpus is ready; optionally a training job follows.
+
+train: parent version → :func:`peer_model.continual.continual_stage` (grow a segment in every PEER
+layer, fine-tune it and the routing, old experts frozen and protected by replay by default) → bits per
+byte on the validation split of every corpus the version knows → publish: the checkpoint is written
+first, then in one transaction the version row, its evaluations, the job's success and (when the
+activation gate passes) the activation. A crash at any point before that commit leaves no version row,
+so no half version is ever visible; the retried job overwrites the orphaned checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from sqlalchemy import select
+
+from peer_model.continual import ContinualOptions, continual_stage, evaluate_all
+from peer_model.train import TokenData, TrainConfig
+
+from .context import ServiceContext
+from .db.models import Corpus, Evaluation, Job, PoolVersion, utcnow
+from .db.session import transaction
+from .errors import InvalidInput
+from .ingest import ingest_documents, parse_upload
+from .jobs import Dispatch, JobCancelled, LeaseLost, claim_job, create_job, finish_job, heartbeat, owned_job
+from .settings import Settings
+from .versions import activate, active_version_id, describe_pools, get_version
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 2.0
+ACTIVATE_CHOICES = ("auto", "always", "never")
+JOB_OPTION_KEYS = {"strategy", "new_experts", "steps", "freeze_old_experts", "replay_fraction", "distill_weight",
+                   "sparse_top_experts", "activate", "seed"}
+
+
+# ---- options -------------------------------------------------------------------------------------
+
+
+def continual_options(settings: Settings, options: dict, has_old_corpora: bool) -> ContinualOptions:
+    """The job's options over the service defaults (``settings.strategy`` and friends).
+
+    Without a strategy: a version that knows no corpus yet (a fresh model) is pre-trained as a whole
+    (naive, no growth); otherwise the default strategy, or, with ``freeze_old_experts=False``, fine-tuning
+    of everything (replay when a replay fraction is set). Replay and distillation need earlier corpora:
+    with none they are off, and a protecting strategy falls back to its unprotected form.
+    """
+    unknown = set(options) - JOB_OPTION_KEYS
+    if unknown:
+        raise InvalidInput(f"unknown job options {sorted(unknown)}; known: {sorted(JOB_OPTION_KEYS)}")
+    replay = options.get("replay_fraction", settings.replay_fraction)
+    distill = options.get("distill_weight", settings.distill_weight)
+    strategy = options.get("strategy")
+    if strategy is None:
+        if not has_old_corpora:
+            strategy = "naive"
+        elif options.get("freeze_old_experts", True):
+            strategy = settings.strategy
+        else:
+            strategy = "replay" if replay > 0 else "naive"
+    if not has_old_corpora:
+        strategy = {"grow_freeze_protect": "grow_freeze", "replay": "naive"}.get(strategy, strategy)
+    if strategy in ("naive", "grow_freeze", "sparse_finetune"):
+        replay, distill = 0.0, 0.0
+    growing = strategy in ("grow_freeze", "grow_freeze_protect")
+    new_experts = options.get("new_experts", settings.new_experts if growing else 0)
+    steps = options.get("steps", settings.train_steps)
+    try:
+        train = TrainConfig(steps=steps, batch_size=settings.train_batch_size, seq_len=settings.train_seq_len,
+                            lr=settings.train_lr, expert_lr=settings.train_expert_lr,
+                            warmup_steps=min(50, max(1, steps // 10)), eval_every=steps,
+                            seed=options.get("seed", 0), device=settings.device, log_every=10)
+        return ContinualOptions(
+            strategy=strategy, new_experts=new_experts, replay_fraction=replay, distill_weight=distill, train=train,
+            sparse_top_experts=options.get("sparse_top_experts", settings.sparse_top_experts)
+            if strategy == "sparse_finetune" else 0)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"invalid job options: {exc}") from None
+
+
+def check_activate_choice(options: dict) -> str:
+    choice = options.get("activate", "auto")
+    if choice not in ACTIVATE_CHOICES:
+        raise InvalidInput(f"activate must be one of {', '.join(ACTIVATE_CHOICES)}, got {choice!r}")
+    return choice
+
+
+# ---- ingest --------------------------------------------------------------------------------------
+
+
+def run_ingest_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch) -> None:
+    settings = ctx.settings
+    lease = claim_job(ctx.sessions, job_id, settings.job_max_attempts, settings.job_stale_seconds)
+    if lease is None:
+        return
+    follow_up: Job | None = None
+    try:
+        with ctx.sessions() as session:
+            job = session.get(Job, job_id)
+            corpus_id, train_after = job.corpus_ids[0], bool(job.options.get("train", False))
+            train_options = dict(job.options.get("train_options", {}))
+            fmt = job.options.get("format", "text")
+        raw = ctx.store.corpus_path(corpus_id, "raw").read_bytes()
+        upload = parse_upload(raw, fmt, max(settings.max_corpus_bytes, len(raw)))
+        result = ingest_documents(upload.documents, settings.val_fraction)
+        ctx.store.write_corpus(corpus_id, "train", result.train)
+        ctx.store.write_corpus(corpus_id, "val", result.val)
+        with transaction(ctx.sessions) as session:
+            job = owned_job(session, job_id, lease)
+            corpus = session.get(Corpus, corpus_id)
+            corpus.state, corpus.ingested_at = "ready", utcnow()
+            corpus.duplicates_removed = result.duplicates_removed
+            corpus.train_bytes, corpus.val_bytes = len(result.train.encode()), len(result.val.encode())
+            job.state, job.progress, job.finished_at, job.lease = "succeeded", 1.0, utcnow(), None
+            job.metrics = {"documents": len(upload.documents), "paragraphs": result.paragraphs,
+                           "duplicates_removed": result.duplicates_removed}
+            if train_after:
+                follow_up = create_job(session, "train", [corpus_id], train_options)
+                job.next_job_id = follow_up.id
+    except LeaseLost:
+        return
+    except InvalidInput as exc:
+        _fail_ingest(ctx, job_id, lease, exc.message)
+        return
+    except Exception as exc:  # noqa: BLE001 - recorded on the job, never lost in a log only
+        log.exception("ingest job %s failed", job_id)
+        _fail_ingest(ctx, job_id, lease, f"{type(exc).__name__}: {exc}")
+        return
+    if follow_up is not None:
+        dispatch(follow_up)
+
+
+def _fail_ingest(ctx: ServiceContext, job_id: int, lease: str, error: str) -> None:
+    try:
+        with transaction(ctx.sessions) as session:
+            job = owned_job(session, job_id, lease)
+            job.state, job.error, job.finished_at, job.lease = "failed", error, utcnow(), None
+            corpus = session.get(Corpus, job.corpus_ids[0])
+            corpus.state, corpus.error = "failed", error
+    except LeaseLost:
+        pass
+
+
+# ---- train ---------------------------------------------------------------------------------------
+
+
+def run_train_job(ctx: ServiceContext, job_id: int) -> None:
+    settings = ctx.settings
+    lease = claim_job(ctx.sessions, job_id, settings.job_max_attempts, settings.job_stale_seconds)
+    if lease is None:
+        return
+    try:
+        _train_and_publish(ctx, job_id, lease)
+    except LeaseLost:
+        log.warning("job %s: lost its lease; another attempt owns it", job_id)
+    except JobCancelled:
+        _finish_quietly(ctx, job_id, lease, "cancelled")
+    except InvalidInput as exc:
+        _finish_quietly(ctx, job_id, lease, "failed", exc.message)
+    except Exception as exc:  # noqa: BLE001 - recorded on the job
+        log.exception("training job %s failed", job_id)
+        _finish_quietly(ctx, job_id, lease, "failed", f"{type(exc).__name__}: {exc}")
+
+
+def _finish_quietly(ctx: ServiceContext, job_id: int, lease: str, state: str, error: str | None = None) -> None:
+    try:
+        finish_job(ctx.sessions, job_id, lease, state, error)
+    except LeaseLost:
+        pass
+
+
+class _Progress:
+    """Training callbacks: heartbeat (progress, speed, ETA) at most every HEARTBEAT_SECONDS, cancel flag."""
+
+    def __init__(self, ctx: ServiceContext, job_id: int, lease: str, steps: int):
+        self.ctx, self.job_id, self.lease, self.steps = ctx, job_id, lease, steps
+        self.last_beat = 0.0
+        self.record: dict = {}
+        self.cancelled = False
+
+    def on_log(self, record: dict) -> None:
+        self.record = record
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if now - self.last_beat >= HEARTBEAT_SECONDS:
+            self.last_beat = now
+            step = self.record.get("step", 0)
+            fields = {"progress": 0.9 * step / self.steps}  # the last 10%: evaluation and publishing
+            if self.record:
+                fields.update(tokens_per_s=self.record["tokens_per_s"], eta_s=self.record["eta_s"],
+                              metrics={"step": step, "loss": self.record["loss"], "lr": self.record["lr"]})
+            self.cancelled = heartbeat(self.ctx.sessions, self.job_id, self.lease, **fields)
+        return self.cancelled
+
+
+def _token_data(ctx: ServiceContext, corpus_ids: list[int], part: str) -> TokenData:
+    return TokenData.from_text("".join(ctx.store.read_corpus(c, part) for c in corpus_ids))
+
+
+def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
+    settings = ctx.settings
+    with ctx.sessions() as session:
+        job = session.get(Job, job_id)
+        if session.scalar(select(PoolVersion.id).where(PoolVersion.job_id == job_id)) is not None:
+            raise InvalidInput("a version from this job already exists")  # published; the finish was lost
+        base_id = job.base_version_id or active_version_id(session)
+        if base_id is None:
+            raise InvalidInput("no version to train from: activate one first")
+        base = get_version(session, base_id)
+        new_ids = list(job.corpus_ids)
+        corpora = {c.id: c for c in session.scalars(select(Corpus).where(Corpus.id.in_(new_ids + base.corpus_ids)))}
+        not_ready = [c for c in new_ids if c not in corpora or corpora[c].state != "ready"]
+        if not_ready:
+            raise InvalidInput(f"corpora {not_ready} are not ingested (state must be 'ready')")
+        options = dict(job.options)
+        old_ids = [c for c in base.corpus_ids if c not in new_ids]
+        parent_segments, base_checkpoint = base.segments, base.checkpoint
+    stage_options = continual_options(settings, options, has_old_corpora=bool(old_ids))
+    activate_choice = check_activate_choice(options)
+    parent = ctx.store.load_model(base_checkpoint, "cpu")
+    if settings.train_seq_len > parent.config.max_seq_len:
+        stage_options = replace(stage_options, train=replace(stage_options.train, seq_len=parent.config.max_seq_len))
+    new_train = _token_data(ctx, new_ids, "train")
+    if len(new_train) < stage_options.train.seq_len:
+        raise InvalidInput(f"the new corpora hold {len(new_train)} bytes of training text; "
+                           f"at least {stage_options.train.seq_len} are needed")
+    old_train = [_token_data(ctx, [c], "train") for c in old_ids]
+    progress = _Progress(ctx, job_id, lease, stage_options.train.steps)
+    heartbeat(ctx.sessions, job_id, lease, metrics={"strategy": stage_options.strategy})
+
+    stage = continual_stage(parent, new_train, old_train, stage_options, tag=f"job:{job_id}",
+                            on_log=progress.on_log, should_stop=progress.should_stop)
+    if stage.train_result.stopped_early and progress.cancelled:
+        raise JobCancelled()
+    all_ids = old_ids + new_ids
+    val_sets = {c: _token_data(ctx, [c], "val") for c in all_ids}
+    seq_len, batch = stage_options.train.seq_len, settings.train_batch_size
+    child_bpb = evaluate_all(stage.child.cpu(), val_sets, seq_len, batch, settings.eval_max_batches)
+    parent_bpb = evaluate_all(parent, val_sets, seq_len, batch, settings.eval_max_batches)
+    gate_passed, gate_reason = activation_gate(child_bpb, parent_bpb, old_ids, new_ids, settings.activation_tolerance)
+
+    key = ctx.store.version_key(f"job-{job_id}")
+    ctx.store.save_model(key, stage.child, extra={"job_id": job_id, "parent_id": base_id})
+    experts, segments = describe_pools(stage.child, parent_segments, new_ids)
+    with transaction(ctx.sessions) as session:
+        job = owned_job(session, job_id, lease)
+        version = PoolVersion(parent_id=base_id, job_id=job_id, checkpoint=key,
+                              model_config_json=stage.child.config.to_dict(), experts=experts, segments=segments,
+                              corpus_ids=all_ids, strategy=stage_options.strategy, gate_passed=gate_passed,
+                              gate_reason=gate_reason)
+        session.add(version)
+        session.flush()
+        session.add_all(Evaluation(version_id=version.id, corpus_id=c, bpb=bpb) for c, bpb in child_bpb.items())
+        activated = activate_choice == "always" or (activate_choice == "auto" and gate_passed)
+        if activated:
+            activate(session, version.id, f"job {job_id}: {gate_reason}", f"job:{job_id}")
+        job.result_version_id = version.id
+        job.state, job.progress, job.finished_at, job.lease, job.eta_s = "succeeded", 1.0, utcnow(), None, 0.0
+        job.metrics = {
+            "strategy": stage_options.strategy, "steps": stage.train_result.steps_done,
+            "tokens": stage.train_result.tokens_seen, "train_seconds": round(stage.train_result.elapsed_s, 2),
+            "bpb": {str(c): v for c, v in child_bpb.items()},
+            "parent_bpb": {str(c): v for c, v in parent_bpb.items()},
+            "activated": activated, "gate": gate_reason,
+        }
+
+
+def activation_gate(child: dict[int, float], parent: dict[int, float], old_ids: list[int], new_ids: list[int],
+                    tolerance: float) -> tuple[bool, str]:
+    """Pass when every old corpus' bpb is within ``tolerance`` (relative) of the parent's and the new
+    corpora's mean bpb improved."""
+    worse = [c for c in old_ids if child[c] > parent[c] * (1 + tolerance)]
+    if worse:
+        details = ", ".join(f"corpus {c}: {parent[c]:.3f} → {child[c]:.3f}" for c in worse)
+        return False, f"forgot more than {tolerance:.0%} on {details}"
+    new_child = sum(child[c] for c in new_ids) / len(new_ids)
+    new_parent = sum(parent[c] for c in new_ids) / len(new_ids)
+    if new_child >= new_parent:
+        return False, f"did not learn the new corpora: {new_parent:.3f} → {new_child:.3f} bpb"
+    return True, f"new corpora {new_parent:.3f} → {new_child:.3f} bpb; old corpora within {tolerance:.0%}"

@@ -1,0 +1,95 @@
+"""Accepting text: corpus uploads and data streams become corpus rows, raw files and ingest jobs.
+
+Everything is validated before anything is stored; the raw text is written to the store before the
+transaction that records it commits, and the ingest job is dispatched only after that commit.
+"""
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from .context import ServiceContext
+from .db.models import Corpus, Job, Stream, StreamDocument
+from .errors import InvalidInput, NotFound
+from .ingest import Upload, check_size, parse_upload
+from .jobs import create_job
+from .training import check_activate_choice, continual_options
+
+
+def validate_train_options(ctx: ServiceContext, options: dict) -> dict:
+    """Reject bad training options at submission (422), not when the job runs."""
+    continual_options(ctx.settings, options, has_old_corpora=True)
+    check_activate_choice(options)
+    return options
+
+
+def accept_corpus(ctx: ServiceContext, session: Session, name: str, upload: Upload, raw_text: str, fmt: str,
+                  train: bool, train_options: dict, source: str = "upload",
+                  stream_id: int | None = None) -> tuple[Corpus, Job]:
+    """Record a validated upload: corpus row (pending), raw file, ingest job. The caller commits and
+    then dispatches the job."""
+    corpus = Corpus(name=name, source=source, stream_id=stream_id, state="pending", sha256=upload.sha256,
+                    raw_bytes=upload.raw_bytes, documents=len(upload.documents))
+    session.add(corpus)
+    session.flush()
+    ctx.store.write_corpus(corpus.id, "raw", raw_text)
+    job = create_job(session, "ingest", [corpus.id],
+                     {"format": fmt, "train": train, "train_options": train_options})
+    return corpus, job
+
+
+def stream_by_name(session: Session, name: str, create: bool = False) -> Stream:
+    stream = session.scalars(select(Stream).where(Stream.name == name).with_for_update()).one_or_none()
+    if stream is None:
+        if not create:
+            raise NotFound(f"stream {name!r} not found")
+        stream = Stream(name=name)
+        session.add(stream)
+        session.flush()
+    return stream
+
+
+def pending_bytes(session: Session, stream_id: int) -> tuple[int, int]:
+    """(documents, bytes) appended to the stream and not yet turned into a corpus."""
+    count, size = session.execute(select(func.count(StreamDocument.id), func.coalesce(func.sum(StreamDocument.bytes), 0))
+                                  .where(StreamDocument.stream_id == stream_id, StreamDocument.corpus_id.is_(None))).one()
+    return int(count), int(size)
+
+
+def append_documents(ctx: ServiceContext, session: Session, name: str, documents: list[str]) -> Stream:
+    settings = ctx.settings
+    if len(documents) > settings.max_documents_per_request:
+        raise InvalidInput(f"{len(documents)} documents in one request; the limit is "
+                           f"{settings.max_documents_per_request} (PEER_MAX_DOCUMENTS_PER_REQUEST)")
+    sizes = []
+    for index, document in enumerate(documents):
+        if not document.strip():
+            raise InvalidInput(f"document {index} is empty")
+        size = len(document.encode("utf-8", errors="surrogatepass"))
+        check_size(size, settings.max_document_bytes, f"document {index}")
+        sizes.append(size)
+    stream = stream_by_name(session, name, create=True)
+    session.add_all(StreamDocument(stream_id=stream.id, text=d, bytes=s) for d, s in zip(documents, sizes))
+    session.flush()
+    return stream
+
+
+def flush_stream(ctx: ServiceContext, session: Session, stream: Stream, train_options: dict | None = None
+                 ) -> tuple[Corpus, Job] | None:
+    """Turn the stream's pending documents into a corpus with an ingest-then-train job; None if none."""
+    documents = session.scalars(select(StreamDocument).where(
+        StreamDocument.stream_id == stream.id, StreamDocument.corpus_id.is_(None)).order_by(StreamDocument.id)).all()
+    if not documents:
+        return None
+    raw = "".join(json.dumps({"text": d.text}, ensure_ascii=False) + "\n" for d in documents)
+    data = raw.encode("utf-8")
+    check_size(len(data), ctx.settings.max_corpus_bytes, f"stream {stream.name!r} pending text")
+    upload = parse_upload(data, "jsonl", ctx.settings.max_corpus_bytes)
+    name = f"{stream.name} #{documents[0].id}-{documents[-1].id}"
+    corpus, job = accept_corpus(ctx, session, name, upload, raw, "jsonl", True, train_options or {},
+                                source="stream", stream_id=stream.id)
+    for document in documents:
+        document.corpus_id = corpus.id
+    return corpus, job

@@ -1,0 +1,78 @@
+"""Pool versions: the active one, activation (and rollback), describing a model's pools, version 1."""
+from __future__ import annotations
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from peer_model.model import PEERTransformer
+
+from .context import ServiceContext
+from .db.models import Activation, PoolVersion
+from .db.session import transaction
+from .errors import NotFound
+
+INITIAL_CHECKPOINT = "versions/initial"
+
+
+def active_version_id(session: Session) -> int | None:
+    return session.scalar(select(Activation.version_id).order_by(Activation.id.desc()).limit(1))
+
+
+def get_version(session: Session, version_id: int) -> PoolVersion:
+    version = session.get(PoolVersion, version_id)
+    if version is None:
+        raise NotFound(f"version {version_id} not found")
+    return version
+
+
+def activate(session: Session, version_id: int, reason: str, actor: str) -> Activation:
+    get_version(session, version_id)
+    activation = Activation(version_id=version_id, reason=reason, actor=actor)
+    session.add(activation)
+    session.flush()
+    return activation
+
+
+def describe_pools(model: PEERTransformer, parent_segments: dict | None, new_corpus_ids: list[int]) -> tuple[dict, dict]:
+    """``({layer: experts}, {layer: [segment + corpus_ids]})``: segments inherited from the parent keep
+    their corpora; segments the parent did not have were grown for ``new_corpus_ids``."""
+    experts, segments = {}, {}
+    for layer_index, layer in model.peer_layers().items():
+        key = str(layer_index)
+        inherited = (parent_segments or {}).get(key, [])
+        rows = []
+        for position, segment in enumerate(layer.grid.segments):
+            corpus_ids = inherited[position]["corpus_ids"] if position < len(inherited) else list(new_corpus_ids)
+            rows.append({"start": segment.start, "end": segment.end, "rows": segment.rows, "cols": segment.cols,
+                         "tag": segment.tag, "corpus_ids": corpus_ids})
+        experts[key] = layer.num_experts
+        segments[key] = rows
+    return experts, segments
+
+
+def ensure_initial_version(ctx: ServiceContext) -> int | None:
+    """With no version at all, write a fresh model of the configured shape and activate it as the first
+    version; returns its id (None if a version already existed). Safe to race: the checkpoint path is
+    unique, so only one of two concurrent callers inserts."""
+    with ctx.sessions() as session:
+        if session.scalar(select(PoolVersion.id).limit(1)) is not None:
+            return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = PEERTransformer(ctx.settings.fresh_model_config())
+    if not ctx.store.has(INITIAL_CHECKPOINT):
+        ctx.store.save_model(INITIAL_CHECKPOINT, model, extra={"version": "initial"})
+    experts, segments = describe_pools(model, None, [])
+    try:
+        with transaction(ctx.sessions) as session:
+            version = PoolVersion(checkpoint=INITIAL_CHECKPOINT, model_config_json=model.config.to_dict(),
+                                  experts=experts, segments=segments, corpus_ids=[], strategy=None,
+                                  gate_passed=None, gate_reason="fresh model")
+            session.add(version)
+            session.flush()
+            activate(session, version.id, "first start: fresh model of the configured shape", "bootstrap")
+            return version.id
+    except IntegrityError:
+        return None
