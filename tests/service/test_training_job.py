@@ -1,0 +1,150 @@
+"""The training job as a plain function on PostgreSQL and a store: ingest → train → evaluate → publish →
+activate; old experts stay bit-identical; a crash before publishing leaves no version; cancellation."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from peer_model.checkpoint import load_checkpoint
+from service.context import ServiceContext
+from service.db.models import Corpus, Evaluation, Job, PoolVersion
+from service.db.session import transaction
+from service.ingest import parse_upload
+from service.jobs import create_job, request_cancel
+from service.training import activation_gate, run_ingest_job, run_train_job
+from service.uploads import accept_corpus
+from service.versions import active_version_id, ensure_initial_version
+
+from .conftest import domain_text, tiny_settings, wait_for
+
+
+@pytest.fixture(scope="module")
+def ctx(pg_url, tmp_path_factory):
+    ctx = ServiceContext.from_settings(tiny_settings(tmp_path_factory.mktemp("home"), pg_url))
+    ensure_initial_version(ctx)
+    yield ctx
+    ctx.close()
+
+
+def upload(ctx, name: str, text: str, train_options: dict | None = None) -> tuple[int, int]:
+    data = text.encode()
+    with transaction(ctx.sessions) as session:
+        corpus, job = accept_corpus(ctx, session, name, parse_upload(data, "text", len(data)), text, "text",
+                                    True, train_options or {})
+        return corpus.id, job.id
+
+
+def ingest(ctx, job_id: int) -> int:
+    """Run the ingest job; returns the training job it started."""
+    started: list[Job] = []
+    run_ingest_job(ctx, job_id, started.append)
+    assert len(started) == 1
+    return started[0].id
+
+
+def row(ctx, model, key):
+    with ctx.sessions() as session:
+        return session.get(model, key)
+
+
+@pytest.fixture(scope="module")
+def two_versions(ctx):
+    """English pre-trains version 1 into 2; code then grows version 2 into 3 (grow + freeze + replay)."""
+    english, ingest_english = upload(ctx, "english", domain_text("english"), {"steps": 40})
+    run_train_job(ctx, ingest(ctx, ingest_english))
+    code, ingest_code = upload(ctx, "code", domain_text("code"), {"activate": "always"})
+    train_code = ingest(ctx, ingest_code)
+    run_train_job(ctx, train_code)
+    return english, code, train_code
+
+
+def test_the_job_chain_publishes_evaluated_versions(ctx, two_versions):
+    english, code, train_code = two_versions
+    assert row(ctx, Corpus, english).state == "ready" and row(ctx, Corpus, code).train_bytes > 0
+    job = row(ctx, Job, train_code)
+    assert job.state == "succeeded", job.error
+    assert job.progress == 1.0 and job.metrics["strategy"] == "grow_freeze_protect" and job.attempts == 1
+    v3 = row(ctx, PoolVersion, job.result_version_id)
+    v2 = row(ctx, PoolVersion, v3.parent_id)
+    assert v2.strategy == "naive" and v2.corpus_ids == [english] and v3.corpus_ids == [english, code]
+    with ctx.sessions() as session:
+        assert active_version_id(session) == v3.id  # activate=always
+        evaluations = {e.corpus_id: e.bpb for e in session.scalars(
+            select(Evaluation).where(Evaluation.version_id == v3.id))}
+    assert evaluations.keys() == {english, code}
+    assert evaluations == pytest.approx({int(c): b for c, b in job.metrics["bpb"].items()})
+    segments = v3.segments["1"]
+    assert [s["corpus_ids"] for s in segments] == [[], [code]]  # the new segment remembers its corpus
+    assert v3.experts["1"] == segments[-1]["end"] > v2.experts["1"]
+
+
+def test_old_experts_are_bit_identical_in_the_child(ctx, two_versions):
+    job = row(ctx, Job, two_versions[2])
+    v3 = row(ctx, PoolVersion, job.result_version_id)
+    parent = load_checkpoint(ctx.store.root / row(ctx, PoolVersion, v3.parent_id).checkpoint)
+    child = load_checkpoint(ctx.store.root / v3.checkpoint)
+    old, new = parent.peer_layers()[1], child.peer_layers()[1]
+    n = old.num_experts
+    assert torch.equal(new.expert_down[:n], old.expert_down) and torch.equal(new.expert_up[:n], old.expert_up)
+    assert not torch.equal(new.expert_up[n:], torch.zeros_like(new.expert_up[n:]))  # the new segment learnt
+
+
+def test_a_crash_before_publishing_leaves_no_version_and_the_retry_publishes(ctx, two_versions, monkeypatch):
+    english, code, _ = two_versions
+    with transaction(ctx.sessions) as session:
+        job_id = create_job(session, "train", [code], {"steps": 3}).id
+
+    def crash(*args, **kwargs):
+        raise SystemExit("worker killed while writing the checkpoint")
+
+    monkeypatch.setattr(ctx.store, "save_model", crash)
+    with pytest.raises(SystemExit):
+        run_train_job(ctx, job_id)
+    with ctx.sessions() as session:
+        assert session.scalar(select(PoolVersion).where(PoolVersion.job_id == job_id)) is None
+        job = session.get(Job, job_id)
+        assert job.state == "running"  # as a killed worker leaves it: recovery re-queues it when it goes stale
+        job.state, job.lease = "queued", None
+        session.commit()
+    monkeypatch.undo()
+    run_train_job(ctx, job_id)
+    job = row(ctx, Job, job_id)
+    assert job.state == "succeeded" and job.attempts == 2 and job.result_version_id is not None
+
+
+def test_a_cancel_request_stops_a_running_job_without_a_version(ctx, two_versions):
+    with transaction(ctx.sessions) as session:
+        job_id = create_job(session, "train", [two_versions[1]], {"steps": 100_000}).id
+    worker = threading.Thread(target=run_train_job, args=(ctx, job_id))
+    worker.start()
+    wait_for(lambda: row(ctx, Job, job_id).metrics.get("step"), 60, what="the job to report training steps")
+    with transaction(ctx.sessions) as session:
+        assert request_cancel(session, job_id).state == "cancelling"
+    worker.join(timeout=60)
+    job = row(ctx, Job, job_id)
+    assert job.state == "cancelled" and job.result_version_id is None and job.finished_at is not None
+    with ctx.sessions() as session:
+        assert session.scalar(select(PoolVersion).where(PoolVersion.job_id == job_id)) is None
+
+
+def test_training_on_a_corpus_that_is_not_ingested_fails_with_a_reason(ctx):
+    with transaction(ctx.sessions) as session:
+        corpus = Corpus(name="raw", source="upload", state="pending", sha256="0" * 64, raw_bytes=1, documents=1)
+        session.add(corpus)
+        session.flush()
+        job_id = create_job(session, "train", [corpus.id]).id
+    run_train_job(ctx, job_id)
+    job = row(ctx, Job, job_id)
+    assert job.state == "failed" and "not ingested" in job.error
+
+
+def test_activation_gate():
+    parent = {1: 2.0, 2: 5.0}
+    assert activation_gate({1: 2.09, 2: 3.0}, parent, [1], [2], 0.05)[0] is True
+    passed, reason = activation_gate({1: 2.2, 2: 3.0}, parent, [1], [2], 0.05)
+    assert not passed and "forgot more than 5%" in reason and "corpus 1" in reason
+    passed, reason = activation_gate({1: 2.0, 2: 5.1}, parent, [1], [2], 0.05)
+    assert not passed and "did not learn" in reason
