@@ -4,8 +4,8 @@ Starts the real service (``python -m service.cli serve``) on loopback in its emb
 Celery's filesystem broker, no other service) under a temporary PEER_HOME, without bootstrap training
 (PEER_BOOTSTRAP_CORPUS=""), so it serves a fresh, untrained version 1 of the configured shape. Then, for
 each concurrency level C, C clients loop POST /v1/generate for a fixed duration (after 2 warm-up
-requests). Client 0 streams (``"stream": true``, server-sent events) to measure the time to the first
-token; the others ask for JSON. Per level it reports requests, errors (429s apart), wall latency p50/p99
+requests). Client 0 (at 1 client the only one) streams (``"stream": true``, server-sent events) to
+measure the time to the first token; the others ask for JSON. Per level it reports requests, errors (429s apart), wall latency p50/p99
 of the successful requests (streamed ones included: their latency is the time to the ``done`` event),
 completion tokens/s (all completion tokens / wall time of the level), requests/s and the TTFT p50 of
 client 0.
@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     max_document_bytes: int = 1_000_000
     max_documents_per_request: int = 10_000
     max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 128  # /v1/generate without max_tokens (capped by the limit)
     max_active_generations: int = 32  # interleaved token by token by the scheduler
     max_queued_generations: int = 128  # beyond active + queued a request gets 429
     usage_flush_seconds: float = 10.0

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
 from peer_model.continual import ContinualOptions, continual_stage, evaluate_all
@@ -33,15 +35,33 @@ from .versions import activate, active_version_id, describe_pools, get_version
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 2.0
-ACTIVATE_CHOICES = ("auto", "always", "never")
-JOB_OPTION_KEYS = {"strategy", "new_experts", "steps", "freeze_old_experts", "replay_fraction", "distill_weight",
-                   "sparse_top_experts", "activate", "seed"}
 
 
-# ---- options -------------------------------------------------------------------------------------
+class JobOptions(BaseModel):
+    """Options of a training job (POST /v1/jobs ``options``); unset fields take the service settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["naive", "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune"] | None = None
+    new_experts: int | None = Field(None, ge=0, description="per PEER layer")
+    steps: int | None = Field(None, ge=1)
+    freeze_old_experts: bool = True
+    replay_fraction: float | None = Field(None, ge=0, lt=1)
+    distill_weight: float | None = Field(None, ge=0, allow_inf_nan=False)
+    sparse_top_experts: int | None = Field(None, ge=1)
+    activate: Literal["auto", "always", "never"] = "auto"
+    seed: int = Field(0, ge=0)
 
 
-def continual_options(settings: Settings, options: dict, has_old_corpora: bool) -> ContinualOptions:
+def parse_job_options(options: dict) -> JobOptions:
+    try:
+        return JobOptions.model_validate(options)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise InvalidInput(f"invalid job options: {problems}") from None
+
+
+def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool) -> ContinualOptions:
     """The job's options over the service defaults (``settings.strategy`` and friends).
 
     Without a strategy: a version that knows no corpus yet (a fresh model) is pre-trained as a whole
@@ -49,16 +69,13 @@ def continual_options(settings: Settings, options: dict, has_old_corpora: bool) 
     of everything (replay when a replay fraction is set). Replay and distillation need earlier corpora:
     with none they are off, and a protecting strategy falls back to its unprotected form.
     """
-    unknown = set(options) - JOB_OPTION_KEYS
-    if unknown:
-        raise InvalidInput(f"unknown job options {sorted(unknown)}; known: {sorted(JOB_OPTION_KEYS)}")
-    replay = options.get("replay_fraction", settings.replay_fraction)
-    distill = options.get("distill_weight", settings.distill_weight)
-    strategy = options.get("strategy")
+    replay = settings.replay_fraction if job.replay_fraction is None else job.replay_fraction
+    distill = settings.distill_weight if job.distill_weight is None else job.distill_weight
+    strategy = job.strategy
     if strategy is None:
         if not has_old_corpora:
             strategy = "naive"
-        elif options.get("freeze_old_experts", True):
+        elif job.freeze_old_experts:
             strategy = settings.strategy
         else:
             strategy = "replay" if replay > 0 else "naive"
@@ -67,26 +84,19 @@ def continual_options(settings: Settings, options: dict, has_old_corpora: bool) 
     if strategy in ("naive", "grow_freeze", "sparse_finetune"):
         replay, distill = 0.0, 0.0
     growing = strategy in ("grow_freeze", "grow_freeze_protect")
-    new_experts = options.get("new_experts", settings.new_experts if growing else 0)
-    steps = options.get("steps", settings.train_steps)
+    new_experts = job.new_experts if job.new_experts is not None else (settings.new_experts if growing else 0)
+    steps = job.steps or settings.train_steps
     try:
         train = TrainConfig(steps=steps, batch_size=settings.train_batch_size, seq_len=settings.train_seq_len,
                             lr=settings.train_lr, expert_lr=settings.train_expert_lr,
-                            warmup_steps=min(50, max(1, steps // 10)), eval_every=steps,
-                            seed=options.get("seed", 0), device=settings.device, log_every=10)
+                            warmup_steps=min(50, max(1, steps // 10)), eval_every=steps, seed=job.seed,
+                            device=settings.device, log_every=10)
         return ContinualOptions(
             strategy=strategy, new_experts=new_experts, replay_fraction=replay, distill_weight=distill, train=train,
-            sparse_top_experts=options.get("sparse_top_experts", settings.sparse_top_experts)
+            sparse_top_experts=(job.sparse_top_experts or settings.sparse_top_experts)
             if strategy == "sparse_finetune" else 0)
-    except (TypeError, ValueError) as exc:
+    except ValueError as exc:
         raise InvalidInput(f"invalid job options: {exc}") from None
-
-
-def check_activate_choice(options: dict) -> str:
-    choice = options.get("activate", "auto")
-    if choice not in ACTIVATE_CHOICES:
-        raise InvalidInput(f"activate must be one of {', '.join(ACTIVATE_CHOICES)}, got {choice!r}")
-    return choice
 
 
 # ---- ingest --------------------------------------------------------------------------------------
@@ -220,8 +230,8 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         options = dict(job.options)
         old_ids = [c for c in base.corpus_ids if c not in new_ids]
         parent_segments, base_checkpoint = base.segments, base.checkpoint
-    stage_options = continual_options(settings, options, has_old_corpora=bool(old_ids))
-    activate_choice = check_activate_choice(options)
+    job_options = parse_job_options(options)
+    stage_options = continual_options(settings, job_options, has_old_corpora=bool(old_ids))
     parent = ctx.store.load_model(base_checkpoint, "cpu")
     if settings.train_seq_len > parent.config.max_seq_len:
         stage_options = replace(stage_options, train=replace(stage_options.train, seq_len=parent.config.max_seq_len))
@@ -256,7 +266,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         session.add(version)
         session.flush()
         session.add_all(Evaluation(version_id=version.id, corpus_id=c, bpb=bpb) for c, bpb in child_bpb.items())
-        activated = activate_choice == "always" or (activate_choice == "auto" and gate_passed)
+        activated = job_options.activate == "always" or (job_options.activate == "auto" and gate_passed)
         if activated:
             activate(session, version.id, f"job {job_id}: {gate_reason}", f"job:{job_id}")
         job.result_version_id = version.id

@@ -7,8 +7,10 @@ from ..errors import InvalidInput
 from ..settings import Settings
 
 
-def sampling_params(settings: Settings, *, max_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+def sampling_params(settings: Settings, *, max_tokens: int | None, temperature: float, top_k: int = 0, top_p: float = 1.0,
                     stop: str | list[str] | None = None, seed: int | None = None) -> SamplingParams:
+    if max_tokens is None:
+        max_tokens = min(settings.default_max_tokens, settings.max_tokens_limit)
     if max_tokens > settings.max_tokens_limit:
         raise InvalidInput(f"max_tokens is {max_tokens}; the limit is {settings.max_tokens_limit} "
                            f"(setting PEER_MAX_TOKENS_LIMIT)")

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class SamplingFields(BaseModel):
-    max_tokens: int = Field(128, ge=1, description="upper bound; the service limit is PEER_MAX_TOKENS_LIMIT")
+    max_tokens: int | None = Field(None, ge=1, description="default PEER_DEFAULT_MAX_TOKENS; at most PEER_MAX_TOKENS_LIMIT")
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = off")

@@ -30,12 +30,16 @@ UPLOAD_BODY = {"requestBody": {"content": {
 }}}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+def check_declared_size(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is {declared} bytes; the corpus limit is {limit - MULTIPART_OVERHEAD} "
-                              f"bytes (PEER_MAX_CORPUS_BYTES)")
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} bytes "
+                              f"(PEER_MAX_CORPUS_BYTES plus room for the envelope)")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    check_declared_size(request, limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -81,12 +85,12 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
             fmt = "jsonl"
         name, train, train_options = body.name, body.train, body.train_options
     elif content_type == "multipart/form-data":
-        await read_body(request, limit + MULTIPART_OVERHEAD)  # enforce the limit before parsing
-        form = await request.form(max_files=1, max_fields=10)
+        check_declared_size(request, limit + MULTIPART_OVERHEAD)
+        form = await request.form(max_files=1, max_fields=10)  # files spool to disk, not to memory
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise InvalidInput('multipart upload needs a file field named "file"')
-        data = await upload.read()
+        data = await upload.read(limit + 1)
         fmt = str(form.get("format") or ("jsonl" if (upload.filename or "").endswith(".jsonl") else "text"))
         name = str(form.get("name") or name or upload.filename or "upload")
         train = _flag(form.get("train"), True if train is None else train)
