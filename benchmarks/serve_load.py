@@ -5,10 +5,10 @@ Celery's filesystem broker, no other service) under a temporary PEER_HOME, witho
 (PEER_BOOTSTRAP_CORPUS=""), so it serves a fresh, untrained version 1 of the configured shape. Then, for
 each concurrency level C, C clients loop POST /v1/generate for a fixed duration (after 2 warm-up
 requests). Client 0 (at 1 client the only one) streams (``"stream": true``, server-sent events) to
-measure the time to the first token; the others ask for JSON. Per level it reports requests, errors (429s apart), wall latency p50/p99
-of the successful requests (streamed ones included: their latency is the time to the ``done`` event),
-completion tokens/s (all completion tokens / wall time of the level), requests/s and the TTFT p50 of
-client 0.
+measure the time to the first token; the others ask for JSON. Per level it reports requests, errors
+(429s apart), wall latency p50/p99 of the successful requests (streamed ones included: their latency is
+the time to the ``done`` event), completion tokens/s (all completion tokens / wall time of the level),
+requests/s and the TTFT p50 of client 0.
 
 The same levels run a second time while a training job runs in the service's train worker: a generated
 ~300 KB English-like corpus is uploaded with ``train: true`` and enough steps to outlast the phase; the
@@ -103,6 +103,30 @@ def running_service(home: Path, port: int, shape: dict[str, int], log_path: Path
                 print(f"service did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM: killing it", file=sys.stderr)
                 os.killpg(proc.pid, signal.SIGKILL)  # the group we started: serve and its two workers
                 proc.wait()
+        stop_leftovers(proc.pid)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_leftovers(pgid: int) -> None:
+    """Stop what is left of the service's process group once ``serve`` has exited. With uvicorn >= 0.29
+    ``serve`` dies of the SIGTERM it re-raises after its graceful shutdown, before it stops its workers."""
+    if not group_alive(pgid):
+        return
+    print("the service's workers outlived it: stopping them (SIGTERM to its process group)", file=sys.stderr)
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_alive(pgid):
+        print(f"workers still running {STOP_TIMEOUT_S:.0f} s after SIGTERM: killing them", file=sys.stderr)
+        os.killpg(pgid, signal.SIGKILL)
 
 
 async def wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen) -> float:
@@ -367,7 +391,8 @@ def print_report(results: dict) -> None:
           f"worker {results['settings']['worker_torch_threads']} (PEER_WORKER_TORCH_THREADS, 0 = all cores)")
     print(f"model shape: {results['settings']['shape'] or 'service defaults'}; max_tokens "
           f"{results['settings']['max_tokens']}, {results['settings']['duration_s']} s a level")
-    print(f"command: {results['command']}\n")
+    print(f"command: {results['command']}")
+    print(f"service exit status: {results['service_exit_status']} (negative: killed by that signal)\n")
     print("| phase | clients | requests | errors | 429s | p50 ms | p99 ms | tokens/s | requests/s | TTFT p50 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for phase, rows in (("idle", results["idle"]), ("training", results["training"]["levels"])):
@@ -426,6 +451,7 @@ def main() -> None:
     try:
         with running_service(home, port, shape, log_path) as proc:
             results.update(asyncio.run(benchmark(args, f"http://127.0.0.1:{port}", proc)))
+        results["service_exit_status"] = proc.returncode
         failed = False
     except (ServiceError, httpx.HTTPError) as exc:
         print(f"\nFAILED: {type(exc).__name__}: {exc}", file=sys.stderr)

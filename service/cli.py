@@ -42,9 +42,15 @@ def cmd_worker(args, settings: Settings) -> None:
     app.worker_main(worker_argv(args.queues, args.concurrency, args.pool, args.log_level, settings.embedded))
 
 
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_serve(args, settings: Settings) -> None:
     """Migrate, start one worker process per queue, and run the API here; stop the workers on exit."""
     cmd_migrate(args, settings)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it reaches the finally below
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     env = {**os.environ, "PEER_HOME": str(settings.home)}
     workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "--log-level", args.log_level, "worker",
                                  "--queues", queue], env=env)

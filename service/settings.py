@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     val_fraction: float = 0.05
     stream_train_threshold_bytes: int = 64 * 1024  # untrained stream text that starts a job by itself
     job_max_attempts: int = 3
+    job_heartbeat_seconds: float = 2.0  # a running job records progress and reads its cancel flag this often
     job_stale_seconds: float = 600.0  # a running job without a heartbeat this long is re-queued
     broker_visibility_timeout: int = 4 * 3600  # Redis: above the longest job
 

@@ -34,9 +34,6 @@ from .versions import activate, active_version_id, describe_pools, get_version
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 2.0
-
-
 class JobOptions(BaseModel):
     """Options of a training job (POST /v1/jobs ``options``); unset fields take the service settings."""
 
@@ -184,7 +181,7 @@ def _finish_quietly(ctx: ServiceContext, job_id: int, lease: str, state: str, er
 
 
 class _Progress:
-    """Training callbacks: heartbeat (progress, speed, ETA) at most every HEARTBEAT_SECONDS, cancel flag."""
+    """Training callbacks: heartbeat (progress, speed, ETA) every ``job_heartbeat_seconds``, cancel flag."""
 
     def __init__(self, ctx: ServiceContext, job_id: int, lease: str, steps: int):
         self.ctx, self.job_id, self.lease, self.steps = ctx, job_id, lease, steps
@@ -197,7 +194,7 @@ class _Progress:
 
     def should_stop(self) -> bool:
         now = time.monotonic()
-        if now - self.last_beat >= HEARTBEAT_SECONDS:
+        if now - self.last_beat >= self.ctx.settings.job_heartbeat_seconds:
             self.last_beat = now
             step = self.record.get("step", 0)
             fields = {"progress": 0.9 * step / self.steps}  # the last 10%: evaluation and publishing
