@@ -264,6 +264,32 @@ def sample_tokens(model: nn.Module, prompt_ids: list[int], params: SamplingParam
             next_id = sample_next(decode_one_token(model, next_id, cache), params, generator)
 
 
+def check_prompt(model: nn.Module, prompt_ids: list[int], params: SamplingParams) -> int:
+    """Validate byte ids for ``model``; returns the completion budget (see :func:`completion_budget`).
+    Raises ValueError with a message for the caller."""
+    vocab = model.config.vocab_size
+    bad = [t for t in prompt_ids if not 0 <= t < vocab or t in (BOS, PAD)]
+    if bad:
+        raise ValueError(f"prompt ids must be in [0, {vocab}) and not BOS/PAD, got {bad[:5]}")
+    return completion_budget(model, len(prompt_ids), params.max_tokens)
+
+
+def next_step(stream: CompletionStream, token: int, produced: int, budget: int) -> GenerationStep:
+    """The step for the ``produced``-th sampled ``token`` of a completion: its text, and why it ends if it
+    does (EOS, a stop string, or the budget). Shared by :func:`generate` and batching engines."""
+    reason: FinishReason | None = None
+    if token == EOS:
+        text, reason = stream.finish(), "eos"
+    else:
+        text = stream.push(token)
+        if stream.stopped:
+            reason = "stop"
+        elif produced == budget:
+            text += stream.finish()
+            reason = "stop" if stream.stopped else "length"  # a flushed U+FFFD may end a stop
+    return GenerationStep(token, text, reason)
+
+
 def generate(model: nn.Module, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationStep]:
     """Stream the completion of ``prompt_ids`` (byte ids, BOS is added), one step per sampled token.
 
@@ -273,11 +299,7 @@ def generate(model: nn.Module, prompt_ids: list[int], params: SamplingParams) ->
     early (``.close()``, or dropping it) stops generation: nothing is computed ahead of the consumer.
     """
     prompt_ids = [int(t) for t in prompt_ids]
-    vocab = model.config.vocab_size
-    bad = [t for t in prompt_ids if not 0 <= t < vocab or t in (BOS, PAD)]
-    if bad:
-        raise ValueError(f"prompt ids must be in [0, {vocab}) and not BOS/PAD, got {bad[:5]}")
-    budget = completion_budget(model, len(prompt_ids), params.max_tokens)
+    budget = check_prompt(model, prompt_ids, params)
     return _steps(model, prompt_ids, params, budget)
 
 
@@ -287,18 +309,9 @@ def _steps(model: nn.Module, prompt_ids: list[int], params: SamplingParams, budg
     try:
         stream = CompletionStream(params.stop)
         for produced, token in enumerate(sample_tokens(model, prompt_ids, params, budget), start=1):
-            reason: FinishReason | None = None
-            if token == EOS:
-                text, reason = stream.finish(), "eos"
-            else:
-                text = stream.push(token)
-                if stream.stopped:
-                    reason = "stop"
-                elif produced == budget:
-                    text += stream.finish()
-                    reason = "stop" if stream.stopped else "length"  # a flushed U+FFFD may end a stop
-            yield GenerationStep(token, text, reason)
-            if reason is not None:
+            step = next_step(stream, token, produced, budget)
+            yield step
+            if step.finish_reason is not None:
                 return
     finally:
         model.train(was_training)

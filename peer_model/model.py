@@ -31,7 +31,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, head_dim); cos, sin: (T, head_dim / 2). Rotates pairs (x[2i], x[2i+1])."""
+    """x: (B, heads, T, head_dim); cos, sin: (T, head_dim / 2), or (B, 1, T, head_dim / 2) for positions
+    that differ per row. Rotates pairs (x[2i], x[2i+1])."""
     pairs = x.float().unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
@@ -40,11 +41,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values for every layer: (layers, B, heads, max_len, head_dim)."""
+    """Preallocated keys and values for every layer: (layers, B, heads, max_len, head_dim).
+
+    Two modes. Uniform (``lengths`` None): every row holds ``length`` tokens and a forward appends T
+    tokens to all rows. Ragged (``lengths`` a (B,) int64 tensor): row b holds ``lengths[b]`` tokens and a
+    forward takes exactly one new token per row, at that row's own position, so sequences of different
+    lengths decode in one batch (a batching engine's decode step, see batching.py).
+    """
 
     keys: torch.Tensor
     values: torch.Tensor
-    length: int = 0  # tokens already written
+    length: int = 0  # tokens already written (uniform mode)
+    lengths: torch.Tensor | None = None  # (B,) tokens already written per row (ragged mode)
 
 
 class Attention(nn.Module):
@@ -61,6 +69,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif cache.lengths is not None:  # ragged: one token per row at position lengths[b]
+            rows, positions = torch.arange(B, device=x.device), cache.lengths
+            keys, values = cache.keys[layer], cache.values[layer]  # (B, h, max_len, hd)
+            keys[rows, :, positions] = k[:, :, 0]
+            values[rows, :, positions] = v[:, :, 0]
+            span = int(positions.max()) + 1
+            visible = torch.arange(span, device=x.device) <= positions.unsqueeze(1)  # (B, span)
+            y = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span],
+                                               attn_mask=visible.view(B, 1, 1, span))
         else:
             start = cache.length
             cache.keys[layer, :, :, start : start + T] = k
@@ -148,13 +165,25 @@ class PEERTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """tokens: (B, T) → logits (B, T, vocab). With a cache, tokens continue what it holds."""
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        if cache is not None and cache.lengths is not None:
+            if T != 1 or cache.lengths.shape != (B,):
+                raise ValueError(f"a ragged cache takes one token per row: tokens (B, 1) with B = "
+                                 f"{cache.lengths.numel()}, got {tuple(tokens.shape)}")
+            if int(cache.lengths.max()) >= self.config.max_seq_len:
+                raise ValueError(f"a row would exceed max_seq_len {self.config.max_seq_len}")
+            cos = self.rope_cos[cache.lengths].view(B, 1, 1, -1)
+            sin = self.rope_sin[cache.lengths].view(B, 1, 1, -1)
+        else:
+            start = cache.length if cache is not None else 0
+            if start + T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.embed(tokens)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer)
         if cache is not None:
-            cache.length += T
+            if cache.lengths is not None:
+                cache.lengths += 1
+            else:
+                cache.length += T
         return self.lm_head(self.norm(x))

@@ -1,10 +1,12 @@
 """The model host of one API process: the active version, a token-by-token scheduler, hot swap, usage.
 
 One scheduler thread runs every forward pass. Requests are admitted (at most
-``max_active_generations`` at once, ``max_queued_generations`` more waiting, then 429) and advanced
-one token each in turn, so a long completion does not hold the others back and a request's first
-token comes after at most one round. A request is bound to the version that was active when it was
-submitted and is served to the end by that version alone.
+``max_active_generations`` at once, ``max_queued_generations`` more waiting, then 429), prefilled
+alone, and then decoded together: every round advances each running request by one token in one
+batched forward (continuous batching, :class:`peer_model.batching.BatchDecoder`), so a long
+completion does not hold the others back and a new request joins at the next round. A request is
+bound to the version that was active when it was submitted and is served to the end by that version
+alone (each loaded version has its own batch).
 
 Hot swap: :meth:`ModelHost.swap_to` loads the new version beside the old one (outside the scheduler),
 then flips one reference; requests already running finish on the version they started with, new ones
@@ -22,14 +24,16 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
 import torch
 
-from peer_model.generate import GenerationStep, SamplingParams, generate
+from peer_model.checkpoint import CheckpointError
+from peer_model.batching import BatchDecoder, Sequence
+from peer_model.generate import GenerationStep, SamplingParams, check_prompt
 from peer_model.model import PEERTransformer
 from peer_model.train import resolve_device
 
@@ -48,8 +52,10 @@ StepCallback = Callable[[GenerationStep | BaseException], None]
 class LoadedVersion:
     version_id: int
     model: PEERTransformer
+    decoder: BatchDecoder
     window_start: datetime = field(default_factory=utcnow)
-    requests: int = 0  # in flight on this version (scheduler thread only)
+    requests: int = 0  # submitted to this version and not finished
+    running: dict[Sequence, "Ticket"] = field(default_factory=dict)  # in the decoder's batch
 
 
 @dataclass(eq=False)
@@ -57,8 +63,8 @@ class Ticket:
     """A submitted generation; ``cancel()`` (e.g. the client went away) ends it at the next step."""
 
     version_id: int
-    prompt_tokens: int
-    steps: Iterator[GenerationStep]
+    prompt_ids: list[int]
+    params: SamplingParams
     on_step: StepCallback
     version: LoadedVersion
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -92,7 +98,7 @@ class ModelHost:
         self._current: LoadedVersion | None = None
         self._retired: list[LoadedVersion] = []
         self._pending: deque[Ticket] = deque()
-        self._active: list[Ticket] = []
+        self._running = 0  # tickets in some version's batch
         self._cond = threading.Condition()
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
@@ -142,10 +148,13 @@ class ModelHost:
                 if version is None:
                     raise InvalidInput(f"version {version_id} not found")
                 checkpoint = version.checkpoint
-            model = self.ctx.store.load_model(checkpoint, str(self.device)).eval()
+            try:
+                model = self.ctx.store.load_model(checkpoint, str(self.device)).eval()
+            except CheckpointError as exc:
+                raise NotReady(f"version {version_id} cannot be loaded: {exc}") from None
             for layer in model.peer_layers().values():
                 layer.track_usage = True
-            loaded = LoadedVersion(version_id, model)
+            loaded = LoadedVersion(version_id, model, BatchDecoder(model, self.settings.max_active_generations))
             with self._cond:
                 if self._current is not None:
                     self._retired.append(self._current)
@@ -164,7 +173,7 @@ class ModelHost:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending) + len(self._active)
+        return len(self._pending) + self._running
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_step: StepCallback) -> Ticket:
         """Queue a generation; ``on_step`` is called from the scheduler thread with each step, or once
@@ -177,10 +186,10 @@ class ModelHost:
             if self.queue_depth >= limit:
                 raise Overloaded(f"{self.queue_depth} generations are running or queued (limit {limit}); retry later")
             try:
-                steps = generate(current.model, prompt_ids, params)
+                check_prompt(current.model, prompt_ids, params)
             except ValueError as exc:
                 raise InvalidInput(str(exc)) from None
-            ticket = Ticket(current.version_id, len(prompt_ids), steps, on_step, current)
+            ticket = Ticket(current.version_id, list(prompt_ids), params, on_step, current)
             current.requests += 1
             self._pending.append(ticket)
             self._cond.notify_all()
@@ -191,34 +200,73 @@ class ModelHost:
     def _schedule(self) -> None:
         while not self._stop.is_set():
             with self._cond:
-                while len(self._active) < self.settings.max_active_generations and self._pending:
-                    self._active.append(self._pending.popleft())
-                if not self._active:
+                room = self.settings.max_active_generations - self._running
+                admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+                self._running += len(admitted)
+                if not admitted and not self._running:
                     self._cond.wait(timeout=self.settings.usage_flush_seconds)
-            for ticket in list(self._active):
-                self._advance(ticket)
+                versions = [v for v in (self._current, *self._retired) if v is not None]
+            for ticket in admitted:
+                self._start(ticket)
+            for version in versions:
+                if version.running:
+                    self._advance(version)
             self._flush_usage()
 
-    def _advance(self, ticket: Ticket) -> None:
-        done = ticket.cancelled.is_set()
-        if not done:
-            try:
-                step = next(ticket.steps)
-            except StopIteration:
-                done = True
-            except Exception as exc:  # noqa: BLE001 - delivered to the request, the scheduler goes on
-                log.exception("generation failed on version %s", ticket.version_id)
-                ticket.on_step(exc)
-                done = True
-            else:
-                self.tokens_generated += 1
-                ticket.on_step(step)
-                done = step.finish_reason is not None
-        if done:
-            ticket.steps.close()
-            with self._cond:
-                self._active.remove(ticket)
-                ticket.version.requests -= 1
+    def _start(self, ticket: Ticket) -> None:
+        """Prefill a ticket into its version's batch (its first token comes with the next round)."""
+        version = ticket.version
+        if ticket.cancelled.is_set():
+            self._finish(ticket)
+            return
+        try:
+            sequence = version.decoder.add(ticket.prompt_ids, ticket.params)
+        except Exception as exc:  # noqa: BLE001 - delivered to the request, the scheduler goes on
+            log.exception("prefill failed on version %s", version.version_id)
+            self._deliver(ticket, exc)
+            self._finish(ticket)
+            return
+        version.running[sequence] = ticket
+
+    def _advance(self, version: LoadedVersion) -> None:
+        """One round: cancelled requests leave, every other running request gets one token."""
+        for sequence, ticket in list(version.running.items()):
+            if ticket.cancelled.is_set():
+                version.decoder.remove(sequence)
+                del version.running[sequence]
+                self._finish(ticket)
+        if not version.running:
+            return
+        try:
+            steps = version.decoder.step()
+        except Exception as exc:  # noqa: BLE001 - every request of this batch gets the error
+            log.exception("decode failed on version %s", version.version_id)
+            for sequence, ticket in list(version.running.items()):
+                version.decoder.remove(sequence)
+                self._deliver(ticket, exc)
+                self._finish(ticket)
+            version.running.clear()
+            return
+        self.tokens_generated += len(steps)
+        for sequence, step in steps:
+            ticket = version.running[sequence]
+            self._deliver(ticket, step)
+            if step.finish_reason is not None:
+                del version.running[sequence]
+                self._finish(ticket)
+
+    @staticmethod
+    def _deliver(ticket: Ticket, item: GenerationStep | BaseException) -> None:
+        try:
+            ticket.on_step(item)
+        except Exception:  # noqa: BLE001 - a broken consumer must not stop the scheduler
+            log.exception("could not deliver a generation step")
+            ticket.cancel()
+
+    def _finish(self, ticket: Ticket) -> None:
+        with self._cond:
+            self._running -= 1
+            ticket.version.requests -= 1
 
     def _flush_usage(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -20,8 +20,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
-from peer_model.continual import ContinualOptions, continual_stage, evaluate_all
-from peer_model.train import TokenData, TrainConfig
+from peer_model.continual import ContinualOptions, Strategy, continual_stage, evaluate_all
+from peer_model.train import TokenData, TrainConfig, resolve_device
 
 from .context import ServiceContext
 from .db.models import Corpus, Evaluation, Job, PoolVersion, utcnow
@@ -34,12 +34,13 @@ from .versions import activate, active_version_id, describe_pools, get_version
 
 log = logging.getLogger(__name__)
 
+
 class JobOptions(BaseModel):
     """Options of a training job (POST /v1/jobs ``options``); unset fields take the service settings."""
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: Literal["naive", "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune"] | None = None
+    strategy: Strategy | None = None
     new_experts: int | None = Field(None, ge=0, description="per PEER layer")
     steps: int | None = Field(None, ge=1)
     freeze_old_experts: bool = True
@@ -213,14 +214,12 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     settings = ctx.settings
     with ctx.sessions() as session:
         job = session.get(Job, job_id)
-        if session.scalar(select(PoolVersion.id).where(PoolVersion.job_id == job_id)) is not None:
-            raise InvalidInput("a version from this job already exists")  # published; the finish was lost
         base_id = job.base_version_id or active_version_id(session)
         if base_id is None:
             raise InvalidInput("no version to train from: activate one first")
         base = get_version(session, base_id)
         new_ids = list(job.corpus_ids)
-        corpora = {c.id: c for c in session.scalars(select(Corpus).where(Corpus.id.in_(new_ids + base.corpus_ids)))}
+        corpora = {c.id: c for c in session.scalars(select(Corpus).where(Corpus.id.in_(new_ids)))}
         not_ready = [c for c in new_ids if c not in corpora or corpora[c].state != "ready"]
         if not_ready:
             raise InvalidInput(f"corpora {not_ready} are not ingested (state must be 'ready')")
@@ -229,7 +228,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         parent_segments, base_checkpoint = base.segments, base.checkpoint
     job_options = parse_job_options(options)
     stage_options = continual_options(settings, job_options, has_old_corpora=bool(old_ids))
-    parent = ctx.store.load_model(base_checkpoint, "cpu")
+    parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
     if settings.train_seq_len > parent.config.max_seq_len:
         stage_options = replace(stage_options, train=replace(stage_options.train, seq_len=parent.config.max_seq_len))
     new_train = _token_data(ctx, new_ids, "train")
@@ -247,7 +246,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     all_ids = old_ids + new_ids
     val_sets = {c: _token_data(ctx, [c], "val") for c in all_ids}
     seq_len, batch = stage_options.train.seq_len, settings.train_batch_size
-    child_bpb = evaluate_all(stage.child.cpu(), val_sets, seq_len, batch, settings.eval_max_batches)
+    child_bpb = evaluate_all(stage.child, val_sets, seq_len, batch, settings.eval_max_batches)
     parent_bpb = evaluate_all(parent, val_sets, seq_len, batch, settings.eval_max_batches)
     gate_passed, gate_reason = activation_gate(child_bpb, parent_bpb, old_ids, new_ids, settings.activation_tolerance)
 
