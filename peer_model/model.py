@@ -53,6 +53,7 @@ class KVCache:
     values: torch.Tensor
     length: int = 0  # tokens already written (uniform mode)
     lengths: torch.Tensor | None = None  # (B,) tokens already written per row (ragged mode)
+    visible: torch.Tensor | None = None  # ragged mode: this step's (B, 1, 1, span) key mask, set by the model
 
 
 class Attention(nn.Module):
@@ -70,14 +71,12 @@ class Attention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif cache.lengths is not None:  # ragged: one token per row at position lengths[b]
-            rows, positions = torch.arange(B, device=x.device), cache.lengths
+            rows = torch.arange(B, device=x.device)
             keys, values = cache.keys[layer], cache.values[layer]  # (B, h, max_len, hd)
-            keys[rows, :, positions] = k[:, :, 0]
-            values[rows, :, positions] = v[:, :, 0]
-            span = int(positions.max()) + 1
-            visible = torch.arange(span, device=x.device) <= positions.unsqueeze(1)  # (B, span)
-            y = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span],
-                                               attn_mask=visible.view(B, 1, 1, span))
+            keys[rows, :, cache.lengths] = k[:, :, 0]
+            values[rows, :, cache.lengths] = v[:, :, 0]
+            span = cache.visible.shape[-1]
+            y = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=cache.visible)
         else:
             start = cache.length
             cache.keys[layer, :, :, start : start + T] = k
@@ -169,8 +168,11 @@ class PEERTransformer(nn.Module):
             if T != 1 or cache.lengths.shape != (B,):
                 raise ValueError(f"a ragged cache takes one token per row: tokens (B, 1) with B = "
                                  f"{cache.lengths.numel()}, got {tuple(tokens.shape)}")
-            if int(cache.lengths.max()) >= self.config.max_seq_len:
+            span = int(cache.lengths.max()) + 1
+            if span > self.config.max_seq_len:
                 raise ValueError(f"a row would exceed max_seq_len {self.config.max_seq_len}")
+            positions = torch.arange(span, device=tokens.device)
+            cache.visible = (positions <= cache.lengths.unsqueeze(1)).view(B, 1, 1, span)
             cos = self.rope_cos[cache.lengths].view(B, 1, 1, -1)
             sin = self.rope_sin[cache.lengths].view(B, 1, 1, -1)
         else:

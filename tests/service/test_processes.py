@@ -131,6 +131,9 @@ def test_distributed_processes_train_serve_and_survive_a_killed_worker(pg_databa
         running = wait_for(lambda: (lambda j: j if j["metrics"].get("step") or j["state"] != "running" and
                                     j["state"] != "queued" else None)(job(client, job_id)), 60, what="training steps")
         assert running["state"] == "running", running
+        for seed in range(3):  # generation goes on while the job trains
+            answer = client.post("/v1/generate", json={"prompt": "the", "max_tokens": 8, "seed": seed})
+            assert answer.status_code == 200 and answer.json()["version"] == version
         worker.stop(signal.SIGKILL)
         assert job(client, job_id)["state"] == "running"  # as the dead worker left it
         assert all(v["job_id"] != job_id for v in client.get("/v1/versions").json())  # no half version

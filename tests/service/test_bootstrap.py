@@ -1,0 +1,38 @@
+"""First start: version 1 is a fresh model of the configured shape, and the bootstrap corpus trains
+version 2 through the normal job chain; a second start changes nothing."""
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from service.bootstrap import bootstrap
+from service.context import ServiceContext
+from service.db.models import Corpus, Job, PoolVersion
+from service.training import run_ingest_job, run_train_job
+from service.versions import active_version_id
+
+from .conftest import domain_text, tiny_settings
+
+
+def test_first_start_creates_version_1_and_trains_version_2_on_the_bootstrap_corpus(pg_url, tmp_path):
+    cache = tmp_path / "corpora"
+    cache.mkdir()
+    (cache / "shakespeare.txt").write_text(domain_text("english"), encoding="utf-8")  # the corpus cache file
+    ctx = ServiceContext.from_settings(tiny_settings(tmp_path / "home", pg_url, bootstrap_corpus="shakespeare",
+                                                     corpora_cache_dir=cache, bootstrap_steps=20))
+    sent: list[Job] = []
+    ingest_id = bootstrap(ctx, sent.append)
+    assert [job.id for job in sent] == [ingest_id]
+    with ctx.sessions() as session:
+        assert active_version_id(session) == 1
+        corpus = session.scalars(select(Corpus)).one()
+        assert (corpus.name, corpus.source) == ("shakespeare", "builtin")
+    run_ingest_job(ctx, ingest_id, sent.append)
+    run_train_job(ctx, sent[-1].id)
+    with ctx.sessions() as session:
+        version = session.get(PoolVersion, active_version_id(session))
+        assert version.id == 2 and version.corpus_ids == [corpus.id] and version.strategy == "naive"
+        assert version.model_config_json["d_model"] == 32  # the configured shape (tests/service/conftest.py)
+    assert bootstrap(ctx, sent.append) is None  # a second start: nothing new
+    with ctx.sessions() as session:
+        assert session.scalar(select(func.count(PoolVersion.id))) == 2
+    ctx.close()
