@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
-from ...db.models import Corpus, Job
+from ...db.models import Corpus
 from ...errors import InvalidInput, NotFound, PayloadTooLarge
 from ...ingest import parse_upload
 from ...uploads import accept_corpus, validate_train_options
@@ -118,12 +118,9 @@ def list_corpora(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, 
     return session.scalars(select(Corpus).order_by(Corpus.id.desc()).limit(limit).offset(offset)).all()
 
 
-@router.get("/v1/corpora/{corpus_id}")
+@router.get("/v1/corpora/{corpus_id}", response_model=CorpusOut)
 def get_corpus(corpus_id: int, session: Session = Depends(get_session)):
     corpus = session.get(Corpus, corpus_id)
     if corpus is None:
         raise NotFound(f"corpus {corpus_id} not found")
-    jobs = session.scalars(select(Job).where(Job.kind == "ingest").order_by(Job.id)).all()
-    ingest = next((j for j in jobs if corpus_id in j.corpus_ids), None)
-    return {**CorpusOut.model_validate(corpus).model_dump(mode="json"),
-            "ingest_job_id": ingest.id if ingest else None}
+    return corpus

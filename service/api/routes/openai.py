@@ -47,14 +47,13 @@ async def completions(body: CompletionRequest, request: Request, host=Depends(ge
     generation = start_generation(host, request.app.state.metrics, prompt_ids, params)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    model = f"{settings.model_name}"
 
     def usage() -> dict:
         return {"prompt_tokens": len(prompt_ids), "completion_tokens": generation.completion_tokens,
                 "total_tokens": len(prompt_ids) + generation.completion_tokens}
 
     def chunk(text: str, finish_reason: str | None) -> dict:
-        return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": settings.model_name,
                 "system_fingerprint": f"version-{generation.ticket.version_id}",
                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]}
 
