@@ -365,6 +365,9 @@ def train(
                 with autocast_for(device):
                     logits = model(inputs)  # (B, T, vocab)
                 loss = loss_fn(logits, inputs, targets, tuple(extras))
+                aux = model.aux_loss() if hasattr(model, "aux_loss") else None
+                if aux is not None:  # load-balancing / z losses of mixture-of-experts layers
+                    loss = loss + aux
                 optimizers.zero_grad()
                 loss.backward()
                 grad_norm_sum += clip_grad_norm(params, cfg.grad_clip)
