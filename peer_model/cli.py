@@ -17,9 +17,10 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
-from .config import ModelConfig, PEERConfig
+from .config import ATTENTION_KINDS, FFW_KINDS, ModelConfig, PEERConfig
 from .corpora import CORPORA, CorpusUnavailable, load_corpus, split_train_val
 from .generate import SamplingParams, generate
+from .flops import count_flops
 from .model import PEERTransformer
 from .runtime import tune_allocator
 from .tokenizer import ByteTokenizer
@@ -62,7 +63,8 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     peer = PEERConfig(num_experts=args.experts, heads=args.peer_heads, top_k=args.top_k, d_key=args.d_key,
                       query_batchnorm=not args.no_query_batchnorm)
     return ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff,
-                       max_seq_len=args.max_seq_len, peer_layers=args.peer_layers, peer=peer)
+                       max_seq_len=args.max_seq_len, peer_layers=args.peer_layers, peer=peer, ffw=args.ffw,
+                       attention=args.attention)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -136,6 +138,14 @@ def cmd_grow(args: argparse.Namespace) -> None:
         print(f"layer {layer}: experts {seg.start}..{seg.end - 1} added ({seg.size:,}), grid {seg.rows}x{seg.cols}")
 
 
+def _flops(model) -> dict:
+    sides = {i: (layer.grid.rows, layer.grid.cols) for i, layer in model.peer_layers().items()}
+    count = count_flops(model.config, grid_sides=sides)
+    return {"forward": count.forward_per_token, "train": count.train_per_token,
+            "active_parameters": count.active_params, "forward_by_part": count.breakdown,
+            "seq_len": model.config.max_seq_len}
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     model = load_checkpoint(args.checkpoint)
     experts = sum(p.numel() for layer in model.peer_layers().values() for p in (layer.expert_down, layer.expert_up))
@@ -150,6 +160,7 @@ def cmd_info(args: argparse.Namespace) -> None:
                      "segments": segment_usage(layer.usage_counts, layer.segments)}
             for i, layer in model.peer_layers().items()
         },
+        "flops_per_token": _flops(model),
         "extra": read_checkpoint_meta(args.checkpoint).get("extra"),
     }
     print(json.dumps(info, indent=2))
@@ -186,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--top-k", type=int, default=16)
     shape.add_argument("--d-key", type=int, default=64)
     shape.add_argument("--no-query-batchnorm", action="store_true")
+    shape.add_argument("--ffw", default="peer", choices=FFW_KINDS,
+                       help="feed-forward of the --peer-layers blocks (baselines use their config defaults)")
+    shape.add_argument("--attention", default="mha", choices=ATTENTION_KINDS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="bits per byte on the validation split of a text")

@@ -72,7 +72,7 @@ class PEERTransformer(nn.Module):
     def aux_loss(self) -> torch.Tensor | None:
         """The sum of the auxiliary losses (load balancing, z-loss, ...) of the last forward, already
         weighted; None when no module has one. The training loop adds it to the language-model loss."""
-        losses = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        losses = [m.aux_loss for m in self.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
         return torch.stack(losses).sum() if losses else None
 
     def peer_layers(self) -> dict[int, PEER]:
