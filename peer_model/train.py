@@ -6,9 +6,10 @@ backward, clip the global gradient norm, set the learning rate (linear warm-up, 
 Two optimizers share the step (:class:`Optimizers`):
 
 * dense ``AdamW`` for every ordinary parameter, peak ``lr``. Weight decay applies to the weight
-  matrices of ``nn.Linear`` layers only (attention, dense feed-forward, PEER query projection); norms,
-  BatchNorm, the (tied) byte embedding and the product sub-keys are not decayed: they are scales,
-  shifts or lookup vectors, and shrinking the sub-keys would only flatten the routing softmax;
+  matrices of ``nn.Linear`` layers and batched expert matrices (3-D and more: MoE experts, SwitchHead's
+  value and output experts) only; norms, BatchNorm, the (tied) byte embedding, PKM's value table and
+  the product sub-keys are not decayed: they are scales, shifts or lookup vectors, and shrinking the
+  sub-keys would only flatten the routing softmax;
 * :class:`~peer_model.optim.SparseRowAdam` for the PEER expert tables, peak ``expert_lr``, no decay:
   their gradients hold only the rows the batch used, and only those rows are read or written.
 
@@ -38,7 +39,7 @@ class TrainConfig:
     seq_len: int = 256
     lr: float = 3e-3  # dense AdamW peak
     expert_lr: float = 1e-3  # expert tables (SparseRowAdam) peak
-    weight_decay: float = 0.1  # nn.Linear weight matrices only, see the module docstring
+    weight_decay: float = 0.1  # weight matrices only, see the module docstring
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak
@@ -185,6 +186,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> Optimizers:
     expert_ids = {id(p) for p in experts}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
+    matrices |= {id(p) for p in model.parameters() if p.dim() >= 3}  # batched expert matrices (MoE, SwitchHead)
     decay, no_decay = [], []
     for param in model.parameters():  # tied weights appear once
         if param.requires_grad and id(param) not in expert_ids:

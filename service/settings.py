@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from peer_model.config import ModelConfig, PEERConfig
+from peer_model.config import ATTENTION_KINDS, FFW_KINDS, ModelConfig, MoEConfig, PEERConfig
 from peer_model.continual import STRATEGIES
 
 
@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     peer_heads: int = 4
     peer_top_k: int = 16
     peer_d_key: int = 64
+    ffw: str = "peer"  # feed-forward of the expert block: peer, or a baseline (peer_model.config.FFW_KINDS)
+    attention: str = "mha"  # mha or switchhead
+    moe_experts: int = 8  # ffw moe / switch / expert_choice
+    moe_top_k: int = 2
 
     # ---- training jobs -----------------------------------------------------------------------------
     train_steps: int = 300
@@ -90,6 +94,20 @@ class Settings(BaseSettings):
     def _split_keys(cls, value):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("ffw")
+    @classmethod
+    def _known_ffw(cls, value: str) -> str:
+        if value not in FFW_KINDS:
+            raise ValueError(f"ffw must be one of {', '.join(FFW_KINDS)}")
+        return value
+
+    @field_validator("attention")
+    @classmethod
+    def _known_attention(cls, value: str) -> str:
+        if value not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}")
         return value
 
     @field_validator("strategy")
@@ -141,4 +159,6 @@ class Settings(BaseSettings):
             max_seq_len=self.max_seq_len,
             peer=PEERConfig(num_experts=self.peer_experts, heads=self.peer_heads, top_k=self.peer_top_k,
                             d_key=self.peer_d_key),
+            ffw=self.ffw, attention=self.attention,
+            moe=MoEConfig(num_experts=self.moe_experts, top_k=self.moe_top_k),
         )

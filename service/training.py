@@ -59,13 +59,15 @@ def parse_job_options(options: dict) -> JobOptions:
         raise InvalidInput(f"invalid job options: {problems}") from None
 
 
-def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool) -> ContinualOptions:
+def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool,
+                      has_pool: bool = True) -> ContinualOptions:
     """The job's options over the service defaults (``settings.strategy`` and friends).
 
     Without a strategy: a version that knows no corpus yet (a fresh model) is pre-trained as a whole
     (naive, no growth); otherwise the default strategy, or, with ``freeze_old_experts=False``, fine-tuning
     of everything (replay when a replay fraction is set). Replay and distillation need earlier corpora:
-    with none they are off, and a protecting strategy falls back to its unprotected form.
+    with none they are off, and a protecting strategy falls back to its unprotected form. A model without
+    a PEER pool (``has_pool`` False: a baseline feed-forward) cannot grow: it fine-tunes, with replay.
     """
     replay = settings.replay_fraction if job.replay_fraction is None else job.replay_fraction
     distill = settings.distill_weight if job.distill_weight is None else job.distill_weight
@@ -77,6 +79,8 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
             strategy = settings.strategy
         else:
             strategy = "replay" if replay > 0 else "naive"
+    if not has_pool and strategy in ("grow_freeze", "grow_freeze_protect", "sparse_finetune"):
+        strategy = "replay" if has_old_corpora and replay > 0 else "naive"
     if not has_old_corpora:
         strategy = {"grow_freeze_protect": "grow_freeze", "replay": "naive"}.get(strategy, strategy)
     if strategy in ("naive", "grow_freeze", "sparse_finetune"):
@@ -227,8 +231,9 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         old_ids = [c for c in base.corpus_ids if c not in new_ids]
         parent_segments, base_checkpoint = base.segments, base.checkpoint
     job_options = parse_job_options(options)
-    stage_options = continual_options(settings, job_options, has_old_corpora=bool(old_ids))
     parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
+    stage_options = continual_options(settings, job_options, has_old_corpora=bool(old_ids),
+                                      has_pool=bool(parent.peer_layers()))
     if settings.train_seq_len > parent.config.max_seq_len:
         stage_options = replace(stage_options, train=replace(stage_options.train, seq_len=parent.config.max_seq_len))
     new_train = _token_data(ctx, new_ids, "train")

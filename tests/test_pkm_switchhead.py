@@ -16,7 +16,7 @@ D = 32
 
 
 def sh_config(**switchhead) -> ModelConfig:
-    return ModelConfig(d_model=D, n_layers=2, n_heads=2, d_ff=64, max_seq_len=32, attention="switchhead",
+    return ModelConfig(d_model=D, n_layers=2, n_heads=2, d_ff=64, max_seq_len=32, ffw="dense", attention="switchhead",
                        switchhead=SwitchHeadConfig(**switchhead))
 
 
@@ -110,6 +110,10 @@ def switchhead_model() -> PEERTransformer:
     torch.manual_seed(0)
     model = PEERTransformer(sh_config(n_heads=2, head_dim=8, num_experts=4, top_k=2))
     assert isinstance(model.blocks[0].attn, SwitchHeadAttention)
+    with torch.no_grad():  # large random weights: an untrained model would just repeat the last token
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.5)
     return model.double().eval()  # float64: no near-tie in an argmax or a top-k flips between the paths
 
 
@@ -132,6 +136,7 @@ def test_switchhead_cached_and_batched_decoding_equal_recomputation():
     prompts = [[104, 105], [97, 98, 99, 100, 101, 102, 103]]
     alone = [[s.token_id for s in generate(model, p, greedy)] for p in prompts]
     assert alone == [greedy_recompute(model, p, 8) for p in prompts]
+    assert all(len(set(tokens)) > 2 for tokens in alone)  # the completions depend on their context
     decoder = BatchDecoder(model, capacity=2)
     rows = [decoder.add(p, greedy) for p in prompts]
     got = {0: [], 1: []}

@@ -7,8 +7,12 @@ from sqlalchemy import func, select
 from service.bootstrap import bootstrap
 from service.context import ServiceContext
 from service.db.models import Corpus, Job, PoolVersion
+from service.db.session import transaction
+from service.ingest import parse_upload
+from service.migrate import upgrade
 from service.training import run_ingest_job, run_train_job
-from service.versions import active_version_id
+from service.uploads import accept_corpus
+from service.versions import active_version_id, ensure_initial_version
 
 from .conftest import domain_text, tiny_settings
 
@@ -35,4 +39,26 @@ def test_first_start_creates_version_1_and_trains_version_2_on_the_bootstrap_cor
     assert bootstrap(ctx, sent.append) is None  # a second start: nothing new
     with ctx.sessions() as session:
         assert session.scalar(select(func.count(PoolVersion.id))) == 2
+    ctx.close()
+
+
+def test_a_pool_without_peer_layers_is_trained_by_fine_tuning_with_replay(tmp_path):
+    """PEER_FFW=moe (a baseline): nothing to grow, so later corpora fine-tune everything with replay.
+    On the embedded SQLite database."""
+    settings = tiny_settings(tmp_path / "home", ffw="moe", moe_experts=4)
+    upgrade(settings.resolved_database_url)
+    ctx = ServiceContext.from_settings(settings)
+    ensure_initial_version(ctx)
+    sent: list[Job] = []
+    for name, domain in (("english", "english"), ("code", "code")):
+        text = domain_text(domain)
+        with transaction(ctx.sessions) as session:
+            _, job = accept_corpus(ctx, session, name, parse_upload(text.encode(), "text", 10**6), text, "text",
+                                   True, {"activate": "always"})
+        run_ingest_job(ctx, job.id, sent.append)
+        run_train_job(ctx, sent[-1].id)
+    with ctx.sessions() as session:
+        strategies = [session.get(Job, j.id).metrics.get("strategy") for j in sent]
+        version = session.get(PoolVersion, active_version_id(session))
+    assert strategies == ["naive", "replay"] and version.experts == {} and len(version.corpus_ids) == 2
     ctx.close()

