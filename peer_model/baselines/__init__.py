@@ -13,6 +13,9 @@ from ..config import ModelConfig
 from ..peer import PEER
 from ..pool import ExpertGrid
 from .dense import FeedForward, SwiGLU
+from .moe import ExpertChoiceMoE, NoisyTopKMoE, SwitchMoE
+from .pkm import ProductKeyMemory
+from .switchhead import SwitchHeadAttention
 
 
 def make_ffw(config: ModelConfig, grid: ExpertGrid | None = None) -> nn.Module:
@@ -25,17 +28,11 @@ def make_ffw(config: ModelConfig, grid: ExpertGrid | None = None) -> nn.Module:
     if kind == "swiglu":
         return SwiGLU(d, d_ff)
     if kind == "pkm":
-        from .pkm import ProductKeyMemory
-
         return ProductKeyMemory(d, config.pkm)
-    from .moe import ExpertChoiceMoE, NoisyTopKMoE, SwitchMoE
-
     return {"moe": NoisyTopKMoE, "switch": SwitchMoE, "expert_choice": ExpertChoiceMoE}[kind](d, d_ff, config.moe)
 
 
 def make_attention(config: ModelConfig) -> nn.Module:
     if config.attention == "switchhead":
-        from .switchhead import SwitchHeadAttention
-
         return SwitchHeadAttention(config)
     return Attention(config)
