@@ -14,8 +14,8 @@ expert block) and, for "switchhead+peer", the attention of every block:
     peer           128² single-neuron experts, 4 heads, top-16, query BatchNorm (He 2024)
     switchhead+peer  PEER, and SwitchHead attention (2 heads, 4 experts, top-2) in every block
 
-A second table gives each expert layer alone at equal active parameters: training tokens/s and peak
-memory (resident-set growth of a fresh process per layer).
+A second table gives each expert layer alone at about equal active parameters (see ``layer_config``):
+training tokens/s and peak memory (resident-set growth of a fresh process per layer), 2,048 tokens a step.
 
     .venv/bin/python benchmarks/isoflop.py                       # default: 2 budgets × 2 widths, ≤ 45 min
     .venv/bin/python benchmarks/isoflop.py --size tiny           # a 3-minute check
@@ -37,9 +37,10 @@ import torch
 from peer_model.config import ModelConfig, MoEConfig, PEERConfig, PKMConfig, SwitchHeadConfig
 from peer_model.corpora import load_corpus, split_train_val
 from peer_model.flops import count_flops
+from peer_model.baselines import make_ffw
 from peer_model.model import PEERTransformer
 from peer_model.runtime import tune_allocator
-from peer_model.train import TokenData, TrainConfig, evaluate_bpb, train
+from peer_model.train import TokenData, TrainConfig, build_optimizers, evaluate_bpb, train
 
 ARCHITECTURES = ("dense", "moe", "switch", "expert_choice", "pkm", "peer", "switchhead+peer")
 
@@ -58,7 +59,7 @@ class Size:
 
 SIZES = {
     "tiny": Size((2e11,), (64, 96), 32, 300_000, 8, 64, 4, 128),
-    "small": Size((2e12, 6e12), (96, 160), 128, 1_000_000, 16, 128, 16, 256),
+    "small": Size((1.5e12, 4.5e12), (96, 160), 128, 1_000_000, 16, 128, 16, 256),
     "gpu": Size((6e15, 2e16), (512, 768, 1024), 1024, 5_000_000, 64, 512, 64, 1024),
 }
 
@@ -97,29 +98,46 @@ def run(arch: str, d: int, budget: float, size: Size, data: TokenData, val: Toke
 # ---- one layer alone ----------------------------------------------------------------------------
 
 
+def layer_config(arch: str, d: int, side: int) -> ModelConfig:
+    """One expert block whose feed-forward multiplies each token by about the dense MLP's 8·d² parameters:
+    experts of 2d hidden units for top-2 and expert choice (factor 2), 4d for Switch; PKM and PEER get
+    as many heads as make heads · (d_key + k) · d (PKM) or heads · (d_key + 2k) · d (PEER) ≈ 8·d²."""
+    d_key, k = 64, 16
+    moe = {"moe": MoEConfig(num_experts=8, top_k=2, d_expert=2 * d),
+           "switch": MoEConfig(num_experts=8, d_expert=4 * d),
+           "expert_choice": MoEConfig(num_experts=8, capacity_factor=2.0, d_expert=2 * d)}.get(arch, MoEConfig())
+    return ModelConfig(d_model=d, n_layers=1, n_heads=4, d_ff=4 * d, max_seq_len=128, peer_layers=[0], ffw=arch,
+                       moe=moe, pkm=PKMConfig(num_memories=side**2, heads=round(8 * d / (d_key + k)), top_k=k,
+                                              d_key=d_key),
+                       peer=PEERConfig(num_experts=side**2, heads=round(8 * d / (d_key + 2 * k)), top_k=k,
+                                       d_key=d_key))
+
+
 def _layer_probe(arch: str, d: int, side: int, tokens: int, queue) -> None:
-    """In a fresh process: build the expert block's layer, run 2 + 5 training steps, report speed and the
-    growth of the peak resident set."""
+    """In a fresh process: build one expert layer, run 2 + 5 training steps (forward, backward, optimizer),
+    report tokens/s and the growth of the peak resident set."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    config = config_for(arch, d, side, 128)
-    model = PEERTransformer(config)
-    layer = model.blocks[config.peer_layers[0]].ffw
-    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    config = layer_config(arch, d, side)
+    layer = make_ffw(config)
+    optimizers = build_optimizers(layer, TrainConfig())  # AdamW, and SparseRowAdam for PEER's expert tables
     x = torch.randn(tokens, d)
     times = []
     for step in range(7):
         start = time.perf_counter()
         out = layer(x)
-        loss = out.pow(2).mean() + (layer.aux_loss if isinstance(getattr(layer, "aux_loss", None), torch.Tensor) else 0)
-        optimizer.zero_grad()
+        aux = getattr(layer, "aux_loss", None)
+        loss = out.pow(2).mean() + (aux if isinstance(aux, torch.Tensor) else 0)
+        optimizers.zero_grad()
         loss.backward()
-        optimizer.step()
+        optimizers.step()
         if step >= 2:
             times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     flops = count_flops(config, 128)
     queue.put({"arch": arch, "tokens_per_s": round(tokens / (sum(times) / len(times))),
-               "peak_mib": round(peak / 1024, 1), "layer_forward_flops_per_token": flops.breakdown["expert_ffw"]})
+               "peak_mib": round(peak / 1024, 1), "active_params": flops.active_params - d * config.vocab_size
+               - 4 * d * d, "params": sum(p.numel() for p in layer.parameters()),
+               "layer_forward_flops_per_token": flops.breakdown["expert_ffw"]})
 
 
 def layer_table(size: Size, tokens: int = 2048) -> list[dict]:
@@ -129,8 +147,10 @@ def layer_table(size: Size, tokens: int = 2048) -> list[dict]:
         queue = context.Queue()
         process = context.Process(target=_layer_probe, args=(arch, size.layer_d, size.side, tokens, queue))
         process.start()
-        rows.append(queue.get())
         process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"the {arch} layer probe failed (exit code {process.exitcode}); see its traceback above")
+        rows.append(queue.get(timeout=10))
     return rows
 
 
@@ -150,11 +170,11 @@ def print_tables(results: list[dict], layers: list[dict]) -> None:
         best = {a: min(r["val_bpb"] for r in results if r["budget"] == budget and r["arch"] == a)
                 for a in ARCHITECTURES if any(r["arch"] == a and r["budget"] == budget for r in results)}
         print(f"  {budget:.1e}: " + ", ".join(f"{a} {v:.3f}" for a, v in sorted(best.items(), key=lambda kv: kv[1])))
-    print("\n| layer | training tokens/s | peak MiB | forward FLOPs/token |")
-    print("|---|---:|---:|---:|")
+    print("\n| layer | active params | params | training tokens/s | peak MiB | forward FLOPs/token |")
+    print("|---|---:|---:|---:|---:|---:|")
     for row in layers:
-        print(f"| {row['arch']} | {row['tokens_per_s']:,} | {row['peak_mib']} | "
-              f"{row['layer_forward_flops_per_token']:,.0f} |")
+        print(f"| {row['arch']} | {row['active_params']:,} | {row['params']:,} | {row['tokens_per_s']:,} | "
+              f"{row['peak_mib']} | {row['layer_forward_flops_per_token']:,.0f} |")
 
 
 def plot(results: list[dict], path: Path) -> None:
