@@ -17,7 +17,7 @@ expert block) and, for "switchhead+peer", the attention of every block:
 A second table gives each expert layer alone at about equal active parameters (see ``layer_config``):
 training tokens/s and peak memory (resident-set growth of a fresh process per layer), 2,048 tokens a step.
 
-    .venv/bin/python benchmarks/isoflop.py                       # default: 2 budgets × 2 widths, ≤ 45 min
+    .venv/bin/python benchmarks/isoflop.py                       # default: 2 budgets × 3 widths, ~30 min
     .venv/bin/python benchmarks/isoflop.py --size tiny           # a 3-minute check
     .venv/bin/python benchmarks/isoflop.py --size gpu --device cuda
 """
@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import multiprocessing
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ class Size:
 
 SIZES = {
     "tiny": Size((2e11,), (64, 96), 32, 300_000, 8, 64, 4, 128),
-    "small": Size((1.5e12, 4.5e12), (96, 160), 128, 1_000_000, 16, 128, 16, 256),
+    "small": Size((1.5e12, 4.5e12), (64, 96, 160), 128, 1_000_000, 16, 128, 16, 256),
     "gpu": Size((6e15, 2e16), (512, 768, 1024), 1024, 5_000_000, 64, 512, 64, 1024),
 }
 
@@ -113,10 +112,18 @@ def layer_config(arch: str, d: int, side: int) -> ModelConfig:
                                        d_key=d_key))
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that across exec, so a
+    spawned child would start from its parent's peak."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
 def _layer_probe(arch: str, d: int, side: int, tokens: int, queue) -> None:
     """In a fresh process: build one expert layer, run 2 + 5 training steps (forward, backward, optimizer),
     report tokens/s and the growth of the peak resident set."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    (torch.randn(tokens, d, requires_grad=True) @ torch.randn(d, d)).sum().backward()  # torch's own start-up
+    before = peak_rss_kib()
     config = layer_config(arch, d, side)
     layer = make_ffw(config)
     optimizers = build_optimizers(layer, TrainConfig())  # AdamW, and SparseRowAdam for PEER's expert tables
@@ -132,7 +139,7 @@ def _layer_probe(arch: str, d: int, side: int, tokens: int, queue) -> None:
         optimizers.step()
         if step >= 2:
             times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    peak = peak_rss_kib() - before
     flops = count_flops(config, 128)
     queue.put({"arch": arch, "tokens_per_s": round(tokens / (sum(times) / len(times))),
                "peak_mib": round(peak / 1024, 1), "active_params": flops.active_params - d * config.vocab_size
