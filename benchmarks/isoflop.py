@@ -189,6 +189,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     budgets = sorted({r["budget"] for r in results})
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
@@ -199,6 +200,8 @@ def plot(results: list[dict], path: Path) -> None:
             if rows:
                 ax.plot([r["params"] / 1e6 for r in rows], [r["val_bpb"] for r in rows], marker="o", label=arch)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
         ax.set_title(f"{budget:.1e} training FLOPs")
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel("validation bits per byte")
