@@ -41,6 +41,8 @@ def test_train_eval_generate_grow_info(text_file, tmp_path, capsys):
     assert main(["info", str(grown)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [s["tag"] for s in info["peer_layers"]["1"]["segments"]] == ["initial", "more"]
+    flops = info["flops_per_token"]
+    assert flops["train"] == 3 * flops["forward"] > 0 and flops["forward"] == sum(flops["forward_by_part"].values())
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
