@@ -84,6 +84,16 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
                                                       distill_weight=1.0, train_dense=True, train=cfg, **grow, **keep),
         "sparse_finetune": ContinualOptions("sparse_finetune", sparse_top_experts=size.sparse_top, train=cfg,
                                             freeze_query_batchnorm_stats=True),
+        # the protect+dense compromise with more protection or a gentler dense learning rate
+        "protect+dense replay50": ContinualOptions("grow_freeze_protect", replay_fraction=0.5, distill_weight=1.0,
+                                                   train_dense=True, train=cfg, **grow, **keep),
+        "protect+dense slow": ContinualOptions("grow_freeze_protect", replay_fraction=0.25, distill_weight=1.0,
+                                               train_dense=True, train=replace(cfg, lr=cfg.lr * 0.3), **grow, **keep),
+        "protect+dense replay50 slow": ContinualOptions("grow_freeze_protect", replay_fraction=0.5, distill_weight=1.0,
+                                                        train_dense=True, train=replace(cfg, lr=cfg.lr * 0.3),
+                                                        **grow, **keep),
+        "protect+dense distill3": ContinualOptions("grow_freeze_protect", replay_fraction=0.25, distill_weight=3.0,
+                                                   train_dense=True, train=cfg, **grow, **keep),
     }
 
 

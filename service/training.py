@@ -47,6 +47,7 @@ class JobOptions(BaseModel):
     replay_fraction: float | None = Field(None, ge=0, lt=1)
     distill_weight: float | None = Field(None, ge=0, allow_inf_nan=False)
     sparse_top_experts: int | None = Field(None, ge=1)
+    train_dense: bool | None = None  # growing strategies; None: PEER_TRAIN_DENSE
     activate: Literal["auto", "always", "never"] = "auto"
     seed: int = Field(0, ge=0)
 
@@ -96,7 +97,10 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
         return ContinualOptions(
             strategy=strategy, new_experts=new_experts, replay_fraction=replay, distill_weight=distill, train=train,
             sparse_top_experts=(job.sparse_top_experts or settings.sparse_top_experts)
-            if strategy == "sparse_finetune" else 0)
+            if strategy == "sparse_finetune" else 0,
+            train_dense=(settings.train_dense if job.train_dense is None else job.train_dense) if growing else None,
+            # old inputs keep finding old experts: old sub-keys and the query BatchNorm statistics stay the parent's
+            freeze_old_sub_keys=growing, freeze_query_batchnorm_stats=growing or strategy == "sparse_finetune")
     except ValueError as exc:
         raise InvalidInput(f"invalid job options: {exc}") from None
 

@@ -116,7 +116,7 @@ class JobRequest(BaseModel):
     base_version_id: int | None = Field(None, description="default: the active version")
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description="strategy, new_experts, steps, freeze_old_experts, replay_fraction, distill_weight, "
+        description="strategy, new_experts, steps, freeze_old_experts, replay_fraction, distill_weight, train_dense, "
                     "sparse_top_experts, activate (auto|always|never), seed")
 
 
