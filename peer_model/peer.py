@@ -18,7 +18,7 @@ from torch import nn
 from .config import PEERConfig
 from .experts import expert_mix, expert_mix_reference
 from .pool import ExpertGrid, Segment
-from .retrieval import brute_force_topk, product_key_topk
+from .retrieval import multihead_retrieve
 
 
 class PEER(nn.Module):
@@ -51,13 +51,8 @@ class PEER(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (M, d) → (gates, ids), both (M, heads * k); gates sum to 1 within each head."""
         cfg = self.config
-        q = self.query_norm(self.query(x)).view(-1, cfg.d_key)  # (M * heads, d_key)
-        half = cfg.d_key // 2
-        retrieve = brute_force_topk if self.reference else product_key_topk
-        scores, ids = retrieve(q[:, :half], q[:, half:], self.sub_keys1, self.sub_keys2, self.grid, cfg.top_k)
-        gates = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
-        m = x.shape[0]
-        return gates.view(m, -1), ids.view(m, -1)
+        return multihead_retrieve(self.query_norm(self.query(x)), self.sub_keys1, self.sub_keys2, self.grid,
+                                  cfg.d_key, cfg.top_k, self.reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

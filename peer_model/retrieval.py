@@ -65,3 +65,19 @@ def brute_force_topk(
     i, j = grid.id_to_cell(torch.arange(grid.num_experts, device=q1.device))
     full_keys = torch.cat([keys1[i], keys2[j]], dim=1)  # (N, d_key): row n is the key of expert n
     return (torch.cat([q1, q2], dim=1) @ full_keys.t()).topk(k, dim=-1)
+
+
+def multihead_retrieve(
+    queries: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, grid: ExpertGrid, d_key: int, k: int,
+    reference: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """queries (M, heads * d_key), already normalised → (weights, ids), both (M, heads * k): each head's
+    exact top-k over the shared product keys, its k scores softmaxed (weights sum to 1 within a head).
+    ``reference``: the brute-force search. Shared by the PEER layer and product-key memory."""
+    m = queries.shape[0]
+    q = queries.reshape(-1, d_key)  # (M * heads, d_key)
+    half = d_key // 2
+    retrieve = brute_force_topk if reference else product_key_topk
+    scores, ids = retrieve(q[:, :half], q[:, half:], keys1, keys2, grid, k)
+    weights = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    return weights.view(m, -1), ids.view(m, -1)

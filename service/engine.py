@@ -62,12 +62,15 @@ class LoadedVersion:
 class Ticket:
     """A submitted generation; ``cancel()`` (e.g. the client went away) ends it at the next step."""
 
-    version_id: int
     prompt_ids: list[int]
     params: SamplingParams
     on_step: StepCallback
     version: LoadedVersion
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def version_id(self) -> int:
+        return self.version.version_id
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -104,7 +107,6 @@ class ModelHost:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_flush = time.monotonic()
-        self.tokens_generated = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -189,7 +191,7 @@ class ModelHost:
                 check_prompt(current.model, prompt_ids, params)
             except ValueError as exc:
                 raise InvalidInput(str(exc)) from None
-            ticket = Ticket(current.version_id, list(prompt_ids), params, on_step, current)
+            ticket = Ticket(list(prompt_ids), params, on_step, current)
             current.requests += 1
             self._pending.append(ticket)
             self._cond.notify_all()
@@ -247,7 +249,6 @@ class ModelHost:
                 self._finish(ticket)
             version.running.clear()
             return
-        self.tokens_generated += len(steps)
         for sequence, step in steps:
             ticket = version.running[sequence]
             self._deliver(ticket, step)

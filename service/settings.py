@@ -97,25 +97,12 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("ffw")
+    @field_validator("ffw", "attention", "strategy")
     @classmethod
-    def _known_ffw(cls, value: str) -> str:
-        if value not in FFW_KINDS:
-            raise ValueError(f"ffw must be one of {', '.join(FFW_KINDS)}")
-        return value
-
-    @field_validator("attention")
-    @classmethod
-    def _known_attention(cls, value: str) -> str:
-        if value not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}")
-        return value
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, value: str) -> str:
-        if value not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
+    def _one_of(cls, value: str, info) -> str:
+        allowed = {"ffw": FFW_KINDS, "attention": ATTENTION_KINDS, "strategy": STRATEGIES}[info.field_name]
+        if value not in allowed:
+            raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}")
         return value
 
     @field_validator("max_corpus_bytes", "max_document_bytes", "max_documents_per_request", "max_tokens_limit",

@@ -12,7 +12,6 @@ half a file. The root may be a shared volume (docker-compose mounts one into the
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -37,9 +36,6 @@ class Store:
 
     def read_corpus(self, corpus_id: int, part: str) -> str:
         return self.corpus_path(corpus_id, part).read_text(encoding="utf-8")
-
-    def delete_corpus(self, corpus_id: int) -> None:
-        shutil.rmtree(self.root / "corpora" / str(corpus_id), ignore_errors=True)
 
     # ---- versions ------------------------------------------------------------------------------
 

@@ -105,6 +105,12 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
         raise InvalidInput(f"invalid job options: {exc}") from None
 
 
+def validate_job_options(settings: Settings, options: dict, has_old_corpora: bool = True) -> dict:
+    """Reject bad training options at submission (422), not when the job runs; returns them unchanged."""
+    continual_options(settings, parse_job_options(options), has_old_corpora)
+    return options
+
+
 # ---- ingest --------------------------------------------------------------------------------------
 
 

@@ -15,13 +15,6 @@ from .db.models import Corpus, Job, Stream, StreamDocument
 from .errors import InvalidInput, NotFound
 from .ingest import Upload, check_size, parse_upload
 from .jobs import create_job
-from .training import continual_options, parse_job_options
-
-
-def validate_train_options(ctx: ServiceContext, options: dict) -> dict:
-    """Reject bad training options at submission (422), not when the job runs."""
-    continual_options(ctx.settings, parse_job_options(options), has_old_corpora=True)
-    return options
 
 
 def accept_corpus(ctx: ServiceContext, session: Session, name: str, upload: Upload, raw_text: str, fmt: str,

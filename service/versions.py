@@ -12,8 +12,9 @@ from .context import ServiceContext
 from .db.models import Activation, PoolVersion
 from .db.session import transaction
 from .errors import NotFound
+from .store import Store
 
-INITIAL_CHECKPOINT = "versions/initial"
+INITIAL_CHECKPOINT = Store.version_key("initial")
 
 
 def active_version_id(session: Session) -> int | None:

@@ -1,6 +1,4 @@
 """The PKM feed-forward and SwitchHead attention baselines: references, gradients, caching, batching."""
-import math
-
 import torch
 
 from peer_model.attention import Attention, rope_tables
@@ -10,7 +8,7 @@ from peer_model.batching import BatchDecoder
 from peer_model.config import ModelConfig, PKMConfig, SwitchHeadConfig
 from peer_model.generate import SamplingParams, generate
 from peer_model.model import PEERTransformer
-from peer_model.tokenizer import BOS, EOS, PAD
+from test_generate import greedy_without_cache
 
 D = 32
 
@@ -117,25 +115,12 @@ def switchhead_model() -> PEERTransformer:
     return model.double().eval()  # float64: no near-tie in an argmax or a top-k flips between the paths
 
 
-def greedy_recompute(model: PEERTransformer, prompt: list[int], n: int) -> list[int]:
-    ids, out = [BOS, *prompt], []
-    with torch.inference_mode():
-        for _ in range(n):
-            logits = model(torch.tensor([ids]))[0, -1].clone()
-            logits[[BOS, PAD]] = -math.inf
-            out.append(int(logits.argmax()))
-            if out[-1] == EOS:
-                break
-            ids.append(out[-1])
-    return out
-
-
 def test_switchhead_cached_and_batched_decoding_equal_recomputation():
     model = switchhead_model()
     greedy = SamplingParams(max_tokens=8, temperature=0)
     prompts = [[104, 105], [97, 98, 99, 100, 101, 102, 103]]
     alone = [[s.token_id for s in generate(model, p, greedy)] for p in prompts]
-    assert alone == [greedy_recompute(model, p, 8) for p in prompts]
+    assert alone == [greedy_without_cache(model, p, 8) for p in prompts]
     assert all(len(set(tokens)) > 2 for tokens in alone)  # the completions depend on their context
     decoder = BatchDecoder(model, capacity=2)
     rows = [decoder.add(p, greedy) for p in prompts]

@@ -2,7 +2,7 @@
 the PEER paper (1024² memories, 8 heads, top-32 per head, query BatchNorm).
 
 For each token x and each of h heads: q = BatchNorm(W_q x) split in two halves; the k memories with the
-best product-key scores are retrieved exactly (:func:`~peer_model.retrieval.product_key_topk`);
+best product-key scores are retrieved exactly (:func:`~peer_model.retrieval.multihead_retrieve`, as PEER);
 w = softmax over their k scores; the layer returns Σ_heads Σ_k w · values[id].
 
 Differences from PEER and from the original PKM, on purpose:
@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import PKMConfig
 from ..pool import ExpertGrid
-from ..retrieval import product_key_topk
+from ..retrieval import multihead_retrieve
 
 
 class ProductKeyMemory(nn.Module):
@@ -43,12 +43,8 @@ class ProductKeyMemory(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (M, d) → (weights, ids), both (M, heads * k); weights sum to 1 within each head."""
         cfg = self.config
-        q = self.query_norm(self.query(x)).view(-1, cfg.d_key)  # (M * heads, d_key)
-        half = cfg.d_key // 2
-        scores, ids = product_key_topk(q[:, :half], q[:, half:], self.sub_keys1, self.sub_keys2, self.grid, cfg.top_k)
-        weights = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
-        m = x.shape[0]
-        return weights.view(m, -1), ids.view(m, -1)
+        return multihead_retrieve(self.query_norm(self.query(x)), self.sub_keys1, self.sub_keys2, self.grid,
+                                  cfg.d_key, cfg.top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

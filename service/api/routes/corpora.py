@@ -13,7 +13,8 @@ from starlette.datastructures import UploadFile
 from ...db.models import Corpus
 from ...errors import InvalidInput, NotFound, PayloadTooLarge
 from ...ingest import parse_upload
-from ...uploads import accept_corpus, validate_train_options
+from ...training import validate_job_options
+from ...uploads import accept_corpus
 from ..deps import get_ctx, get_dispatch, get_session, require_key
 from ..schemas import CorpusAccepted, CorpusOut, JobOut, TextCorpusRequest
 
@@ -104,7 +105,7 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
         raise InvalidInput("a corpus needs a name (query parameter ?name=...)")
     train = True if train is None else train
     parsed = parse_upload(data, fmt, limit)
-    validate_train_options(ctx, train_options)
+    validate_job_options(ctx.settings, train_options)
     corpus, job = accept_corpus(ctx, session, name, parsed, data.decode("utf-8"), fmt, train, train_options)
     session.commit()
     dispatch(job)

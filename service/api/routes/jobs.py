@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from ...db.models import JOB_KINDS, JOB_STATES, Corpus, Job
 from ...errors import Conflict, InvalidInput, NotFound
 from ...jobs import create_job, get_job, request_cancel
-from ...training import continual_options, parse_job_options
+from ...training import validate_job_options
 from ...versions import active_version_id, get_version
 from ..deps import get_ctx, get_dispatch, get_session, require_key
 from ..schemas import JobOut, JobRequest
@@ -34,7 +34,7 @@ def submit_job(body: JobRequest, ctx=Depends(get_ctx), session: Session = Depend
         raise Conflict("no version to train from")
     base = get_version(session, base_id)
     has_old = any(c not in body.corpus_ids for c in base.corpus_ids)
-    continual_options(ctx.settings, parse_job_options(body.options), has_old)
+    validate_job_options(ctx.settings, body.options, has_old)
     job = create_job(session, "train", body.corpus_ids, body.options, base_version_id=base_id)
     session.commit()
     dispatch(job)
