@@ -3,17 +3,19 @@
 A base model is trained on the first corpus; then each strategy (peer_model/continual.py) runs the
 same stages (one per further corpus, equal steps) from that same base. Every stage's training text
 also carries a few hundred invented facts (peer_model/facts.py, BOS before each sentence). After
-every stage: bits per byte on the validation split of every corpus seen so far (R[stage][corpus])
-and greedy fact recall on every stage's facts so far (F[stage][facts of stage]).
+every stage: bits per byte on the validation split of every corpus seen so far (R[stage][corpus]),
+greedy fact recall on every stage's facts so far (F[stage][facts of stage]) and the bits per byte of
+their answers, with those of facts never trained on as the control (A[stage][...]).
 
 Reported per strategy: the R matrix, average forgetting (per old corpus: final bpb − best earlier
-bpb), learning (bpb on each corpus right after its stage), plasticity (learning − naive's learning;
-> 0 = learns worse than naive), final fact recall per stage. The "dense naive" row is the reference the
-issue asks for: the same model with a dense GELU MLP in place of the PEER layer, pre-trained the same
-way, fine-tuned naively.
+bpb) and its ratio to naive's, plasticity (bpb on each corpus right after its own stage − naive's,
+> 0 = learns worse than naive; also relative: 0.05 = 5% worse), final fact recall per stage, and
+retention of facts: final recall ÷ recall right after their stage, and the same for the answer bits
+saved against unseen facts. The "dense naive" row is the reference the issue asks for: the same model
+with a dense GELU MLP in place of the PEER layer, pre-trained the same way, fine-tuned naively.
 
     python benchmarks/continual.py --size tiny            # < 3 minutes on 2 cores
-    python benchmarks/continual.py                        # --size small: about 25 minutes on 2 cores (estimated from 0.2 s/step)
+    python benchmarks/continual.py                        # --size small, DEFAULT_STRATEGIES: about 27 minutes on 2 cores
     python benchmarks/continual.py --strategies naive,grow_freeze_protect --json runs/c.json
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from peer_model.config import ModelConfig, PEERConfig
 from peer_model.continual import ContinualOptions, continual_stage, evaluate_all, forgetting_report
 from peer_model.corpora import load_corpus, split_train_val
-from peer_model.facts import fact_recall, facts_tokens, make_facts
+from peer_model.facts import answer_bits, fact_recall, facts_tokens, make_facts
 from peer_model.model import PEERTransformer
 from peer_model.runtime import tune_allocator
 from peer_model.train import TokenData, TrainConfig, train
@@ -58,9 +60,9 @@ def _model(d, layers, heads, side, peer_heads, k, d_key, seq):
 
 SIZES = {
     "tiny": Size(_model(64, 2, 4, 16, 2, 4, 16, 64), base_steps=300, stage_steps=150, batch_size=8, seq_len=64,
-                 max_bytes=300_000, facts=30, fact_repeats=10, eval_batches=4, new_experts=128, sparse_top=32),
+                 max_bytes=300_000, facts=30, fact_repeats=40, eval_batches=4, new_experts=128, sparse_top=32),
     "small": Size(_model(128, 4, 4, 64, 4, 8, 32, 128), base_steps=1500, stage_steps=200, batch_size=16,
-                  seq_len=128, max_bytes=3_000_000, facts=200, fact_repeats=20, eval_batches=12,
+                  seq_len=128, max_bytes=3_000_000, facts=200, fact_repeats=80, eval_batches=12,
                   new_experts=64 * 64 // 3, sparse_top=256),
 }
 
@@ -94,7 +96,36 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
                                                         **grow, **keep),
         "protect+dense distill3": ContinualOptions("grow_freeze_protect", replay_fraction=0.25, distill_weight=3.0,
                                                    train_dense=True, train=cfg, **grow, **keep),
+        # lighter protection: distillation is what costs most plasticity (BENCHMARKS.md 3c)
+        "protect+dense replay50 distill0": ContinualOptions("grow_freeze_protect", replay_fraction=0.5,
+                                                            train_dense=True, train=cfg, **grow, **keep),
+        "protect+dense replay25 distill0.3": ContinualOptions("grow_freeze_protect", replay_fraction=0.25,
+                                                              distill_weight=0.3, train_dense=True, train=cfg,
+                                                              **grow, **keep),
+        "protect+dense replay50 distill0.3": ContinualOptions("grow_freeze_protect", replay_fraction=0.5,
+                                                              distill_weight=0.3, train_dense=True, train=cfg,
+                                                              **grow, **keep),
     }
+
+
+# run when --strategies is not given (the rest by name): fits the 30-minute budget at --size small
+DEFAULT_STRATEGIES = ["naive", DENSE_REFERENCE, "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune",
+                      "protect+dense replay50", "protect+dense replay50 distill0", "protect+dense replay25 distill0.3",
+                      "protect+dense replay50 distill0.3"]
+
+
+def retention(matrix: list[list[float | None]], known, floor: float = 0.01) -> float | None:
+    """Mean over the facts of every stage before the last of: what the final model knows of them ÷ what
+    the model knew right after their own stage; ``known(row, s)`` reads it from a stage's row (recall,
+    or the answer bits saved against unseen facts). Stages whose facts were never known (≤ ``floor``)
+    are left out; None if no stage's were."""
+    last = len(matrix) - 1
+    ratios = [known(matrix[last], s) / known(matrix[s], s) for s in range(last) if known(matrix[s], s) > floor]
+    return _mean(ratios)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def table(names: list[str], rows: list[list[float | None]], row_label: str) -> str:
@@ -131,15 +162,19 @@ def main() -> None:
         train_sets.append(TokenData(tokens))
         val_sets[name] = TokenData.from_text(text_val)
         facts.append(stage_facts)
+    control = make_facts(len(names), size.facts, seed=args.seed)  # never trained on: the bits of an unknown fact
     cfg = TrainConfig(steps=size.stage_steps, batch_size=size.batch_size, seq_len=size.seq_len, lr=3e-3,
                       expert_lr=1e-2, warmup_steps=max(1, size.stage_steps // 10), eval_every=10**9,
                       log_every=max(1, size.stage_steps // 4), device="cpu", seed=args.seed)
 
     def measure(model, stage):
+        """bpb per corpus, fact recall per stage's facts, and answer bits per stage's facts + control's."""
         seen = {n: val_sets[n] for n in names[: stage + 1]}
         bpb = evaluate_all(model, seen, size.seq_len, size.batch_size, size.eval_batches)
+        pad = [None] * (len(names) - stage - 1)
         recall = [fact_recall(model, facts[s]) for s in range(stage + 1)]
-        return [bpb.get(n) for n in names], recall + [None] * (len(names) - stage - 1)
+        bits = [_mean(answer_bits(model, group)) for group in [*facts[: stage + 1], control]]
+        return [bpb.get(n) for n in names], recall + pad, bits[:-1] + pad + bits[-1:]
 
     base_cfg = TrainConfig(**{**cfg.__dict__, "steps": size.base_steps, "warmup_steps": max(1, size.base_steps // 10),
                               "log_every": max(1, size.base_steps // 4)})
@@ -151,10 +186,11 @@ def main() -> None:
             torch.manual_seed(args.seed)
             model = PEERTransformer(config)
             train(model, train_sets[0], None, base_cfg)
-            row, recall = measure(model, 0)
-            print(f"{config.ffw} base on {names[0]}: {base_cfg.steps} steps, bpb {row[0]:.3f}, fact recall "
-                  f"{recall[0]:.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
-            bases[config.ffw] = model, row, recall
+            first = measure(model, 0)
+            print(f"{config.ffw} base on {names[0]}: {base_cfg.steps} steps, bpb {first[0][0]:.3f}, fact recall "
+                  f"{first[1][0]:.2f}, answer bits {first[2][0]:.2f} (unseen {first[2][-1]:.2f}) "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            bases[config.ffw] = model, first
         return bases[config.ffw]
 
     chosen = strategies(size, cfg)
@@ -163,47 +199,61 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown strategies {sorted(unknown)}; known: {', '.join(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in args.strategies.split(",")}
+    else:
+        chosen = {k: chosen[k] for k in DEFAULT_STRATEGIES}
 
     results = {}
     for label, options in chosen.items():
         config = replace(size.model, ffw="dense") if label == DENSE_REFERENCE else size.model
-        model, base_row, base_recall = pretrained(config)
+        model, first = pretrained(config)
         t0 = time.perf_counter()
-        R, F = [base_row], [base_recall]
+        R, F, A = [first[0]], [first[1]], [first[2]]
         for stage in range(1, len(names)):
             model = continual_stage(model, train_sets[stage], train_sets[:stage], options, tag=names[stage]).child
-            row, recall = measure(model, stage)
+            row, recall, bits = measure(model, stage)
             R.append(row)
             F.append(recall)
-        results[label] = {"R": R, "fact_recall": F, "seconds": time.perf_counter() - t0,
+            A.append(bits)
+        results[label] = {"R": R, "fact_recall": F, "answer_bits": A, "seconds": time.perf_counter() - t0,
                           "experts": sum(layer.num_experts for layer in model.peer_layers().values())}
         print(f"{label}: {results[label]['seconds']:.0f} s", flush=True)
 
     reference = results.get("naive", {}).get("R")
+    naive_forgetting = forgetting_report(reference)["average_forgetting"] if reference else None
     summary = {}
     for label, res in results.items():
         report = forgetting_report(res["R"], reference)
-        final_recall = res["fact_recall"][-1]
+        forgetting = report["average_forgetting"]
         summary[label] = {
-            "average_forgetting": report["average_forgetting"],
+            "average_forgetting": forgetting,
+            "forgetting_vs_naive": forgetting / naive_forgetting if naive_forgetting and forgetting is not None else None,
             "plasticity_vs_naive": report.get("plasticity"),
+            "relative_plasticity": report.get("relative_plasticity"),
             "final_average_bpb": report["final_average_bpb"],
-            "final_fact_recall": final_recall,
+            "final_fact_recall": res["fact_recall"][-1],
             "fact_recall_when_learned": [res["fact_recall"][s][s] for s in range(len(names))],
+            "fact_recall_retention": retention(res["fact_recall"], lambda row, s: row[s]),
+            "fact_bits_retention": retention(res["answer_bits"], lambda row, s: row[-1] - row[s]),
         }
         print(f"\n### {label}  ({res['seconds']:.0f} s, {res['experts']} experts per PEER layer at the end)")
         print("bits per byte, R[stage][corpus]:")
         print(table(names, res["R"], "stage"))
         print("fact recall, F[stage][facts of stage]:")
         print(table([f"facts{s}" for s in range(len(names))], res["fact_recall"], "stage"))
+        print("answer bits per byte, A[stage][facts of stage, then unseen facts]:")
+        print(table([f"facts{s}" for s in range(len(names))] + ["unseen"], res["answer_bits"], "stage"))
 
-    print("\n| strategy | avg forgetting (bpb) | plasticity vs naive (bpb) | final mean bpb | final recall per stage |")
-    print("|---|---|---|---|---|")
-    fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
+    print("\n| strategy | avg forgetting (bpb) | vs naive | plasticity vs naive (bpb) | relative | final mean bpb "
+          "| final recall per stage | recall kept | fact bits kept |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    signed = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
+    percent = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"  # noqa: E731
     for label, s in summary.items():
         recall = " ".join(f"{r:.2f}" for r in s["final_fact_recall"])
-        print(f"| {label} | {fmt(s['average_forgetting'])} | {fmt(s['plasticity_vs_naive'])} | "
-              f"{s['final_average_bpb']:.3f} | {recall} |")
+        print(f"| {label} | {signed(s['average_forgetting'])} | {percent(s['forgetting_vs_naive'])} | "
+              f"{signed(s['plasticity_vs_naive'])} | {percent(s['relative_plasticity'])} | "
+              f"{s['final_average_bpb']:.3f} | {recall} | {percent(s['fact_recall_retention'])} | "
+              f"{percent(s['fact_bits_retention'])} |")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
     out = {"size": args.size, "corpora": names, "model": size.model.to_dict(), "stage_steps": size.stage_steps,
@@ -222,7 +272,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for label, res in results.items():
         axes[0].plot(range(len(names)), [row[0] for row in res["R"]], marker="o", label=label)
-        axes[2].plot(range(len(names)), [row[0] for row in res["fact_recall"]], marker="o", label=label)
+        axes[2].plot(range(len(names)), [row[-1] - row[0] for row in res["answer_bits"]], marker="o", label=label)
         s = summary[label]
         if s["average_forgetting"] is not None and s["plasticity_vs_naive"] is not None:
             axes[1].scatter(s["plasticity_vs_naive"], s["average_forgetting"])
@@ -230,7 +280,8 @@ def main() -> None:
     axes[0].set(title=f"bpb on {names[0]} after each stage", xlabel="stage", ylabel="bits per byte")
     axes[1].set(title="forgetting vs plasticity (lower-left is better)", xlabel="plasticity vs naive (bpb)",
                 ylabel="average forgetting (bpb)")
-    axes[2].set(title="recall of stage-0 facts", xlabel="stage", ylabel="fraction recalled")
+    axes[2].set(title="stage-0 facts: answer bits saved against unseen facts", xlabel="stage",
+                ylabel="bits per byte (higher: known better)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)

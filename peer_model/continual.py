@@ -358,8 +358,10 @@ def forgetting_report(R: Sequence[Sequence[float | None]],
     last stage, forgetting = final bpb − best (lowest) bpb over the stages before the last (≥ 0 up
     to noise; 0 = nothing forgotten); ``average_forgetting`` is their mean (None with one stage).
     ``learning[j]`` = bpb on corpus j right after the stage that introduced it. With ``reference``
-    (the naive strategy's matrix on the same stream), ``plasticity`` = mean over corpora of
-    learning − the reference's learning: > 0 means the strategy learns new corpora worse than naive.
+    (the naive strategy's matrix on the same stream), ``plasticity`` = mean over the corpora introduced
+    by a continual stage (after stage 0, whose corpus the shared base model learned before any strategy
+    ran) of learning − the reference's learning: > 0 means the strategy learns new corpora worse than
+    naive; ``relative_plasticity`` = mean of learning / reference learning − 1 (0.05: 5% worse).
     """
     if not R or any(len(row) != len(R[0]) for row in R):
         raise ValueError("R must be a non-empty rectangular matrix (stages × corpora)")
@@ -389,12 +391,10 @@ def forgetting_report(R: Sequence[Sequence[float | None]],
     if reference is not None:
         if len(reference) != len(R) or any(len(row) != n_corpora for row in reference):
             raise ValueError("reference must have the shape of R")
-        diffs = []
-        for j, value in learning.items():
-            s0 = intro(reference, j)
-            if s0 is not None:
-                diffs.append(value - reference[s0][j])
-        report["plasticity"] = _mean(diffs)
+        pairs = [(value, reference[s0][j]) for j, value in learning.items()
+                 if intro(R, j) > 0 and (s0 := intro(reference, j)) is not None]
+        report["plasticity"] = _mean([value - ref for value, ref in pairs])
+        report["relative_plasticity"] = _mean([value / ref - 1 for value, ref in pairs])
     return report
 
 

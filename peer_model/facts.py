@@ -13,8 +13,9 @@ share a prompt); answers are drawn at random and may repeat.
 """
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -160,32 +161,57 @@ def fact_recall(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenize
 def recalled(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer | None = None,
              batch_size: int = 64) -> list[bool]:
     """Per fact: does greedy decoding reproduce the answer? (The batched method of :func:`fact_recall`.)"""
+    return [logits.argmax(dim=-1).tolist() == answer
+            for logits, answer in _answer_logits(model, facts, tokenizer, batch_size, mask=True)]
+
+
+def answer_bits(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer | None = None,
+                batch_size: int = 64) -> list[float]:
+    """Per fact: bits per byte of the answer given ``BOS + prompt`` (teacher-forced, the full softmax).
+
+    Greedy recall is all or nothing: a fact whose answer became ten times likelier but is still not
+    the argmax counts 0. The answer's bits are the graded form of the same probe. Compared with the
+    bits of facts the model never saw (same templates, unseen subjects: :func:`make_facts` of a stage
+    not trained on), they measure how much of a stage's facts a model holds even where recall is 0.
+    """
+    out = []
+    for logits, answer in _answer_logits(model, facts, tokenizer, batch_size, mask=False):
+        nats = torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="mean")
+        out.append(float(nats) / math.log(2))
+    return out
+
+
+def _answer_logits(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer | None, batch_size: int,
+                   mask: bool) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """Per fact, in order: the float logits (len(answer), vocab) that predict each answer byte, and the
+    answer's ids. One forward pass per ``batch_size`` facts, rows right-padded (a causal model never
+    sees the padding); ``mask``: BOS and PAD masked as generation does."""
     tokenizer = tokenizer or ByteTokenizer()
     device = next(model.parameters()).device
     max_len = model.config.max_seq_len
     was_training = model.training
     model.eval()
-    out: list[bool] = []
     try:
-        for start in range(0, len(facts), batch_size):
-            group = facts[start : start + batch_size]
-            prompts = [tokenizer.encode(f.prompt) for f in group]
-            answers = [tokenizer.encode(f.answer) for f in group]
-            rows = [[BOS, *p, *a] for p, a in zip(prompts, answers)]
-            width = max(len(r) for r in rows)
-            if width - 1 > max_len:  # the last answer byte is predicted, never fed
-                raise ValueError(f"a fact needs {width - 1} positions; the model has {max_len}")
-            tokens = torch.full((len(rows), width - 1), PAD, dtype=torch.long)
-            for i, row in enumerate(rows):
-                tokens[i, : len(row) - 1] = torch.tensor(row[:-1])
-            logits = mask_unsampleable(model(tokens.to(device)).float())
-            best = logits.argmax(dim=-1).cpu()  # (B, T): greedy choice after each position
-            for i, (p, a) in enumerate(zip(prompts, answers)):
-                first = len(p)  # position of the last prompt token (BOS shifts by one)
-                out.append(best[i, first : first + len(a)].tolist() == a)
+        with torch.no_grad():
+            for start in range(0, len(facts), batch_size):
+                group = facts[start : start + batch_size]
+                prompts = [tokenizer.encode(f.prompt) for f in group]
+                answers = [tokenizer.encode(f.answer) for f in group]
+                rows = [[BOS, *p, *a] for p, a in zip(prompts, answers)]
+                width = max(len(r) for r in rows)
+                if width - 1 > max_len:  # the last answer byte is predicted, never fed
+                    raise ValueError(f"a fact needs {width - 1} positions; the model has {max_len}")
+                tokens = torch.full((len(rows), width - 1), PAD, dtype=torch.long)
+                for i, row in enumerate(rows):
+                    tokens[i, : len(row) - 1] = torch.tensor(row[:-1])
+                logits = model(tokens.to(device)).float().cpu()
+                if mask:
+                    logits = mask_unsampleable(logits)
+                for i, (p, a) in enumerate(zip(prompts, answers)):
+                    first = len(p)  # position of the last prompt token (BOS shifts by one)
+                    yield logits[i, first : first + len(a)], a
     finally:
         model.train(was_training)
-    return out
 
 
 def _recall_generate(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer) -> float:
@@ -197,4 +223,4 @@ def _recall_generate(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTok
     return hits / len(facts)
 
 
-__all__ = ["Fact", "Template", "TEMPLATES", "make_facts", "facts_text", "facts_tokens", "fact_recall", "recalled"]
+__all__ = ["Fact", "Template", "TEMPLATES", "make_facts", "facts_text", "facts_tokens", "fact_recall", "recalled", "answer_bits"]

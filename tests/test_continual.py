@@ -1,5 +1,6 @@
 """Continual training: freezing keeps old experts bit-identical, protection forgets less than naive
 fine-tuning, replay mixes the asked fraction, sparse finetuning trains only its experts; fact probes."""
+import math
 import types
 
 import pytest
@@ -10,8 +11,8 @@ from peer_model.config import ModelConfig
 from peer_model.continual import (
     ContinualOptions, MixedData, continual_stage, evaluate_all, expert_scores, forgetting_report, select_experts,
 )
-from peer_model.facts import fact_recall, facts_text, facts_tokens, make_facts, recalled
-from peer_model.tokenizer import EOS, ByteTokenizer
+from peer_model.facts import answer_bits, fact_recall, facts_text, facts_tokens, make_facts, recalled
+from peer_model.tokenizer import BOS, EOS, ByteTokenizer
 from peer_model.train import TokenData, evaluate_bpb, train
 from test_train import DATA, VAL, grammar_text, small_cfg, tiny_model
 
@@ -192,16 +193,40 @@ def test_fact_recall_is_one_for_a_model_that_knows_and_zero_for_one_that_does_no
     assert fact_recall(half, facts, method=method) == 0.5
 
 
-def test_batched_recall_agrees_with_greedy_generation_on_a_trained_model():
+@pytest.fixture(scope="module")
+def fact_model():
+    """A tiny model trained on the 6 facts of stage 0 (and nothing else)."""
     facts = make_facts(0, 6)
     model = tiny_model()
     data = TokenData(facts_tokens(facts, repeats=40))  # BOS before each sentence, as in the prompts
     train(model, data, None, small_cfg(steps=150, seq_len=48, lr=1e-2, expert_lr=1e-2, warmup_steps=10, log_every=50))
+    return model, facts
+
+
+def test_batched_recall_agrees_with_greedy_generation_on_a_trained_model(fact_model):
+    model, facts = fact_model
     probes = facts + make_facts(1, 3)  # 3 facts it never saw: some probes must fail
     batched = recalled(model, probes, batch_size=4)
     generated = [fact_recall(model, [f], method="generate") == 1.0 for f in probes]
     assert batched == generated
     assert any(batched) and not all(batched), batched
+
+
+def test_answer_bits_equal_an_unpadded_forward_per_fact_and_separate_seen_from_unseen_facts(fact_model):
+    model, facts = fact_model
+    unseen = make_facts(1, 6)
+    probes = facts + unseen
+    bits = answer_bits(model, probes, batch_size=4)  # rows of different lengths share a padded batch
+    model.eval()
+    tokenizer = ByteTokenizer()
+    for fact, got in zip(probes, bits):
+        prompt, answer = tokenizer.encode(fact.prompt), tokenizer.encode(fact.answer)
+        with torch.no_grad():
+            logits = model(torch.tensor([[BOS, *prompt, *answer[:-1]]]))[0, len(prompt):]
+        log_probs = torch.log_softmax(logits.double(), -1)
+        expected = -sum(float(log_probs[i, a]) for i, a in enumerate(answer)) / len(answer) / math.log(2)
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert max(bits[:6]) < min(bits[6:]), "a fact it was trained on costs fewer bits than any it never saw"
 
 
 # ---- (e) sparse finetuning -----------------------------------------------------------------------
@@ -248,7 +273,8 @@ def test_forgetting_report():
     assert report["forgetting"] == {0: pytest.approx(0.8), 1: pytest.approx(0.5)}
     assert report["average_forgetting"] == pytest.approx(0.65)
     assert report["learning"] == {0: 2.0, 1: 3.0, 2: 1.0}
-    assert report["plasticity"] == pytest.approx((0.0 + 0.5 + 0.5) / 3)
+    assert report["plasticity"] == pytest.approx((0.5 + 0.5) / 2), "the base corpus (stage 0) is not counted"
+    assert report["relative_plasticity"] == pytest.approx((3.0 / 2.5 + 1.0 / 0.5) / 2 - 1)
     assert forgetting_report([[1.0]])["average_forgetting"] is None
     with pytest.raises(ValueError):
         forgetting_report([[1.0], [1.0, 2.0]])
