@@ -11,8 +11,10 @@ Reported per strategy: the R matrix, average forgetting (per old corpus: final b
 bpb) and its ratio to naive's, plasticity (bpb on each corpus right after its own stage − naive's,
 > 0 = learns worse than naive; also relative: 0.05 = 5% worse), final fact recall per stage, and
 retention of facts: final recall ÷ recall right after their stage, and the same for the answer bits
-saved against unseen facts. The "dense naive" row is the reference the issue asks for: the same model
-with a dense GELU MLP in place of the PEER layer, pre-trained the same way, fine-tuned naively.
+saved against unseen facts; and the share of the first corpus' expert selections that the final model
+routes to experts grown after the base (old inputs drifting to new experts). The "dense naive" row
+is the reference the issue asks for: the same model with a dense GELU MLP in place of the PEER layer,
+pre-trained the same way, fine-tuned naively.
 
     python benchmarks/continual.py --size tiny            # < 3 minutes on 2 cores
     python benchmarks/continual.py                        # --size small, DEFAULT_STRATEGIES: about 27 minutes on 2 cores
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 from peer_model.config import ModelConfig, PEERConfig
-from peer_model.continual import ContinualOptions, continual_stage, evaluate_all, forgetting_report
+from peer_model.continual import ContinualOptions, continual_stage, evaluate_all, forgetting_report, selection_share
 from peer_model.corpora import load_corpus, split_train_val
 from peer_model.facts import answer_bits, fact_recall, facts_tokens, make_facts
 from peer_model.model import PEERTransformer
@@ -207,14 +209,18 @@ def main() -> None:
         config = replace(size.model, ffw="dense") if label == DENSE_REFERENCE else size.model
         model, first = pretrained(config)
         t0 = time.perf_counter()
-        R, F, A = [first[0]], [first[1]], [first[2]]
+        R, F, A, moved = [first[0]], [first[1]], [first[2]], [0.0]
+        base_experts = {i: layer.num_experts for i, layer in model.peer_layers().items()}
         for stage in range(1, len(names)):
             model = continual_stage(model, train_sets[stage], train_sets[:stage], options, tag=names[stage]).child
             row, recall, bits = measure(model, stage)
             R.append(row)
             F.append(recall)
             A.append(bits)
-        results[label] = {"R": R, "fact_recall": F, "answer_bits": A, "seconds": time.perf_counter() - t0,
+            moved.append(selection_share(model, val_sets[names[0]], base_experts, size.eval_batches,
+                                         size.batch_size, size.seq_len, seed=args.seed))
+        results[label] = {"R": R, "fact_recall": F, "answer_bits": A, "old_text_on_new_experts": moved,
+                          "seconds": time.perf_counter() - t0,
                           "experts": sum(layer.num_experts for layer in model.peer_layers().values())}
         print(f"{label}: {results[label]['seconds']:.0f} s", flush=True)
 
@@ -234,6 +240,7 @@ def main() -> None:
             "fact_recall_when_learned": [res["fact_recall"][s][s] for s in range(len(names))],
             "fact_recall_retention": retention(res["fact_recall"], lambda row, s: row[s]),
             "fact_bits_retention": retention(res["answer_bits"], lambda row, s: row[-1] - row[s]),
+            "old_text_on_new_experts": res["old_text_on_new_experts"][-1],
         }
         print(f"\n### {label}  ({res['seconds']:.0f} s, {res['experts']} experts per PEER layer at the end)")
         print("bits per byte, R[stage][corpus]:")
@@ -244,8 +251,8 @@ def main() -> None:
         print(table([f"facts{s}" for s in range(len(names))] + ["unseen"], res["answer_bits"], "stage"))
 
     print("\n| strategy | avg forgetting (bpb) | vs naive | plasticity vs naive (bpb) | relative | final mean bpb "
-          "| final recall per stage | recall kept | fact bits kept |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| final recall per stage | recall kept | fact bits kept | first corpus on new experts |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     signed = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
     percent = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"  # noqa: E731
     for label, s in summary.items():
@@ -253,7 +260,7 @@ def main() -> None:
         print(f"| {label} | {signed(s['average_forgetting'])} | {percent(s['forgetting_vs_naive'])} | "
               f"{signed(s['plasticity_vs_naive'])} | {percent(s['relative_plasticity'])} | "
               f"{s['final_average_bpb']:.3f} | {recall} | {percent(s['fact_recall_retention'])} | "
-              f"{percent(s['fact_bits_retention'])} |")
+              f"{percent(s['fact_bits_retention'])} | {percent(s['old_text_on_new_experts'])} |")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
     out = {"size": args.size, "corpora": names, "model": size.model.to_dict(), "stage_steps": size.stage_steps,

@@ -248,6 +248,18 @@ def select_experts(scores: torch.Tensor, top: int) -> torch.Tensor:
     return order[scores[order] > 0]
 
 
+def selection_share(model: PEERTransformer, data: TokenData, first_id: Mapping[int, int], batches: int,
+                    batch_size: int, seq_len: int, seed: int = 0) -> float:
+    """Fraction of all expert selections on ``data`` (eval mode, all PEER layers) that land on experts
+    with id >= ``first_id[layer]``: with the base model's expert counts and an old corpus, how much of
+    the old text's routing has moved to experts grown since (0 = old inputs still find only old experts).
+    """
+    counts = _count_usage(model, data, batches, batch_size, seq_len, torch.Generator().manual_seed(seed),
+                          per_batch=False)
+    total = sum(int(c.sum()) for c in counts.values())
+    return sum(int(c[first_id[i]:].sum()) for i, c in counts.items()) / max(1, total)
+
+
 # ---- one stage -----------------------------------------------------------------------------------
 
 

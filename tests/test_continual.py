@@ -1,5 +1,6 @@
 """Continual training: freezing keeps old experts bit-identical, protection forgets less than naive
 fine-tuning, replay mixes the asked fraction, sparse finetuning trains only its experts; fact probes."""
+import copy
 import math
 import types
 
@@ -10,6 +11,7 @@ from torch import nn
 from peer_model.config import ModelConfig
 from peer_model.continual import (
     ContinualOptions, MixedData, continual_stage, evaluate_all, expert_scores, forgetting_report, select_experts,
+    selection_share,
 )
 from peer_model.facts import answer_bits, fact_recall, facts_text, facts_tokens, make_facts, recalled
 from peer_model.tokenizer import BOS, EOS, ByteTokenizer
@@ -259,6 +261,31 @@ def test_tf_idf_scores_favour_experts_the_old_data_does_not_use(parent):
     assert scores[df == 4].max() < 1e-6 or scores[df == 4].max() < scores.max(), "used in every old batch: idf ~ 0"
     assert select_experts(torch.tensor([0.0, 3.0, 1.0, 3.0, -1.0]), 3).tolist() == [1, 3, 2]
     assert select_experts(torch.tensor([0.0, 2.0, 0.0]), 5).tolist() == [1]
+
+
+def test_selection_share_counts_the_selections_that_land_on_grown_experts(parent):
+    child = copy.deepcopy(parent)
+    layer = child.peer_layers()[1]
+    first = {1: layer.num_experts}
+    child.grow(128)
+    generator = torch.Generator().manual_seed(3)
+    new = total = 0
+    child.eval()
+    for _ in range(3):  # brute force: route the same sampled windows, count the ids
+        inputs = DATA.sample_batch(8, 32, generator)[0]
+        captured = []
+        hook = layer.register_forward_hook(lambda module, args, out: captured.append(module.route(args[0].flatten(0, 1))[1]))
+        with torch.no_grad():
+            child(inputs)
+        hook.remove()
+        new += int((captured[0] >= first[1]).sum())
+        total += captured[0].numel()
+    share = selection_share(child, DATA, first, batches=3, batch_size=8, seq_len=32, seed=3)
+    assert share == pytest.approx(new / total)
+    assert share < 0.5, "new sub-keys start small: old text mostly keeps its old experts"
+    with torch.no_grad():
+        layer.sub_keys1[parent.peer_layers()[1].grid.rows:] *= 100  # new rows now win every head's top-k
+    assert selection_share(child, DATA, first, batches=3, batch_size=8, seq_len=32, seed=3) > 0.9
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
