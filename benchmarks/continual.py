@@ -75,6 +75,13 @@ DENSE_REFERENCE = "dense naive"  # the same model with a dense GELU MLP instead 
 def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
     keep = dict(freeze_old_sub_keys=True, freeze_query_batchnorm_stats=True)
     grow = dict(new_experts=size.new_experts)
+
+    def protect_dense(replay: float, distill: float, lr_scale: float = 1.0) -> ContinualOptions:
+        """grow + freeze + protect with the dense layers training (the service default's family)."""
+        train = replace(cfg, lr=cfg.lr * lr_scale) if lr_scale != 1.0 else cfg
+        return ContinualOptions("grow_freeze_protect", replay_fraction=replay, distill_weight=distill,
+                                train_dense=True, train=train, **grow, **keep)
+
     return {
         "naive": ContinualOptions("naive", train=cfg),
         DENSE_REFERENCE: ContinualOptions("naive", train=cfg),  # on a model whose middle block is a dense MLP
@@ -84,29 +91,18 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
         "grow_freeze+dense": ContinualOptions("grow_freeze", train=cfg, train_dense=True, **grow, **keep),
         "grow_freeze_protect": ContinualOptions("grow_freeze_protect", replay_fraction=0.25, distill_weight=1.0,
                                                 train=cfg, **grow, **keep),
-        "grow_freeze_protect+dense": ContinualOptions("grow_freeze_protect", replay_fraction=0.25,
-                                                      distill_weight=1.0, train_dense=True, train=cfg, **grow, **keep),
+        "grow_freeze_protect+dense": protect_dense(0.25, 1.0),
         "sparse_finetune": ContinualOptions("sparse_finetune", sparse_top_experts=size.sparse_top, train=cfg,
                                             freeze_query_batchnorm_stats=True),
-        # the protect+dense compromise with more protection or a gentler dense learning rate
-        "protect+dense replay50": ContinualOptions("grow_freeze_protect", replay_fraction=0.5, distill_weight=1.0,
-                                                   train_dense=True, train=cfg, **grow, **keep),
-        "protect+dense slow": ContinualOptions("grow_freeze_protect", replay_fraction=0.25, distill_weight=1.0,
-                                               train_dense=True, train=replace(cfg, lr=cfg.lr * 0.3), **grow, **keep),
-        "protect+dense replay50 slow": ContinualOptions("grow_freeze_protect", replay_fraction=0.5, distill_weight=1.0,
-                                                        train_dense=True, train=replace(cfg, lr=cfg.lr * 0.3),
-                                                        **grow, **keep),
-        "protect+dense distill3": ContinualOptions("grow_freeze_protect", replay_fraction=0.25, distill_weight=3.0,
-                                                   train_dense=True, train=cfg, **grow, **keep),
-        # lighter protection: distillation is what costs most plasticity (BENCHMARKS.md 3c)
-        "protect+dense replay50 distill0": ContinualOptions("grow_freeze_protect", replay_fraction=0.5,
-                                                            train_dense=True, train=cfg, **grow, **keep),
-        "protect+dense replay25 distill0.3": ContinualOptions("grow_freeze_protect", replay_fraction=0.25,
-                                                              distill_weight=0.3, train_dense=True, train=cfg,
-                                                              **grow, **keep),
-        "protect+dense replay50 distill0.3": ContinualOptions("grow_freeze_protect", replay_fraction=0.5,
-                                                              distill_weight=0.3, train_dense=True, train=cfg,
-                                                              **grow, **keep),
+        # more protection, or a gentler dense learning rate ("slow": × 0.3)
+        "protect+dense replay50": protect_dense(0.5, 1.0),
+        "protect+dense slow": protect_dense(0.25, 1.0, lr_scale=0.3),
+        "protect+dense replay50 slow": protect_dense(0.5, 1.0, lr_scale=0.3),
+        "protect+dense distill3": protect_dense(0.25, 3.0),
+        # lighter protection: distillation is what costs most plasticity (BENCHMARKS.md section 3)
+        "protect+dense replay50 distill0": protect_dense(0.5, 0.0),
+        "protect+dense replay25 distill0.3": protect_dense(0.25, 0.3),
+        "protect+dense replay50 distill0.3": protect_dense(0.5, 0.3),
     }
 
 
