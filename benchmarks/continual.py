@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from statistics import fmean
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
         # lighter protection: distillation is what costs most plasticity (BENCHMARKS.md section 3)
         "protect+dense replay50 distill0": protect_dense(0.5, 0.0),
         "protect+dense replay25 distill0.3": protect_dense(0.25, 0.3),
+        "protect+dense replay25 distill0.1": protect_dense(0.25, 0.1),
+        "protect+dense replay25 distill0.2": protect_dense(0.25, 0.2),
         "protect+dense replay50 distill0.3": protect_dense(0.5, 0.3),
     }
 
@@ -119,11 +122,7 @@ def retention(matrix: list[list[float | None]], known, floor: float = 0.01) -> f
     are left out; None if no stage's were."""
     last = len(matrix) - 1
     ratios = [known(matrix[last], s) / known(matrix[s], s) for s in range(last) if known(matrix[s], s) > floor]
-    return _mean(ratios)
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    return fmean(ratios) if ratios else None
 
 
 def table(names: list[str], rows: list[list[float | None]], row_label: str) -> str:
@@ -140,6 +139,7 @@ def main() -> None:
     parser.add_argument("--corpora", default=",".join(CORPORA), help="comma-separated, in stream order")
     parser.add_argument("--strategies", help="comma-separated subset of the strategy names")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--stage-steps", type=int, help="training steps per continual stage (default: the size's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="runs/continual.json")
     parser.add_argument("--plot", default="runs/continual.png")
@@ -148,6 +148,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = SIZES[args.size]
+    if args.stage_steps is not None:
+        if args.stage_steps < 1:
+            parser.error("--stage-steps must be >= 1")
+        size = replace(size, stage_steps=args.stage_steps)
     names = args.corpora.split(",")
     started = time.perf_counter()
 
@@ -171,7 +175,7 @@ def main() -> None:
         bpb = evaluate_all(model, seen, size.seq_len, size.batch_size, size.eval_batches)
         pad = [None] * (len(names) - stage - 1)
         recall = [fact_recall(model, facts[s]) for s in range(stage + 1)]
-        bits = [_mean(answer_bits(model, group)) for group in [*facts[: stage + 1], control]]
+        bits = [fmean(answer_bits(model, group)) for group in [*facts[: stage + 1], control]]
         return [bpb.get(n) for n in names], recall + pad, bits[:-1] + pad + bits[-1:]
 
     base_cfg = TrainConfig(**{**cfg.__dict__, "steps": size.base_steps, "warmup_steps": max(1, size.base_steps // 10),
