@@ -19,6 +19,7 @@ pre-trained the same way, fine-tuned naively.
     python benchmarks/continual.py --size tiny            # < 3 minutes on 2 cores
     python benchmarks/continual.py                        # --size small, DEFAULT_STRATEGIES: about 27 minutes on 2 cores
     python benchmarks/continual.py --strategies naive,grow_freeze_protect --json runs/c.json
+    python benchmarks/continual.py --stage-steps 600 --strategies naive,replay50   # 3x longer stages
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
         "naive": ContinualOptions("naive", train=cfg),
         DENSE_REFERENCE: ContinualOptions("naive", train=cfg),  # on a model whose middle block is a dense MLP
         "replay": ContinualOptions("replay", replay_fraction=0.25, train=cfg),
+        "replay50": ContinualOptions("replay", replay_fraction=0.5, train=cfg),
         "grow_freeze(routing free)": ContinualOptions("grow_freeze", train=cfg, **grow),
         "grow_freeze": ContinualOptions("grow_freeze", train=cfg, **grow, **keep),
         "grow_freeze+dense": ContinualOptions("grow_freeze", train=cfg, train_dense=True, **grow, **keep),
