@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     new_experts: int = 4096  # per PEER layer and job
     strategy: str = "grow_freeze_protect"
     replay_fraction: float = 0.5  # protect+dense replay50, BENCHMARKS.md 3 and 3b: the least forgetting
-    distill_weight: float = 1.0  # KL to the parent on replayed old text (grow_freeze_protect)
+    distill_weight: float = 1.0  # KL to the parent on replayed old text; the default of grow_freeze_protect only
     train_dense: bool = True  # growing strategies: attention, embeddings and dense MLPs train too
     sparse_top_experts: int = 1024  # strategy sparse_finetune: experts trained per PEER layer
     eval_max_batches: int = 8  # validation batches per corpus per evaluation

@@ -66,12 +66,13 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
 
     Without a strategy: a version that knows no corpus yet (a fresh model) is pre-trained as a whole
     (naive, no growth); otherwise the default strategy, or, with ``freeze_old_experts=False``, fine-tuning
-    of everything (replay when a replay fraction is set). Replay and distillation need earlier corpora:
+    of everything (replay when a replay fraction is set). ``PEER_DISTILL_WEIGHT`` is the default of
+    ``grow_freeze_protect`` only: a job that asks for replay gets plain replay (the strategy measured in
+    BENCHMARKS.md) unless it sets ``distill_weight``. Replay and distillation need earlier corpora:
     with none they are off, and a protecting strategy falls back to its unprotected form. A model without
     a PEER pool (``has_pool`` False: a baseline feed-forward) cannot grow: it fine-tunes, with replay.
     """
     replay = settings.replay_fraction if job.replay_fraction is None else job.replay_fraction
-    distill = settings.distill_weight if job.distill_weight is None else job.distill_weight
     strategy = job.strategy
     if strategy is None:
         if not has_old_corpora:
@@ -84,6 +85,9 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
         strategy = "replay" if has_old_corpora and replay > 0 else "naive"
     if not has_old_corpora:
         strategy = {"grow_freeze_protect": "grow_freeze", "replay": "naive"}.get(strategy, strategy)
+    distill = job.distill_weight
+    if distill is None:
+        distill = settings.distill_weight if strategy == "grow_freeze_protect" else 0.0
     if strategy in ("naive", "grow_freeze", "sparse_finetune"):
         replay, distill = 0.0, 0.0
     growing = strategy in ("grow_freeze", "grow_freeze_protect")
