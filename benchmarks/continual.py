@@ -89,6 +89,10 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
         DENSE_REFERENCE: ContinualOptions("naive", train=cfg),  # on a model whose middle block is a dense MLP
         "replay": ContinualOptions("replay", replay_fraction=0.25, train=cfg),
         "replay50": ContinualOptions("replay", replay_fraction=0.5, train=cfg),
+        # replay + distillation with the old experts training too (no freezing), without and with growth
+        "replay50 distill1": ContinualOptions("replay", replay_fraction=0.5, distill_weight=1.0, train=cfg),
+        "replay50 distill0.3": ContinualOptions("replay", replay_fraction=0.5, distill_weight=0.3, train=cfg),
+        "replay50 distill1 grow": ContinualOptions("replay", replay_fraction=0.5, distill_weight=1.0, train=cfg, **grow),
         "grow_freeze(routing free)": ContinualOptions("grow_freeze", train=cfg, **grow),
         "grow_freeze": ContinualOptions("grow_freeze", train=cfg, **grow, **keep),
         "grow_freeze+dense": ContinualOptions("grow_freeze", train=cfg, train_dense=True, **grow, **keep),

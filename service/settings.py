@@ -70,10 +70,12 @@ class Settings(BaseSettings):
     train_seq_len: int = 128
     train_lr: float = 1e-3
     train_expert_lr: float = 3e-3
-    new_experts: int = 4096  # per PEER layer and job
-    strategy: str = "grow_freeze_protect"
-    replay_fraction: float = 0.5  # protect+dense replay50, BENCHMARKS.md 3 and 3b: the least forgetting
-    distill_weight: float = 1.0  # KL to the parent on replayed old text; the default of grow_freeze_protect only
+    new_experts: int = 4096  # per PEER layer and job (replay and the growing strategies)
+    # replay 50% + distillation 1 + growth, everything training: BENCHMARKS.md section 3's winner (as little
+    # forgetting as grow_freeze_protect, which freezes the old experts, and a smaller plasticity gap)
+    strategy: str = "replay"
+    replay_fraction: float = 0.5  # of each batch's windows, from earlier corpora (replay, grow_freeze_protect)
+    distill_weight: float = 1.0  # KL to the parent on replayed old text (replay, grow_freeze_protect)
     train_dense: bool = True  # growing strategies: attention, embeddings and dense MLPs train too
     sparse_top_experts: int = 1024  # strategy sparse_finetune: experts trained per PEER layer
     eval_max_batches: int = 8  # validation batches per corpus per evaluation

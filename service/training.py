@@ -3,8 +3,8 @@
 ingest: the validated upload in the store → normalised, de-duplicated train/validation splits → the
 corpus is ready; optionally a training job follows.
 
-train: parent version → :func:`peer_model.continual.continual_stage` (grow a segment in every PEER
-layer, fine-tune it and the routing, old experts frozen and protected by replay by default) → bits per
+train: parent version → :func:`peer_model.continual.continual_stage` (by default: grow a segment in every
+PEER layer, fine-tune everything on half replay of earlier corpora with distillation to the parent) → bits per
 byte on the validation split of every corpus the version knows → publish: the checkpoint is written
 first, then in one transaction the version row, its evaluations, the job's success and (when the
 activation gate passes) the activation. A crash at any point before that commit leaves no version row,
@@ -43,7 +43,7 @@ class JobOptions(BaseModel):
     strategy: Strategy | None = None
     new_experts: int | None = Field(None, ge=0, description="per PEER layer")
     steps: int | None = Field(None, ge=1)
-    freeze_old_experts: bool = True
+    freeze_old_experts: bool | None = None  # without a strategy: True grow_freeze_protect, False replay/naive
     replay_fraction: float | None = Field(None, ge=0, lt=1)
     distill_weight: float | None = Field(None, ge=0, allow_inf_nan=False)
     sparse_top_experts: int | None = Field(None, ge=1)
@@ -65,33 +65,35 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
     """The job's options over the service defaults (``settings.strategy`` and friends).
 
     Without a strategy: a version that knows no corpus yet (a fresh model) is pre-trained as a whole
-    (naive, no growth); otherwise the default strategy, or, with ``freeze_old_experts=False``, fine-tuning
-    of everything (replay when a replay fraction is set). ``PEER_DISTILL_WEIGHT`` is the default of
-    ``grow_freeze_protect`` only: a job that asks for replay gets plain replay (the strategy measured in
-    BENCHMARKS.md) unless it sets ``distill_weight``. Replay and distillation need earlier corpora:
-    with none they are off, and a protecting strategy falls back to its unprotected form. A model without
-    a PEER pool (``has_pool`` False: a baseline feed-forward) cannot grow: it fine-tunes, with replay.
+    (naive, no growth); otherwise the default strategy, or with ``freeze_old_experts`` True
+    grow_freeze_protect (old experts frozen), with False fine-tuning of everything (replay when a replay
+    fraction is set). Replay and distillation need earlier corpora: with none they are off, and a
+    protecting strategy falls back to its unprotected form. A PEER pool grows by ``PEER_NEW_EXPERTS`` under
+    replay as under the growing strategies (the default, replay + distillation + growth, is the winner
+    of BENCHMARKS.md section 3); a model without one (``has_pool`` False: a baseline feed-forward) cannot
+    grow: it fine-tunes, with replay.
     """
     replay = settings.replay_fraction if job.replay_fraction is None else job.replay_fraction
+    distill = settings.distill_weight if job.distill_weight is None else job.distill_weight
     strategy = job.strategy
     if strategy is None:
         if not has_old_corpora:
             strategy = "naive"
-        elif job.freeze_old_experts:
+        elif job.freeze_old_experts is None:
             strategy = settings.strategy
+        elif job.freeze_old_experts:
+            strategy = "grow_freeze_protect"
         else:
             strategy = "replay" if replay > 0 else "naive"
     if not has_pool and strategy in ("grow_freeze", "grow_freeze_protect", "sparse_finetune"):
         strategy = "replay" if has_old_corpora and replay > 0 else "naive"
     if not has_old_corpora:
         strategy = {"grow_freeze_protect": "grow_freeze", "replay": "naive"}.get(strategy, strategy)
-    distill = job.distill_weight
-    if distill is None:
-        distill = settings.distill_weight if strategy == "grow_freeze_protect" else 0.0
     if strategy in ("naive", "grow_freeze", "sparse_finetune"):
         replay, distill = 0.0, 0.0
     growing = strategy in ("grow_freeze", "grow_freeze_protect")
-    new_experts = job.new_experts if job.new_experts is not None else (settings.new_experts if growing else 0)
+    grows_by_default = growing or (strategy == "replay" and has_pool)
+    new_experts = job.new_experts if job.new_experts is not None else (settings.new_experts if grows_by_default else 0)
     steps = job.steps or settings.train_steps
     try:
         train = TrainConfig(steps=steps, batch_size=settings.train_batch_size, seq_len=settings.train_seq_len,

@@ -7,7 +7,7 @@ from service.errors import InvalidInput
 from service.settings import Settings
 from service.training import continual_options, parse_job_options
 
-DEFAULTS = dict(strategy="grow_freeze_protect", replay_fraction=0.5, distill_weight=1.0, new_experts=4096)
+DEFAULTS = dict(strategy="replay", replay_fraction=0.5, distill_weight=1.0, new_experts=4096)
 
 
 def resolve(options: dict, has_old_corpora: bool = True, has_pool: bool = True):
@@ -16,16 +16,19 @@ def resolve(options: dict, has_old_corpora: bool = True, has_pool: bool = True):
 
 # job options, has_old_corpora, has_pool -> (strategy, replay_fraction, distill_weight, new_experts)
 CASES = [
-    ({}, True, True, ("grow_freeze_protect", 0.5, 1.0, 4096)),
+    ({}, True, True, ("replay", 0.5, 1.0, 4096)),  # the default: replay + distillation, the pool grows
     ({}, False, True, ("naive", 0.0, 0.0, 0)),  # a fresh model is pre-trained as a whole
-    ({"strategy": "grow_freeze_protect"}, False, True, ("grow_freeze", 0.0, 0.0, 4096)),  # nothing old to protect
-    ({"strategy": "replay"}, True, True, ("replay", 0.5, 0.0, 0)),  # plain replay: the default's KL is not inherited
-    ({"strategy": "replay", "replay_fraction": 0.25, "distill_weight": 0.3}, True, True, ("replay", 0.25, 0.3, 0)),
-    ({"freeze_old_experts": False}, True, True, ("replay", 0.5, 0.0, 0)),
+    ({"freeze_old_experts": True}, True, True, ("grow_freeze_protect", 0.5, 1.0, 4096)),
+    ({"freeze_old_experts": False}, True, True, ("replay", 0.5, 1.0, 4096)),
     ({"freeze_old_experts": False, "replay_fraction": 0}, True, True, ("naive", 0.0, 0.0, 0)),
-    ({"distill_weight": 0.2, "new_experts": 128}, True, True, ("grow_freeze_protect", 0.5, 0.2, 128)),
-    ({}, True, False, ("replay", 0.5, 0.0, 0)),  # a baseline feed-forward cannot grow
+    ({"strategy": "grow_freeze_protect"}, False, True, ("grow_freeze", 0.0, 0.0, 4096)),  # nothing old to protect
+    ({"strategy": "replay", "distill_weight": 0}, True, True, ("replay", 0.5, 0.0, 4096)),  # plain replay
+    ({"strategy": "replay", "new_experts": 0}, True, True, ("replay", 0.5, 1.0, 0)),
+    ({"distill_weight": 0.2, "new_experts": 128}, True, True, ("replay", 0.5, 0.2, 128)),
+    ({}, True, False, ("replay", 0.5, 1.0, 0)),  # a baseline feed-forward cannot grow
+    ({"strategy": "grow_freeze_protect"}, True, False, ("replay", 0.5, 1.0, 0)),
     ({"strategy": "grow_freeze", "distill_weight": 3.0}, True, True, ("grow_freeze", 0.0, 0.0, 4096)),
+    ({"strategy": "sparse_finetune"}, True, True, ("sparse_finetune", 0.0, 0.0, 0)),
 ]
 
 
@@ -37,4 +40,4 @@ def test_job_options_resolve_over_the_settings(options, has_old, has_pool, expec
 
 def test_replay_with_distillation_but_no_replay_is_rejected():
     with pytest.raises(InvalidInput, match="replay_fraction"):
-        resolve({"strategy": "replay", "replay_fraction": 0, "distill_weight": 1.0})
+        resolve({"strategy": "replay", "replay_fraction": 0})

@@ -55,7 +55,7 @@ def two_versions(ctx):
     """English pre-trains version 1 into 2; code then grows version 2 into 3 (grow + freeze + replay)."""
     english, ingest_english = upload(ctx, "english", domain_text("english"), {"steps": 40})
     run_train_job(ctx, ingest(ctx, ingest_english))
-    code, ingest_code = upload(ctx, "code", domain_text("code"), {"activate": "always"})
+    code, ingest_code = upload(ctx, "code", domain_text("code"), {"activate": "always", "freeze_old_experts": True})
     train_code = ingest(ctx, ingest_code)
     run_train_job(ctx, train_code)
     return english, code, train_code
