@@ -17,7 +17,7 @@ is the reference the issue asks for: the same model with a dense GELU MLP in pla
 pre-trained the same way, fine-tuned naively.
 
     python benchmarks/continual.py --size tiny            # < 3 minutes on 2 cores
-    python benchmarks/continual.py                        # --size small, DEFAULT_STRATEGIES: about 27 minutes on 2 cores
+    python benchmarks/continual.py                        # --size small, DEFAULT_STRATEGIES: about 29 minutes on 2 cores
     python benchmarks/continual.py --strategies naive,grow_freeze_protect --json runs/c.json
     python benchmarks/continual.py --stage-steps 600 --strategies naive,replay50   # 3x longer stages
 """
@@ -115,9 +115,10 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
     }
 
 
-# run when --strategies is not given (the rest by name): fits the 30-minute budget at --size small
+# run when --strategies is not given (the rest by name): fits the 30-minute budget at --size small;
+# "replay50 distill1 grow" is the service's default training (service/settings.py)
 DEFAULT_STRATEGIES = ["naive", DENSE_REFERENCE, "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune",
-                      "protect+dense replay50", "protect+dense replay50 distill0", "protect+dense replay25 distill0.3",
+                      "replay50 distill1 grow", "protect+dense replay50", "protect+dense replay50 distill0", "protect+dense replay25 distill0.3",
                       "protect+dense replay50 distill0.3"]
 
 
