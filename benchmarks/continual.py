@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from statistics import fmean
 from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
@@ -84,15 +84,20 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
         return ContinualOptions("grow_freeze_protect", replay_fraction=replay, distill_weight=distill,
                                 train_dense=True, train=train, **grow, **keep)
 
+    def replay(fraction: float, distill: float = 0.0, grows: bool = False) -> ContinualOptions:
+        """Everything trains, old experts included (+ KL to the parent on old text, + a grown segment)."""
+        return ContinualOptions("replay", replay_fraction=fraction, distill_weight=distill, train=cfg,
+                                **(grow if grows else {}))
+
     return {
         "naive": ContinualOptions("naive", train=cfg),
         DENSE_REFERENCE: ContinualOptions("naive", train=cfg),  # on a model whose middle block is a dense MLP
-        "replay": ContinualOptions("replay", replay_fraction=0.25, train=cfg),
-        "replay50": ContinualOptions("replay", replay_fraction=0.5, train=cfg),
+        "replay": replay(0.25),
+        "replay50": replay(0.5),
         # replay + distillation with the old experts training too (no freezing), without and with growth
-        "replay50 distill1": ContinualOptions("replay", replay_fraction=0.5, distill_weight=1.0, train=cfg),
-        "replay50 distill0.3": ContinualOptions("replay", replay_fraction=0.5, distill_weight=0.3, train=cfg),
-        "replay50 distill1 grow": ContinualOptions("replay", replay_fraction=0.5, distill_weight=1.0, train=cfg, **grow),
+        "replay50 distill1": replay(0.5, 1.0),
+        "replay50 distill0.3": replay(0.5, 0.3),
+        "replay50 distill1 grow": replay(0.5, 1.0, grows=True),  # the service default
         "grow_freeze(routing free)": ContinualOptions("grow_freeze", train=cfg, **grow),
         "grow_freeze": ContinualOptions("grow_freeze", train=cfg, **grow, **keep),
         "grow_freeze+dense": ContinualOptions("grow_freeze", train=cfg, train_dense=True, **grow, **keep),
@@ -118,8 +123,8 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
 # run when --strategies is not given (the rest by name): fits the 30-minute budget at --size small;
 # "replay50 distill1 grow" is the service's default training (service/settings.py)
 DEFAULT_STRATEGIES = ["naive", DENSE_REFERENCE, "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune",
-                      "replay50 distill1 grow", "protect+dense replay50", "protect+dense replay50 distill0", "protect+dense replay25 distill0.3",
-                      "protect+dense replay50 distill0.3"]
+                      "replay50 distill1 grow", "protect+dense replay50", "protect+dense replay50 distill0",
+                      "protect+dense replay25 distill0.3", "protect+dense replay50 distill0.3"]
 
 
 def retention(matrix: list[list[float | None]], known, floor: float = 0.01) -> float | None:
