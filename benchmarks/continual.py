@@ -62,16 +62,23 @@ def _model(d, layers, heads, side, peer_heads, k, d_key, seq):
                        peer=PEERConfig(num_experts=side * side, heads=peer_heads, top_k=k, d_key=d_key))
 
 
+def with_peer_layers(config: ModelConfig, where: str) -> ModelConfig:
+    """``middle``: PEER in the middle block only (the paper's choice); ``all``: PEER in every block,
+    as UltraMemV2 puts memory in every block."""
+    return replace(config, peer_layers=list(range(config.n_layers)) if where == "all" else [config.n_layers // 2])
+
+
 SIZES = {
     "tiny": Size(_model(64, 2, 4, 16, 2, 4, 16, 64), base_steps=300, stage_steps=150, batch_size=8, seq_len=64,
                  max_bytes=300_000, facts=30, fact_repeats=40, eval_batches=4, new_experts=128, sparse_top=32),
     "small": Size(_model(128, 4, 4, 64, 4, 8, 32, 128), base_steps=1500, stage_steps=200, batch_size=16,
-                  seq_len=128, max_bytes=3_000_000, facts=200, fact_repeats=80, eval_batches=12,
+                  seq_len=128, max_bytes=3_000_000, facts=24, fact_repeats=1200, eval_batches=12,
                   new_experts=64 * 64 // 3, sparse_top=256),
 }
 
 CORPORA = ["shakespeare", "kjv", "gcide", "python-docs"]
 DENSE_REFERENCE = "dense naive"  # the same model with a dense GELU MLP instead of PEER, fine-tuned naively
+DENSE_PREFIX = "dense "  # strategies whose name starts so run on the dense model
 
 
 def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
@@ -84,14 +91,31 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
         return ContinualOptions("grow_freeze_protect", replay_fraction=replay, distill_weight=distill,
                                 train_dense=True, train=train, **grow, **keep)
 
-    def replay(fraction: float, distill: float = 0.0, grows: bool = False) -> ContinualOptions:
+    def replay(fraction: float, distill: float = 0.0, grows: bool = False, **extra) -> ContinualOptions:
         """Everything trains, old experts included (+ KL to the parent on old text, + a grown segment)."""
         return ContinualOptions("replay", replay_fraction=fraction, distill_weight=distill, train=cfg,
-                                **(grow if grows else {}))
+                                **(grow if grows else {}), **extra)
+
+    def chill(old_lr: float, grows: bool = True, **extra) -> ContinualOptions:
+        """Add and chill: the service default's protection, everything older than the stage at
+        ``old_lr`` × its learning rate, the new segment at the full rate."""
+        return ContinualOptions("replay", replay_fraction=0.5, distill_weight=1.0, old_lr_scale=old_lr, train=cfg,
+                                **(grow if grows else {}), **extra)
 
     return {
         "naive": ContinualOptions("naive", train=cfg),
         DENSE_REFERENCE: ContinualOptions("naive", train=cfg),  # on a model whose middle block is a dense MLP
+        # the service default's protection on the dense model: does PEER's growth earn its place?
+        "dense replay50 distill1": replay(0.5, 1.0),
+        "chill0.1": chill(0.1),
+        "chill0.1 no growth": chill(0.1, grows=False),
+        "chill0.3": chill(0.3),
+        "chill0.3 no growth": chill(0.3, grows=False),
+        # old experts frozen; the new segment and routing at the full rate, the dense layers at 0.1x
+        "freeze+chill0.1": ContinualOptions("grow_freeze_protect", replay_fraction=0.5, distill_weight=1.0,
+                                            train_dense=True, old_lr_scale=0.1, train=cfg, **grow, **keep),
+        # the service default + MoE-LPR's router review (10% of the stage's steps, routing only)
+        "replay50 distill1 grow review": replay(0.5, 1.0, grows=True, review_steps=max(1, cfg.steps // 10)),
         "replay": replay(0.25),
         "replay50": replay(0.5),
         # replay + distillation with the old experts training too (no freezing), without and with growth
@@ -152,6 +176,10 @@ def main() -> None:
     parser.add_argument("--strategies", help="comma-separated subset of the strategy names")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--stage-steps", type=int, help="training steps per continual stage (default: the size's)")
+    parser.add_argument("--peer-layers", choices=["middle", "all"], default="middle",
+                        help="blocks with a PEER layer in the PEER models (the dense reference has none)")
+    parser.add_argument("--facts", type=int, help="invented facts per stage (default: the size's)")
+    parser.add_argument("--fact-repeats", type=int, help="sightings of each fact sentence in its stage's text")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="runs/continual.json")
     parser.add_argument("--plot", default="runs/continual.png")
@@ -164,6 +192,8 @@ def main() -> None:
         if args.stage_steps < 1:
             parser.error("--stage-steps must be >= 1")
         size = replace(size, stage_steps=args.stage_steps)
+    size = replace(size, model=with_peer_layers(size.model, args.peer_layers),
+                   facts=args.facts or size.facts, fact_repeats=args.fact_repeats or size.fact_repeats)
     names = args.corpora.split(",")
     started = time.perf_counter()
 
@@ -196,7 +226,7 @@ def main() -> None:
 
     def pretrained(config: ModelConfig):
         """The base model of this architecture, pre-trained on the first corpus (once)."""
-        if config.ffw not in bases:
+        if config.ffw not in bases:  # one PEER architecture per run (--peer-layers) and the dense one
             torch.manual_seed(args.seed)
             model = PEERTransformer(config)
             train(model, train_sets[0], None, base_cfg)
@@ -218,7 +248,7 @@ def main() -> None:
 
     results = {}
     for label, options in chosen.items():
-        config = replace(size.model, ffw="dense") if label == DENSE_REFERENCE else size.model
+        config = replace(size.model, ffw="dense") if label.startswith(DENSE_PREFIX) else size.model
         model, first = pretrained(config)
         t0 = time.perf_counter()
         R, F, A, moved = [first[0]], [first[1]], [first[2]], [0.0]
@@ -276,6 +306,7 @@ def main() -> None:
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
     out = {"size": args.size, "corpora": names, "model": size.model.to_dict(), "stage_steps": size.stage_steps,
+           "facts": size.facts, "fact_repeats": size.fact_repeats,
            "base_steps": size.base_steps, "results": results, "summary": summary,
            "total_s": time.perf_counter() - started}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,16 @@ and returns a child (the parent is never modified). Strategies (``ContinualOptio
   ``sparse_top_experts`` experts per layer whose usage on the new corpus is high relative to their
   usage on earlier corpora (TF-IDF, :func:`expert_scores`), plus any new segment.
 
+Two options apply to any strategy: ``old_lr_scale`` ("add and chill"): every parameter that existed
+before the stage (dense layers, routing, old expert rows) learns at ``old_lr_scale`` × its rate while the
+new experts and new sub-keys learn at the full rate; ``review_steps`` (MoE-LPR's review stage): after
+training, only the routing (query projection, query BatchNorm, sub-keys) trains for that many steps on
+half replay of old text, with the distillation loss when ``distill_weight`` is set, so old inputs find
+their old experts again.
+
+Growth preserves the function (peer.py): the new segment is out of retrieval's reach until training
+opens it over ``train.open_steps`` steps.
+
 Routing parameters change under every strategy unless frozen; three switches keep old inputs finding
 old experts: ``freeze_old_sub_keys`` (gradient hooks zero the rows of the sub-keys that existed before
 growth: bit-identical), ``freeze_query_batchnorm_stats`` (query BatchNorm in eval mode during
@@ -31,7 +41,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -42,7 +52,8 @@ from .model import PEERTransformer
 from .peer import PEER
 from .pool import Segment
 from .train import (
-    LossFn, TokenData, TrainConfig, TrainResult, autocast_for, evaluate_bpb, next_byte_loss, resolve_device, train,
+    LossFn, TokenData, TrainConfig, TrainResult, autocast_for, build_optimizers, evaluate_bpb, next_byte_loss,
+    resolve_device, train,
 )
 
 Strategy = Literal["naive", "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune"]
@@ -63,13 +74,15 @@ class ContinualOptions:
     freeze_query_batchnorm_stats: bool = False
     freeze_query: bool = False
     train_dense: bool | None = None  # None: True for naive/replay, False for the other strategies
+    old_lr_scale: float = 1.0  # learning-rate multiplier of everything that existed before the stage
+    review_steps: int = 0  # routing-only review on half replay after training (needs earlier corpora)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         s = self.strategy
         if s not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {s!r}")
-        for name in ("new_experts", "sparse_top_experts", "usage_batches"):
+        for name in ("new_experts", "sparse_top_experts", "usage_batches", "review_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -80,6 +93,8 @@ class ContinualOptions:
         if not (isinstance(self.distill_weight, (int, float)) and math.isfinite(self.distill_weight)
                 and self.distill_weight >= 0):
             raise ValueError(f"distill_weight must be a finite number >= 0, got {self.distill_weight!r}")
+        if not (isinstance(self.old_lr_scale, (int, float)) and 0.0 <= self.old_lr_scale <= 1.0):
+            raise ValueError(f"old_lr_scale must be in [0, 1], got {self.old_lr_scale!r}")
         if self.distill_on not in ("old", "all"):
             raise ValueError(f"distill_on must be 'old' or 'all', got {self.distill_on!r}")
         if not isinstance(self.train, TrainConfig):
@@ -274,7 +289,8 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
     cfg = options.train
     if cfg.seq_len > parent.config.max_seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {parent.config.max_seq_len}")
-    needs_old = options.replay_fraction > 0 or (options.distill_weight > 0 and options.distill_on == "old")
+    needs_old = (options.replay_fraction > 0 or (options.distill_weight > 0 and options.distill_on == "old")
+                 or options.review_steps > 0)
     if needs_old and not old_train:
         raise ValueError(f"strategy {options.strategy!r} with replay/distillation needs earlier corpora (old_train)")
     child = copy.deepcopy(parent)
@@ -316,18 +332,55 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
                   if options.freeze_query_batchnorm_stats and isinstance(layer.query_norm, nn.modules.batchnorm._BatchNorm)]
 
     data = MixedData(new_train, old_train, options.replay_fraction) if options.replay_fraction > 0 else new_train
+    teacher = copy.deepcopy(parent).to(resolve_device(cfg.device)).eval() if options.distill_weight > 0 else None
     loss_fn = None
-    if options.distill_weight > 0:
-        teacher = copy.deepcopy(parent).to(resolve_device(cfg.device)).eval()
+    if teacher is not None:
         loss_fn = distillation_loss(teacher, options.distill_weight, options.distill_on == "old")
+    optimizers = build_optimizers(child, cfg, _chill_scales(child, before, options.old_lr_scale))
     try:
         result = train(child, data, None, cfg, on_log=on_log, should_stop=should_stop, loss_fn=loss_fn,
-                       eval_modules=batchnorms)
+                       eval_modules=batchnorms, optimizers=optimizers)
+        if options.review_steps and not result.stopped_early:
+            review = _review_routing(child, MixedData(new_train, old_train, 0.5), options, teacher, batchnorms,
+                                     should_stop)
+            result.history.extend({**record, "review": True} for record in review.history)
+            result.stopped_early = review.stopped_early
     finally:
         for hook in hooks:
             hook.remove()
         _restore_trainable(child)
     return StageResult(child, segments, result, trained)
+
+
+def _chill_scales(model: PEERTransformer, before: Mapping[int, tuple[int, int, int]],
+                  scale: float) -> dict[int, float | torch.Tensor]:
+    """Learning-rate multipliers for add-and-chill: ``scale`` for every parameter that existed before
+    the stage and for old expert rows; 1 for new expert rows and the sub-key tables (their old rows
+    are held by ``freeze_old_sub_keys`` where asked)."""
+    if scale == 1.0:
+        return {}
+    scales: dict[int, float | torch.Tensor] = {id(p): scale for p in model.parameters()}
+    for i, layer in model.peer_layers().items():
+        rows = torch.ones(layer.num_experts)
+        rows[: before[i][2]] = scale
+        scales[id(layer.expert_down)] = scales[id(layer.expert_up)] = rows
+        scales[id(layer.sub_keys1)] = scales[id(layer.sub_keys2)] = 1.0
+    return scales
+
+
+def _review_routing(model: PEERTransformer, data: "MixedData", options: ContinualOptions,
+                    teacher: PEERTransformer | None, eval_modules: Sequence[nn.Module],
+                    should_stop: Callable[[], bool] | None) -> TrainResult:
+    """MoE-LPR's review stage: only the routing of every PEER layer trains, on half replay."""
+    routing = {id(p) for layer in model.peer_layers().values() for p in _routing_params(layer)}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in routing)
+    cfg = options.train
+    steps = options.review_steps
+    review_cfg = replace(cfg, steps=steps, warmup_steps=max(1, steps // 10), log_every=max(1, steps // 4),
+                         eval_every=10**9, seed=cfg.seed + 7)
+    loss_fn = distillation_loss(teacher, options.distill_weight, True) if teacher is not None else None
+    return train(model, data, None, review_cfg, should_stop=should_stop, loss_fn=loss_fn, eval_modules=eval_modules)
 
 
 def distillation_loss(teacher: PEERTransformer, weight: float, old_rows_only: bool) -> LossFn:

@@ -21,6 +21,8 @@ import torch
 
 
 class SparseRowAdam(torch.optim.Optimizer):
+    """A parameter group may carry ``row_lr``: a (rows,) tensor multiplying each row's learning rate."""
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
@@ -52,15 +54,17 @@ class SparseRowAdam(torch.optim.Optimizer):
                     state["step"] = torch.zeros(param.shape[0], dtype=torch.int32, device=param.device)
                     state["exp_avg"] = torch.zeros_like(param)
                     state["exp_avg_sq"] = torch.zeros(param.shape[0], dtype=param.dtype, device=param.device)
+                row_lr = group.get("row_lr")
                 for start in range(0, rows.numel(), self.rows_per_chunk):
                     chunk = slice(start, start + self.rows_per_chunk)
-                    _update_rows(param, state, rows[chunk], values[chunk], lr, beta1, beta2, eps, decay)
+                    _update_rows(param, state, rows[chunk], values[chunk], lr, beta1, beta2, eps, decay, row_lr)
         return loss
 
 
 
-def _update_rows(param, state, rows, values, lr, beta1, beta2, eps, decay) -> None:
-    """Adam with a row-wise second moment on the distinct ``rows`` of ``param``."""
+def _update_rows(param, state, rows, values, lr, beta1, beta2, eps, decay, row_lr=None) -> None:
+    """Adam with a row-wise second moment on the distinct ``rows`` of ``param``; ``row_lr`` (optional,
+    one multiplier per row of ``param``) scales each row's learning rate."""
     steps = state["step"].index_select(0, rows) + 1
     state["step"].index_copy_(0, rows, steps)
     exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
@@ -72,7 +76,12 @@ def _update_rows(param, state, rows, values, lr, beta1, beta2, eps, decay) -> No
     scale = (exp_avg_sq / (1 - beta2**steps)).sqrt_().add_(eps).reciprocal_()
     scale.mul_(-lr / (1 - beta1**steps))
     weights = param.index_select(0, rows)
-    if decay:
+    if row_lr is not None:
+        rates = row_lr.index_select(0, rows)
+        scale.mul_(rates)
+        if decay:
+            weights.mul_((1 - lr * decay * rates).unsqueeze(1))
+    elif decay:
         weights.mul_(1 - lr * decay)
     # rows are distinct: gather, update, scatter back (index_add_ is ~5x slower on CPU)
     param.index_copy_(0, rows, weights.addcmul_(exp_avg, scale.unsqueeze(1)))

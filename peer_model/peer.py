@@ -7,6 +7,14 @@ expert pool and one pair of sub-key sets (the paper's choice).
 
 The pool grows with :meth:`PEER.grow`: new sub-keys and expert rows are appended, ids never move
 (see pool.py). A boolean ``trainable`` row mask freezes any set of experts.
+
+Growth preserves the function: a grown segment starts with status ``new``, whose sub-keys carry a
+score offset of −∞, so no input can select its experts and the layer's output is bit-identical to the
+parent's. Training opens it (:meth:`PEER.open_new_segments`, driven by train()): the offset rises from
+−margin to 0 over the opening steps, where margin is twice the largest |half-score| of the first batch
+it sees, so on that batch no new sub-key outranks an old one, and the new experts enter top-k
+gradually, first on the inputs whose queries their sub-keys match best. A ``masked`` segment (a corpus
+forgotten on request) stays at −∞.
 """
 from __future__ import annotations
 
@@ -37,6 +45,9 @@ class PEER(nn.Module):
         self.expert_up = nn.Parameter(torch.randn(n, d_model).mul_(d_model**-0.5 / math.sqrt(config.heads)))  # v_i
         self.register_buffer("trainable", torch.ones(n, dtype=torch.bool), persistent=False)
         self.register_buffer("usage_counts", torch.zeros(n, dtype=torch.long), persistent=False)
+        self.register_buffer("segment_offsets", self._status_offsets(), persistent=False)
+        self._open_progress: float | None = None  # set while new segments open (see open_new_segments)
+        self._open_margin: torch.Tensor | None = None
         self.track_usage = False
         self.reference = False  # True: brute-force retrieval and plain autograd experts (for tests)
 
@@ -51,8 +62,36 @@ class PEER(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (M, d) → (gates, ids), both (M, heads * k); gates sum to 1 within each head."""
         cfg = self.config
-        return multihead_retrieve(self.query_norm(self.query(x)), self.sub_keys1, self.sub_keys2, self.grid,
-                                  cfg.d_key, cfg.top_k, self.reference)
+        queries = self.query_norm(self.query(x))
+        return multihead_retrieve(queries, self.sub_keys1, self.sub_keys2, self.grid, cfg.d_key, cfg.top_k,
+                                  self.reference, self._sub_key_offsets(queries))
+
+    def _sub_key_offsets(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Score offsets per sub-key of each half from the segments' offsets; None with one segment."""
+        if len(self.grid.segments) == 1:
+            return None
+        offsets = self.segment_offsets
+        if self._open_progress is not None:
+            if self._open_margin is None:
+                self._open_margin = self._score_margin(queries)
+            opening = self.segment_offsets.new_tensor([s.status == "new" for s in self.grid.segments],
+                                                      dtype=torch.bool)
+            offsets = torch.where(opening, -(1.0 - self._open_progress) * self._open_margin, offsets)
+        row_segment, col_segment = self.grid.row_segments(offsets.device)
+        return offsets[row_segment], offsets[col_segment]
+
+    @torch.no_grad()
+    def _score_margin(self, queries: torch.Tensor) -> torch.Tensor:
+        """Twice the largest |half-score| of ``queries`` against any sub-key: offset by it, a sub-key
+        scores below every other one on these queries."""
+        half = self.config.d_key // 2
+        q = queries.detach().reshape(-1, self.config.d_key).float()
+        bound = torch.maximum((q[:, :half] @ self.sub_keys1.detach().float().t()).abs().amax(),
+                              (q[:, half:] @ self.sub_keys2.detach().float().t()).abs().amax())
+        return 2.0 * bound
+
+    def _status_offsets(self) -> torch.Tensor:
+        return torch.tensor([0.0 if s.status == "active" else float("-inf") for s in self.grid.segments])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -72,27 +111,47 @@ class PEER(nn.Module):
     @torch.no_grad()
     def grow(self, num_experts: int | None = None, *, rows: int | None = None, cols: int | None = None,
              tag: str = "", key_scale: float = 0.5) -> Segment:
-        """Append experts; returns their segment. Give ``num_experts`` (rounded up to fill the grid)
-        or the new grid shape ``rows``/``cols``.
+        """Append experts; returns their segment, status ``new``: out of retrieval's reach until
+        training opens it, so the layer's output does not change. Give ``num_experts`` (rounded up to
+        fill the grid) or the new grid shape ``rows``/``cols``.
 
-        New up-vectors start at zero, so a new expert adds nothing until trained; the output moves
-        only by the gate mass new experts take from old ones when retrieval picks them instead. New
-        sub-keys are therefore drawn at ``key_scale`` × the RMS of the existing ones: at 0.5, on a
-        trained model whose pool was doubled, new experts still won 5% of the selections (so they get
-        gradients and learn) while held-out loss moved by < 1%; at 1.0 they won 30% and the loss
-        rose by 11% (measured in tests/test_growth.py's setting).
+        New up-vectors start at zero, so a new expert adds nothing until trained, and new sub-keys are
+        drawn at ``key_scale`` × the RMS of the existing ones, so once open they win only part of the
+        selections at first (at 1.0, on a trained model whose pool was doubled, they won 30% and the
+        held-out loss rose by 11%; at 0.5, 5% and < 1%: tests/test_growth.py's setting).
         """
         if num_experts is not None:
             rows, cols = self.grid.plan_growth(num_experts)
         rows = self.grid.rows if rows is None else rows
         cols = self.grid.cols if cols is None else cols
-        segment = self.grid.grow(rows, cols, tag)
+        segment = self.grid.grow(rows, cols, tag, status="new")
         self.sub_keys1 = _extended(self.sub_keys1, rows, _like_rms(self.sub_keys1, key_scale))
         self.sub_keys2 = _extended(self.sub_keys2, cols, _like_rms(self.sub_keys2, key_scale))
         self.expert_down = _extended(self.expert_down, segment.end, _like_rms(self.expert_down))
         self.expert_up = _extended(self.expert_up, segment.end, torch.zeros_like)
         self.trainable = torch.cat([self.trainable, self.trainable.new_ones(segment.size)])
         self.usage_counts = torch.cat([self.usage_counts, self.usage_counts.new_zeros(segment.size)])
+        self.segment_offsets = torch.cat([self.segment_offsets, self.segment_offsets.new_full((1,), float("-inf"))])
+        return segment
+
+    def open_new_segments(self, progress: float) -> None:
+        """Bring the ``new`` segments into retrieval: their score offset is −(1 − progress) × margin
+        (the margin is measured on the next forward's queries); at progress ≥ 1 they become ``active``."""
+        if not any(s.status == "new" for s in self.grid.segments):
+            return
+        if progress >= 1.0:
+            for index, segment in enumerate(self.grid.segments):
+                if segment.status == "new":
+                    self.set_segment_status(index, "active")
+            self._open_progress = self._open_margin = None
+            return
+        self._open_progress = max(0.0, float(progress))
+
+    def set_segment_status(self, index: int, status: str) -> Segment:
+        """``active``: in retrieval; ``new`` or ``masked``: out of reach (see pool.py for what that
+        covers when an older segment is masked)."""
+        segment = self.grid.set_status(index, status)
+        self.segment_offsets[index] = 0.0 if status == "active" else float("-inf")
         return segment
 
     def set_trainable(self, ids: torch.Tensor | slice, trainable: bool) -> None:

@@ -13,13 +13,22 @@ in *segments* instead:
 
 Every cell of the current grid is an expert, so product-key top-k over the grid stays exact and costs
 O((rows + cols + k²) · d_key); an id, once given, never changes.
+
+A segment has a retrieval *status*: ``active`` experts compete in top-k; ``new`` ones (just grown, not
+yet trained) and ``masked`` ones (a corpus forgotten on request) do not. Exclusion is done on the
+sub-keys (see :meth:`ExpertGrid.row_segments`): a segment's own rows and columns are closed, so every
+cell on them is out of reach, including the cells of *later* segments that pair an older segment's
+row with a newer column. For the newest segment those are exactly its own cells; for an older masked
+segment they also include later experts grown on its sub-keys.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
+
+SEGMENT_STATUSES = ("active", "new", "masked")
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,11 @@ class Segment:
     rows: int
     cols: int
     tag: str = ""  # why they were added, e.g. the corpus they were grown for
+    status: str = "active"  # one of SEGMENT_STATUSES: whether retrieval may select these experts
+
+    def __post_init__(self) -> None:
+        if self.status not in SEGMENT_STATUSES:
+            raise ValueError(f"segment status must be one of {', '.join(SEGMENT_STATUSES)}, got {self.status!r}")
 
     @property
     def size(self) -> int:
@@ -87,11 +101,25 @@ class ExpertGrid:
         cols = max(self.cols, -(-target // rows))
         return rows, cols
 
-    def grow(self, rows: int, cols: int, tag: str = "") -> Segment:
+    def grow(self, rows: int, cols: int, tag: str = "", status: str = "active") -> Segment:
         """Extend the grid to ``rows × cols``; returns the new segment (ids after every old one)."""
-        seg = Segment(self.num_experts, rows * cols - self.rows * self.cols + self.num_experts, rows, cols, tag)
+        seg = Segment(self.num_experts, rows * cols - self.rows * self.cols + self.num_experts, rows, cols, tag,
+                      status)
         self._append(seg)
         return seg
+
+    def set_status(self, index: int, status: str) -> Segment:
+        """Change segment ``index``'s retrieval status; returns the updated record."""
+        if index == 0 and status != "active":
+            raise ValueError("the initial segment cannot be excluded from retrieval")
+        self.segments[index] = replace(self.segments[index], status=status)
+        return self.segments[index]
+
+    def row_segments(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every first-half sub-key (row) and every second-half one (column), the index of the
+        segment that added it: (rows,) and (cols,), int64."""
+        t = self._tables(device)
+        return t["row_segment"], t["col_segment"]
 
     def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-segment bounds as tensors on ``device`` (built once per device and growth, since every
@@ -111,6 +139,9 @@ class ExpertGrid:
             "prev_cols": as_tensor([0] + cols[:-1]),
             "start": as_tensor([s.start for s in self.segments]),
             "end": as_tensor([s.end for s in self.segments]),
+            # a sub-key belongs to the first segment whose extent includes it
+            "row_segment": torch.searchsorted(as_tensor(rows), torch.arange(self.rows, device=device), right=True),
+            "col_segment": torch.searchsorted(as_tensor(cols), torch.arange(self.cols, device=device), right=True),
         }
 
     def cell_to_id(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 Both functions take queries already split in halves, ``q1, q2: (M, d_key/2)``, the two sub-key sets
 ``keys1: (rows, d_key/2)``, ``keys2: (cols, d_key/2)`` and the :class:`~peer_model.pool.ExpertGrid`
 that numbers their cells, and return ``(scores, ids)``, both ``(M, k)``, best first.
-The score of expert (i, j) is ``q1·keys1[i] + q2·keys2[j]``.
+The score of expert (i, j) is ``q1·keys1[i] + q2·keys2[j]`` (+ ``offsets1[i] + offsets2[j]`` when the
+sub-keys carry score offsets: a separable bias keeps the product-key search exact, and ``-inf`` takes a
+sub-key, and every cell on it, out of reach).
 """
 from __future__ import annotations
 
@@ -23,8 +25,11 @@ class _ScoreTopK(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, queries, keys, k):
-        scores, index = (queries @ keys.t()).topk(k, dim=-1)
+    def forward(ctx, queries, keys, k, offsets=None):
+        scores = queries @ keys.t()
+        if offsets is not None:
+            scores = scores + offsets
+        scores, index = scores.topk(k, dim=-1)
         ctx.save_for_backward(queries, keys, index)
         return scores, index
 
@@ -38,19 +43,25 @@ class _ScoreTopK(torch.autograd.Function):
             grad_queries = F.embedding_bag(index, keys, per_sample_weights=grad_scores, mode="sum").to(queries.dtype)
         if ctx.needs_input_grad[1]:
             grad_keys = RowSum(index).dense(grad_scores, queries.to(keys.dtype), keys.shape[0])
-        return grad_queries, grad_keys, None
+        return grad_queries, grad_keys, None, None
+
+
+Offsets = tuple[torch.Tensor, torch.Tensor] | None  # per-sub-key score offsets of each half, or none
 
 
 def product_key_topk(
-    q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, grid: ExpertGrid, k: int
+    q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, grid: ExpertGrid, k: int,
+    offsets: Offsets = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """O((rows + cols) · d_key + k²) per query: top-k of each half, then top-k of the k² sums.
 
     Exact: if (i, j) is in the overall top-k, then i is in the top-k of the first half (else k
-    better cells (i', j) exist) and likewise j, so the k² candidates contain the answer.
+    better cells (i', j) exist) and likewise j, so the k² candidates contain the answer. With offsets,
+    the same holds for the offset half-scores.
     """
-    scores1, rows = _ScoreTopK.apply(q1, keys1, k)  # (M, k)
-    scores2, cols = _ScoreTopK.apply(q2, keys2, k)  # (M, k)
+    offsets1, offsets2 = offsets if offsets is not None else (None, None)
+    scores1, rows = _ScoreTopK.apply(q1, keys1, k, offsets1)  # (M, k)
+    scores2, cols = _ScoreTopK.apply(q2, keys2, k, offsets2)  # (M, k)
     combined = (scores1.unsqueeze(-1) + scores2.unsqueeze(-2)).flatten(1)  # (M, k*k)
     scores, flat = combined.topk(k, dim=-1)  # (M, k)
     i = rows.gather(1, torch.div(flat, k, rounding_mode="floor"))
@@ -59,25 +70,30 @@ def product_key_topk(
 
 
 def brute_force_topk(
-    q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, grid: ExpertGrid, k: int
+    q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, grid: ExpertGrid, k: int,
+    offsets: Offsets = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: materialise the full key of every expert id and score all N of them."""
     i, j = grid.id_to_cell(torch.arange(grid.num_experts, device=q1.device))
     full_keys = torch.cat([keys1[i], keys2[j]], dim=1)  # (N, d_key): row n is the key of expert n
-    return (torch.cat([q1, q2], dim=1) @ full_keys.t()).topk(k, dim=-1)
+    scores = torch.cat([q1, q2], dim=1) @ full_keys.t()
+    if offsets is not None:
+        scores = scores + offsets[0][i] + offsets[1][j]
+    return scores.topk(k, dim=-1)
 
 
 def multihead_retrieve(
     queries: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, grid: ExpertGrid, d_key: int, k: int,
-    reference: bool = False,
+    reference: bool = False, offsets: Offsets = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """queries (M, heads * d_key), already normalised → (weights, ids), both (M, heads * k): each head's
     exact top-k over the shared product keys, its k scores softmaxed (weights sum to 1 within a head).
-    ``reference``: the brute-force search. Shared by the PEER layer and product-key memory."""
+    ``reference``: the brute-force search; ``offsets``: per-sub-key score offsets (rows,), (cols,).
+    Shared by the PEER layer and product-key memory."""
     m = queries.shape[0]
     q = queries.reshape(-1, d_key)  # (M * heads, d_key)
     half = d_key // 2
     retrieve = brute_force_topk if reference else product_key_topk
-    scores, ids = retrieve(q[:, :half], q[:, half:], keys1, keys2, grid, k)
+    scores, ids = retrieve(q[:, :half], q[:, half:], keys1, keys2, grid, k, offsets)
     weights = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
     return weights.view(m, -1), ids.view(m, -1)

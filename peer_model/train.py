@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -50,12 +50,15 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     log_every: int = 10
     track_usage: bool = False  # count expert selections (PEER.usage_counts) on training batches
+    open_steps: int | None = None  # steps over which grown ("new") segments enter retrieval; None: warmup_steps
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.open_steps is not None and self.open_steps < 0:
+            raise ValueError(f"open_steps must be >= 0, got {self.open_steps}")
         for name in ("lr", "expert_lr", "weight_decay", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -177,7 +180,12 @@ class Optimizers:
             self.experts.load_state_dict(state["experts"])
 
 
-def build_optimizers(model: nn.Module, cfg: TrainConfig) -> Optimizers:
+def build_optimizers(model: nn.Module, cfg: TrainConfig,
+                     lr_scales: Mapping[int, float | torch.Tensor] | None = None) -> Optimizers:
+    """The two optimizers for ``model``'s trainable parameters. ``lr_scales`` (by ``id(param)``)
+    multiplies a parameter's learning rate: a float for ordinary parameters, a float or a (rows,)
+    tensor of per-row multipliers for an expert table (e.g. old experts slower than new ones)."""
+    lr_scales = lr_scales or {}
     experts = [
         table
         for layer in model.modules() if isinstance(layer, PEER)
@@ -187,16 +195,30 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> Optimizers:
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
     matrices |= {id(p) for p in model.parameters() if p.dim() >= 3}  # batched expert matrices (MoE, SwitchHead)
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for param in model.parameters():  # tied weights appear once
         if param.requires_grad and id(param) not in expert_ids:
-            (decay if id(param) in matrices else no_decay).append(param)
+            key = (id(param) in matrices, float(lr_scales.get(id(param), 1.0)))
+            groups.setdefault(key, []).append(param)
     dense = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale}
+         for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))]
+        or [{"params": []}],
         lr=cfg.lr, betas=cfg.betas,
     )
-    sparse = SparseRowAdam(experts, lr=cfg.expert_lr, betas=cfg.betas) if experts else None
+    sparse = None
+    if experts:
+        plain = [table for table in experts if id(table) not in lr_scales]
+        sparse = SparseRowAdam(([{"params": plain}] if plain else []) + [
+            _expert_group(table, lr_scales[id(table)], cfg.expert_lr) for table in experts if id(table) in lr_scales
+        ], lr=cfg.expert_lr, betas=cfg.betas)
     return Optimizers(dense, sparse)
+
+
+def _expert_group(table: nn.Parameter, scale: float | torch.Tensor, lr: float) -> dict:
+    if isinstance(scale, torch.Tensor):
+        return {"params": [table], "row_lr": scale.to(table.device, table.dtype)}
+    return {"params": [table], "lr": lr * float(scale)}
 
 
 def lr_scale(step: int, cfg: TrainConfig) -> float:
@@ -333,6 +355,10 @@ def train(
     (keep it cheap); when it returns True the loop ends without a further evaluation. ``optimizers``
     (from :func:`build_optimizers` for this model) lets a caller keep or restore optimizer state;
     by default fresh ones are built.
+
+    Segments grown since the model last trained (status ``new``, out of retrieval's reach) open over
+    the first ``cfg.open_steps`` steps (:meth:`PEER.open_new_segments`) and are ``active`` once
+    training has taken a step.
     """
     device = resolve_device(cfg.device)
     model.to(device)
@@ -350,6 +376,8 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(cfg.seed)
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    opening = [m for m in model.modules() if isinstance(m, PEER) and any(s.status == "new" for s in m.segments)]
+    open_steps = min(cfg.steps, cfg.warmup_steps if cfg.open_steps is None else cfg.open_steps)
 
     result = TrainResult(steps_done=0, tokens_seen=0, final_val_bpb=None)
     start = time.perf_counter()
@@ -362,6 +390,8 @@ def train(
                     break
                 scale = lr_scale(step, cfg)
                 optimizers.set_lr_scale(scale)
+                for layer in opening:
+                    layer.open_new_segments(step / open_steps if open_steps else 1.0)
                 inputs, targets, *extras = (t.to(device) for t in train_data.sample_batch(
                     cfg.batch_size, cfg.seq_len, generator))
                 with autocast_for(device):
@@ -402,5 +432,8 @@ def train(
                 interval_start, interval_steps, loss_sum, grad_norm_sum = time.perf_counter(), 0, 0.0, 0.0
     finally:
         model.train(was_training)
+        if result.steps_done:
+            for layer in opening:
+                layer.open_new_segments(1.0)
     result.elapsed_s = time.perf_counter() - start
     return result

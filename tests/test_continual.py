@@ -268,6 +268,7 @@ def test_selection_share_counts_the_selections_that_land_on_grown_experts(parent
     layer = child.peer_layers()[1]
     first = {1: layer.num_experts}
     child.grow(128)
+    layer.open_new_segments(1.0)  # as training does: a grown segment is out of reach until opened
     generator = torch.Generator().manual_seed(3)
     new = total = 0
     child.eval()

@@ -47,7 +47,7 @@ def test_fast_path_equals_brute_force_with_options(options):
     assert_same_forward_and_backward(fast, reference, torch.randn(2, 9, D_MODEL))
 
 
-def test_fast_path_equals_brute_force_after_growth():
+def grown_pair():
     fast, reference = pair(24 * 24, 4, 8)
     for layer in (fast, reference):
         torch.manual_seed(7)
@@ -57,10 +57,44 @@ def test_fast_path_equals_brute_force_after_growth():
         with torch.no_grad():  # trained new experts: make them produce output
             layer.expert_up[24 * 24:] = torch.randn_like(layer.expert_up[24 * 24:]) * 0.1
     assert fast.num_experts > 24 * 24 + 300
+    return fast, reference
+
+
+def test_fast_path_equals_brute_force_after_growth():
+    fast, reference = grown_pair()
+    for layer in (fast, reference):
+        for index in (1, 2, 3):
+            layer.set_segment_status(index, "active")
     x = torch.randn(4, 16, D_MODEL)
     assert_same_forward_and_backward(fast, reference, x)
     ids = fast.route(x.reshape(-1, D_MODEL))[1]
     assert bool((ids >= 24 * 24).any()), "new experts must be reachable by retrieval"
+
+
+@pytest.mark.parametrize("statuses", [("new", "new", "new"), ("active", "masked", "active"),
+                                      ("masked", "active", "new")])
+def test_closed_segments_are_out_of_reach_and_search_stays_exact(statuses):
+    fast, reference = grown_pair()
+    for layer in (fast, reference):
+        for index, status in enumerate(statuses, start=1):
+            layer.set_segment_status(index, status)
+    x = torch.randn(4, 16, D_MODEL)
+    assert_same_forward_and_backward(fast, reference, x)
+    ids = fast.route(x.reshape(-1, D_MODEL))[1]
+    rows, cols = fast.grid.id_to_cell(ids)
+    row_segment, col_segment = fast.grid.row_segments(ids.device)
+    closed = torch.tensor([False] + [s != "active" for s in statuses])
+    assert not bool((closed[row_segment[rows]] | closed[col_segment[cols]]).any()), "a closed sub-key was selected"
+    assert bool((ids >= 24 * 24).any()) == ("active" in statuses)
+
+
+def test_opening_segments_search_stays_exact():
+    fast, reference = grown_pair()
+    x = torch.randn(4, 16, D_MODEL)
+    for layer in (fast, reference):
+        layer.open_new_segments(0.7)
+        layer._open_margin = torch.tensor(6.0)  # the same margin for both, whatever the batch
+    assert_same_forward_and_backward(fast, reference, x)
 
 
 def test_growth_keeps_ids_rows_and_sub_keys_bit_identical():
