@@ -35,6 +35,9 @@ training: the running statistics stay the parent's and normalisation uses them) 
 Evaluation: :func:`evaluate_all` gives bits per byte on every corpus' validation split;
 :func:`forgetting_report` turns the matrix ``R[stage][corpus]`` of those into average forgetting,
 learning and (given the naive strategy's matrix) plasticity.
+
+Forgetting on request: :func:`forget_segments` masks the segments a corpus was grown into (optionally
+repairing the routing on the remaining corpora), so a child no longer has that corpus' experts.
 """
 from __future__ import annotations
 
@@ -341,8 +344,8 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
         result = train(child, data, None, cfg, on_log=on_log, should_stop=should_stop, loss_fn=loss_fn,
                        eval_modules=batchnorms, optimizers=optimizers)
         if options.review_steps and not result.stopped_early:
-            review = _review_routing(child, MixedData(new_train, old_train, 0.5), options, teacher, batchnorms,
-                                     should_stop)
+            review = _review_routing(child, MixedData(new_train, old_train, 0.5), cfg, options.review_steps, teacher,
+                                     options.distill_weight, batchnorms, should_stop)
             result.history.extend({**record, "review": True} for record in review.history)
             result.stopped_early = review.stopped_early
     finally:
@@ -368,19 +371,56 @@ def _chill_scales(model: PEERTransformer, before: Mapping[int, tuple[int, int, i
     return scales
 
 
-def _review_routing(model: PEERTransformer, data: "MixedData", options: ContinualOptions,
-                    teacher: PEERTransformer | None, eval_modules: Sequence[nn.Module],
+def _review_routing(model: PEERTransformer, data, cfg: TrainConfig, steps: int, teacher: PEERTransformer | None,
+                    distill_weight: float, eval_modules: Sequence[nn.Module],
                     should_stop: Callable[[], bool] | None) -> TrainResult:
-    """MoE-LPR's review stage: only the routing of every PEER layer trains, on half replay."""
+    """Train only the routing of every PEER layer (query projection, query BatchNorm, sub-keys) for
+    ``steps`` steps on ``data``, with ``distill_weight`` × KL to ``teacher`` on its replayed windows."""
     routing = {id(p) for layer in model.peer_layers().values() for p in _routing_params(layer)}
     for param in model.parameters():
         param.requires_grad_(id(param) in routing)
-    cfg = options.train
-    steps = options.review_steps
     review_cfg = replace(cfg, steps=steps, warmup_steps=max(1, steps // 10), log_every=max(1, steps // 4),
                          eval_every=10**9, seed=cfg.seed + 7)
-    loss_fn = distillation_loss(teacher, options.distill_weight, True) if teacher is not None else None
+    loss_fn = distillation_loss(teacher, distill_weight, True) if teacher is not None and distill_weight else None
     return train(model, data, None, review_cfg, should_stop=should_stop, loss_fn=loss_fn, eval_modules=eval_modules)
+
+
+# ---- forgetting on request -----------------------------------------------------------------------
+
+
+def forget_segments(parent: PEERTransformer, segments: Mapping[int, Sequence[int]], remaining_train: Sequence[TokenData],
+                    repair_steps: int = 0, train_cfg: TrainConfig | None = None, distill_weight: float = 1.0,
+                    should_stop: Callable[[], bool] | None = None) -> tuple[PEERTransformer, TrainResult | None]:
+    """A child of ``parent`` without the knowledge held in ``segments`` ({PEER layer: segment indices}):
+    those segments are masked (out of retrieval's reach, see pool.py), and with ``repair_steps`` the
+    routing alone retrains on the ``remaining_train`` corpora (uniformly mixed) with ``distill_weight``
+    × KL to the parent there, so the inputs that had drifted to the masked experts find others. The
+    parent is unchanged. Returns the child and the repair's result (None without repair)."""
+    layers = parent.peer_layers()
+    for i, indices in segments.items():
+        if i not in layers:
+            raise ValueError(f"block {i} has no PEER layer")
+        for index in indices:
+            if not 0 < index < len(layers[i].segments):
+                raise ValueError(f"layer {i} has no grown segment {index} (the initial segment cannot be masked)")
+    if repair_steps and not remaining_train:
+        raise ValueError("repairing needs the remaining corpora's text")
+    child = copy.deepcopy(parent)
+    for i, indices in segments.items():
+        for index in indices:
+            child.peer_layers()[i].set_segment_status(index, "masked")
+    if not repair_steps:
+        return child, None
+    cfg = train_cfg or TrainConfig()
+    teacher = copy.deepcopy(parent).to(resolve_device(cfg.device)).eval()
+    data = MixedData(remaining_train[0], remaining_train, 1.0)
+    batchnorms = [layer.query_norm for layer in child.peer_layers().values()
+                  if isinstance(layer.query_norm, nn.modules.batchnorm._BatchNorm)]
+    try:
+        result = _review_routing(child, data, cfg, repair_steps, teacher, distill_weight, batchnorms, should_stop)
+    finally:
+        _restore_trainable(child)
+    return child, result
 
 
 def distillation_loss(teacher: PEERTransformer, weight: float, old_rows_only: bool) -> LossFn:

@@ -10,8 +10,8 @@ from torch import nn
 
 from peer_model.config import ModelConfig
 from peer_model.continual import (
-    ContinualOptions, MixedData, continual_stage, evaluate_all, expert_scores, forgetting_report, select_experts,
-    selection_share,
+    ContinualOptions, MixedData, continual_stage, evaluate_all, expert_scores, forget_segments, forgetting_report,
+    select_experts, selection_share,
 )
 from peer_model.facts import answer_bits, fact_recall, facts_text, facts_tokens, make_facts, recalled
 from peer_model.tokenizer import BOS, EOS, ByteTokenizer
@@ -328,6 +328,8 @@ def test_forgetting_report():
     dict(strategy="naive", new_experts=-1),
     dict(strategy="sparse_finetune", sparse_top_experts=4, usage_batches=0),
     dict(strategy="naive", train={"steps": 10}),
+    dict(strategy="naive", old_lr_scale=1.5), dict(strategy="naive", old_lr_scale=-0.1),
+    dict(strategy="naive", review_steps=-1),
 ])
 def test_options_reject_invalid_values(bad):
     with pytest.raises(ValueError):
@@ -348,3 +350,89 @@ def test_options_accept_the_documented_combinations():
     ContinualOptions("grow_freeze_protect", new_experts=16, distill_weight=1.0, distill_on="all")
     ContinualOptions("sparse_finetune", sparse_top_experts=8, new_experts=16, replay_fraction=0.1)
     assert ContinualOptions("naive").dense_trains and not ContinualOptions("grow_freeze", new_experts=1).dense_trains
+
+
+# ---- add and chill, router review, forgetting on request ----------------------------------------
+
+
+def parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def test_add_and_chill_at_rate_zero_trains_only_the_new_experts_and_sub_keys(parent):
+    options = ContinualOptions("naive", new_experts=64, old_lr_scale=0.0, freeze_old_sub_keys=True, train=stage_cfg(20))
+    child = continual_stage(parent, DATA_B, [DATA], options, tag="B").child
+    old, new = parameters(parent), parameters(child)
+    n = parent.peer_layers()[1].num_experts
+    for name, value in old.items():
+        if name.endswith(("expert_down", "expert_up", "sub_keys1", "sub_keys2")):
+            assert torch.equal(new[name][: value.shape[0]], value), name
+        else:
+            assert torch.equal(new[name], value), name
+    assert child.peer_layers()[1].expert_up[n:].abs().sum() > 0, "the new experts must learn at the full rate"
+
+
+def test_add_and_chill_moves_old_parameters_less_than_plain_training(parent):
+    def dense_change(scale):
+        options = ContinualOptions("naive", new_experts=64, old_lr_scale=scale, train=stage_cfg(20))
+        child = continual_stage(parent, DATA_B, [DATA], options, tag="B").child
+        return (child.blocks[0].ffw.up.weight - parent.blocks[0].ffw.up.weight).abs().mean().item()
+    assert dense_change(0.1) < 0.5 * dense_change(1.0)
+
+
+ROUTING = ("query.weight", "query_norm.weight", "query_norm.bias", "sub_keys1", "sub_keys2")
+
+
+def test_router_review_changes_only_the_routing(parent):
+    def stage(review_steps):
+        options = ContinualOptions("replay", new_experts=64, replay_fraction=0.5, distill_weight=1.0,
+                                   review_steps=review_steps, train=stage_cfg(20))
+        torch.manual_seed(11)  # growth draws the new sub-keys and down-vectors from the global generator
+        return continual_stage(parent, DATA_B, [DATA], options, tag="B")
+    plain, reviewed = stage(0), stage(10)
+    assert any(record.get("review") for record in reviewed.train_result.history)
+    a, b = parameters(plain.child), parameters(reviewed.child)
+    changed = {name for name in a if not torch.equal(a[name], b[name])}
+    assert changed and all(name.endswith(ROUTING) for name in changed), changed
+
+
+def segment_only_child(parent):
+    """Only the new segment (experts and sub-keys) trains: masking it must give back the parent."""
+    options = ContinualOptions("grow_freeze", new_experts=16 * 16, freeze_old_sub_keys=True,
+                               freeze_query_batchnorm_stats=True, freeze_query=True, train=stage_cfg(40))
+    return continual_stage(parent, DATA_B, [DATA], options, tag="B").child
+
+
+def test_forgetting_a_segment_gives_back_the_parent_when_only_the_segment_trained(parent):
+    child = segment_only_child(parent)
+    assert evaluate_bpb(child, VAL_B, 32, 8) < evaluate_bpb(parent, VAL_B, 32, 8) - 0.05, "B must be learnt first"
+    forgotten, repair = forget_segments(child, {1: [1]}, [DATA])
+    assert repair is None and [s.status for s in forgotten.peer_layers()[1].segments] == ["active", "masked"]
+    assert child.peer_layers()[1].segments[1].status == "active", "the parent of the forgetting is unchanged"
+    inputs = VAL_B.sample_batch(4, 32, torch.Generator().manual_seed(0))[0]
+    parent.eval(), forgotten.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(forgotten(inputs), parent(inputs), atol=1e-5, rtol=0)
+
+
+def test_forgetting_with_repair_retrains_only_the_routing_and_keeps_the_segment_out(parent):
+    child = segment_only_child(parent)
+    forgotten, repair = forget_segments(child, {1: [1]}, [DATA], repair_steps=10, train_cfg=stage_cfg(10))
+    assert repair is not None and repair.steps_done == 10
+    a, b = parameters(child), parameters(forgotten)
+    changed = {name for name in a if not torch.equal(a[name], b[name])}
+    assert changed and all(name.endswith(ROUTING) for name in changed), changed
+    layer = forgotten.peer_layers()[1]
+    ids = layer.route(torch.randn(256, 64))[1]
+    assert not bool((ids >= parent.peer_layers()[1].num_experts).any())
+
+
+def test_forget_segments_rejects_the_initial_segment_and_unknown_layers(parent):
+    grown = copy.deepcopy(parent)
+    grown.grow(16)
+    with pytest.raises(ValueError, match="initial segment"):
+        forget_segments(grown, {1: [0]}, [])
+    with pytest.raises(ValueError, match="no PEER layer"):
+        forget_segments(grown, {0: [1]}, [])
+    with pytest.raises(ValueError, match="remaining corpora"):
+        forget_segments(grown, {1: [1]}, [], repair_steps=5)

@@ -128,3 +128,27 @@ def test_first_update_of_a_rare_row_is_fully_bias_corrected():
     param.grad = sparse_rows(torch.tensor([1]), torch.full((1, DIM), 3.0))
     opt.step()
     assert math.isclose(float(param.data[1, 0]), -1e-2, rel_tol=1e-4)
+
+
+def test_row_learning_rates_equal_separate_optimizers_at_the_scaled_rates():
+    """A group's ``row_lr`` multiplies each row's rate (weight decay included): rows at rate r move as
+    an optimizer with lr × r would move them."""
+    torch.manual_seed(0)
+    weights = torch.randn(ROWS, DIM)
+    rates = torch.tensor([1.0, 0.1, 0.0, 0.5] * (ROWS // 4))
+    steps = [torch.randperm(ROWS)[:7].sort().values for _ in range(4)]
+    grads = [torch.randn(len(rows), DIM) for rows in steps]
+
+    def run(group_options):
+        param = torch.nn.Parameter(weights.clone())
+        opt = SparseRowAdam([{"params": [param], **group_options}], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+        for rows, values in zip(steps, grads):
+            param.grad = sparse_rows(rows, values)
+            opt.step()
+        return param.detach()
+
+    mixed = run({"row_lr": rates})
+    for rate in rates.unique().tolist():
+        rows = rates == rate
+        torch.testing.assert_close(mixed[rows], run({"lr": 1e-2 * rate})[rows], atol=1e-6, rtol=1e-5)
+    assert torch.equal(mixed[rates == 0], weights[rates == 0]), "rate 0 leaves a row bit-identical"
