@@ -33,7 +33,10 @@ from statistics import fmean
 import torch
 
 from peer_model.config import ModelConfig, PEERConfig
-from peer_model.continual import ContinualOptions, continual_stage, evaluate_all, forgetting_report, selection_share
+from peer_model.checkpoint import load_checkpoint, save_checkpoint
+from peer_model.continual import (
+    ContinualOptions, continual_stage, evaluate_all, forget_segments, forgetting_report, selection_share,
+)
 from peer_model.corpora import load_corpus, split_train_val
 from peer_model.facts import answer_bits, fact_recall, facts_tokens, make_facts
 from peer_model.model import PEERTransformer
@@ -114,6 +117,13 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
         # old experts frozen; the new segment and routing at the full rate, the dense layers at 0.1x
         "freeze+chill0.1": ContinualOptions("grow_freeze_protect", replay_fraction=0.5, distill_weight=1.0,
                                             train_dense=True, old_lr_scale=0.1, train=cfg, **grow, **keep),
+        # the same with random new sub-keys instead of ones drawn from the new corpus' queries
+        "replay50 distill1 grow random keys": replay(0.5, 1.0, grows=True, key_init="random"),
+        "freeze+chill0.1 random keys": ContinualOptions(
+            "grow_freeze_protect", replay_fraction=0.5, distill_weight=1.0, train_dense=True, old_lr_scale=0.1,
+            key_init="random", train=cfg, **grow, **keep),
+        # only the new segment trains (experts and new sub-keys): what masking it takes back is all it learnt
+        "segment only": ContinualOptions("grow_freeze", freeze_query=True, train=cfg, **grow, **keep),
         # the service default + MoE-LPR's router review (10% of the stage's steps, routing only)
         "replay50 distill1 grow review": replay(0.5, 1.0, grows=True, review_steps=max(1, cfg.steps // 10)),
         "replay": replay(0.25),
@@ -178,6 +188,7 @@ def main() -> None:
     parser.add_argument("--stage-steps", type=int, help="training steps per continual stage (default: the size's)")
     parser.add_argument("--peer-layers", choices=["middle", "all"], default="middle",
                         help="blocks with a PEER layer in the PEER models (the dense reference has none)")
+    parser.add_argument("--base-dir", help="keep the pre-trained base models here and reuse them in later runs")
     parser.add_argument("--facts", type=int, help="invented facts per stage (default: the size's)")
     parser.add_argument("--fact-repeats", type=int, help="sightings of each fact sentence in its stage's text")
     parser.add_argument("--seed", type=int, default=0)
@@ -225,17 +236,47 @@ def main() -> None:
     bases = {}
 
     def pretrained(config: ModelConfig):
-        """The base model of this architecture, pre-trained on the first corpus (once)."""
+        """The base model of this architecture, pre-trained on the first corpus (once per run; with
+        --base-dir, once per architecture, size, seed and fact probe: later runs load it)."""
         if config.ffw not in bases:  # one PEER architecture per run (--peer-layers) and the dense one
-            torch.manual_seed(args.seed)
-            model = PEERTransformer(config)
-            train(model, train_sets[0], None, base_cfg)
+            blocks = "-".join(map(str, config.peer_layers))
+            cached = Path(args.base_dir or "", f"{args.size}-{config.ffw}-{blocks}-seed{args.seed}-facts{size.facts}x"
+                                               f"{size.fact_repeats}-{size.base_steps}steps")
+            if args.base_dir and (cached / "config.json").is_file():
+                model = load_checkpoint(cached)
+            else:
+                torch.manual_seed(args.seed)
+                model = PEERTransformer(config)
+                train(model, train_sets[0], None, base_cfg)
+                if args.base_dir:
+                    save_checkpoint(model, cached)
             first = measure(model, 0)
             print(f"{config.ffw} base on {names[0]}: {base_cfg.steps} steps, bpb {first[0][0]:.3f}, fact recall "
                   f"{first[1][0]:.2f}, answer bits {first[2][0]:.2f} (unseen {first[2][-1]:.2f}) "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
-            bases[config.ffw] = model, first
+            never = evaluate_all(model, val_sets, size.seq_len, size.batch_size, size.eval_batches)
+            bases[config.ffw] = model, first, never
         return bases[config.ffw]
+
+    def forget_report(model, never_trained: dict[str, float], final: list[float]) -> dict:
+        """Forgetting on request of the first stage corpus (names[1]): its segment (index 1 in every
+        PEER layer) masked, without and with a routing repair of stage_steps // 10 on the other corpora.
+        ``moved_back``: the share of the way from its final bpb back to the base model's (never trained
+        on it); ``others_moved``: the largest relative change of any other corpus' bpb."""
+        target = names[1]
+        others = [n for n in names if n != target]
+        report = {}
+        for repair in (0, max(1, size.stage_steps // 10)):
+            forgotten, _ = forget_segments(model, {i: [1] for i in model.peer_layers()},
+                                           [train_sets[names.index(n)] for n in others], repair, cfg)
+            bpb = evaluate_all(forgotten, val_sets, size.seq_len, size.batch_size, size.eval_batches)
+            done = dict(zip(names, final))
+            report[f"repair{repair}"] = {
+                "bpb": bpb,
+                "moved_back": (bpb[target] - done[target]) / (never_trained[target] - done[target]),
+                "others_moved": max(abs(bpb[n] / done[n] - 1) for n in others),
+            }
+        return report
 
     chosen = strategies(size, cfg)
     if args.strategies:
@@ -249,7 +290,7 @@ def main() -> None:
     results = {}
     for label, options in chosen.items():
         config = replace(size.model, ffw="dense") if label.startswith(DENSE_PREFIX) else size.model
-        model, first = pretrained(config)
+        model, first, never_trained = pretrained(config)
         t0 = time.perf_counter()
         R, F, A, moved = [first[0]], [first[1]], [first[2]], [0.0]
         base_experts = {i: layer.num_experts for i, layer in model.peer_layers().items()}
@@ -264,6 +305,8 @@ def main() -> None:
         results[label] = {"R": R, "fact_recall": F, "answer_bits": A, "old_text_on_new_experts": moved,
                           "seconds": time.perf_counter() - t0,
                           "experts": sum(layer.num_experts for layer in model.peer_layers().values())}
+        if options.new_experts and len(names) > 2:
+            results[label]["forget"] = forget_report(model, never_trained, R[-1])
         print(f"{label}: {results[label]['seconds']:.0f} s", flush=True)
 
     reference = results.get("naive", {}).get("R")
@@ -303,6 +346,15 @@ def main() -> None:
               f"{signed(s['plasticity_vs_naive'])} | {percent(s['relative_plasticity'])} | "
               f"{s['final_average_bpb']:.3f} | {recall} | {percent(s['fact_recall_retention'])} | "
               f"{percent(s['fact_bits_retention'])} | {percent(s['old_text_on_new_experts'])} |")
+    forgetting_rows = [(label, res["forget"]) for label, res in results.items() if "forget" in res]
+    if forgetting_rows:
+        print(f"\nforgetting {names[1]} on request (its segment masked; repair = routing-only steps on the rest):")
+        print("| strategy | moved back | others moved (max) | moved back, repaired | others moved, repaired |")
+        print("|---|---|---|---|---|")
+        for label, report in forgetting_rows:
+            plain, repaired = report["repair0"], report[next(k for k in report if k != "repair0")]
+            print(f"| {label} | {percent(plain['moved_back'])} | {100 * plain['others_moved']:.1f}% | "
+                  f"{percent(repaired['moved_back'])} | {100 * repaired['others_moved']:.1f}% |")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
     out = {"size": args.size, "corpora": names, "model": size.model.to_dict(), "stage_steps": size.stage_steps,

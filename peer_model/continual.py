@@ -24,7 +24,8 @@ half replay of old text, with the distillation loss when ``distill_weight`` is s
 their old experts again.
 
 Growth preserves the function (peer.py): the new segment is out of retrieval's reach until training
-opens it over ``train.open_steps`` steps.
+opens it over ``train.open_steps`` steps. With ``key_init="data"`` (the default) the new sub-keys are
+drawn from the new corpus' own queries, so that corpus is what retrieval sends to the new experts.
 
 Routing parameters change under every strategy unless frozen; three switches keep old inputs finding
 old experts: ``freeze_old_sub_keys`` (gradient hooks zero the rows of the sub-keys that existed before
@@ -77,6 +78,7 @@ class ContinualOptions:
     freeze_query_batchnorm_stats: bool = False
     freeze_query: bool = False
     train_dense: bool | None = None  # None: True for naive/replay, False for the other strategies
+    key_init: Literal["data", "random"] = "data"  # new sub-keys: the new corpus' queries, or random (peer.py)
     old_lr_scale: float = 1.0  # learning-rate multiplier of everything that existed before the stage
     review_steps: int = 0  # routing-only review on half replay after training (needs earlier corpora)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -98,6 +100,8 @@ class ContinualOptions:
             raise ValueError(f"distill_weight must be a finite number >= 0, got {self.distill_weight!r}")
         if not (isinstance(self.old_lr_scale, (int, float)) and 0.0 <= self.old_lr_scale <= 1.0):
             raise ValueError(f"old_lr_scale must be in [0, 1], got {self.old_lr_scale!r}")
+        if self.key_init not in ("data", "random"):
+            raise ValueError(f"key_init must be 'data' or 'random', got {self.key_init!r}")
         if self.distill_on not in ("old", "all"):
             raise ValueError(f"distill_on must be 'old' or 'all', got {self.distill_on!r}")
         if not isinstance(self.train, TrainConfig):
@@ -236,6 +240,33 @@ def _count_usage(model: PEERTransformer, data, batches: int, batch_size: int, se
     return totals
 
 
+@torch.no_grad()
+def _peer_queries(model: PEERTransformer, data, batches: int, batch_size: int, seq_len: int,
+                  generator: torch.Generator) -> dict[int, torch.Tensor]:
+    """Per PEER layer, the normalised queries (eval mode) of ``batches`` sampled batches of ``data``."""
+    device = next(model.parameters()).device
+    layers = model.peer_layers()
+    queries: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+
+    def capture(index):
+        def hook(layer, args, output):
+            queries[index].append(layer.query_norm(layer.query(args[0].reshape(-1, layer.d_model))))
+        return hook
+
+    hooks = [layer.register_forward_hook(capture(i)) for i, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(batches):
+            with autocast_for(device):
+                model(data.sample_batch(batch_size, seq_len, generator)[0].to(device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return {i: torch.cat(q) for i, q in queries.items()}
+
+
 def expert_scores(model: PEERTransformer, new: TokenData, old: Sequence[TokenData], batches: int,
                   batch_size: int, seq_len: int, seed: int = 0) -> dict[int, torch.Tensor]:
     """TF-IDF score of every expert of every PEER layer for the new corpus against the earlier ones.
@@ -309,6 +340,11 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
         trained = {i: select_experts(s, options.sparse_top_experts) for i, s in scores.items()}
 
     segments = child.grow(options.new_experts, tag=tag) if options.new_experts else {}
+    if segments and options.key_init == "data":
+        generator = torch.Generator().manual_seed(cfg.seed + 2)
+        queries = _peer_queries(child, new_train, options.usage_batches, cfg.batch_size, cfg.seq_len, generator)
+        for i, layer in layers.items():
+            layer.key_new_sub_keys(queries[i], before[i][0], before[i][1], generator)
 
     for i, layer in layers.items():
         old_n = before[i][2]

@@ -134,6 +134,27 @@ class PEER(nn.Module):
         self.segment_offsets = torch.cat([self.segment_offsets, self.segment_offsets.new_full((1,), float("-inf"))])
         return segment
 
+    @torch.no_grad()
+    def key_new_sub_keys(self, queries: torch.Tensor, old_rows: int, old_cols: int,
+                         generator: torch.Generator | None = None) -> None:
+        """Data-keyed growth: set the sub-keys added since the grid was ``old_rows × old_cols`` to
+        half-queries drawn from ``queries`` (M, heads · d_key; normalised queries of the text the new
+        experts are for), rescaled to the mean norm of the old sub-keys. The new experts then sit
+        where that text's queries point, so retrieval sends it to them once the segment opens;
+        random new sub-keys are rarely chosen over trained old ones (measured in BENCHMARKS.md 3c)."""
+        half = self.config.d_key // 2
+        q = queries.detach().reshape(-1, self.config.d_key).float()
+        for keys, halves, old in ((self.sub_keys1, q[:, :half], old_rows), (self.sub_keys2, q[:, half:], old_cols)):
+            new = keys.shape[0] - old
+            if new <= 0:
+                continue
+            if halves.shape[0] >= new:
+                picked = halves[torch.randperm(halves.shape[0], generator=generator)[:new]]
+            else:
+                picked = halves[torch.randint(0, halves.shape[0], (new,), generator=generator)]
+            scale = keys[:old].float().norm(dim=1).mean()
+            keys[old:] = (picked / picked.norm(dim=1, keepdim=True).clamp_min(1e-6) * scale).to(keys.dtype)
+
     def open_new_segments(self, progress: float) -> None:
         """Bring the ``new`` segments into retrieval: their score offset is −(1 − progress) × margin
         (the margin is measured on the next forward's queries); at progress ≥ 1 they become ``active``."""

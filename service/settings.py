@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     attention: str = "mha"  # mha or switchhead
     moe_experts: int = 8  # ffw moe / switch / expert_choice
     moe_top_k: int = 2
+    peer_layers: str = "middle"  # blocks with the expert feed-forward: "middle", "all" or indices "1,3"
 
     # ---- training jobs -----------------------------------------------------------------------------
     train_steps: int = 300
@@ -78,6 +79,10 @@ class Settings(BaseSettings):
     distill_weight: float = 1.0  # KL to the parent on replayed old text (replay, grow_freeze_protect)
     train_dense: bool = True  # growing strategies: attention, embeddings and dense MLPs train too
     sparse_top_experts: int = 1024  # strategy sparse_finetune: experts trained per PEER layer
+    old_lr_scale: float = 1.0  # "add and chill": learning-rate multiplier of everything older than the job
+    review_steps: int = 0  # routing-only review on half replay after a job's training (0: none)
+    max_train_steps: int = 100_000  # the most steps (training, review or repair) one job may ask for
+    forget_repair_steps: int = 0  # forgetting a corpus: routing-only repair steps on the remaining corpora
     eval_max_batches: int = 8  # validation batches per corpus per evaluation
     activation_tolerance: float = 0.05  # a version activates when no old corpus gets worse by more than this
     val_fraction: float = 0.05
@@ -99,6 +104,27 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
+    @field_validator("peer_layers")
+    @classmethod
+    def _blocks(cls, value: str) -> str:
+        if value not in ("middle", "all") and not all(part.strip().isdigit() for part in value.split(",")):
+            raise ValueError('peer_layers must be "middle", "all" or comma-separated block indices')
+        return value
+
+    @field_validator("old_lr_scale")
+    @classmethod
+    def _unit(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return value
+
+    @field_validator("review_steps", "forget_repair_steps")
+    @classmethod
+    def _non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be >= 0")
+        return value
+
     @field_validator("ffw", "attention", "strategy")
     @classmethod
     def _one_of(cls, value: str, info) -> str:
@@ -110,7 +136,7 @@ class Settings(BaseSettings):
     @field_validator("max_corpus_bytes", "max_document_bytes", "max_documents_per_request", "max_tokens_limit",
                      "max_active_generations", "max_queued_generations", "train_steps", "train_batch_size",
                      "train_seq_len", "eval_max_batches", "job_max_attempts", "stream_train_threshold_bytes",
-                     "api_torch_threads")
+                     "api_torch_threads", "max_train_steps")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
@@ -144,9 +170,12 @@ class Settings(BaseSettings):
         return self.broker_url is None
 
     def fresh_model_config(self) -> ModelConfig:
+        blocks = {"middle": None, "all": list(range(self.n_layers))}.get(self.peer_layers)
+        if self.peer_layers not in ("middle", "all"):
+            blocks = [int(part) for part in self.peer_layers.split(",")]
         return ModelConfig(
             d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.d_ff,
-            max_seq_len=self.max_seq_len,
+            max_seq_len=self.max_seq_len, peer_layers=blocks,
             peer=PEERConfig(num_experts=self.peer_experts, heads=self.peer_heads, top_k=self.peer_top_k,
                             d_key=self.peer_d_key),
             ffw=self.ffw, attention=self.attention,

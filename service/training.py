@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
@@ -26,7 +27,7 @@ from peer_model.train import TokenData, TrainConfig, resolve_device
 from .context import ServiceContext
 from .db.models import Corpus, Evaluation, Job, PoolVersion, utcnow
 from .db.session import transaction
-from .errors import InvalidInput
+from .errors import Conflict, InvalidInput
 from .ingest import ingest_documents, parse_upload
 from .jobs import Dispatch, JobCancelled, LeaseLost, claim_job, create_job, finish_job, heartbeat, owned_job
 from .settings import Settings
@@ -48,6 +49,8 @@ class JobOptions(BaseModel):
     distill_weight: float | None = Field(None, ge=0, allow_inf_nan=False)
     sparse_top_experts: int | None = Field(None, ge=1)
     train_dense: bool | None = None  # growing strategies; None: PEER_TRAIN_DENSE
+    old_lr_scale: float | None = Field(None, ge=0, le=1)  # add and chill; None: PEER_OLD_LR_SCALE
+    review_steps: int | None = Field(None, ge=0)  # routing-only review after training; None: PEER_REVIEW_STEPS
     activate: Literal["auto", "always", "never"] = "auto"
     seed: int = Field(0, ge=0)
 
@@ -95,20 +98,34 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
     grows_by_default = growing or (strategy == "replay" and has_pool)
     new_experts = job.new_experts if job.new_experts is not None else (settings.new_experts if grows_by_default else 0)
     steps = job.steps or settings.train_steps
+    review_steps = settings.review_steps if job.review_steps is None else job.review_steps
+    for name, value in (("steps", steps), ("review_steps", review_steps)):
+        if value > settings.max_train_steps:
+            raise InvalidInput(f"invalid job options: {name} {value} is over PEER_MAX_TRAIN_STEPS "
+                               f"({settings.max_train_steps})")
     try:
-        train = TrainConfig(steps=steps, batch_size=settings.train_batch_size, seq_len=settings.train_seq_len,
-                            lr=settings.train_lr, expert_lr=settings.train_expert_lr,
-                            warmup_steps=min(50, max(1, steps // 10)), eval_every=steps, seed=job.seed,
-                            device=settings.device, log_every=10)
+        train = job_train_config(settings, steps, job.seed)
         return ContinualOptions(
             strategy=strategy, new_experts=new_experts, replay_fraction=replay, distill_weight=distill, train=train,
             sparse_top_experts=(job.sparse_top_experts or settings.sparse_top_experts)
             if strategy == "sparse_finetune" else 0,
             train_dense=(settings.train_dense if job.train_dense is None else job.train_dense) if growing else None,
+            # chilling and reviewing protect what a version knows: a fresh model's pre-training has neither
+            old_lr_scale=(settings.old_lr_scale if job.old_lr_scale is None else job.old_lr_scale)
+            if has_old_corpora else 1.0,
+            review_steps=review_steps if has_old_corpora else 0,
             # old inputs keep finding old experts: old sub-keys and the query BatchNorm statistics stay the parent's
             freeze_old_sub_keys=growing, freeze_query_batchnorm_stats=growing or strategy == "sparse_finetune")
     except ValueError as exc:
         raise InvalidInput(f"invalid job options: {exc}") from None
+
+
+def job_train_config(settings: Settings, steps: int, seed: int) -> TrainConfig:
+    """A job's training loop: the service's batch, window and learning rates, a short warm-up."""
+    return TrainConfig(steps=steps, batch_size=settings.train_batch_size, seq_len=settings.train_seq_len,
+                       lr=settings.train_lr, expert_lr=settings.train_expert_lr,
+                       warmup_steps=min(50, max(1, steps // 10)), eval_every=steps, seed=seed,
+                       device=settings.device, log_every=10)
 
 
 def validate_job_options(settings: Settings, options: dict, has_old_corpora: bool = True) -> dict:
@@ -177,20 +194,26 @@ def _fail_ingest(ctx: ServiceContext, job_id: int, lease: str, error: str) -> No
 
 
 def run_train_job(ctx: ServiceContext, job_id: int) -> None:
+    run_owned_job(ctx, job_id, _train_and_publish)
+
+
+def run_owned_job(ctx: ServiceContext, job_id: int, body: Callable[[ServiceContext, int, str], None]) -> None:
+    """Claim the job and run ``body(ctx, job_id, lease)``; its end (cancelled, failed with the reason)
+    is recorded on the job unless the lease was lost to another attempt."""
     settings = ctx.settings
     lease = claim_job(ctx.sessions, job_id, settings.job_max_attempts, settings.job_stale_seconds)
     if lease is None:
         return
     try:
-        _train_and_publish(ctx, job_id, lease)
+        body(ctx, job_id, lease)
     except LeaseLost:
         log.warning("job %s: lost its lease; another attempt owns it", job_id)
     except JobCancelled:
         _finish_quietly(ctx, job_id, lease, "cancelled")
-    except InvalidInput as exc:
+    except (InvalidInput, Conflict) as exc:
         _finish_quietly(ctx, job_id, lease, "failed", exc.message)
     except Exception as exc:  # noqa: BLE001 - recorded on the job
-        log.exception("training job %s failed", job_id)
+        log.exception("job %s failed", job_id)
         _finish_quietly(ctx, job_id, lease, "failed", f"{type(exc).__name__}: {exc}")
 
 
@@ -201,7 +224,7 @@ def _finish_quietly(ctx: ServiceContext, job_id: int, lease: str, state: str, er
         pass
 
 
-class _Progress:
+class JobProgress:
     """Training callbacks: heartbeat (progress, speed, ETA) every ``job_heartbeat_seconds``, cancel flag."""
 
     def __init__(self, ctx: ServiceContext, job_id: int, lease: str, steps: int):
@@ -226,7 +249,7 @@ class _Progress:
         return self.cancelled
 
 
-def _token_data(ctx: ServiceContext, corpus_ids: list[int], part: str) -> TokenData:
+def token_data(ctx: ServiceContext, corpus_ids: list[int], part: str) -> TokenData:
     return TokenData.from_text("".join(ctx.store.read_corpus(c, part) for c in corpus_ids))
 
 
@@ -252,12 +275,12 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
                                       has_pool=bool(parent.peer_layers()))
     if settings.train_seq_len > parent.config.max_seq_len:
         stage_options = replace(stage_options, train=replace(stage_options.train, seq_len=parent.config.max_seq_len))
-    new_train = _token_data(ctx, new_ids, "train")
+    new_train = token_data(ctx, new_ids, "train")
     if len(new_train) < stage_options.train.seq_len:
         raise InvalidInput(f"the new corpora hold {len(new_train)} bytes of training text; "
                            f"at least {stage_options.train.seq_len} are needed")
-    old_train = [_token_data(ctx, [c], "train") for c in old_ids]
-    progress = _Progress(ctx, job_id, lease, stage_options.train.steps)
+    old_train = [token_data(ctx, [c], "train") for c in old_ids]
+    progress = JobProgress(ctx, job_id, lease, stage_options.train.steps)
     heartbeat(ctx.sessions, job_id, lease, metrics={"strategy": stage_options.strategy})
 
     stage = continual_stage(parent, new_train, old_train, stage_options, tag=f"job:{job_id}",
@@ -265,36 +288,47 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     if stage.train_result.stopped_early and progress.cancelled:
         raise JobCancelled()
     all_ids = old_ids + new_ids
-    val_sets = {c: _token_data(ctx, [c], "val") for c in all_ids}
+    val_sets = {c: token_data(ctx, [c], "val") for c in all_ids}
     seq_len, batch = stage_options.train.seq_len, settings.train_batch_size
     child_bpb = evaluate_all(stage.child, val_sets, seq_len, batch, settings.eval_max_batches)
     parent_bpb = evaluate_all(parent, val_sets, seq_len, batch, settings.eval_max_batches)
-    gate_passed, gate_reason = activation_gate(child_bpb, parent_bpb, old_ids, new_ids, settings.activation_tolerance)
+    gate = activation_gate(child_bpb, parent_bpb, old_ids, new_ids, settings.activation_tolerance)
+    publish_version(ctx, job_id, lease, base_id, stage.child, parent_segments, new_ids, all_ids, stage_options.strategy,
+                    child_bpb, gate, job_options.activate, {
+                        "strategy": stage_options.strategy, "steps": stage.train_result.steps_done,
+                        "tokens": stage.train_result.tokens_seen,
+                        "train_seconds": round(stage.train_result.elapsed_s, 2),
+                        "bpb": {str(c): v for c, v in child_bpb.items()},
+                        "parent_bpb": {str(c): v for c, v in parent_bpb.items()},
+                    })
 
+
+def publish_version(ctx: ServiceContext, job_id: int, lease: str, base_id: int, child, parent_segments: dict,
+                    new_ids: list[int], corpus_ids: list[int], strategy: str, evaluations: dict[int, float],
+                    gate: tuple[bool, str], activate_option: str, metrics: dict) -> int:
+    """Write the child's checkpoint, then in one transaction its version row, its evaluations (bits per
+    byte per corpus), the job's success with ``metrics`` and, when asked (``activate_option`` always, or
+    auto and the gate passed), its activation. Returns the version id."""
+    gate_passed, gate_reason = gate
     key = ctx.store.version_key(f"job-{job_id}")
-    ctx.store.save_model(key, stage.child, extra={"job_id": job_id, "parent_id": base_id})
-    experts, segments = describe_pools(stage.child, parent_segments, new_ids)
+    ctx.store.save_model(key, child, extra={"job_id": job_id, "parent_id": base_id})
+    experts, segments = describe_pools(child, parent_segments, new_ids)
     with transaction(ctx.sessions) as session:
         job = owned_job(session, job_id, lease)
         version = PoolVersion(parent_id=base_id, job_id=job_id, checkpoint=key,
-                              model_config_json=stage.child.config.to_dict(), experts=experts, segments=segments,
-                              corpus_ids=all_ids, strategy=stage_options.strategy, gate_passed=gate_passed,
+                              model_config_json=child.config.to_dict(), experts=experts, segments=segments,
+                              corpus_ids=corpus_ids, strategy=strategy, gate_passed=gate_passed,
                               gate_reason=gate_reason)
         session.add(version)
         session.flush()
-        session.add_all(Evaluation(version_id=version.id, corpus_id=c, bpb=bpb) for c, bpb in child_bpb.items())
-        activated = job_options.activate == "always" or (job_options.activate == "auto" and gate_passed)
+        session.add_all(Evaluation(version_id=version.id, corpus_id=c, bpb=bpb) for c, bpb in evaluations.items())
+        activated = activate_option == "always" or (activate_option == "auto" and gate_passed)
         if activated:
             activate(session, version.id, f"job {job_id}: {gate_reason}", f"job:{job_id}")
         job.result_version_id = version.id
         job.state, job.progress, job.finished_at, job.lease, job.eta_s = "succeeded", 1.0, utcnow(), None, 0.0
-        job.metrics = {
-            "strategy": stage_options.strategy, "steps": stage.train_result.steps_done,
-            "tokens": stage.train_result.tokens_seen, "train_seconds": round(stage.train_result.elapsed_s, 2),
-            "bpb": {str(c): v for c, v in child_bpb.items()},
-            "parent_bpb": {str(c): v for c, v in parent_bpb.items()},
-            "activated": activated, "gate": gate_reason,
-        }
+        job.metrics = {**metrics, "activated": activated, "gate": gate_reason}
+        return version.id
 
 
 def activation_gate(child: dict[int, float], parent: dict[int, float], old_ids: list[int], new_ids: list[int],

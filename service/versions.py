@@ -47,7 +47,7 @@ def describe_pools(model: PEERTransformer, parent_segments: dict | None, new_cor
         for position, segment in enumerate(layer.grid.segments):
             corpus_ids = inherited[position]["corpus_ids"] if position < len(inherited) else list(new_corpus_ids)
             rows.append({"start": segment.start, "end": segment.end, "rows": segment.rows, "cols": segment.cols,
-                         "tag": segment.tag, "corpus_ids": corpus_ids})
+                         "tag": segment.tag, "corpus_ids": corpus_ids, "status": segment.status})
         experts[key] = layer.num_experts
         segments[key] = rows
     return experts, segments

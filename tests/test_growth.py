@@ -106,3 +106,19 @@ def test_once_open_growth_moves_held_out_loss_by_less_than_one_percent(trained, 
     after = evaluate_bpb(grown, VAL, 32, 8)
     assert abs(after - before) / before < 0.01, (before, after)
     assert int(layer.usage_counts[32 * 32:].sum()) > 0, "retrieval must reach the new experts, or they can never learn"
+
+
+def test_data_keyed_sub_keys_are_rescaled_query_halves():
+    torch.manual_seed(0)
+    layer = PEER(64, PEERConfig(num_experts=16 * 16, heads=2, top_k=4, d_key=16))
+    old1, old2 = layer.sub_keys1.detach().clone(), layer.sub_keys2.detach().clone()
+    layer.grow(rows=20, cols=19)
+    queries = torch.randn(300, 2 * 16)
+    layer.key_new_sub_keys(queries, 16, 16, torch.Generator().manual_seed(1))
+    assert torch.equal(layer.sub_keys1[:16], old1) and torch.equal(layer.sub_keys2[:16], old2)
+    for keys, old, halves in ((layer.sub_keys1, old1, queries.view(-1, 16)[:, :8]),
+                              (layer.sub_keys2, old2, queries.view(-1, 16)[:, 8:])):
+        new = keys[16:].detach()
+        torch.testing.assert_close(new.norm(dim=1), old.norm(dim=1).mean().expand(len(new)))
+        cosine = torch.nn.functional.normalize(new, dim=1) @ torch.nn.functional.normalize(halves, dim=1).t()
+        assert bool((cosine.max(dim=1).values > 1 - 1e-5).all()), "every new sub-key points along a query half"

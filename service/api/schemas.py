@@ -117,7 +117,15 @@ class JobRequest(BaseModel):
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="strategy, new_experts, steps, freeze_old_experts, replay_fraction, distill_weight, train_dense, "
-                    "sparse_top_experts, activate (auto|always|never), seed")
+                    "sparse_top_experts, old_lr_scale, review_steps, activate (auto|always|never), seed")
+
+
+class ForgetRequest(BaseModel):
+    base_version_id: int | None = Field(None, description="default: the active version")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="repair_steps (routing-only steps on the remaining corpora; default PEER_FORGET_REPAIR_STEPS), "
+                    "activate (auto|always|never), seed")
 
 
 class ActivateRequest(BaseModel):

@@ -13,7 +13,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
-JOB_KINDS = ("ingest", "train")
+JOB_KINDS = ("ingest", "train", "forget")
 CORPUS_STATES = ("pending", "ready", "failed")
 
 
@@ -84,7 +84,7 @@ class Job(Base):
     __table_args__ = (Index("ix_jobs_state", "state"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20))  # ingest | train
+    kind: Mapped[str] = mapped_column(String(20))  # ingest | train | forget
     state: Mapped[str] = mapped_column(String(20), default="queued")
     corpus_ids: Mapped[list] = mapped_column(default=list)
     options: Mapped[dict] = mapped_column(default=dict)

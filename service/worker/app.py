@@ -1,4 +1,5 @@
-"""The Celery app: two queues (``ingest``, ``train``), tasks that only call service.training.
+"""The Celery app: two queues (``ingest``, ``train``: training and forget jobs), tasks that only call
+service.training and service.forgetting.
 
 Reliability settings (DESIGN.md): ``acks_late`` + ``reject_on_worker_lost`` (a task whose worker
 process dies is redelivered), prefetch 1, a Redis visibility timeout above the longest job, no result
@@ -22,11 +23,13 @@ from ..context import ServiceContext
 from ..db.models import Job
 from ..jobs import Dispatch, recover_stale_jobs
 from ..settings import Settings
+from ..forgetting import run_forget_job
 from ..training import run_ingest_job, run_train_job
 
 log = logging.getLogger(__name__)
 
-TASKS = {"ingest": "peer.ingest", "train": "peer.train"}  # job kind → task name; the queue is the kind
+TASKS = {"ingest": "peer.ingest", "train": "peer.train", "forget": "peer.forget"}  # job kind → task name
+QUEUES = {"ingest": "ingest", "train": "train", "forget": "train"}  # job kind → queue (forgetting loads a model)
 
 
 def broker_options(settings: Settings) -> dict:
@@ -48,7 +51,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         task_default_queue="ingest",
-        task_routes={name: {"queue": kind} for kind, name in TASKS.items()},
+        task_routes={name: {"queue": QUEUES[kind]} for kind, name in TASKS.items()},
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -73,6 +76,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
     @app.task(name=TASKS["train"], acks_late=True)
     def train(job_id: int) -> None:
         run_train_job(context(), job_id)
+
+    @app.task(name=TASKS["forget"], acks_late=True)
+    def forget(job_id: int) -> None:
+        run_forget_job(context(), job_id)
 
     watchdog_stop = threading.Event()
 
@@ -103,6 +110,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 def dispatcher(app: Celery) -> Dispatch:
     def dispatch(job: Job) -> None:
-        app.send_task(TASKS[job.kind], args=[job.id], queue=job.kind)
+        app.send_task(TASKS[job.kind], args=[job.id], queue=QUEUES[job.kind])
 
     return dispatch

@@ -41,3 +41,28 @@ def test_job_options_resolve_over_the_settings(options, has_old, has_pool, expec
 def test_replay_with_distillation_but_no_replay_is_rejected():
     with pytest.raises(InvalidInput, match="replay_fraction"):
         resolve({"strategy": "replay", "replay_fraction": 0})
+
+
+def test_chill_and_review_apply_only_where_there_is_something_old_to_protect():
+    settings = Settings(**DEFAULTS, old_lr_scale=0.2, review_steps=15)
+    stage = continual_options(settings, parse_job_options({}), has_old_corpora=True)
+    assert (stage.old_lr_scale, stage.review_steps) == (0.2, 15)
+    fresh = continual_options(settings, parse_job_options({}), has_old_corpora=False)
+    assert (fresh.old_lr_scale, fresh.review_steps) == (1.0, 0), "a fresh model's pre-training runs at full rate"
+    asked = continual_options(settings, parse_job_options({"old_lr_scale": 0.5, "review_steps": 0}), True)
+    assert (asked.old_lr_scale, asked.review_steps) == (0.5, 0)
+
+
+@pytest.mark.parametrize("options", [{"old_lr_scale": 1.5}, {"old_lr_scale": -0.1}, {"review_steps": -1},
+                                     {"steps": 10**6}, {"review_steps": 10**6}])
+def test_out_of_range_chill_review_and_step_counts_are_rejected(options):
+    with pytest.raises(InvalidInput):
+        resolve(options)
+
+
+def test_peer_layers_setting_places_the_expert_blocks():
+    assert Settings(n_layers=4).fresh_model_config().peer_layers == [2]
+    assert Settings(n_layers=4, peer_layers="all").fresh_model_config().peer_layers == [0, 1, 2, 3]
+    assert Settings(n_layers=4, peer_layers="0,3").fresh_model_config().peer_layers == [0, 3]
+    with pytest.raises(ValueError):
+        Settings(peer_layers="every")

@@ -1,4 +1,4 @@
-"""Corpora: upload (JSON, multipart file, plain text or JSONL body) and listing."""
+"""Corpora: upload (JSON, multipart file, plain text or JSONL body), listing, forgetting on request."""
 from __future__ import annotations
 
 import json
@@ -11,12 +11,15 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from ...db.models import Corpus
-from ...errors import InvalidInput, NotFound, PayloadTooLarge
+from ...errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from ...forgetting import parse_forget_options, segments_to_mask
 from ...ingest import parse_upload
+from ...jobs import create_job
 from ...training import validate_job_options
 from ...uploads import accept_corpus
+from ...versions import active_version_id, get_version
 from ..deps import get_ctx, get_dispatch, get_session, require_key
-from ..schemas import CorpusAccepted, CorpusOut, JobOut, TextCorpusRequest
+from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, JobOut, TextCorpusRequest
 
 router = APIRouter(tags=["corpora"])
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around the file
@@ -125,3 +128,22 @@ def get_corpus(corpus_id: int, session: Session = Depends(get_session)):
     if corpus is None:
         raise NotFound(f"corpus {corpus_id} not found")
     return corpus
+
+
+@router.post("/v1/corpora/{corpus_id}/forget", status_code=202, response_model=JobOut)
+def forget_corpus(corpus_id: int, body: ForgetRequest, ctx=Depends(get_ctx), session: Session = Depends(get_session),
+                  dispatch=Depends(get_dispatch), actor: str = Depends(require_key)):
+    """Make a new version without this corpus: a forget job masks the experts grown for it (optionally
+    repairing the routing on the remaining corpora), evaluates and publishes like a training job. 409
+    when the version does not know the corpus or holds it in no segment of its own."""
+    if session.get(Corpus, corpus_id) is None:
+        raise NotFound(f"corpus {corpus_id} not found")
+    base_id = body.base_version_id or active_version_id(session)
+    if base_id is None:
+        raise Conflict("no version to forget from")
+    segments_to_mask(get_version(session, base_id), corpus_id)
+    parse_forget_options(body.options, ctx.settings.max_train_steps)
+    job = create_job(session, "forget", [corpus_id], body.options, base_version_id=base_id)
+    session.commit()
+    dispatch(job)
+    return JSONResponse(status_code=202, content=JobOut.model_validate(job).model_dump(mode="json"))

@@ -1,0 +1,128 @@
+"""The forget job: a new version without one corpus (POST /v1/corpora/{id}/forget).
+
+A corpus trained with growth has segments of its own in every PEER layer (the version's ``segments``
+record which corpora each segment was grown for). Forgetting masks them
+(:func:`peer_model.continual.forget_segments`: out of retrieval's reach, experts kept for the record),
+optionally repairs the routing on the remaining corpora, evaluates every corpus the parent knew (the
+forgotten one included, reported in the job's metrics) and publishes the child like any training job:
+a version whose corpora no longer include the forgotten one, activated when no remaining corpus got
+worse by more than ``PEER_ACTIVATION_TOLERANCE``.
+
+How much is forgotten depends on where the corpus' knowledge sits: only what its segments hold goes.
+Under strategies whose dense layers train (the default), much of it is in shared weights that masking
+cannot take back; BENCHMARKS.md section 3c measures this per strategy.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from peer_model.continual import evaluate_all, forget_segments
+from peer_model.train import resolve_device
+
+from .context import ServiceContext
+from .db.models import Job, PoolVersion
+from .errors import Conflict, InvalidInput
+from .jobs import JobCancelled, heartbeat
+from .training import JobProgress, job_train_config, publish_version, run_owned_job, token_data
+from .versions import active_version_id, get_version
+
+
+class ForgetOptions(BaseModel):
+    """Options of a forget job; ``repair_steps`` None takes PEER_FORGET_REPAIR_STEPS."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repair_steps: int | None = Field(None, ge=0)
+    activate: Literal["auto", "always", "never"] = "auto"
+    seed: int = Field(0, ge=0)
+
+
+def parse_forget_options(options: dict, max_steps: int) -> ForgetOptions:
+    try:
+        parsed = ForgetOptions.model_validate(options)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise InvalidInput(f"invalid forget options: {problems}") from None
+    if parsed.repair_steps is not None and parsed.repair_steps > max_steps:
+        raise InvalidInput(f"invalid forget options: repair_steps {parsed.repair_steps} is over "
+                           f"PEER_MAX_TRAIN_STEPS ({max_steps})")
+    return parsed
+
+
+def segments_to_mask(version: PoolVersion, corpus_id: int) -> dict[int, list[int]]:
+    """{PEER layer: positions of the active segments grown for ``corpus_id`` alone} in ``version``;
+    409 when the version does not know the corpus, when no segment holds it alone (trained without
+    growth, into the initial pool, or together with other corpora), or when it is forgotten already."""
+    if corpus_id not in version.corpus_ids:
+        raise Conflict(f"version {version.id} does not know corpus {corpus_id}")
+    plan: dict[int, list[int]] = {}
+    for layer, rows in version.segments.items():
+        for position, row in enumerate(rows):
+            if corpus_id not in row["corpus_ids"] or row.get("status", "active") == "masked":
+                continue
+            others = [c for c in row["corpus_ids"] if c != corpus_id]
+            if others:
+                raise Conflict(f"corpus {corpus_id} shares segment {position} of layer {layer} with corpora {others}: "
+                               "masking it would forget them too")
+            plan.setdefault(int(layer), []).append(position)
+    if not plan:
+        raise Conflict(f"corpus {corpus_id} has no segment of its own in version {version.id} (trained without "
+                       "growth or into the initial pool): its knowledge is in shared weights and cannot be masked")
+    return plan
+
+
+def run_forget_job(ctx: ServiceContext, job_id: int) -> None:
+    run_owned_job(ctx, job_id, _forget_and_publish)
+
+
+def _forget_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
+    settings = ctx.settings
+    with ctx.sessions() as session:
+        job = session.get(Job, job_id)
+        options = parse_forget_options(dict(job.options), settings.max_train_steps)
+        base_id = job.base_version_id or active_version_id(session)
+        if base_id is None:
+            raise InvalidInput("no version to forget from")
+        base = get_version(session, base_id)
+        corpus_id = job.corpus_ids[0]
+        plan = segments_to_mask(base, corpus_id)
+        remaining = [c for c in base.corpus_ids if c != corpus_id]
+        parent_segments, base_checkpoint = base.segments, base.checkpoint
+    repair_steps = settings.forget_repair_steps if options.repair_steps is None else options.repair_steps
+    if repair_steps and not remaining:
+        repair_steps = 0  # nothing left to repair towards
+    parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
+    cfg = job_train_config(settings, max(1, repair_steps), options.seed)
+    progress = JobProgress(ctx, job_id, lease, max(1, repair_steps))
+    heartbeat(ctx.sessions, job_id, lease, metrics={"strategy": "forget", "masked_segments": plan})
+    remaining_train = [token_data(ctx, [c], "train") for c in remaining] if repair_steps else []
+    child, repair = forget_segments(parent, plan, remaining_train, repair_steps, cfg, settings.distill_weight,
+                                    should_stop=progress.should_stop)
+    if repair is not None and repair.stopped_early and progress.cancelled:
+        raise JobCancelled()
+
+    val_sets = {c: token_data(ctx, [c], "val") for c in [*remaining, corpus_id]}
+    child_bpb = evaluate_all(child, val_sets, cfg.seq_len, settings.train_batch_size, settings.eval_max_batches)
+    parent_bpb = evaluate_all(parent, val_sets, cfg.seq_len, settings.train_batch_size, settings.eval_max_batches)
+    gate = forget_gate(child_bpb, parent_bpb, remaining, corpus_id, settings.activation_tolerance)
+    publish_version(ctx, job_id, lease, base_id, child, parent_segments, [], remaining, "forget",
+                    {c: child_bpb[c] for c in remaining}, gate, options.activate, {
+                        "strategy": "forget", "forgotten_corpus_id": corpus_id, "masked_segments": plan,
+                        "repair_steps": repair.steps_done if repair is not None else 0,
+                        "bpb": {str(c): v for c, v in child_bpb.items()},
+                        "parent_bpb": {str(c): v for c, v in parent_bpb.items()},
+                    })
+
+
+def forget_gate(child: dict[int, float], parent: dict[int, float], remaining: list[int], forgotten: int,
+                tolerance: float) -> tuple[bool, str]:
+    """Pass when every remaining corpus' bpb is within ``tolerance`` (relative) of the parent's; the
+    reason also says how far the forgotten corpus' bpb moved."""
+    moved = f"corpus {forgotten}: {parent[forgotten]:.3f} → {child[forgotten]:.3f} bpb"
+    worse = [c for c in remaining if child[c] > parent[c] * (1 + tolerance)]
+    if worse:
+        details = ", ".join(f"corpus {c}: {parent[c]:.3f} → {child[c]:.3f}" for c in worse)
+        return False, f"forgetting hurt other corpora by more than {tolerance:.0%}: {details} ({moved})"
+    return True, f"forgot {moved}; remaining corpora within {tolerance:.0%}"
