@@ -260,7 +260,7 @@ def main() -> None:
 
     def forget_report(model, never_trained: dict[str, float], final: list[float]) -> dict:
         """Forgetting on request of the first stage corpus (names[1]): its segment (index 1 in every
-        PEER layer) masked, without and with a routing repair of stage_steps // 10 on the other corpora.
+        PEER layer) masked, without and with a repair of stage_steps // 10 steps on the other corpora.
         ``moved_back``: the share of the way from its final bpb back to the base model's (never trained
         on it); ``others_moved``: the largest relative change of any other corpus' bpb."""
         target = names[1]
@@ -348,7 +348,7 @@ def main() -> None:
               f"{percent(s['fact_bits_retention'])} | {percent(s['old_text_on_new_experts'])} |")
     forgetting_rows = [(label, res["forget"]) for label, res in results.items() if "forget" in res]
     if forgetting_rows:
-        print(f"\nforgetting {names[1]} on request (its segment masked; repair = routing-only steps on the rest):")
+        print(f"\nforgetting {names[1]} on request (its segment masked; repair = stage_steps // 10 steps on the other corpora with distillation):")
         print("| strategy | moved back | others moved (max) | moved back, repaired | others moved, repaired |")
         print("|---|---|---|---|---|")
         for label, report in forgetting_rows:

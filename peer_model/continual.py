@@ -38,7 +38,7 @@ Evaluation: :func:`evaluate_all` gives bits per byte on every corpus' validation
 learning and (given the naive strategy's matrix) plasticity.
 
 Forgetting on request: :func:`forget_segments` masks the segments a corpus was grown into (optionally
-repairing the routing on the remaining corpora), so a child no longer has that corpus' experts.
+repairing on the remaining corpora), so a child no longer has that corpus' experts.
 """
 from __future__ import annotations
 
@@ -429,9 +429,10 @@ def forget_segments(parent: PEERTransformer, segments: Mapping[int, Sequence[int
                     should_stop: Callable[[], bool] | None = None) -> tuple[PEERTransformer, TrainResult | None]:
     """A child of ``parent`` without the knowledge held in ``segments`` ({PEER layer: segment indices}):
     those segments are masked (out of retrieval's reach, see pool.py), and with ``repair_steps`` the
-    routing alone retrains on the ``remaining_train`` corpora (uniformly mixed) with ``distill_weight``
-    × KL to the parent there, so the inputs that had drifted to the masked experts find others. The
-    parent is unchanged. Returns the child and the repair's result (None without repair)."""
+    child trains that many steps on the ``remaining_train`` corpora (uniformly mixed) with
+    ``distill_weight`` × KL to the parent there, so what the remaining corpora had routed to the masked
+    experts is relearnt elsewhere (the masked experts cannot be selected, so they stay as they were).
+    The parent is unchanged. Returns the child and the repair's result (None without repair)."""
     layers = parent.peer_layers()
     for i, indices in segments.items():
         if i not in layers:
@@ -442,20 +443,18 @@ def forget_segments(parent: PEERTransformer, segments: Mapping[int, Sequence[int
     if repair_steps and not remaining_train:
         raise ValueError("repairing needs the remaining corpora's text")
     child = copy.deepcopy(parent)
+    _restore_trainable(child)
     for i, indices in segments.items():
         for index in indices:
             child.peer_layers()[i].set_segment_status(index, "masked")
     if not repair_steps:
         return child, None
-    cfg = train_cfg or TrainConfig()
+    cfg = replace(train_cfg or TrainConfig(), steps=repair_steps, warmup_steps=max(1, repair_steps // 10),
+                  log_every=max(1, repair_steps // 4), eval_every=10**9)
     teacher = copy.deepcopy(parent).to(resolve_device(cfg.device)).eval()
-    data = MixedData(remaining_train[0], remaining_train, 1.0)
-    batchnorms = [layer.query_norm for layer in child.peer_layers().values()
-                  if isinstance(layer.query_norm, nn.modules.batchnorm._BatchNorm)]
-    try:
-        result = _review_routing(child, data, cfg, repair_steps, teacher, distill_weight, batchnorms, should_stop)
-    finally:
-        _restore_trainable(child)
+    loss_fn = distillation_loss(teacher, distill_weight, True) if distill_weight else None
+    result = train(child, MixedData(remaining_train[0], remaining_train, 1.0), None, cfg, should_stop=should_stop,
+                   loss_fn=loss_fn)
     return child, result
 
 

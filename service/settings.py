@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     old_lr_scale: float = 1.0  # "add and chill": learning-rate multiplier of everything older than the job
     review_steps: int = 0  # routing-only review on half replay after a job's training (0: none)
     max_train_steps: int = 100_000  # the most steps (training, review or repair) one job may ask for
-    forget_repair_steps: int = 0  # forgetting a corpus: routing-only repair steps on the remaining corpora
+    forget_repair_steps: int = 0  # forgetting a corpus: repair steps (replay of the remaining corpora + distillation)
     eval_max_batches: int = 8  # validation batches per corpus per evaluation
     activation_tolerance: float = 0.05  # a version activates when no old corpus gets worse by more than this
     val_fraction: float = 0.05

@@ -124,7 +124,8 @@ class ForgetRequest(BaseModel):
     base_version_id: int | None = Field(None, description="default: the active version")
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description="repair_steps (routing-only steps on the remaining corpora; default PEER_FORGET_REPAIR_STEPS), "
+        description="repair_steps (training steps on the remaining corpora with distillation to the parent; default "
+                    "PEER_FORGET_REPAIR_STEPS), "
                     "activate (auto|always|never), seed")
 
 

@@ -65,9 +65,11 @@ def test_forgetting_publishes_a_version_without_the_corpus_and_its_segment_maske
         evaluated = set(session.scalars(select(Evaluation.corpus_id).where(Evaluation.version_id == version.id)))
     assert evaluated == {english}
     bpb, parent_bpb = job.metrics["bpb"], job.metrics["parent_bpb"]
-    print(row(ctx, Job, 3).metrics if False else None, job.metrics)
-    assert parent_bpb[str(code)] < 6.0, "the test needs a version that learnt the code corpus"
-    assert bpb[str(code)] > parent_bpb[str(code)] + 0.2, "the forgotten corpus must get worse"
+    learning = row(ctx, Job, row(ctx, PoolVersion, learnt_id).job_id).metrics
+    never, learnt_bpb = learning["parent_bpb"][str(code)], learning["bpb"][str(code)]
+    assert learnt_bpb < never - 1.0, "the test needs a version that learnt the code corpus"
+    assert parent_bpb[str(code)] == pytest.approx(learnt_bpb)
+    assert (bpb[str(code)] - learnt_bpb) / (never - learnt_bpb) > 0.5, "at least half way back to never trained"
     assert job.metrics["masked_segments"] == {"1": [1]}
 
     model = load_checkpoint(ctx.store.root / version.checkpoint)
@@ -110,17 +112,23 @@ def test_the_api_refuses_what_cannot_be_forgotten(ctx, learnt):
         assert accepted.json()["kind"] == "forget" and [job.id for job in sent] == [accepted.json()["id"]]
 
 
-def test_forgetting_with_repair_retrains_the_routing_on_the_remaining_corpora(ctx, learnt):
+def test_forgetting_with_repair_trains_on_the_remaining_corpora(ctx, learnt):
     english, code, learnt_id = learnt
-    with transaction(ctx.sessions) as session:
-        job_id = create_job(session, "forget", [code], {"repair_steps": 4, "activate": "never"},
-                            base_version_id=learnt_id).id
-    run_forget_job(ctx, job_id)
-    job = row(ctx, Job, job_id)
-    assert job.state == "succeeded", job.error
-    assert job.metrics["repair_steps"] == 4 and job.metrics["activated"] is False
-    version = row(ctx, PoolVersion, job.result_version_id)
+
+    def forget_from_learnt(repair_steps):
+        with transaction(ctx.sessions) as session:
+            job_id = create_job(session, "forget", [code], {"repair_steps": repair_steps, "activate": "never"},
+                                base_version_id=learnt_id).id
+        run_forget_job(ctx, job_id)
+        job = row(ctx, Job, job_id)
+        assert job.state == "succeeded", job.error
+        return job
+
+    plain, repaired = forget_from_learnt(0), forget_from_learnt(30)
+    assert repaired.metrics["repair_steps"] == 30 and repaired.metrics["activated"] is False
+    assert repaired.metrics["bpb"][str(english)] < plain.metrics["bpb"][str(english)], \
+        "repair must win back what the remaining corpus had routed to the masked experts"
     parent = load_checkpoint(ctx.store.root / row(ctx, PoolVersion, learnt_id).checkpoint)
-    child = load_checkpoint(ctx.store.root / version.checkpoint)
-    assert torch.equal(child.peer_layers()[1].expert_up, parent.peer_layers()[1].expert_up)
-    assert not torch.equal(child.peer_layers()[1].query.weight, parent.peer_layers()[1].query.weight)
+    child = load_checkpoint(ctx.store.root / row(ctx, PoolVersion, repaired.result_version_id).checkpoint)
+    start = parent.peer_layers()[1].segments[1].start
+    assert torch.equal(child.peer_layers()[1].expert_up[start:], parent.peer_layers()[1].expert_up[start:])

@@ -134,7 +134,7 @@ def get_corpus(corpus_id: int, session: Session = Depends(get_session)):
 def forget_corpus(corpus_id: int, body: ForgetRequest, ctx=Depends(get_ctx), session: Session = Depends(get_session),
                   dispatch=Depends(get_dispatch), actor: str = Depends(require_key)):
     """Make a new version without this corpus: a forget job masks the experts grown for it (optionally
-    repairing the routing on the remaining corpora), evaluates and publishes like a training job. 409
+    repairing on the remaining corpora), evaluates and publishes like a training job. 409
     when the version does not know the corpus or holds it in no segment of its own."""
     if session.get(Corpus, corpus_id) is None:
         raise NotFound(f"corpus {corpus_id} not found")
