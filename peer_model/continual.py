@@ -16,7 +16,8 @@ and returns a child (the parent is never modified). Strategies (``ContinualOptio
   ``sparse_top_experts`` experts per layer whose usage on the new corpus is high relative to their
   usage on earlier corpora (TF-IDF, :func:`expert_scores`), plus any new segment.
 
-Two options apply to any strategy: ``old_lr_scale`` ("add and chill"): every parameter that existed
+``replay_source="parent"`` replays the parent's own samples instead of the earlier corpora (generative
+replay, :func:`sample_replay`), for when their text is gone. Two options apply to any strategy: ``old_lr_scale`` ("add and chill"): every parameter that existed
 before the stage (dense layers, routing, old expert rows) learns at ``old_lr_scale`` × its rate while the
 new experts and new sub-keys learn at the full rate; ``review_steps`` (MoE-LPR's review stage): after
 training, only the routing (query projection, query BatchNorm, sub-keys) trains for that many steps on
@@ -52,9 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .generate import SamplingParams, decode_one_token, make_generator, prefill, sample_next
 from .model import PEERTransformer
 from .peer import PEER
 from .pool import Segment
+from .tokenizer import BOS
 from .train import (
     LossFn, TokenData, TrainConfig, TrainResult, autocast_for, build_optimizers, evaluate_bpb, next_byte_loss,
     resolve_device, train,
@@ -79,6 +82,8 @@ class ContinualOptions:
     freeze_query: bool = False
     train_dense: bool | None = None  # None: True for naive/replay, False for the other strategies
     key_init: Literal["data", "random"] = "data"  # new sub-keys: the new corpus' queries, or random (peer.py)
+    replay_source: Literal["corpora", "parent"] = "corpora"  # replay earlier corpora, or the parent's own samples
+    generated_windows: int = 256  # replay_source "parent": windows of seq_len bytes sampled from the parent
     old_lr_scale: float = 1.0  # learning-rate multiplier of everything that existed before the stage
     review_steps: int = 0  # routing-only review on half replay after training (needs earlier corpora)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -87,7 +92,7 @@ class ContinualOptions:
         s = self.strategy
         if s not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {s!r}")
-        for name in ("new_experts", "sparse_top_experts", "usage_batches", "review_steps"):
+        for name in ("new_experts", "sparse_top_experts", "usage_batches", "review_steps", "generated_windows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -100,6 +105,10 @@ class ContinualOptions:
             raise ValueError(f"distill_weight must be a finite number >= 0, got {self.distill_weight!r}")
         if not (isinstance(self.old_lr_scale, (int, float)) and 0.0 <= self.old_lr_scale <= 1.0):
             raise ValueError(f"old_lr_scale must be in [0, 1], got {self.old_lr_scale!r}")
+        if self.replay_source not in ("corpora", "parent"):
+            raise ValueError(f"replay_source must be 'corpora' or 'parent', got {self.replay_source!r}")
+        if self.replay_source == "parent" and self.generated_windows < 1:
+            raise ValueError("replay_source 'parent' needs generated_windows >= 1")
         if self.key_init not in ("data", "random"):
             raise ValueError(f"key_init must be 'data' or 'random', got {self.key_init!r}")
         if self.distill_on not in ("old", "all"):
@@ -173,6 +182,34 @@ class MixedData:
             x, y = data.sample_batch(rows.numel(), seq_len, generator)
             inputs[rows], targets[rows] = x, y
         return inputs, targets, source
+
+
+@torch.no_grad()
+def sample_replay(model: PEERTransformer, windows: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
+                  batch_size: int = 64) -> TokenData:
+    """Generative replay: ``windows`` texts of ``seq_len`` tokens sampled from ``model`` after BOS, one
+    after another in one TokenData. For when the earlier corpora's text is gone (deleted, or never
+    stored): replaying a version's own generations, distilled against it, keeps what it knew in the
+    spirit of SPIN's training on a previous version's samples. ``model`` is left in its mode."""
+    device = next(model.parameters()).device
+    params = SamplingParams(temperature=temperature)
+    generator = make_generator(seed, device)
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for start in range(0, windows, batch_size):
+            count = min(batch_size, windows - start)
+            cache = model.new_cache(count, min(model.config.max_seq_len, seq_len + 1))
+            next_ids = sample_next(prefill(model, torch.full((count, 1), BOS, device=device), cache), params, generator)
+            sampled = [next_ids]
+            for _ in range(seq_len - 1):
+                next_ids = sample_next(decode_one_token(model, next_ids, cache), params, generator)
+                sampled.append(next_ids)
+            rows.append(torch.stack(sampled, dim=1).cpu())
+    finally:
+        model.train(was_training)
+    return TokenData(torch.cat(rows).flatten().to(torch.int16))
 
 
 # ---- freezing ------------------------------------------------------------------------------------
@@ -325,6 +362,8 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {parent.config.max_seq_len}")
     needs_old = (options.replay_fraction > 0 or (options.distill_weight > 0 and options.distill_on == "old")
                  or options.review_steps > 0)
+    if needs_old and options.replay_source == "parent":
+        old_train = [sample_replay(parent, options.generated_windows, cfg.seq_len, seed=cfg.seed + 3)]
     if needs_old and not old_train:
         raise ValueError(f"strategy {options.strategy!r} with replay/distillation needs earlier corpora (old_train)")
     child = copy.deepcopy(parent)

@@ -4,8 +4,9 @@ ingest: the validated upload in the store → normalised, de-duplicated train/va
 corpus is ready; optionally a training job follows.
 
 train: parent version → :func:`peer_model.continual.continual_stage` (by default: grow a segment in every
-PEER layer, fine-tune everything on half replay of earlier corpora with distillation to the parent) → bits per
-byte on the validation split of every corpus the version knows → publish: the checkpoint is written
+PEER layer, fine-tune everything on half replay of earlier corpora with distillation to the parent; when an
+earlier corpus' text is gone from the store, the parent's own samples are replayed instead) → bits per
+byte on the validation split of every corpus the version knows (whose text is still there) → publish: the checkpoint is written
 first, then in one transaction the version row, its evaluations, the job's success and (when the
 activation gate passes) the activation. A crash at any point before that commit leaves no version row,
 so no half version is ever visible; the retried job overwrites the orphaned checkpoint.
@@ -279,7 +280,11 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     if len(new_train) < stage_options.train.seq_len:
         raise InvalidInput(f"the new corpora hold {len(new_train)} bytes of training text; "
                            f"at least {stage_options.train.seq_len} are needed")
-    old_train = [token_data(ctx, [c], "train") for c in old_ids]
+    gone = [c for c in old_ids if not ctx.store.corpus_path(c, "train").is_file()]
+    if gone and stage_options.replay_fraction > 0:
+        # an earlier corpus' text is no longer in the store: replay the parent's own samples instead
+        stage_options = replace(stage_options, replay_source="parent")
+    old_train = [token_data(ctx, [c], "train") for c in old_ids if c not in gone]
     progress = JobProgress(ctx, job_id, lease, stage_options.train.steps)
     heartbeat(ctx.sessions, job_id, lease, metrics={"strategy": stage_options.strategy})
 
@@ -288,11 +293,12 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     if stage.train_result.stopped_early and progress.cancelled:
         raise JobCancelled()
     all_ids = old_ids + new_ids
-    val_sets = {c: token_data(ctx, [c], "val") for c in all_ids}
+    val_sets = {c: token_data(ctx, [c], "val") for c in all_ids if ctx.store.corpus_path(c, "val").is_file()}
+    old_ids_evaluated = [c for c in old_ids if c in val_sets]
     seq_len, batch = stage_options.train.seq_len, settings.train_batch_size
     child_bpb = evaluate_all(stage.child, val_sets, seq_len, batch, settings.eval_max_batches)
     parent_bpb = evaluate_all(parent, val_sets, seq_len, batch, settings.eval_max_batches)
-    gate = activation_gate(child_bpb, parent_bpb, old_ids, new_ids, settings.activation_tolerance)
+    gate = activation_gate(child_bpb, parent_bpb, old_ids_evaluated, new_ids, settings.activation_tolerance)
     publish_version(ctx, job_id, lease, base_id, stage.child, parent_segments, new_ids, all_ids, stage_options.strategy,
                     child_bpb, gate, job_options.activate, {
                         "strategy": stage_options.strategy, "steps": stage.train_result.steps_done,
@@ -300,6 +306,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
                         "train_seconds": round(stage.train_result.elapsed_s, 2),
                         "bpb": {str(c): v for c, v in child_bpb.items()},
                         "parent_bpb": {str(c): v for c, v in parent_bpb.items()},
+                        "replay_source": stage_options.replay_source, "corpora_gone": gone,
                     })
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from peer_model.config import ModelConfig
 from peer_model.continual import (
     ContinualOptions, MixedData, continual_stage, evaluate_all, expert_scores, forget_segments, forgetting_report,
-    select_experts, selection_share,
+    sample_replay, select_experts, selection_share,
 )
 from peer_model.facts import answer_bits, fact_recall, facts_text, facts_tokens, make_facts, recalled
 from peer_model.tokenizer import BOS, EOS, ByteTokenizer
@@ -449,3 +449,24 @@ def test_data_keyed_growth_sends_the_new_corpus_to_the_new_experts(parent):
         return selection_share(child, VAL_B, first, batches=2, batch_size=8, seq_len=32)
     random_share, data_share = share("random"), share("data")
     assert data_share > max(0.1, 3 * random_share), (random_share, data_share)
+
+
+# ---- generative replay ---------------------------------------------------------------------------
+
+
+def test_generative_replay_samples_the_parents_own_distribution(parent):
+    replay = sample_replay(parent, windows=12, seq_len=32, seed=3)
+    assert len(replay) == 12 * 32
+    assert torch.equal(replay.tokens, sample_replay(parent, windows=12, seq_len=32, seed=3).tokens)
+    assert not bool(((replay.tokens == BOS) | (replay.tokens == ByteTokenizer.PAD)).any())
+    # the parent knows domain A: its own samples read like A to it, not like B
+    own = evaluate_bpb(parent, replay, 32, 4)
+    assert own < evaluate_bpb(parent, VAL, 32, 8) + 1.0 < evaluate_bpb(parent, VAL_B, 32, 8)
+
+
+def test_a_stage_can_replay_the_parents_samples_without_any_old_corpus(parent):
+    options = ContinualOptions("replay", replay_fraction=0.5, distill_weight=1.0, replay_source="parent",
+                               generated_windows=16, train=stage_cfg(30))
+    protected = continual_stage(parent, DATA_B, [], options, tag="B").child
+    naive = continual_stage(parent, DATA_B, [], ContinualOptions("naive", train=stage_cfg(30)), tag="B").child
+    assert evaluate_bpb(protected, VAL, 32, 8) < evaluate_bpb(naive, VAL, 32, 8), "replaying the parent protects A"

@@ -148,3 +148,20 @@ def test_activation_gate():
     assert not passed and "forgot more than 5%" in reason and "corpus 1" in reason
     passed, reason = activation_gate({1: 2.0, 2: 5.1}, parent, [1], [2], 0.05)
     assert not passed and "did not learn" in reason
+
+
+def test_when_an_old_corpus_text_is_gone_the_job_replays_the_parents_samples(ctx, two_versions):
+    english, code, _ = two_versions
+    train_text = ctx.store.corpus_path(english, "train")
+    kept = train_text.read_bytes()
+    train_text.unlink()
+    try:
+        with transaction(ctx.sessions) as session:
+            job_id = create_job(session, "train", [code], {"steps": 4, "activate": "never"}).id
+        run_train_job(ctx, job_id)
+    finally:
+        train_text.write_bytes(kept)
+    job = row(ctx, Job, job_id)
+    assert job.state == "succeeded", job.error
+    assert job.metrics["replay_source"] == "parent" and job.metrics["corpora_gone"] == [english]
+    assert set(job.metrics["bpb"]) == {str(english), str(code)}, "the validation split is still there: evaluated"
