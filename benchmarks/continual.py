@@ -122,6 +122,8 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
         "freeze+chill0.1 random keys": ContinualOptions(
             "grow_freeze_protect", replay_fraction=0.5, distill_weight=1.0, train_dense=True, old_lr_scale=0.1,
             key_init="random", train=cfg, **grow, **keep),
+        # generative replay: the old corpora are gone, the parent's own samples are replayed and distilled
+        "generative replay50 distill1 grow": replay(0.5, 1.0, grows=True, replay_source="parent"),
         # only the new segment trains (experts and new sub-keys): what masking it takes back is all it learnt
         "segment only": ContinualOptions("grow_freeze", freeze_query=True, train=cfg, **grow, **keep),
         # the service default + MoE-LPR's router review (10% of the stage's steps, routing only)

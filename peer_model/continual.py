@@ -13,11 +13,14 @@ and returns a child (the parent is never modified). Strategies (``ContinualOptio
   divergence from the parent's next-byte distribution to the child's on the replayed old windows
   (Lifelong-MoE's output regularisation, there computed on the new data: ``distill_on="all"``);
 * ``sparse_finetune``: Sparse Memory Finetuning (Lin et al. 2025): train only the
-  ``sparse_top_experts`` experts per layer whose usage on the new corpus is high relative to their
-  usage on earlier corpora (TF-IDF, :func:`expert_scores`), plus any new segment.
+  ``sparse_top_experts`` experts per layer whose usage is high relative to their usage on earlier
+  corpora (TF-IDF), plus any new segment. ``sparse_selection="batch"`` (the paper's way) ranks them
+  anew on every training batch's own selections (:class:`BatchSparseSelection`); ``"stage"`` once, on
+  sampled batches of the new corpus (:func:`expert_scores`).
 
 ``replay_source="parent"`` replays the parent's own samples instead of the earlier corpora (generative
-replay, :func:`sample_replay`), for when their text is gone. Two options apply to any strategy: ``old_lr_scale`` ("add and chill"): every parameter that existed
+replay, :func:`sample_replay`), for when their text is gone. Two options apply to any strategy:
+``old_lr_scale`` ("add and chill"): every parameter that existed
 before the stage (dense layers, routing, old expert rows) learns at ``old_lr_scale`` × its rate while the
 new experts and new sub-keys learn at the full rate; ``review_steps`` (MoE-LPR's review stage): after
 training, only the routing (query projection, query BatchNorm, sub-keys) trains for that many steps on
@@ -55,6 +58,7 @@ from torch import nn
 
 from .generate import SamplingParams, decode_one_token, make_generator, prefill, sample_next
 from .model import PEERTransformer
+from .optim import coalesced
 from .peer import PEER
 from .pool import Segment
 from .tokenizer import BOS
@@ -77,6 +81,7 @@ class ContinualOptions:
     distill_on: Literal["old", "all"] = "old"  # windows the KL is taken on: replayed old ones, or all
     sparse_top_experts: int = 0  # sparse_finetune: experts trained per PEER layer (besides new ones)
     usage_batches: int = 8  # sparse_finetune: batches of new (and of old) data the usage is counted on
+    sparse_selection: Literal["batch", "stage"] = "batch"  # sparse_finetune: rank experts per batch or per stage
     freeze_old_sub_keys: bool = False
     freeze_query_batchnorm_stats: bool = False
     freeze_query: bool = False
@@ -105,6 +110,8 @@ class ContinualOptions:
             raise ValueError(f"distill_weight must be a finite number >= 0, got {self.distill_weight!r}")
         if not (isinstance(self.old_lr_scale, (int, float)) and 0.0 <= self.old_lr_scale <= 1.0):
             raise ValueError(f"old_lr_scale must be in [0, 1], got {self.old_lr_scale!r}")
+        if self.sparse_selection not in ("batch", "stage"):
+            raise ValueError(f"sparse_selection must be 'batch' or 'stage', got {self.sparse_selection!r}")
         if self.replay_source not in ("corpora", "parent"):
             raise ValueError(f"replay_source must be 'corpora' or 'parent', got {self.replay_source!r}")
         if self.replay_source == "parent" and self.generated_windows < 1:
@@ -304,28 +311,75 @@ def _peer_queries(model: PEERTransformer, data, batches: int, batch_size: int, s
     return {i: torch.cat(q) for i, q in queries.items()}
 
 
+def background_frequency(model: PEERTransformer, new: TokenData, old: Sequence[TokenData], batches: int,
+                         batch_size: int, seq_len: int, seed: int = 0) -> dict[int, torch.Tensor]:
+    """Per PEER layer, the IDF of every expert: log((B + 1) / (df + 1)) where df counts the B batches
+    of old data (earlier corpora mixed alike) in which the expert was selected at least once; experts
+    the old data uses everywhere get ~0. With no old data, 1 for every expert."""
+    generator = torch.Generator().manual_seed(seed)
+    if not old:
+        return {i: torch.ones(layer.num_experts, dtype=torch.float64) for i, layer in model.peer_layers().items()}
+    df = _count_usage(model, MixedData(new, old, 1.0), batches, batch_size, seq_len, generator, per_batch=True)
+    return {i: torch.log((batches + 1) / (counts.double() + 1)) for i, counts in df.items()}
+
+
 def expert_scores(model: PEERTransformer, new: TokenData, old: Sequence[TokenData], batches: int,
                   batch_size: int, seq_len: int, seed: int = 0) -> dict[int, torch.Tensor]:
     """TF-IDF score of every expert of every PEER layer for the new corpus against the earlier ones.
 
-    TF = the expert's share of all selections over ``batches`` batches of new data; IDF =
-    log((B + 1) / (df + 1)) where df counts the B batches of old data (earlier corpora mixed alike) in
-    which the expert was selected at least once: experts the old data uses everywhere score ~0. This
-    is the ranking of Sparse Memory Finetuning (Lin et al. 2025, memory slots there, experts here),
-    computed once per stage from samples rather than per training batch as in the paper. With no old
-    data, IDF is constant and the ranking is plain usage on the new corpus.
+    TF = the expert's share of all selections over ``batches`` batches of new data; IDF: see
+    :func:`background_frequency`. This is the ranking of Sparse Memory Finetuning (Lin et al. 2025,
+    memory slots there, experts here) computed once per stage from samples; :class:`BatchSparseSelection`
+    computes it per training batch, as the paper does. With no old data the ranking is plain usage.
     """
     generator = torch.Generator().manual_seed(seed)
     tf = _count_usage(model, new, batches, batch_size, seq_len, generator, per_batch=False)
-    if old:
-        df = _count_usage(model, MixedData(new, old, 1.0), batches, batch_size, seq_len, generator, per_batch=True)
-    else:
-        df = {i: torch.zeros_like(t) for i, t in tf.items()}
-    scores = {}
-    for i, counts in tf.items():
-        share = counts.double() / max(1, int(counts.sum()))
-        scores[i] = share * torch.log((batches + 1) / (df[i].double() + 1))
-    return scores
+    idf = background_frequency(model, new, old, batches, batch_size, seq_len, seed=seed + 1)
+    return {i: counts.double() / max(1, int(counts.sum())) * idf[i] for i, counts in tf.items()}
+
+
+class BatchSparseSelection:
+    """Sparse Memory Finetuning per batch (Lin et al. 2025): after each backward, every PEER layer keeps
+    the gradient rows of only the ``top`` experts with the best TF-IDF of this batch's selections (TF:
+    the layer's usage counts of the step, IDF: ``idf`` from :func:`background_frequency`), and of any
+    expert grown after ``idf`` was taken; the optimizer then touches no other row, so the rest stay
+    bit-identical. Needs usage tracking on during training (``TrainConfig.track_usage``).
+    ``trained``: per layer, every expert that was kept at least once."""
+
+    def __init__(self, model: PEERTransformer, idf: Mapping[int, torch.Tensor], top: int):
+        self.layers = model.peer_layers()
+        self.idf, self.top = dict(idf), top
+        self.kept = {i: torch.zeros(layer.num_experts, dtype=torch.bool) for i, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.reset_usage()
+
+    @property
+    def trained(self) -> dict[int, torch.Tensor]:
+        return {i: torch.nonzero(kept).squeeze(1) for i, kept in self.kept.items()}
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for i, layer in self.layers.items():
+            counts = layer.usage_counts.cpu()
+            old = self.idf[i].numel()
+            keep = torch.zeros(layer.num_experts, dtype=torch.bool)
+            keep[select_experts(counts[:old].double() / max(1, int(counts.sum())) * self.idf[i], self.top)] = True
+            keep[old:] = True
+            if len(self.kept[i]) < len(keep):
+                self.kept[i] = torch.cat([self.kept[i], self.kept[i].new_zeros(len(keep) - len(self.kept[i]))])
+            self.kept[i] |= keep & (counts > 0)
+            keep = keep.to(layer.usage_counts.device)
+            for table in (layer.expert_down, layer.expert_up):
+                if table.grad is not None:
+                    table.grad = _sparse_rows_kept(coalesced(table.grad), keep)
+            layer.reset_usage()
+
+
+def _sparse_rows_kept(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    rows, values = grad.indices()[0], grad.values()
+    mask = keep[rows]
+    return torch.sparse_coo_tensor(rows[mask].unsqueeze(0), values[mask], grad.shape, is_coalesced=True,
+                                   check_invariants=False)
 
 
 def select_experts(scores: torch.Tensor, top: int) -> torch.Tensor:
@@ -373,7 +427,12 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
 
     # which experts train (decided on the parent's experts, before growth)
     trained: dict[int, torch.Tensor] = {}
-    if options.strategy == "sparse_finetune":
+    per_batch = options.strategy == "sparse_finetune" and options.sparse_selection == "batch"
+    if per_batch:
+        selection = BatchSparseSelection(child, background_frequency(child, new_train, old_train, options.usage_batches,
+                                                                     cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1),
+                                         options.sparse_top_experts)
+    elif options.strategy == "sparse_finetune":
         scores = expert_scores(child, new_train, old_train, options.usage_batches, cfg.batch_size, cfg.seq_len,
                                seed=cfg.seed + 1)
         trained = {i: select_experts(s, options.sparse_top_experts) for i, s in scores.items()}
@@ -389,7 +448,7 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
         old_n = before[i][2]
         if options.strategy in _GROWING:
             layer.set_trainable(slice(0, old_n), False)
-        elif options.strategy == "sparse_finetune":
+        elif options.strategy == "sparse_finetune" and not per_batch:
             layer.set_trainable(slice(0, old_n), False)
             layer.set_trainable(trained[i], True)
     if not options.dense_trains:
@@ -416,8 +475,11 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
         loss_fn = distillation_loss(teacher, options.distill_weight, options.distill_on == "old")
     optimizers = build_optimizers(child, cfg, _chill_scales(child, before, options.old_lr_scale))
     try:
-        result = train(child, data, None, cfg, on_log=on_log, should_stop=should_stop, loss_fn=loss_fn,
-                       eval_modules=batchnorms, optimizers=optimizers)
+        result = train(child, data, None, replace(cfg, track_usage=True) if per_batch else cfg, on_log=on_log,
+                       should_stop=should_stop, loss_fn=loss_fn, eval_modules=batchnorms, optimizers=optimizers,
+                       after_backward=selection if per_batch else None)
+        if per_batch:
+            trained = selection.trained
         if options.review_steps and not result.stopped_early:
             review = _review_routing(child, MixedData(new_train, old_train, 0.5), cfg, options.review_steps, teacher,
                                      options.distill_weight, batchnorms, should_stop)

@@ -340,13 +340,15 @@ def train(
     optimizers: Optimizers | None = None,
     loss_fn: LossFn | None = None,
     eval_modules: Sequence[nn.Module] = (),
+    after_backward: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``cfg``'s device.
 
     ``train_data.sample_batch`` returns ``(inputs, targets, *extras)``; ``loss_fn(logits, inputs,
     targets, extras)`` replaces the next-byte cross-entropy (e.g. to add distillation on some rows,
     see continual.py). ``eval_modules`` stay in eval mode throughout (e.g. a BatchNorm whose running
-    statistics must not move).
+    statistics must not move). ``after_backward()`` runs between the backward and the gradient
+    clipping of every step (e.g. to drop gradient rows, see continual.BatchSparseSelection).
 
     Every ``log_every`` steps, every ``eval_every`` steps and at the last step a record
     ``{step, loss, lr, grad_norm, tokens_per_s, eta_s[, val_bpb]}`` is appended to the history and
@@ -402,6 +404,8 @@ def train(
                     loss = loss + aux
                 optimizers.zero_grad()
                 loss.backward()
+                if after_backward is not None:
+                    after_backward()
                 grad_norm_sum += clip_grad_norm(params, cfg.grad_clip)
                 optimizers.step()
                 result.final_val_bpb = None  # the model changed since the last evaluation
