@@ -140,8 +140,11 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
         "grow_freeze_protect": ContinualOptions("grow_freeze_protect", replay_fraction=0.25, distill_weight=1.0,
                                                 train=cfg, **grow, **keep),
         "grow_freeze_protect+dense": protect_dense(0.25, 1.0),
+        # Sparse Memory Finetuning: experts ranked per training batch (the paper's way), or once per stage
         "sparse_finetune": ContinualOptions("sparse_finetune", sparse_top_experts=size.sparse_top, train=cfg,
                                             freeze_query_batchnorm_stats=True),
+        "sparse_finetune(stage)": ContinualOptions("sparse_finetune", sparse_top_experts=size.sparse_top, train=cfg,
+                                                   sparse_selection="stage", freeze_query_batchnorm_stats=True),
         # more protection, or a gentler dense learning rate ("slow": × 0.3)
         "protect+dense replay50": protect_dense(0.5, 1.0),
         "protect+dense slow": protect_dense(0.25, 1.0, lr_scale=0.3),

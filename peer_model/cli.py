@@ -135,7 +135,8 @@ def cmd_grow(args: argparse.Namespace) -> None:
     segments = model.grow(args.experts, tag=args.tag)
     save_checkpoint(model, args.out or args.checkpoint, extra=read_checkpoint_meta(args.checkpoint).get("extra"))
     for layer, seg in segments.items():
-        print(f"layer {layer}: experts {seg.start}..{seg.end - 1} added ({seg.size:,}), grid {seg.rows}x{seg.cols}")
+        print(f"layer {layer}: experts {seg.start}..{seg.end - 1} added ({seg.size:,}), grid {seg.rows}x{seg.cols}, "
+              f"status {seg.status} (out of retrieval's reach until `peer train --init` opens it)")
 
 
 def _flops(model) -> dict:
