@@ -220,11 +220,20 @@ def main() -> None:
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-layer-table", action="store_true", help="skip the one-layer table (e.g. with --archs)")
+    parser.add_argument("--budgets", help="comma-separated subset of the size's budgets, e.g. 1.5e12")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--json", default="runs/isoflop.json")
     parser.add_argument("--plot", default="runs/isoflop.png")
     args = parser.parse_args()
     tune_allocator()
     size = SIZES[args.size]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = size.budgets
+    if args.budgets:
+        budgets = tuple(float(b) for b in args.budgets.split(","))
+        if not set(budgets) <= set(size.budgets):
+            parser.error(f"--budgets must be among {size.budgets}")
     archs = args.archs.split(",")
     unknown = set(archs) - set(ARCHITECTURES)
     if unknown:
@@ -233,7 +242,7 @@ def main() -> None:
     train_text, val_text = split_train_val(load_corpus("shakespeare", max_bytes=size.max_bytes))
     data, val = TokenData.from_text(train_text), TokenData.from_text(val_text)
     results = []
-    for budget in size.budgets:
+    for budget in budgets:
         for d in size.widths:
             for arch in archs:
                 row = run(arch, d, budget, size, data, val, args.device)
