@@ -2,7 +2,8 @@
 
 A base model is trained on the first corpus; then each strategy (peer_model/continual.py) runs the
 same stages (one per further corpus, equal steps) from that same base. Every stage's training text
-also carries a few hundred invented facts (peer_model/facts.py, BOS before each sentence). After
+also carries its own invented facts (peer_model/facts.py, BOS before each sentence; at --size small 24
+facts, each sentence 1,200 times, so naive fine-tuning recalls nearly all of them). After
 every stage: bits per byte on the validation split of every corpus seen so far (R[stage][corpus]),
 greedy fact recall on every stage's facts so far (F[stage][facts of stage]) and the bits per byte of
 their answers, with those of facts never trained on as the control (A[stage][...]).
@@ -12,12 +13,15 @@ bpb) and its ratio to naive's, plasticity (bpb on each corpus right after its ow
 > 0 = learns worse than naive; also relative: 0.05 = 5% worse), final fact recall per stage, and
 retention of facts: final recall ÷ recall right after their stage, and the same for the answer bits
 saved against unseen facts; and the share of the first corpus' expert selections that the final model
-routes to experts grown after the base (old inputs drifting to new experts). The "dense naive" row
-is the reference the issue asks for: the same model with a dense GELU MLP in place of the PEER layer,
-pre-trained the same way, fine-tuned naively.
+routes to experts grown after the base (old inputs drifting to new experts). Strategies named "dense
+..." run on the same model with a dense GELU MLP in place of the PEER layer, pre-trained the same way.
+For growing strategies, forgetting on request: the first stage corpus' segment masked at the end,
+without and with a short repair (continual.forget_segments). --peer-layers all puts PEER in every
+block; --base-dir keeps the pre-trained bases for later runs.
 
     python benchmarks/continual.py --size tiny            # < 3 minutes on 2 cores
-    python benchmarks/continual.py                        # --size small, DEFAULT_STRATEGIES: about 29 minutes on 2 cores
+    python benchmarks/continual.py                        # --size small, DEFAULT_STRATEGIES: 54 minutes with 1 thread
+                                                          # beside another run, about 30 on 2 idle cores
     python benchmarks/continual.py --strategies naive,grow_freeze_protect --json runs/c.json
     python benchmarks/continual.py --stage-steps 600 --strategies naive,replay50   # 3x longer stages
 """
@@ -32,8 +36,8 @@ from statistics import fmean
 
 import torch
 
-from peer_model.config import ModelConfig, PEERConfig
 from peer_model.checkpoint import load_checkpoint, save_checkpoint
+from peer_model.config import ModelConfig, PEERConfig
 from peer_model.continual import (
     ContinualOptions, continual_stage, evaluate_all, forget_segments, forgetting_report, selection_share,
 )
@@ -159,11 +163,10 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
     }
 
 
-# run when --strategies is not given (the rest by name): fits the 30-minute budget at --size small;
+# run when --strategies is not given (the rest by name): BENCHMARKS.md section 3c's first command;
 # "replay50 distill1 grow" is the service's default training (service/settings.py)
-DEFAULT_STRATEGIES = ["naive", DENSE_REFERENCE, "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune",
-                      "replay50 distill1 grow", "protect+dense replay50", "protect+dense replay50 distill0",
-                      "protect+dense replay25 distill0.3", "protect+dense replay50 distill0.3"]
+DEFAULT_STRATEGIES = ["naive", "replay50 distill1 grow", "replay50 distill1", "chill0.1", "chill0.1 no growth",
+                      "freeze+chill0.1", "dense replay50 distill1", "replay50 distill1 grow random keys", "segment only"]
 
 
 def retention(matrix: list[list[float | None]], known, floor: float = 0.01) -> float | None:
