@@ -166,7 +166,8 @@ def strategies(size: Size, cfg: TrainConfig) -> dict[str, ContinualOptions]:
 # run when --strategies is not given (the rest by name): BENCHMARKS.md section 3c's first command;
 # "replay50 distill1 grow" is the service's default training (service/settings.py)
 DEFAULT_STRATEGIES = ["naive", "replay50 distill1 grow", "replay50 distill1", "chill0.1", "chill0.1 no growth",
-                      "freeze+chill0.1", "dense replay50 distill1", "replay50 distill1 grow random keys", "segment only"]
+                      "freeze+chill0.1", "dense replay50 distill1", "replay50 distill1 grow random keys",
+                      "segment only"]
 
 
 def retention(matrix: list[list[float | None]], known, floor: float = 0.01) -> float | None:
@@ -356,7 +357,8 @@ def main() -> None:
               f"{percent(s['fact_bits_retention'])} | {percent(s['old_text_on_new_experts'])} |")
     forgetting_rows = [(label, res["forget"]) for label, res in results.items() if "forget" in res]
     if forgetting_rows:
-        print(f"\nforgetting {names[1]} on request (its segment masked; repair = stage_steps // 10 steps on the other corpora with distillation):")
+        print(f"\nforgetting {names[1]} on request (its segment masked; repair = stage_steps // 10 steps on the "
+              "other corpora with distillation):")
         print("| strategy | moved back | others moved (max) | moved back, repaired | others moved, repaired |")
         print("|---|---|---|---|---|")
         for label, report in forgetting_rows:

@@ -525,8 +525,9 @@ def _review_routing(model: PEERTransformer, data, cfg: TrainConfig, steps: int, 
 # ---- forgetting on request -----------------------------------------------------------------------
 
 
-def forget_segments(parent: PEERTransformer, segments: Mapping[int, Sequence[int]], remaining_train: Sequence[TokenData],
-                    repair_steps: int = 0, train_cfg: TrainConfig | None = None, distill_weight: float = 1.0,
+def forget_segments(parent: PEERTransformer, segments: Mapping[int, Sequence[int]],
+                    remaining_train: Sequence[TokenData], repair_steps: int = 0,
+                    train_cfg: TrainConfig | None = None, distill_weight: float = 1.0,
                     should_stop: Callable[[], bool] | None = None) -> tuple[PEERTransformer, TrainResult | None]:
     """A child of ``parent`` without the knowledge held in ``segments`` ({PEER layer: segment indices}):
     those segments are masked (out of retrieval's reach, see pool.py), and with ``repair_steps`` the

@@ -3,10 +3,10 @@
 A corpus trained with growth has segments of its own in every PEER layer (the version's ``segments``
 record which corpora each segment was grown for). Forgetting masks them
 (:func:`peer_model.continual.forget_segments`: out of retrieval's reach, experts kept for the record),
-optionally repairs on the remaining corpora (a short replay with distillation to the parent), evaluates every corpus the parent knew (the
-forgotten one included, reported in the job's metrics) and publishes the child like any training job:
-a version whose corpora no longer include the forgotten one, activated when no remaining corpus got
-worse by more than ``PEER_ACTIVATION_TOLERANCE``.
+optionally repairs on the remaining corpora (a short replay with distillation to the parent),
+evaluates every corpus the parent knew (the forgotten one included, reported in the job's metrics) and
+publishes the child like any training job: a version whose corpora no longer include the forgotten
+one, activated when no remaining corpus got worse by more than ``PEER_ACTIVATION_TOLERANCE``.
 
 How much is forgotten depends on where the corpus' knowledge sits: only what its segments hold goes.
 Under strategies whose dense layers train (the default), much of it is in shared weights that masking

@@ -1,15 +1,16 @@
-"""The two job kinds as plain functions (the Celery tasks only call these).
+"""The ingest and train jobs as plain functions (the Celery tasks only call these).
 
 ingest: the validated upload in the store → normalised, de-duplicated train/validation splits → the
 corpus is ready; optionally a training job follows.
 
-train: parent version → :func:`peer_model.continual.continual_stage` (by default: grow a segment in every
-PEER layer, fine-tune everything on half replay of earlier corpora with distillation to the parent; when an
-earlier corpus' text is gone from the store, the parent's own samples are replayed instead) → bits per
-byte on the validation split of every corpus the version knows (whose text is still there) → publish: the checkpoint is written
-first, then in one transaction the version row, its evaluations, the job's success and (when the
-activation gate passes) the activation. A crash at any point before that commit leaves no version row,
-so no half version is ever visible; the retried job overwrites the orphaned checkpoint.
+train: parent version → :func:`peer_model.continual.continual_stage` (by default: grow a segment in
+every PEER layer, fine-tune everything on half replay of earlier corpora with distillation to the
+parent; when an earlier corpus' text is gone from the store, the parent's own samples are replayed
+instead) → bits per byte on the validation split of every corpus the version knows (whose text is
+still there) → publish: the checkpoint is written first, then in one transaction the version row, its
+evaluations, the job's success and (when the activation gate passes) the activation. A crash at any
+point before that commit leaves no version row, so no half version is ever visible; the retried job
+overwrites the orphaned checkpoint.
 """
 from __future__ import annotations
 

@@ -236,7 +236,8 @@ def test_answer_bits_equal_an_unpadded_forward_per_fact_and_separate_seen_from_u
 
 @pytest.mark.parametrize("selection", ["stage", "batch"])
 def test_sparse_finetune_trains_only_the_selected_experts(parent, selection):
-    options = ContinualOptions("sparse_finetune", sparse_top_experts=24, sparse_selection=selection, train=stage_cfg(30))
+    options = ContinualOptions("sparse_finetune", sparse_top_experts=24, sparse_selection=selection,
+                               train=stage_cfg(30))
     result = continual_stage(parent, DATA_B, [DATA], options)
     old, new = parent.peer_layers()[1], result.child.peer_layers()[1]
     selected = result.trained_experts[1]
