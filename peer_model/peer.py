@@ -67,8 +67,9 @@ class PEER(nn.Module):
                                   self.reference, self._sub_key_offsets(queries))
 
     def _sub_key_offsets(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Score offsets per sub-key of each half from the segments' offsets; None with one segment."""
-        if len(self.grid.segments) == 1:
+        """Score offsets per sub-key of each half from the segments' offsets; None while every segment
+        is active (the common case after training: retrieval then adds nothing)."""
+        if self._open_progress is None and all(s.status == "active" for s in self.grid.segments):
             return None
         offsets = self.segment_offsets
         if self._open_progress is not None:

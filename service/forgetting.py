@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from peer_model.continual import evaluate_all, forget_segments
 from peer_model.train import resolve_device
@@ -25,7 +25,7 @@ from .context import ServiceContext
 from .db.models import Job, PoolVersion
 from .errors import Conflict, InvalidInput
 from .jobs import JobCancelled, heartbeat
-from .training import JobProgress, job_train_config, publish_version, run_owned_job, token_data
+from .training import JobProgress, job_train_config, parse_options, publish_version, run_owned_job, token_data
 from .versions import active_version_id, get_version
 
 
@@ -40,11 +40,7 @@ class ForgetOptions(BaseModel):
 
 
 def parse_forget_options(options: dict, max_steps: int) -> ForgetOptions:
-    try:
-        parsed = ForgetOptions.model_validate(options)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise InvalidInput(f"invalid forget options: {problems}") from None
+    parsed = parse_options(ForgetOptions, options, "forget")
     if parsed.repair_steps is not None and parsed.repair_steps > max_steps:
         raise InvalidInput(f"invalid forget options: repair_steps {parsed.repair_steps} is over "
                            f"PEER_MAX_TRAIN_STEPS ({max_steps})")

@@ -57,12 +57,17 @@ class JobOptions(BaseModel):
     seed: int = Field(0, ge=0)
 
 
-def parse_job_options(options: dict) -> JobOptions:
+def parse_options(schema: type[BaseModel], options: dict, what: str):
+    """``options`` validated by ``schema``; a 422 listing every problem (``invalid {what} options: ...``)."""
     try:
-        return JobOptions.model_validate(options)
+        return schema.model_validate(options)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise InvalidInput(f"invalid job options: {problems}") from None
+        raise InvalidInput(f"invalid {what} options: {problems}") from None
+
+
+def parse_job_options(options: dict) -> JobOptions:
+    return parse_options(JobOptions, options, "job")
 
 
 def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool,
