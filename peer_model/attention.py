@@ -7,6 +7,7 @@ and ``head_dim``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,16 +17,65 @@ from torch import nn
 from .config import ModelConfig
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each (max_len, head_dim / 2)."""
-    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
-    return angles.cos(), angles.sin()
+def rope_tables(head_dim: int, max_len: int, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (max_len, head_dim / 2). ``scaling``: a Hugging Face
+    ``rope_scaling`` / ``rope_parameters`` dict (linear, llama3 or yarn), computed as transformers does."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    inv_freq, attention_factor = _scaled_frequencies(inv_freq, head_dim, theta, scaling or {})
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _scaled_frequencies(inv_freq: torch.Tensor, head_dim: int, theta: float,
+                        scaling: dict) -> tuple[torch.Tensor, float]:
+    """The RoPE context-extension variants of pretrained models: (inverse frequencies, cos/sin factor)."""
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":  # position interpolation: every angle / factor
+        return inv_freq / factor, 1.0
+    original = scaling["original_max_position_embeddings"]
+    if kind == "llama3":  # Llama 3.1: long wavelengths / factor, short kept, a smooth blend between
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, blended, scaled), 1.0
+    if kind == "yarn":  # YaRN (Peng et al. 2023): NTK-by-parts interpolation and an attention temperature
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+                                if mscale and mscale_all else _yarn_mscale(factor))
+
+        def correction_dim(rotations: float) -> float:
+            return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        extrapolated = 1 - ramp
+        return inv_freq / factor * ramp + inv_freq * extrapolated, float(attention_factor)
+    raise ValueError(f"unsupported rope_scaling type {kind!r}")
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "interleaved") -> torch.Tensor:
     """x: (B, heads, T, head_dim); cos, sin: (T, head_dim / 2), or (B, 1, T, head_dim / 2) for positions
-    that differ per row. Rotates pairs (x[2i], x[2i+1])."""
+    that differ per row. ``interleaved`` rotates pairs (x[2i], x[2i+1]); ``half`` rotates (x[i], x[i + hd/2])
+    as Hugging Face's Llama-family code does (its checkpoints' query and key rows are in that order)."""
+    if style == "half":
+        a, b = x.float().chunk(2, dim=-1)
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
     pairs = x.float().unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
@@ -52,17 +102,20 @@ class KVCache:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
     """Causal attention of q over k, v (each (B, heads, T, head_dim), after RoPE), through the cache when
     there is one: the new keys and values are written to it and q attends to everything it holds.
+    k and v may have fewer heads than q (grouped-query attention: each serves n_heads / kv_heads query heads).
     Shared by every attention module, so each supports both cache modes."""
     B, _, T, _ = q.shape
+    gqa = q.shape[1] != k.shape[1]
     if cache is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if cache.lengths is not None:  # ragged: one token per row at position lengths[b]
         rows = torch.arange(B, device=q.device)
         keys, values = cache.keys[layer], cache.values[layer]  # (B, h, max_len, hd)
         keys[rows, :, cache.lengths] = k[:, :, 0]
         values[rows, :, cache.lengths] = v[:, :, 0]
         span = cache.visible.shape[-1]
-        return F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=cache.visible)
+        return F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=cache.visible,
+                                              enable_gqa=gqa)
     start = cache.length
     cache.keys[layer, :, :, start : start + T] = k
     cache.values[layer, :, :, start : start + T] = v
@@ -70,26 +123,51 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | N
     v_all = cache.values[layer, :, :, : start + T]
     # query t (absolute position start + t) sees keys 0 .. start + t; one new token sees all
     mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+
+
+class HeadNorm(nn.Module):
+    """RMSNorm over each head's vector (Qwen3's query and key norm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):
-    """Standard multi-head attention; ``cache_heads`` × ``head_dim`` is what its KV cache holds."""
+    """Multi-head (or grouped-query) attention; ``cache_heads`` × ``head_dim`` is what its KV cache holds.
+
+    One fused projection gives the queries (n_heads · head_dim), then the keys and the values
+    (kv_heads · head_dim each)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_heads = config.n_heads
-        self.head_dim = config.d_model // config.n_heads
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.n_heads, self.kv_heads = config.n_heads, config.kv_heads
+        self.head_dim = config.attention_head_dim
+        self.rope_style = config.rope_style
+        inner = (self.n_heads + 2 * self.kv_heads) * self.head_dim
+        self.qkv = nn.Linear(config.d_model, inner, bias=config.attn_bias)
+        self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.attn_out_bias)
+        self.q_norm = HeadNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = HeadNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     @property
     def cache_heads(self) -> int:
-        return self.n_heads
+        return self.kv_heads
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
+        q = q.view(B, T, self.n_heads, hd)
+        k = k.view(B, T, self.kv_heads, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.kv_heads, hd).transpose(1, 2)  # (B, h, T, hd)
+        q, k = apply_rope(q, cos, sin, self.rope_style), apply_rope(k, cos, sin, self.rope_style)
         y = attend(q, k, v, cache, layer)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))

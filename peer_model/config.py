@@ -38,6 +38,9 @@ class PEERConfig:
 
 FFW_KINDS = ("peer", "dense", "swiglu", "moe", "switch", "expert_choice", "pkm")
 ATTENTION_KINDS = ("mha", "switchhead")
+MLP_KINDS = ("gelu", "gelu_tanh", "swiglu")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+BASE_TRAINS = ("all", "norms", "none")
 
 
 @dataclass
@@ -116,6 +119,23 @@ class ModelConfig:
     pkm: PKMConfig = field(default_factory=PKMConfig)
     attention: str = "mha"  # every block: "mha" or "switchhead"
     switchhead: SwitchHeadConfig = field(default_factory=SwitchHeadConfig)
+    # Architecture options of pretrained families (peer_model/hf): the defaults are this project's own model.
+    n_kv_heads: int | None = None  # grouped-query attention: key/value heads; None: n_heads
+    head_dim: int | None = None  # None: d_model // n_heads (Qwen3 sets it larger)
+    norm: str = "rmsnorm"  # or "layernorm" (with bias, GPT-2)
+    positions: str = "rope"  # or "learned": a table of max_seq_len position embeddings (GPT-2)
+    rope_style: str = "interleaved"  # rotated pairs (x[2i], x[2i+1]); "half": (x[i], x[i + hd/2]), HF's rotate_half
+    rope_scaling: dict | None = None  # {"rope_type": linear | llama3 | yarn, "factor": ..., ...} as in HF configs
+    attn_bias: bool = False  # biases of the query, key and value projections (Qwen2, GPT-2)
+    attn_out_bias: bool = False  # bias of the output projection (GPT-2)
+    qk_norm: bool = False  # RMSNorm of each head's query and key before RoPE (Qwen3)
+    mlp: str = "gelu"  # the dense feed-forward blocks: "gelu", "gelu_tanh" (GPT-2) or "swiglu" (Llama family)
+    mlp_bias: bool = False
+    tie_embeddings: bool = True  # the output projection is the embedding table
+    peer_branch: str = "replace"  # "replace": the expert layer is the block's feed-forward; "parallel": it is
+    # added beside the block's dense feed-forward (a retrofit of a pretrained model, function-preserving)
+    base_trains: str = "all"  # what trains outside the expert layers: "all", "norms" or "none" (a frozen base)
+    hf_config: dict | None = None  # a pretrained model's own config.json (its family; written back by export)
 
     def __post_init__(self) -> None:
         for name, cls in (("peer", PEERConfig), ("moe", MoEConfig), ("pkm", PKMConfig),
@@ -132,10 +152,28 @@ class ModelConfig:
         bad = [i for i in self.peer_layers if not 0 <= i < self.n_layers]
         if bad:
             raise ValueError(f"peer_layers {bad} out of range for n_layers={self.n_layers}")
-        if self.d_model % self.n_heads:
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2:
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.attention_head_dim % 2:
             raise ValueError("the attention head size must be even for RoPE")
+        for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("positions", ("rope", "learned")),
+                              ("rope_style", ("interleaved", "half")), ("mlp", MLP_KINDS),
+                              ("peer_branch", ("replace", "parallel")), ("base_trains", BASE_TRAINS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KVCache, rope_tables
-from .baselines import FeedForward, make_attention, make_ffw
+from .attention import HeadNorm, KVCache, rope_tables
+from .baselines import dense_mlp, make_attention, make_ffw
 from .config import ModelConfig
 from .peer import PEER
 from .pool import ExpertGrid, Segment
+from .tokenizer import ByteTokenizer
 
 __all__ = ["KVCache", "PEERTransformer", "RMSNorm"]
 
@@ -26,41 +27,87 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+    return RMSNorm(config.d_model, config.norm_eps)
+
+
 class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffw(norm(x)). In an expert block the feed-forward is
+    the expert layer, or, with ``peer_branch="parallel"``, the dense feed-forward plus the expert layer
+    beside it on the same normalised input (``expert_branch``)."""
+
     def __init__(self, config: ModelConfig, expert_block: bool, grid: ExpertGrid | None = None):
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn_norm = make_norm(config)
         self.attn = make_attention(config)
-        self.ffw_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.ffw = make_ffw(config, grid) if expert_block else FeedForward(config.d_model, config.d_ff)
+        self.ffw_norm = make_norm(config)
+        parallel = expert_block and config.peer_branch == "parallel"
+        if expert_block and not parallel:
+            self.ffw = make_ffw(config, grid)
+        else:
+            self.ffw = dense_mlp(config.d_model, config.d_ff, config.mlp, config.mlp_bias)
+        self.expert_branch = make_ffw(config, grid) if parallel else None
+
+    @property
+    def expert_layer(self) -> nn.Module:
+        return self.ffw if self.expert_branch is None else self.expert_branch
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
-        return x + self.ffw(self.ffw_norm(x))
+        h = self.ffw_norm(x)
+        if self.expert_branch is None:
+            return x + self.ffw(h)
+        return x + self.ffw(h) + self.expert_branch(h)
 
 
 class PEERTransformer(nn.Module):
-    """Byte-level language model; ``grids`` restores grown pools (one per PEER layer, from a checkpoint)."""
+    """Decoder-only language model; ``grids`` restores grown pools (one per PEER layer, from a checkpoint).
+    Byte-level by default; the options of :class:`ModelConfig` also describe pretrained families
+    (see peer_model/hf), whose tokenizer the loader sets as ``tokenizer``."""
 
     def __init__(self, config: ModelConfig, grids: dict[int, ExpertGrid] | None = None):
         super().__init__()
         self.config = config
         grids = grids or {}
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
         self.blocks = nn.ModuleList(
             Block(config, i in config.peer_layers, grids.get(i)) for i in range(config.n_layers)
         )
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.embed.weight  # tied
-        cos, sin = rope_tables(self.blocks[0].attn.head_dim, config.max_seq_len, config.rope_theta)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if config.positions == "rope":
+            cos, sin = rope_tables(self.blocks[0].attn.head_dim, config.max_seq_len, config.rope_theta,
+                                   config.rope_scaling)
+        else:  # learned positions: a rotation by angle 0 leaves queries and keys as they are
+            cos = torch.ones(config.max_seq_len, self.blocks[0].attn.head_dim // 2)
+            sin = torch.zeros_like(cos)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_dense_weights()
+        # text <-> ids for this model: bytes unless a loader sets the model's own (peer_model.hf)
+        self.tokenizer = ByteTokenizer()
+        self.restore_trainable()
+
+    def restore_trainable(self) -> None:
+        """requires_grad as ``config.base_trains`` says: every parameter, or only the expert layers (plus
+        the norms with "norms"); a retrofitted pretrained model keeps its base frozen this way."""
+        experts = {id(p) for i, layer in self.expert_layers().items() for p in layer.parameters()}
+        norms = {id(p) for m in self.modules() if isinstance(m, (RMSNorm, nn.LayerNorm, HeadNorm))
+                 for p in m.parameters()}
+        mode = self.config.base_trains
+        for param in self.parameters():
+            param.requires_grad_(mode == "all" or id(param) in experts or (mode == "norms" and id(param) in norms))
 
     def _init_dense_weights(self) -> None:
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        for table in (self.embed, self.pos_embed, None if self.config.tie_embeddings else self.lm_head):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
         for block in self.blocks:
             for linear in (getattr(block.attn, "qkv", None), getattr(block.ffw, "up", None)):
                 if linear is not None:
@@ -75,8 +122,12 @@ class PEERTransformer(nn.Module):
         losses = [m.aux_loss for m in self.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
         return torch.stack(losses).sum() if losses else None
 
+    def expert_layers(self) -> dict[int, nn.Module]:
+        """The expert feed-forward (PEER or a baseline) of every block in ``config.peer_layers``."""
+        return {i: self.blocks[i].expert_layer for i in self.config.peer_layers}
+
     def peer_layers(self) -> dict[int, PEER]:
-        return {i: b.ffw for i, b in enumerate(self.blocks) if isinstance(b.ffw, PEER)}
+        return {i: layer for i, layer in self.expert_layers().items() if isinstance(layer, PEER)}
 
     def grow(self, num_experts: int, tag: str = "") -> dict[int, Segment]:
         """Append ``num_experts`` (rounded up to the grid) to every PEER layer; see :meth:`PEER.grow`.
@@ -113,6 +164,12 @@ class PEERTransformer(nn.Module):
                 raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.embed(tokens)
+        if self.pos_embed is not None:
+            if cache is not None and cache.lengths is not None:
+                x = x + self.pos_embed(cache.lengths).unsqueeze(1)
+            else:
+                start = cache.length if cache is not None else 0
+                x = x + self.pos_embed(torch.arange(start, start + T, device=tokens.device))
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer)
         if cache is not None:

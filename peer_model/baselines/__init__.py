@@ -12,7 +12,7 @@ from ..attention import Attention
 from ..config import ModelConfig
 from ..peer import PEER
 from ..pool import ExpertGrid
-from .dense import FeedForward, SwiGLU
+from .dense import FeedForward, SwiGLU, dense_mlp
 from .moe import ExpertChoiceMoE, NoisyTopKMoE, SwitchMoE
 from .pkm import ProductKeyMemory
 from .switchhead import SwitchHeadAttention

@@ -7,17 +7,18 @@ from torch import nn
 
 
 class FeedForward(nn.Module):
-    """down(GELU(up(x)))."""
+    """down(act(up(x))); act is exact GELU, or its tanh approximation (GPT-2's "gelu_new")."""
 
     aux_loss = None
 
-    def __init__(self, d_model: int, d_ff: int):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = False):
         super().__init__()
-        self.up = nn.Linear(d_model, d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.approximate = "tanh" if activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
+        return self.down(F.gelu(self.up(x), approximate=self.approximate))
 
 
 class SwiGLU(nn.Module):
@@ -25,11 +26,18 @@ class SwiGLU(nn.Module):
 
     aux_loss = None
 
-    def __init__(self, d_model: int, d_ff: int):
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False):
         super().__init__()
-        self.gate = nn.Linear(d_model, d_ff, bias=False)
-        self.up = nn.Linear(d_model, d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.gate = nn.Linear(d_model, d_ff, bias=bias)
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def dense_mlp(d_model: int, d_ff: int, kind: str = "gelu", bias: bool = False) -> nn.Module:
+    """The dense feed-forward named by ``ModelConfig.mlp``."""
+    if kind == "swiglu":
+        return SwiGLU(d_model, d_ff, bias)
+    return FeedForward(d_model, d_ff, kind, bias)

@@ -1,0 +1,150 @@
+"""Load a Hugging Face-format model directory into a :class:`PEERTransformer`, from local files only.
+
+The directory holds ``config.json``, the weights as ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``, and ``tokenizer.json`` (+ ``tokenizer_config.json``). Nothing is
+fetched from a hub, and no code of ``transformers`` runs: the family's options become a
+:class:`ModelConfig` and its tensors are renamed into ours (:mod:`peer_model.hf.families`).
+
+A directory written by :func:`peer_model.hf.export.export_hf` also carries its expert layers (their
+tensors under ``...peer.*`` and a ``peer_retrofit`` section in config.json); they are loaded too.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..config import ModelConfig, PEERConfig
+from ..model import PEERTransformer
+from ..pool import ExpertGrid
+from ..tokenizer import load_tokenizer
+from .families import GPT2_TYPES, Source, UnsupportedModel, config_fields, expert_prefix, model_type, weight_map
+
+CONFIG = "config.json"
+RETROFIT_KEY = "peer_retrofit"  # config.json section written by export_hf
+
+
+def read_hf_config(path: str | os.PathLike[str]) -> dict:
+    file = Path(path) / CONFIG
+    try:
+        hf = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnsupportedModel(f"{file}: not a readable Hugging Face config: {exc}") from exc
+    if not isinstance(hf, dict) or "model_type" not in hf:
+        raise UnsupportedModel(f"{file}: no model_type (is this a Hugging Face model directory?)")
+    return hf
+
+
+def is_hf_dir(path: str | os.PathLike[str]) -> bool:
+    """A Hugging Face model directory (as opposed to one of our checkpoints, whose config has "format")."""
+    try:
+        meta = json.loads((Path(path) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and "model_type" in meta and "format" not in meta
+
+
+class HFWeights:
+    """The tensors of a model directory by name, read lazily from one file or an index of shards."""
+
+    def __init__(self, root: Path):
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            self.files = {name: root / file for name, file in weight_map.items()}
+        elif (root / "model.safetensors").is_file():
+            with safe_open(root / "model.safetensors", "pt") as f:
+                self.files = {name: root / "model.safetensors" for name in f.keys()}
+        else:
+            bins = sorted(p.name for p in root.glob("*.bin"))
+            hint = f" (found {bins[0]}: convert it to safetensors first)" if bins else ""
+            raise UnsupportedModel(f"{root}: no model.safetensors or model.safetensors.index.json{hint}")
+        self._open: dict[Path, object] = {}
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise UnsupportedModel(f"the checkpoint has no tensor {name!r}")
+        file = self.files[name]
+        if file not in self._open:
+            self._open[file] = safe_open(file, "pt")
+        return self._open[file].get_tensor(name)
+
+
+def _normalised(weights: HFWeights, kind: str) -> dict[str, str]:
+    """Family key → stored key. GPT-2 checkpoints are stored with or without the ``transformer.`` prefix."""
+    names = {}
+    for name in weights.names():
+        key = name
+        if kind in GPT2_TYPES and not name.startswith(("transformer.", "lm_head.")):
+            key = f"transformer.{name}"
+        names[key] = name
+    return names
+
+
+def gather(source: Source, read) -> torch.Tensor:
+    parts = [read(key) for key in source.keys]
+    if source.transposed:
+        parts = [p.t() for p in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def load_hf(path: str | os.PathLike[str], *, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32,
+            device: str | torch.device = "cpu") -> PEERTransformer:
+    """The model of a Hugging Face directory with its own tokenizer, in eval mode. ``max_seq_len`` caps
+    the context (default: the model's, at most 4096, since the KV cache grows with it)."""
+    root = Path(path)
+    hf = read_hf_config(root)
+    kind = model_type(hf)
+    retrofit = hf.get(RETROFIT_KEY)
+    fields = config_fields(hf, max_seq_len)
+    grids: dict[int, ExpertGrid] = {}
+    if retrofit:
+        fields.update(peer_layers=[int(i) for i in retrofit["pools"]], peer=PEERConfig(**retrofit["peer"]),
+                      ffw="peer", peer_branch=retrofit["branch"], base_trains=retrofit["base_trains"])
+        grids = {int(i): ExpertGrid.from_list(segments) for i, segments in retrofit["pools"].items()}
+    config = ModelConfig(**fields, hf_config={k: v for k, v in hf.items() if k != RETROFIT_KEY})
+    with torch.device(device):
+        model = PEERTransformer(config, grids).to(dtype)
+    weights = HFWeights(root)
+    stored = _normalised(weights, kind)
+
+    def read(key: str) -> torch.Tensor:
+        if key not in stored:
+            raise UnsupportedModel(f"{root}: the checkpoint has no tensor {key!r}")
+        return weights.get(stored[key])
+
+    state = {}
+    for ours, source in weight_map(config, kind).items():
+        state[ours] = gather(source, read)
+    if config.positions == "learned":
+        state["pos_embed.weight"] = state["pos_embed.weight"][: config.max_seq_len]
+    for block, layer in model.expert_layers().items():
+        ours = "ffw" if config.peer_branch == "replace" else "expert_branch"
+        for name in layer.state_dict():
+            state[f"blocks.{block}.{ours}.{name}"] = read(f"{expert_prefix(kind, block)}.{name}")
+    _load_state(model, state, root)
+    model.tokenizer = load_tokenizer(root)
+    if model.tokenizer.vocab_size > config.vocab_size:
+        raise UnsupportedModel(f"{root}: the tokenizer has {model.tokenizer.vocab_size} ids, the model's "
+                               f"embedding only {config.vocab_size}")
+    return model.eval()
+
+
+def _load_state(model: PEERTransformer, state: dict[str, torch.Tensor], root: Path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and k != "lm_head.weight"]
+    if missing:
+        raise UnsupportedModel(f"{root}: no source for {missing[:5]}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise UnsupportedModel(f"{root}: {key} has shape {tuple(tensor.shape)}, the config implies "
+                                   f"{tuple(expected[key].shape)}")
+    with torch.no_grad():
+        for key, tensor in state.items():
+            expected[key].copy_(tensor)
