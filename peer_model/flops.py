@@ -5,7 +5,9 @@ causal window of ``seq_len`` tokens attends on average to (seq_len + 1) / 2 posi
 experts only (k of E for top-k MoE, one for Switch, ``capacity_factor`` experts per token on average for
 expert choice, h·k single-neuron experts for PEER), product-key retrieval (the query, both sub-key
 halves, the k² candidate sums) and the output projection. Not counted: norms, activations, softmaxes,
-top-k selections, embedding lookups (a few FLOPs per element, small next to d² matmuls). Training =
+top-k selections, embedding lookups (a few FLOPs per element, small next to d² matmuls). Grouped-query
+attention, SwiGLU dense blocks and an expert layer beside a block's dense feed-forward (a retrofit's
+parallel branch) are counted as they compute. Training =
 3 × forward (the backward costs about twice the forward), as in Kaplan et al. 2020 and the PEER paper.
 """
 from __future__ import annotations
@@ -35,8 +37,9 @@ def _attention(config: ModelConfig, context: float) -> tuple[float, int]:
         selection = 2 * d * sh.num_experts * sh.n_heads if sh.num_experts > 1 else 0  # V side and O side
         params = 2 * d * inner + 2 * k * d * inner + selection  # Q, K; k V experts and k O experts per head
         return 2 * params + 4 * context * inner, params
-    params = 4 * d * d  # qkv + out
-    return 2 * params + 4 * context * d, params
+    inner, kv = config.n_heads * config.attention_head_dim, config.kv_heads * config.attention_head_dim
+    params = d * (inner + 2 * kv) + inner * d  # qkv (grouped-query: fewer key/value heads) + out
+    return 2 * params + 4 * context * inner, params
 
 
 def _expert_ffw(config: ModelConfig, grid_sides: tuple[int, int] | None) -> tuple[float, int]:
@@ -84,10 +87,11 @@ def count_flops(config: ModelConfig, seq_len: int | None = None,
         if layer in config.peer_layers:
             flops, p = _expert_ffw(config, (grid_sides or {}).get(layer))
             parts["expert_ffw"] += flops
-        else:
-            p = 2 * d * config.d_ff
+            params += p
+        if layer not in config.peer_layers or config.peer_branch == "parallel":
+            p = (3 if config.mlp == "swiglu" else 2) * d * config.d_ff
             parts["ffw"] += 2 * p
-        params += p
+            params += p
     parts["lm_head"] = 2 * d * config.vocab_size
     params += d * config.vocab_size
     return FlopCount(sum(parts.values()), int(params), parts)

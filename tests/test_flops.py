@@ -11,7 +11,8 @@ B, T = 2, 16
 
 
 def base(peer: PEERConfig | None = None, **kwargs) -> ModelConfig:
-    return ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=T, peer_layers=[1],
+    kwargs = {"n_heads": 2, **kwargs}
+    return ModelConfig(d_model=32, n_layers=2, d_ff=64, max_seq_len=T, peer_layers=[1],
                        peer=peer or PEERConfig(num_experts=16 * 16, heads=2, top_k=4, d_key=16), **kwargs)
 
 
@@ -38,6 +39,17 @@ def attention_scores(config: ModelConfig) -> float:
 def test_dense_and_moe_counts_equal_the_matrix_products_torch_runs(kwargs):
     config = base(**kwargs)
     counted = count_flops(config, T).forward_per_token - attention_scores(config)
+    assert counted == pytest.approx(measured_matmul_flops_per_token(config), rel=1e-9)
+
+
+def test_pretrained_family_options_count_the_matrix_products_torch_runs():
+    """Grouped-query attention with a wider head, SwiGLU dense blocks, an untied head and a dense MLP
+    beside the expert layer (a retrofit's parallel branch; the expert layer is a dense one here so that
+    torch counts all of it)."""
+    config = base(ffw="dense", n_heads=4, n_kv_heads=2, head_dim=16, mlp="swiglu", tie_embeddings=False,
+                  peer_branch="parallel")
+    scores = config.n_layers * 4 * (T + 1) / 2 * config.n_heads * config.attention_head_dim
+    counted = count_flops(config, T).forward_per_token - scores
     assert counted == pytest.approx(measured_matmul_flops_per_token(config), rel=1e-9)
 
 

@@ -161,3 +161,20 @@ def _has_dense_ffw(config: ModelConfig, block: int) -> bool:
 def expert_prefix(kind: str, block: int) -> str:
     """Where export puts a block's expert layer in the family's naming (other tools ignore the keys)."""
     return f"transformer.h.{block}.peer" if kind in GPT2_TYPES else f"model.layers.{block}.mlp.peer"
+
+
+def llama_config(config: ModelConfig, bos_id: int, eos_id: int) -> dict:
+    """The Hugging Face ``config.json`` of a Llama-format model of this shape (e.g. one pre-trained here
+    with rotate-half RoPE, RMSNorm and SwiGLU, to be exported with :func:`peer_model.hf.export.export_hf`)."""
+    if (config.norm, config.positions, config.rope_style, config.mlp) != ("rmsnorm", "rope", "half", "swiglu"):
+        raise UnsupportedModel("a Llama-format model needs norm rmsnorm, rope positions in the half style, swiglu")
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model, "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.kv_heads,
+        "head_dim": config.attention_head_dim, "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
+        "hidden_act": "silu", "attention_bias": config.attn_bias, "mlp_bias": config.mlp_bias,
+        "tie_word_embeddings": config.tie_embeddings, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+    }
