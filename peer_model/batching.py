@@ -7,6 +7,9 @@ row at its own position, see ``KVCache.lengths``). Finished or cancelled sequenc
 once and the last row moves into the hole, so the running rows are always ``0 .. n-1`` and the decode
 batch is a view, never a copy of the cache.
 
+Special ids (the BOS every prompt starts with, the EOS ids, the ids never sampled) and the text of sampled
+ids are the model tokenizer's (``model.tokenizer``).
+
 Each sequence keeps its own sampling parameters, seeded generator, stop strings and budget, and goes
 through the same :func:`~peer_model.generate.next_step` as :func:`~peer_model.generate.generate`: the
 same seed gives the same completion as generating it alone (up to float rounding of a batched matmul,
@@ -23,7 +26,7 @@ from .generate import (
     CompletionStream, GenerationStep, SamplingParams, check_prompt, make_generator, next_step, prefill, sample_next,
 )
 from .model import KVCache
-from .tokenizer import BOS
+from .tokenizer import Tokenizer
 
 
 @dataclass(eq=False)
@@ -47,6 +50,7 @@ class BatchDecoder:
         if model.training:
             raise ValueError("the model must be in eval mode (BatchNorm running statistics)")
         self.model = model
+        self.tokenizer: Tokenizer = model.tokenizer
         self.capacity = capacity
         self.device = next(model.parameters()).device
         self.rows: list[Sequence] = []  # rows[i].slot == i
@@ -73,10 +77,11 @@ class BatchDecoder:
         row = KVCache(cache.keys[:, slot : slot + 1], cache.values[:, slot : slot + 1])  # a view: writes land in place
         generator = make_generator(params.seed, self.device)
         with torch.inference_mode():
-            tokens = torch.tensor([[BOS, *prompt_ids]], dtype=torch.long, device=self.device)
-            first = int(sample_next(prefill(self.model, tokens, row), params, generator))
+            tokens = torch.tensor([[self.tokenizer.bos_id, *prompt_ids]], dtype=torch.long, device=self.device)
+            first = int(sample_next(prefill(self.model, tokens, row), params, generator, self.tokenizer.never_sampled))
         cache.lengths[slot] = tokens.shape[1]
-        sequence = Sequence(len(prompt_ids), params, budget, generator, CompletionStream(params.stop), slot, first)
+        stream = CompletionStream(params.stop, self.tokenizer.stream_decoder())
+        sequence = Sequence(len(prompt_ids), params, budget, generator, stream, slot, first)
         self.rows.append(sequence)
         return sequence
 
@@ -86,7 +91,8 @@ class BatchDecoder:
         emitted = []
         for sequence in list(self.rows):
             sequence.produced += 1
-            step = next_step(sequence.stream, sequence.pending, sequence.produced, sequence.budget)
+            step = next_step(sequence.stream, sequence.pending, sequence.produced, sequence.budget,
+                             self.tokenizer.eos_ids)
             emitted.append((sequence, step))
             if step.finish_reason is not None:
                 self.remove(sequence)
@@ -115,4 +121,5 @@ class BatchDecoder:
             tokens = torch.tensor([[s.pending] for s in self.rows], dtype=torch.long, device=self.device)
             logits = self.model(tokens, running)[:, -1]  # (n, vocab)
             for i, sequence in enumerate(self.rows):
-                sequence.pending = int(sample_next(logits[i : i + 1], sequence.params, sequence.generator))
+                sequence.pending = int(sample_next(logits[i : i + 1], sequence.params, sequence.generator,
+                                                   self.tokenizer.never_sampled))

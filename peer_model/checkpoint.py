@@ -1,10 +1,12 @@
-"""Checkpoints: a directory with ``model.safetensors`` and ``config.json``.
+"""Checkpoints: a directory with ``model.safetensors``, ``config.json`` and the model's tokenizer.
 
 ``config.json`` = ``{"format": 1, "model": ModelConfig.to_dict(), "pools": {layer: grid segments},
 "extra": ...}``: enough to rebuild the model, grown pools included, before loading the weights.
 ``model.safetensors`` holds every parameter and persistent buffer (BatchNorm running statistics); the
 tied output projection is stored once, as ``embed.weight``. Non-persistent buffers (RoPE tables, the
-``trainable`` mask, usage counters) are not saved: a loaded model has every expert trainable.
+``trainable`` mask, usage counters) are not saved: a loaded model has every expert trainable. The
+tokenizer writes its own files (``tokenizer.json`` and its configs for a Hugging Face one, nothing for
+bytes) and comes back by :func:`~peer_model.tokenizer.load_tokenizer`.
 
 Saving is crash-safe for one writer: the files are written and fsynced in a temporary directory
 beside the target, which then takes the target's place by ``os.replace``. Overwriting an existing
@@ -26,6 +28,7 @@ from safetensors.torch import load_model, save_model
 from .config import ModelConfig
 from .model import PEERTransformer
 from .pool import ExpertGrid
+from .tokenizer import load_tokenizer
 
 FORMAT = 1
 WEIGHTS = "model.safetensors"
@@ -51,7 +54,8 @@ def save_checkpoint(model: PEERTransformer, path: str | os.PathLike[str], extra:
     try:
         save_model(model, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(text, encoding="utf-8")
-        _fsync(tmp / WEIGHTS, tmp / CONFIG, tmp)
+        model.tokenizer.save(tmp)
+        _fsync(*sorted(tmp.iterdir()), tmp)
         _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -59,7 +63,8 @@ def save_checkpoint(model: PEERTransformer, path: str | os.PathLike[str], extra:
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> PEERTransformer:
-    """Rebuild the model (grown pools included) on ``device`` and load its weights there, in eval mode."""
+    """Rebuild the model (grown pools included) on ``device`` with its tokenizer and load its weights there,
+    in eval mode."""
     root = _resolve(Path(path))
     meta = _read_meta(root)
     try:
@@ -74,6 +79,10 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         load_model(model, str(root / WEIGHTS), strict=True, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise CheckpointError(f"{root / WEIGHTS}: cannot load the weights: {exc}") from exc
+    try:
+        model.tokenizer = load_tokenizer(root)
+    except ValueError as exc:
+        raise CheckpointError(f"{root}: cannot load the tokenizer: {exc}") from exc
     return model.eval()
 
 

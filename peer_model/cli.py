@@ -5,6 +5,8 @@
     peer generate runs/shakespeare "ROMEO:" --max-tokens 200 --temperature 0.8 --top-p 0.9
     peer grow runs/shakespeare --experts 4096 --tag jargon --out runs/grown
     peer info runs/grown
+    peer retrofit path/to/hf-model --out runs/retrofit     # PEER beside a pretrained model's middle feed-forward
+    peer export runs/retrofit --hf exported/                # back to Hugging Face format (+ the expert tensors)
 """
 from __future__ import annotations
 
@@ -17,19 +19,26 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
-from .config import ATTENTION_KINDS, FFW_KINDS, ModelConfig, PEERConfig
+from .config import ATTENTION_KINDS, BASE_TRAINS, FFW_KINDS, ModelConfig, PEERConfig
 from .corpora import CORPORA, CorpusUnavailable, load_corpus, split_train_val
 from .generate import SamplingParams, generate
+from .hf import UnsupportedModel, export_hf, is_hf_dir, load_hf, retrofit
 from .flops import count_flops
 from .model import PEERTransformer
 from .runtime import tune_allocator
-from .tokenizer import ByteTokenizer
 from .train import TokenData, TrainConfig, evaluate_bpb, train
 from .usage import segment_usage
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+def load_model(path: str, device: str = "cpu") -> PEERTransformer:
+    """One of our checkpoints, or a Hugging Face model directory (loaded as it is, no expert layer added)."""
+    if is_hf_dir(path):
+        return load_hf(path, device=device)
+    return load_checkpoint(path, device)
 
 
 def _read_texts(args: argparse.Namespace) -> str:
@@ -71,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     text = _read_texts(args)
     train_text, val_text = split_train_val(text, args.val_fraction)
     if args.init:
-        model = load_checkpoint(args.init)
+        model = load_model(args.init)
     else:
         torch.manual_seed(args.seed)
         model = PEERTransformer(_model_config(args))
@@ -80,12 +89,13 @@ def cmd_train(args: argparse.Namespace) -> None:
                       eval_batches=args.eval_batches, seed=args.seed, device=args.device)
     if cfg.seq_len > model.config.max_seq_len:
         raise CLIError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
-    train_data, val_data = TokenData.from_text(train_text), TokenData.from_text(val_text)
+    train_data = TokenData.from_text(train_text, model.tokenizer)
+    val_data = TokenData.from_text(val_text, model.tokenizer)
     if len(train_data) <= cfg.seq_len or len(val_data) <= cfg.seq_len:
-        raise CLIError(f"need more than {cfg.seq_len} bytes in both the training and validation split")
+        raise CLIError(f"need more than {cfg.seq_len} tokens in both the training and validation split")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters, {len(train_data):,} training bytes, "
-          f"{len(val_data):,} validation bytes", file=sys.stderr)
+    print(f"model: {n_params / 1e6:.1f}M parameters, {len(train_data):,} training tokens, "
+          f"{len(val_data):,} validation tokens", file=sys.stderr)
     history_file = Path(args.out) / "history.jsonl"
     bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True)
     records = []
@@ -108,26 +118,47 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    model = load_checkpoint(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device)
     text = _read_texts(args)
-    data = TokenData.from_text(text if args.all_text else split_train_val(text, args.val_fraction)[1])
+    text = text if args.all_text else split_train_val(text, args.val_fraction)[1]
+    data = TokenData.from_text(text, model.tokenizer)
     seq_len = min(args.seq_len, model.config.max_seq_len)
     if len(data) <= seq_len:
-        raise CLIError(f"need more than {seq_len} bytes to evaluate")
+        raise CLIError(f"need more than {seq_len} tokens to evaluate")
     bpb = evaluate_bpb(model, data, seq_len, args.batch_size, args.max_batches)
-    print(json.dumps({"bits_per_byte": bpb, "bytes": len(data)}))
+    print(json.dumps({"bits_per_byte": bpb, "bytes": len(text.encode("utf-8")), "tokens": len(data)}))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model = load_checkpoint(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, stop=tuple(args.stop or ()), seed=args.seed)
-    prompt_ids = ByteTokenizer().encode(args.prompt)
+    prompt_ids = model.tokenizer.encode(args.prompt)
     for step in generate(model, prompt_ids, params):
         sys.stdout.write(step.text)
         sys.stdout.flush()
         if step.finish_reason is not None:
             print(f"\n[finish: {step.finish_reason}]", file=sys.stderr)
+
+
+def cmd_retrofit(args: argparse.Namespace) -> None:
+    base = load_hf(args.hf_dir, max_seq_len=args.max_seq_len)
+    peer = PEERConfig(num_experts=args.experts, heads=args.peer_heads, top_k=args.top_k, d_key=args.d_key)
+    layers = args.layers if args.layers in ("middle", "all") else args.layers.split(",")
+    model = retrofit(base, peer, layers, args.branch, args.base_trains, seed=args.seed)
+    save_checkpoint(model, args.out, extra={"retrofit_of": str(Path(args.hf_dir).resolve())})
+    print(json.dumps({"out": args.out, "family": model.config.hf_config["model_type"],
+                      "peer_layers": model.config.peer_layers, "branch": args.branch,
+                      "base_trains": args.base_trains, "experts_per_layer": peer.num_experts,
+                      "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                      "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    model = load_model(args.checkpoint)
+    export_hf(model, args.hf)
+    print(f"wrote {args.hf}: config.json, model.safetensors and the tokenizer "
+          f"({len(model.peer_layers())} expert layers under their family's names + '.peer.')")
 
 
 def cmd_grow(args: argparse.Namespace) -> None:
@@ -232,6 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write here instead of over the checkpoint")
     p.set_defaults(func=cmd_grow)
 
+    p = sub.add_parser("retrofit", help="insert PEER layers into a pretrained Hugging Face-format model")
+    p.add_argument("hf_dir", help="a local model directory: config.json, *.safetensors, tokenizer.json")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--layers", default="middle", help="middle, all, or comma-separated block indices")
+    p.add_argument("--branch", default="parallel", choices=["parallel", "replace"],
+                   help="beside the block's feed-forward (function-preserving) or in its place")
+    p.add_argument("--base-trains", default="none", choices=list(BASE_TRAINS),
+                   help="what trains outside the expert layers later")
+    p.add_argument("--experts", type=int, default=256 * 256, help="initial pool size per layer (a square)")
+    p.add_argument("--peer-heads", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=16)
+    p.add_argument("--d-key", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, help="context to serve (default: the model's, at most 4096)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_retrofit)
+
+    p = sub.add_parser("export", help="write a model from a Hugging Face directory back in that format")
+    p.add_argument("checkpoint")
+    p.add_argument("--hf", required=True, help="output directory")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("info", help="configuration, parameter counts, pools and segments of a checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)
@@ -243,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     try:
         args.func(args)
-    except (CLIError, CheckpointError, CorpusUnavailable, ValueError) as exc:
+    except (CLIError, CheckpointError, CorpusUnavailable, UnsupportedModel, ValueError) as exc:
         print(f"peer {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

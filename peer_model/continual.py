@@ -61,10 +61,9 @@ from .model import PEERTransformer
 from .optim import coalesced
 from .peer import PEER
 from .pool import Segment
-from .tokenizer import BOS
 from .train import (
-    LossFn, TokenData, TrainConfig, TrainResult, autocast_for, build_optimizers, evaluate_bpb, next_byte_loss,
-    resolve_device, train,
+    LossFn, TokenData, TrainConfig, TrainResult, autocast_for, build_optimizers, evaluate_bpb, id_dtype,
+    next_byte_loss, resolve_device, train,
 )
 
 Strategy = Literal["naive", "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune"]
@@ -161,13 +160,17 @@ class MixedData:
     """Windows from ``new`` and, each with probability ``replay_fraction``, from one of ``old``
     (chosen uniformly, so every earlier corpus is replayed alike). ``sample_batch`` returns TokenData's
     ``(inputs, targets)`` plus ``source`` (B,): -1 for the new corpus, else the index in ``old``;
-    train() hands it to the loss function."""
+    train() hands it to the loss function. Each window comes from its own source's ``sample_batch``, with
+    that source's BOS; all sources must share one (one tokenizer)."""
 
     def __init__(self, new: TokenData, old: Sequence[TokenData], replay_fraction: float):
         if not 0.0 <= replay_fraction <= 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1], got {replay_fraction}")
         if replay_fraction > 0 and not old:
             raise ValueError("replay needs at least one earlier corpus")
+        if any(data.bos != new.bos for data in old):
+            raise ValueError(f"the corpora start windows with different BOS ids ({new.bos}, "
+                             f"{sorted({data.bos for data in old})}): they were encoded by different tokenizers")
         self.new, self.old, self.replay_fraction = new, list(old), replay_fraction
 
     def __len__(self) -> int:
@@ -194,11 +197,13 @@ class MixedData:
 @torch.no_grad()
 def sample_replay(model: PEERTransformer, windows: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
                   batch_size: int = 64) -> TokenData:
-    """Generative replay: ``windows`` texts of ``seq_len`` tokens sampled from ``model`` after BOS, one
-    after another in one TokenData. For when the earlier corpora's text is gone (deleted, or never
-    stored): replaying a version's own generations, distilled against it, keeps what it knew in the
-    spirit of SPIN's training on a previous version's samples. ``model`` is left in its mode."""
+    """Generative replay: ``windows`` texts of ``seq_len`` tokens sampled from ``model`` after its
+    tokenizer's BOS, one after another in one TokenData (with that BOS). For when the earlier corpora's
+    text is gone (deleted, or never stored): replaying a version's own generations, distilled against it,
+    keeps what it knew in the spirit of SPIN's training on a previous version's samples. ``model`` is left
+    in its mode."""
     device = next(model.parameters()).device
+    tokenizer = model.tokenizer
     params = SamplingParams(temperature=temperature)
     generator = make_generator(seed, device)
     was_training = model.training
@@ -208,15 +213,17 @@ def sample_replay(model: PEERTransformer, windows: int, seq_len: int, seed: int 
         for start in range(0, windows, batch_size):
             count = min(batch_size, windows - start)
             cache = model.new_cache(count, min(model.config.max_seq_len, seq_len + 1))
-            next_ids = sample_next(prefill(model, torch.full((count, 1), BOS, device=device), cache), params, generator)
+            bos = torch.full((count, 1), tokenizer.bos_id, device=device)
+            next_ids = sample_next(prefill(model, bos, cache), params, generator, tokenizer.never_sampled)
             sampled = [next_ids]
             for _ in range(seq_len - 1):
-                next_ids = sample_next(decode_one_token(model, next_ids, cache), params, generator)
+                next_ids = sample_next(decode_one_token(model, next_ids, cache), params, generator,
+                                       tokenizer.never_sampled)
                 sampled.append(next_ids)
             rows.append(torch.stack(sampled, dim=1).cpu())
     finally:
         model.train(was_training)
-    return TokenData(torch.cat(rows).flatten().to(torch.int16))
+    return TokenData(torch.cat(rows).flatten().to(id_dtype(model.config.vocab_size)), tokenizer.bos_id)
 
 
 # ---- freezing ------------------------------------------------------------------------------------
@@ -244,8 +251,13 @@ def _zero_rows_hook(rows: int):
 
 
 def _restore_trainable(model: nn.Module) -> None:
-    for param in model.parameters():
-        param.requires_grad_(True)
+    """Every expert row trainable, and every parameter as the model's config says (``base_trains``: a
+    retrofitted pretrained model's base stays frozen whatever a stage froze or unfroze)."""
+    if isinstance(model, PEERTransformer):
+        model.restore_trainable()
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
     for layer in model.modules():
         if isinstance(layer, PEER):
             layer.trainable.fill_(True)
@@ -408,7 +420,8 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
                     should_stop: Callable[[], bool] | None = None) -> StageResult:
     """Grow, freeze per ``options.strategy``, fine-tune on ``new_train`` (+ replay); the parent is unchanged.
 
-    The child comes back with every parameter and expert trainable again (the freezing is this stage's).
+    The child comes back with every expert trainable again and its parameters as its config says (the
+    freezing is this stage's; a frozen base stays frozen).
     ``on_log`` and ``should_stop`` are passed to :func:`peer_model.train.train` (progress, cancellation).
     """
     cfg = options.train

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .generate import SamplingParams, generate_text, mask_unsampleable
-from .tokenizer import BOS, PAD, ByteTokenizer
+from .tokenizer import ByteTokenizer, Tokenizer
+from .train import id_dtype
 
 MAX_FACTS_PER_STAGE = 50_000
 
@@ -119,8 +120,10 @@ def facts_text(facts: Sequence[Fact], repeats: int = 1, seed: int = 0) -> str:
     return "".join(s + "\n" for s in sentences)
 
 
-def facts_tokens(facts: Sequence[Fact], repeats: int = 1, seed: int = 0) -> torch.Tensor:
-    """The sentences of :func:`facts_text` as byte ids, each one preceded by BOS (int16, 1-D).
+def facts_tokens(facts: Sequence[Fact], repeats: int = 1, seed: int = 0,
+                 tokenizer: Tokenizer | None = None) -> torch.Tensor:
+    """The sentences of :func:`facts_text` as ids of ``tokenizer`` (default bytes), each one preceded by
+    its BOS (1-D, int16 unless the vocabulary needs int32).
 
     Recall prompts start with BOS (generation adds it). Training windows start with BOS too, but a
     fact sentence mostly sits mid-window; a BOS before each sentence lets the model see the probe's
@@ -128,29 +131,32 @@ def facts_tokens(facts: Sequence[Fact], repeats: int = 1, seed: int = 0) -> torc
     measured to complete "<BOS>The capital of X is" with garbage bytes.) Append these to a stage's
     corpus tokens.
     """
+    tokenizer = tokenizer or ByteTokenizer()
     ids: list[int] = []
     for line in facts_text(facts, repeats, seed).splitlines(keepends=True):
-        ids.append(BOS)
-        ids.extend(line.encode("utf-8"))
-    return torch.tensor(ids, dtype=torch.int16)
+        ids.append(tokenizer.bos_id)
+        ids.extend(tokenizer.encode(line))
+    return torch.tensor(ids, dtype=id_dtype(tokenizer.vocab_size))
 
 
 @torch.no_grad()
-def fact_recall(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer | None = None,
+def fact_recall(model: nn.Module, facts: Sequence[Fact], tokenizer: Tokenizer | None = None,
                 batch_size: int = 64, method: str = "batched") -> float:
     """Fraction of ``facts`` whose greedy completion of ``prompt`` starts with ``answer``.
 
+    ``tokenizer`` defaults to the model's own (``model.tokenizer``), here and in the functions below.
     ``method="generate"`` runs :func:`peer_model.generate.generate_text` (temperature 0) per fact.
     ``method="batched"`` (default) gives the same answer from one teacher-forced forward pass per
     batch: greedy decoding starts with the answer exactly when, at each answer position, the argmax
-    over the allowed ids (BOS and PAD masked, as ``sample_next`` does) is the answer's next byte —
-    an EOS or any other byte there would have diverged. Rows are right-padded, which a causal model
-    never sees. The two can differ only on a near-tie that float rounding of cached vs. full-window
-    attention flips.
+    over the allowed ids (the tokenizer's ``never_sampled`` masked, as ``sample_next`` does) is the
+    answer's next token — an EOS or any other token there would have diverged. Rows are right-padded,
+    which a causal model never sees. The two can differ only on a near-tie that float rounding of cached
+    vs. full-window attention flips. (With a BPE, the answer is taken as tokenized on its own, which is
+    how a generation that reproduces it token for token would spell it.)
     """
     if not facts:
         raise ValueError("no facts to probe")
-    tokenizer = tokenizer or ByteTokenizer()
+    tokenizer = tokenizer or model.tokenizer
     if method == "generate":
         return _recall_generate(model, facts, tokenizer)
     if method != "batched":
@@ -158,16 +164,17 @@ def fact_recall(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenize
     return sum(recalled(model, facts, tokenizer, batch_size)) / len(facts)
 
 
-def recalled(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer | None = None,
+def recalled(model: nn.Module, facts: Sequence[Fact], tokenizer: Tokenizer | None = None,
              batch_size: int = 64) -> list[bool]:
     """Per fact: does greedy decoding reproduce the answer? (The batched method of :func:`fact_recall`.)"""
     return [logits.argmax(dim=-1).tolist() == answer
             for logits, answer in _answer_logits(model, facts, tokenizer, batch_size, mask=True)]
 
 
-def answer_bits(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer | None = None,
+def answer_bits(model: nn.Module, facts: Sequence[Fact], tokenizer: Tokenizer | None = None,
                 batch_size: int = 64) -> list[float]:
-    """Per fact: bits per byte of the answer given ``BOS + prompt`` (teacher-forced, the full softmax).
+    """Per fact: bits per byte of the answer given ``BOS + prompt`` (teacher-forced, the full softmax): the
+    answer tokens' bits over its UTF-8 bytes.
 
     Greedy recall is all or nothing: a fact whose answer became ten times likelier but is still not
     the argmax counts 0. The answer's bits are the graded form of the same probe. Compared with the
@@ -175,18 +182,20 @@ def answer_bits(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenize
     not trained on), they measure how much of a stage's facts a model holds even where recall is 0.
     """
     out = []
-    for logits, answer in _answer_logits(model, facts, tokenizer, batch_size, mask=False):
+    for fact, (logits, answer) in zip(facts, _answer_logits(model, facts, tokenizer, batch_size, mask=False)):
         nats = torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="mean")
-        out.append(float(nats) / math.log(2))
+        tokens_per_byte = len(answer) / len(fact.answer.encode("utf-8"))  # exactly 1 for bytes
+        out.append(float(nats) * tokens_per_byte / math.log(2))
     return out
 
 
-def _answer_logits(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer | None, batch_size: int,
+def _answer_logits(model: nn.Module, facts: Sequence[Fact], tokenizer: Tokenizer | None, batch_size: int,
                    mask: bool) -> Iterator[tuple[torch.Tensor, list[int]]]:
-    """Per fact, in order: the float logits (len(answer), vocab) that predict each answer byte, and the
+    """Per fact, in order: the float logits (len(answer), vocab) that predict each answer token, and the
     answer's ids. One forward pass per ``batch_size`` facts, rows right-padded (a causal model never
-    sees the padding); ``mask``: BOS and PAD masked as generation does."""
-    tokenizer = tokenizer or ByteTokenizer()
+    sees the padding); ``mask``: the never-sampled ids masked as generation does."""
+    tokenizer = tokenizer or model.tokenizer
+    pad = tokenizer.bos_id if tokenizer.pad_id is None else tokenizer.pad_id  # any id: never read
     device = next(model.parameters()).device
     max_len = model.config.max_seq_len
     was_training = model.training
@@ -197,16 +206,16 @@ def _answer_logits(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteToken
                 group = facts[start : start + batch_size]
                 prompts = [tokenizer.encode(f.prompt) for f in group]
                 answers = [tokenizer.encode(f.answer) for f in group]
-                rows = [[BOS, *p, *a] for p, a in zip(prompts, answers)]
+                rows = [[tokenizer.bos_id, *p, *a] for p, a in zip(prompts, answers)]
                 width = max(len(r) for r in rows)
-                if width - 1 > max_len:  # the last answer byte is predicted, never fed
+                if width - 1 > max_len:  # the last answer token is predicted, never fed
                     raise ValueError(f"a fact needs {width - 1} positions; the model has {max_len}")
-                tokens = torch.full((len(rows), width - 1), PAD, dtype=torch.long)
+                tokens = torch.full((len(rows), width - 1), pad, dtype=torch.long)
                 for i, row in enumerate(rows):
                     tokens[i, : len(row) - 1] = torch.tensor(row[:-1])
                 logits = model(tokens.to(device)).float().cpu()
                 if mask:
-                    logits = mask_unsampleable(logits)
+                    logits = mask_unsampleable(logits, tokenizer.never_sampled)
                 for i, (p, a) in enumerate(zip(prompts, answers)):
                     first = len(p)  # position of the last prompt token (BOS shifts by one)
                     yield logits[i, first : first + len(a)], a
@@ -214,10 +223,10 @@ def _answer_logits(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteToken
         model.train(was_training)
 
 
-def _recall_generate(model: nn.Module, facts: Sequence[Fact], tokenizer: ByteTokenizer) -> float:
+def _recall_generate(model: nn.Module, facts: Sequence[Fact], tokenizer: Tokenizer) -> float:
     hits = 0
     for fact in facts:
-        n = len(fact.answer.encode("utf-8"))
+        n = len(tokenizer.encode(fact.answer))
         result = generate_text(model, tokenizer, fact.prompt, SamplingParams(max_tokens=n + 2, temperature=0.0))
         hits += result.text.startswith(fact.answer)
     return hits / len(facts)

@@ -6,12 +6,16 @@ options live in one validated :class:`SamplingParams` (as in vLLM).
 
 Three layers, each usable on its own:
 
-* :func:`sample_next` turns logits into token ids (temperature, top-k, top-p, greedy; never BOS/PAD);
+* :func:`sample_next` turns logits into token ids (temperature, top-k, top-p, greedy; never the ids the
+  tokenizer marks ``never_sampled``: BOS and PAD);
 * :class:`CompletionStream` turns sampled ids into text that is safe to show: whole characters only,
   cut at the first stop string, holding back a tail that might still become a stop string. A batching
   engine keeps one per request;
 * :func:`generate` streams :class:`GenerationStep` objects for one prompt, :func:`generate_text`
   collects them into a :class:`GenerationResult`.
+
+The special ids (the BOS that starts the context, the EOS ids that end a completion, the ids never
+sampled) and the text of sampled ids come from the model's own tokenizer, ``model.tokenizer``.
 
 Single prompt only: the model has one cache length and no padding mask, so prompts of different
 lengths cannot share a batch without a change in model.py (per-row lengths or an attention mask).
@@ -19,7 +23,7 @@ lengths cannot share a batch without a change in model.py (per-row lengths or an
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,7 +31,7 @@ import torch
 from torch import nn
 
 from .model import KVCache
-from .tokenizer import BOS, EOS, PAD, ByteTokenizer, StreamDecoder
+from .tokenizer import ByteTokenizer, IncrementalDecoder, StreamDecoder, Tokenizer
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters; bounds the per-token cost of looking for a stop string
@@ -110,17 +114,21 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, -math.inf)
 
 
-def mask_unsampleable(logits: torch.Tensor) -> torch.Tensor:
-    """Set the logits of BOS and PAD (never generated) to -inf in place, over the last dimension."""
-    logits[..., [t for t in (BOS, PAD) if t < logits.shape[-1]]] = -math.inf
+def mask_unsampleable(logits: torch.Tensor,
+                      never_sampled: Collection[int] = ByteTokenizer.never_sampled) -> torch.Tensor:
+    """Set the logits of ``never_sampled`` (the tokenizer's; default the byte BOS and PAD) to -inf in place,
+    over the last dimension."""
+    logits[..., sorted(t for t in never_sampled if t < logits.shape[-1])] = -math.inf
     return logits
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) → token ids (B,). Greedy when ``params.temperature`` is 0; BOS and PAD never come out."""
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                never_sampled: Collection[int] = ByteTokenizer.never_sampled) -> torch.Tensor:
+    """logits (B, V) → token ids (B,). Greedy when ``params.temperature`` is 0; ``never_sampled`` (the model
+    tokenizer's; default the byte BOS and PAD) never come out."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    logits = mask_unsampleable(logits.clone())
+    logits = mask_unsampleable(logits.clone(), never_sampled)
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = apply_top_p(apply_top_k(logits / params.temperature, params.top_k), params.top_p)
@@ -143,17 +151,17 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 class CompletionStream:
     """Sampled ids → text to release, cut at the first stop string.
 
-    ``push`` returns the text that can be shown now. A multibyte character is held until complete
-    (:class:`~peer_model.tokenizer.StreamDecoder`); so is any tail of the text that is the start of a
+    ``push`` returns the text that can be shown now. A character is held until complete (``decoder``: the
+    model tokenizer's ``stream_decoder()``, default bytes); so is any tail of the text that is the start of a
     stop string, since the next token may complete it. Once a stop string appears, ``stopped`` is
     True, the text before it has been released and the rest is dropped. ``finish`` releases what is
     held when no more tokens come. ``text`` is everything released so far.
     """
 
-    def __init__(self, stop: tuple[str, ...] = ()):
+    def __init__(self, stop: tuple[str, ...] = (), decoder: IncrementalDecoder | None = None):
         self.stop = tuple(stop)
         self.stopped = False
-        self._decoder = StreamDecoder()
+        self._decoder = decoder or StreamDecoder()
         self._text = ""  # decoded completion
         self._sent = 0  # characters of _text released
 
@@ -244,41 +252,46 @@ def decode_one_token(model: nn.Module, token: torch.Tensor, cache: KVCache) -> t
 
 
 def sample_tokens(model: nn.Module, prompt_ids: list[int], params: SamplingParams, budget: int) -> Iterator[int]:
-    """Lazily sample up to ``budget`` ids after BOS + prompt; each forward runs only when asked for.
+    """Lazily sample up to ``budget`` ids after BOS + prompt, ending early with an EOS id (both of
+    ``model.tokenizer``); each forward runs only when asked for.
 
     Grad mode is thread-local, so inference mode is entered around each model call rather than
     across a ``yield`` (the consumer may resume this generator from another thread).
     """
     device = next(model.parameters()).device
+    tokenizer: Tokenizer = model.tokenizer
     generator = make_generator(params.seed, device)
     with torch.inference_mode():
         cache = model.new_cache(1, len(prompt_ids) + budget)
-        tokens = torch.tensor([[BOS, *prompt_ids]], dtype=torch.long, device=device)
-        next_id = sample_next(prefill(model, tokens, cache), params, generator)  # (1,)
+        tokens = torch.tensor([[tokenizer.bos_id, *prompt_ids]], dtype=torch.long, device=device)
+        next_id = sample_next(prefill(model, tokens, cache), params, generator, tokenizer.never_sampled)  # (1,)
     for produced in range(1, budget + 1):
         token = int(next_id)
         yield token
-        if produced == budget or token == EOS:
+        if produced == budget or token in tokenizer.eos_ids:
             return
         with torch.inference_mode():
-            next_id = sample_next(decode_one_token(model, next_id, cache), params, generator)
+            next_id = sample_next(decode_one_token(model, next_id, cache), params, generator, tokenizer.never_sampled)
 
 
 def check_prompt(model: nn.Module, prompt_ids: list[int], params: SamplingParams) -> int:
-    """Validate byte ids for ``model``; returns the completion budget (see :func:`completion_budget`).
-    Raises ValueError with a message for the caller."""
-    vocab = model.config.vocab_size
-    bad = [t for t in prompt_ids if not 0 <= t < vocab or t in (BOS, PAD)]
+    """Validate ids of ``model.tokenizer`` for ``model``; returns the completion budget (see
+    :func:`completion_budget`). Raises ValueError with a message for the caller."""
+    vocab, never = model.config.vocab_size, model.tokenizer.never_sampled
+    bad = [t for t in prompt_ids if not 0 <= t < vocab or t in never]
     if bad:
-        raise ValueError(f"prompt ids must be in [0, {vocab}) and not BOS/PAD, got {bad[:5]}")
+        raise ValueError(f"prompt ids must be in [0, {vocab}) and none of {sorted(never)} (BOS/PAD: generation "
+                         f"adds the BOS itself), got {bad[:5]}")
     return completion_budget(model, len(prompt_ids), params.max_tokens)
 
 
-def next_step(stream: CompletionStream, token: int, produced: int, budget: int) -> GenerationStep:
+def next_step(stream: CompletionStream, token: int, produced: int, budget: int,
+              eos_ids: Collection[int] = ByteTokenizer.eos_ids) -> GenerationStep:
     """The step for the ``produced``-th sampled ``token`` of a completion: its text, and why it ends if it
-    does (EOS, a stop string, or the budget). Shared by :func:`generate` and batching engines."""
+    does (one of ``eos_ids``, the model tokenizer's; a stop string; or the budget). Shared by
+    :func:`generate` and batching engines."""
     reason: FinishReason | None = None
-    if token == EOS:
+    if token in eos_ids:
         text, reason = stream.finish(), "eos"
     else:
         text = stream.push(token)
@@ -291,7 +304,8 @@ def next_step(stream: CompletionStream, token: int, produced: int, budget: int) 
 
 
 def generate(model: nn.Module, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationStep]:
-    """Stream the completion of ``prompt_ids`` (byte ids, BOS is added), one step per sampled token.
+    """Stream the completion of ``prompt_ids`` (ids of ``model.tokenizer``; its BOS is added), one step per
+    sampled token.
 
     Raises ValueError (before anything is computed) if the prompt does not fit the context window;
     a completion that would not fit is cut at the window with finish_reason "length". The model is
@@ -307,9 +321,10 @@ def _steps(model: nn.Module, prompt_ids: list[int], params: SamplingParams, budg
     was_training = model.training
     model.eval()
     try:
-        stream = CompletionStream(params.stop)
+        tokenizer: Tokenizer = model.tokenizer
+        stream = CompletionStream(params.stop, tokenizer.stream_decoder())
         for produced, token in enumerate(sample_tokens(model, prompt_ids, params, budget), start=1):
-            step = next_step(stream, token, produced, budget)
+            step = next_step(stream, token, produced, budget, tokenizer.eos_ids)
             yield step
             if step.finish_reason is not None:
                 return
@@ -317,10 +332,9 @@ def _steps(model: nn.Module, prompt_ids: list[int], params: SamplingParams, budg
         model.train(was_training)
 
 
-def generate_text(
-    model: nn.Module, tokenizer: ByteTokenizer, prompt: str, params: SamplingParams
-) -> GenerationResult:
-    """Complete ``prompt``; the non-streaming form of :func:`generate`."""
+def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> GenerationResult:
+    """Complete ``prompt``; the non-streaming form of :func:`generate`. ``tokenizer`` encodes the prompt
+    (normally ``model.tokenizer``); the completion's text is that of the model's tokenizer."""
     prompt_ids = tokenizer.encode(prompt)
     pieces, ids, reason = [], [], "length"
     for step in generate(model, prompt_ids, params):

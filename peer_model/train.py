@@ -1,6 +1,6 @@
 """Training loop, data windows and evaluation in bits per byte.
 
-One step: sample ``batch_size`` random windows of ``seq_len + 1`` bytes, next-byte cross-entropy,
+One step: sample ``batch_size`` random windows of ``seq_len`` tokens, next-token cross-entropy,
 backward, clip the global gradient norm, set the learning rate (linear warm-up, cosine decay), step.
 
 Two optimizers share the step (:class:`Optimizers`):
@@ -29,7 +29,7 @@ from torch import nn
 
 from .optim import SparseRowAdam, coalesced
 from .peer import PEER
-from .tokenizer import BOS
+from .tokenizer import BOS, Tokenizer
 
 
 @dataclass
@@ -84,24 +84,40 @@ def resolve_device(name: str) -> torch.device:
 # ---- data ----------------------------------------------------------------------------------------
 
 
-class TokenData:
-    """A 1-D sequence of token ids (bytes: see tokenizer.py) cut into windows.
+def id_dtype(vocab_size: int) -> torch.dtype:
+    """The narrowest signed integer dtype that holds every id below ``vocab_size`` (int16 for bytes)."""
+    return torch.int16 if vocab_size <= 2**15 else torch.int32
 
-    Every window is a fresh context that starts with BOS, exactly as generation does
-    (``BOS + prompt``): inputs ``[BOS, w0 .. w(T-2)]``, targets ``[w0 .. w(T-1)]``. A model trained
-    on windows that start mid-text never sees BOS and reads it as noise at generation time.
+
+class TokenData:
+    """A 1-D sequence of token ids of one tokenizer cut into windows.
+
+    Every window is a fresh context that starts with ``bos`` (the tokenizer's ``bos_id``), exactly as
+    generation does (``BOS + prompt``): inputs ``[BOS, w0 .. w(T-2)]``, targets ``[w0 .. w(T-1)]``. A
+    model trained on windows that start mid-text never sees BOS and reads it as noise at generation time.
+    ``bytes_per_token``: UTF-8 bytes of text per token, so that :func:`evaluate_bpb` reports bits per
+    byte for any tokenizer (1 for bytes).
     """
 
-    def __init__(self, tokens: torch.Tensor):
+    def __init__(self, tokens: torch.Tensor, bos: int = BOS, bytes_per_token: float = 1.0):
         if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex():
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tokens.dtype} {tuple(tokens.shape)}")
+        if not bytes_per_token > 0:
+            raise ValueError(f"bytes_per_token must be > 0, got {bytes_per_token}")
         self.tokens = tokens
+        self.bos = bos
+        self.bytes_per_token = bytes_per_token
 
     @classmethod
-    def from_text(cls, text: str) -> "TokenData":
-        """The UTF-8 bytes of ``text`` (= ByteTokenizer.encode without specials), stored as uint8."""
+    def from_text(cls, text: str, tokenizer: Tokenizer | None = None) -> "TokenData":
+        """``text`` encoded by ``tokenizer``. Bytes (None or a byte tokenizer): the UTF-8 bytes, stored as
+        uint8. Otherwise ``tokenizer.encode(text)`` as int32, with ``bytes_per_token`` this text's UTF-8
+        bytes per token."""
         data = bytearray(text.encode("utf-8"))
-        return cls(torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))
+        if tokenizer is None or tokenizer.kind == "byte":
+            return cls(torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))
+        ids = tokenizer.encode(text)
+        return cls(torch.tensor(ids, dtype=torch.int32), tokenizer.bos_id, len(data) / len(ids) if ids else 1.0)
 
     def __len__(self) -> int:
         return self.tokens.numel()
@@ -114,7 +130,7 @@ class TokenData:
         if len(self) < seq_len:
             raise ValueError(f"{len(self)} tokens cannot fill a window of seq_len = {seq_len}")
         starts = torch.randint(0, len(self) - seq_len + 1, (batch_size, 1), generator=generator)
-        return _with_bos(self.tokens[starts + torch.arange(seq_len)].long())
+        return _with_bos(self.tokens[starts + torch.arange(seq_len)].long(), self.bos)
 
     def iter_eval_batches(
         self, batch_size: int, seq_len: int, max_batches: int | None = None
@@ -131,12 +147,12 @@ class TokenData:
             batches.append(starts[len(full) :])  # the tail window, shorter than seq_len
         for group in batches[:max_batches]:
             length = min(seq_len, n - group[0])
-            yield _with_bos(self.tokens[torch.tensor(group).unsqueeze(1) + torch.arange(length)].long())
+            yield _with_bos(self.tokens[torch.tensor(group).unsqueeze(1) + torch.arange(length)].long(), self.bos)
 
 
-def _with_bos(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) target windows → (inputs, targets) with inputs = [BOS, targets[:, :-1]]."""
-    inputs = torch.cat([torch.full_like(targets[:, :1], BOS), targets[:, :-1]], dim=1)
+def _with_bos(targets: torch.Tensor, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) target windows → (inputs, targets) with inputs = [bos, targets[:, :-1]]."""
+    inputs = torch.cat([torch.full_like(targets[:, :1], bos), targets[:, :-1]], dim=1)
     return inputs, targets
 
 
@@ -287,9 +303,11 @@ def _usage_tracking(model: nn.Module, enabled: bool):
 def evaluate_bpb(
     model: nn.Module, data: TokenData, seq_len: int, batch_size: int, max_batches: int | None = None
 ) -> float:
-    """Bits per byte: mean next-token cross-entropy (nats) / ln 2 over every predicted token of the
-    windows of :meth:`TokenData.iter_eval_batches` (one token = one byte). Eval mode (BatchNorm running
-    statistics), no gradients; the model's train/eval mode is restored afterwards.
+    """Bits per byte: mean next-token cross-entropy (nats) / ln 2 / ``data.bytes_per_token`` over every
+    predicted token of the windows of :meth:`TokenData.iter_eval_batches`. Exact for bytes (one token =
+    one byte); for a BPE it divides by the corpus-average bytes per token, so models with different
+    tokenizers compare on the same text. Eval mode (BatchNorm running statistics), no gradients; the
+    model's train/eval mode is restored afterwards.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -306,7 +324,7 @@ def evaluate_bpb(
         model.train(was_training)
     if count == 0:
         raise ValueError(f"no evaluation window: {len(data)} tokens")
-    return total_nats / count / math.log(2)
+    return total_nats / count / math.log(2) / data.bytes_per_token
 
 
 # ---- training ------------------------------------------------------------------------------------

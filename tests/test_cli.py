@@ -50,3 +50,42 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "unknown corpus" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert main(["generate", str(tmp_path / "missing"), "hi"]) == 2
+
+
+def test_retrofit_train_generate_export_a_pretrained_model(text_file, tmp_path, capsys):
+    """peer retrofit HF_DIR --out RUN, then the usual commands on RUN, then peer export RUN --hf OUT."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from hf_fixtures import build_tiny_model_dir
+    from peer_model.hf import load_hf
+
+    hf_dir = build_tiny_model_dir(tmp_path / "hf", family="llama", style="llama3")
+    run = tmp_path / "run"
+    assert main(["retrofit", str(hf_dir), "--out", str(run), "--experts", "256", "--peer-heads", "2", "--top-k", "4",
+                 "--d-key", "16"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["family"] == "llama" and summary["peer_layers"] == [1] and summary["branch"] == "parallel"
+    ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # function-preserving, through the checkpoint
+        assert torch.equal(load_checkpoint(run)(ids), load_hf(hf_dir)(ids))
+
+    trained = tmp_path / "trained"
+    assert main(["train", "--init", str(run), "--text-file", str(text_file), "--out", str(trained), "--steps", "4",
+                 "--eval-every", "2", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["val_bpb"] > 0
+    model = load_checkpoint(trained)
+    assert model.tokenizer.kind == "hf" and model.config.base_trains == "none"
+    assert torch.equal(model.embed.weight, load_hf(hf_dir).embed.weight)  # the base stayed frozen
+
+    assert main(["generate", str(trained), "the cat", "--max-tokens", "5", "--seed", "3"]) == 0
+    capsys.readouterr()
+    assert main(["grow", str(trained), "--experts", "40", "--tag", "more"]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "exported"
+    assert main(["export", str(trained), "--hf", str(out)]) == 0
+    with torch.no_grad():
+        assert (load_hf(out)(ids) - load_checkpoint(trained)(ids)).abs().max() < 1e-5
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"

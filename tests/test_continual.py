@@ -156,6 +156,8 @@ class ForcingModel(nn.Module):
     """Stand-in language model: its logits force the continuation of the known sentence the context
     starts (``wrong``: always '#'). Works with and without the generation KV cache."""
 
+    tokenizer = ByteTokenizer()
+
     def __init__(self, sentences: list[str], wrong: bool = False):
         super().__init__()
         self.config = ModelConfig(d_model=8, n_layers=1, n_heads=1, d_ff=8, max_seq_len=64)

@@ -42,6 +42,8 @@ def model() -> PEERTransformer:
 class ScriptedLM(nn.Module):
     """Stands in for a model: whatever the context, it predicts ``script[n]`` as the n-th new token."""
 
+    tokenizer = TOK
+
     def __init__(self, script: list[int], max_seq_len: int = 512):
         super().__init__()
         self.script = script
