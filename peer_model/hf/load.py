@@ -119,16 +119,13 @@ def load_hf(path: str | os.PathLike[str], *, max_seq_len: int | None = None, dty
             raise UnsupportedModel(f"{root}: the checkpoint has no tensor {key!r}")
         return weights.get(stored[key])
 
-    state = {}
-    for ours, source in weight_map(config, kind).items():
-        state[ours] = gather(source, read)
-    if config.positions == "learned":
-        state["pos_embed.weight"] = state["pos_embed.weight"][: config.max_seq_len]
+    sources = {ours: (lambda source=source: gather(source, read)) for ours, source in weight_map(config, kind).items()}
     for block, layer in model.expert_layers().items():
         ours = "ffw" if config.peer_branch == "replace" else "expert_branch"
         for name in layer.state_dict():
-            state[f"blocks.{block}.{ours}.{name}"] = read(f"{expert_prefix(kind, block)}.{name}")
-    _load_state(model, state, root)
+            key = f"{expert_prefix(kind, block)}.{name}"
+            sources[f"blocks.{block}.{ours}.{name}"] = lambda key=key: read(key)
+    _load_state(model, sources, root)
     model.tokenizer = load_tokenizer(root)
     if model.tokenizer.vocab_size > config.vocab_size:
         raise UnsupportedModel(f"{root}: the tokenizer has {model.tokenizer.vocab_size} ids, the model's "
@@ -136,15 +133,19 @@ def load_hf(path: str | os.PathLike[str], *, max_seq_len: int | None = None, dty
     return model.eval()
 
 
-def _load_state(model: PEERTransformer, state: dict[str, torch.Tensor], root: Path) -> None:
+def _load_state(model: PEERTransformer, sources: dict, root: Path) -> None:
+    """Copy every tensor into the model as it is read (``sources``: our key → a reader), so the peak
+    memory is the model plus one tensor, not two models."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and k != "lm_head.weight"]
+    missing = [k for k in expected if k not in sources and not (k == "lm_head.weight" and model.config.tie_embeddings)]
     if missing:
         raise UnsupportedModel(f"{root}: no source for {missing[:5]}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise UnsupportedModel(f"{root}: {key} has shape {tuple(tensor.shape)}, the config implies "
-                                   f"{tuple(expected[key].shape)}")
     with torch.no_grad():
-        for key, tensor in state.items():
+        for key, reader in sources.items():
+            tensor = reader()
+            if key == "pos_embed.weight":  # GPT-2's table may be longer than the context served
+                tensor = tensor[: model.config.max_seq_len]
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise UnsupportedModel(f"{root}: {key} has shape {tuple(tensor.shape)}, the config implies "
+                                       f"{tuple(expected[key].shape)}")
             expected[key].copy_(tensor)
