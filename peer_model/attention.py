@@ -126,8 +126,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | N
     return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
 
 
-class HeadNorm(nn.Module):
-    """RMSNorm over each head's vector (Qwen3's query and key norm)."""
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learnt scale (the blocks' norms, and Qwen3's per-head query/key norm)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -152,8 +152,8 @@ class Attention(nn.Module):
         inner = (self.n_heads + 2 * self.kv_heads) * self.head_dim
         self.qkv = nn.Linear(config.d_model, inner, bias=config.attn_bias)
         self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.attn_out_bias)
-        self.q_norm = HeadNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
-        self.k_norm = HeadNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     @property
     def cache_heads(self) -> int:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import HeadNorm, KVCache, rope_tables
+from .attention import KVCache, RMSNorm, rope_tables
 from .baselines import dense_mlp, make_attention, make_ffw
 from .config import ModelConfig
 from .peer import PEER
@@ -15,16 +15,6 @@ from .pool import ExpertGrid, Segment
 from .tokenizer import ByteTokenizer
 
 __all__ = ["KVCache", "PEERTransformer", "RMSNorm"]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -97,7 +87,7 @@ class PEERTransformer(nn.Module):
         """requires_grad as ``config.base_trains`` says: every parameter, or only the expert layers (plus
         the norms with "norms"); a retrofitted pretrained model keeps its base frozen this way."""
         experts = {id(p) for i, layer in self.expert_layers().items() for p in layer.parameters()}
-        norms = {id(p) for m in self.modules() if isinstance(m, (RMSNorm, nn.LayerNorm, HeadNorm))
+        norms = {id(p) for m in self.modules() if isinstance(m, (RMSNorm, nn.LayerNorm))
                  for p in m.parameters()}
         mode = self.config.base_trains
         for param in self.parameters():
