@@ -1,5 +1,6 @@
 """First start with an empty database: version 1 (a fresh model) and a training job on a small real corpus,
-so a newcomer sees the whole loop: ingest → train → evaluate → publish → hot swap."""
+so a newcomer sees the whole loop: ingest → train → evaluate → publish → hot swap. With PEER_BASE_MODEL,
+version 1 is the retrofitted pretrained model and serves as it is."""
 from __future__ import annotations
 
 import logging
@@ -18,9 +19,14 @@ log = logging.getLogger(__name__)
 
 def bootstrap(ctx: ServiceContext, dispatch: Dispatch) -> int | None:
     """Create version 1 if there is no version; then, if PEER_BOOTSTRAP_CORPUS names a packaged corpus,
-    upload it with a training job. Returns that job's id (None when nothing was started)."""
+    upload it with a training job. Returns that job's id (None when nothing was started). A pretrained base
+    (PEER_BASE_MODEL) speaks the language already: no bootstrap training."""
     settings = ctx.settings
-    if ensure_initial_version(ctx) is None or not settings.bootstrap_corpus:
+    created = ensure_initial_version(ctx)
+    if created is None and settings.base_model is not None:
+        log.warning("PEER_BASE_MODEL=%s is not used: versions exist already (it only makes version 1)",
+                    settings.base_model)
+    if created is None or not settings.bootstrap_corpus or settings.base_model is not None:
         return None
     name = settings.bootstrap_corpus
     try:

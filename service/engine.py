@@ -1,6 +1,8 @@
 """The model host of one API process: the active version, a token-by-token scheduler, hot swap, usage.
 
-One scheduler thread runs every forward pass. Requests are admitted (at most
+One scheduler thread runs every forward pass. A request's prompt is encoded by the tokenizer of the
+version that will serve it (each version's checkpoint carries its own; a swap may change it), so a
+request never mixes one version's ids with another's model. Requests are admitted (at most
 ``max_active_generations`` at once, ``max_queued_generations`` more waiting, then 429), prefilled
 alone, and then decoded together: every round advances each running request by one token in one
 batched forward (continuous batching, :class:`peer_model.batching.BatchDecoder`), so a long
@@ -35,6 +37,7 @@ from peer_model.checkpoint import CheckpointError
 from peer_model.batching import BatchDecoder, Sequence
 from peer_model.generate import GenerationStep, SamplingParams, check_prompt
 from peer_model.model import PEERTransformer
+from peer_model.tokenizer import Tokenizer
 from peer_model.train import resolve_device
 
 from .context import ServiceContext
@@ -46,6 +49,7 @@ from .versions import active_version_id
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[GenerationStep | BaseException], None]
+Encoder = Callable[[Tokenizer], list[int]]  # a request's prompt → ids of the serving version's tokenizer
 
 
 @dataclass(eq=False)
@@ -133,6 +137,13 @@ class ModelHost:
         current = self._current
         return current.version_id if current else None
 
+    def active_tokenizer(self) -> tuple[int, Tokenizer]:
+        """The served version and its tokenizer (what a new request would be encoded with)."""
+        current = self._current
+        if current is None:
+            raise NotReady("no model version is loaded yet")
+        return current.version_id, current.model.tokenizer
+
     def sync_active(self) -> int | None:
         """Load the database's active version if it is not the one served; returns the served id."""
         with self.ctx.sessions() as session:
@@ -177,9 +188,10 @@ class ModelHost:
     def queue_depth(self) -> int:
         return len(self._pending) + self._running
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_step: StepCallback) -> Ticket:
-        """Queue a generation; ``on_step`` is called from the scheduler thread with each step, or once
-        with an exception. Raises NotReady, Overloaded, InvalidInput (prompt too long)."""
+    def submit(self, encode: Encoder, params: SamplingParams, on_step: StepCallback) -> Ticket:
+        """Queue a generation of the prompt ``encode`` gives with the active version's tokenizer (its
+        ValueError is the request's fault); ``on_step`` is called from the scheduler thread with each step,
+        or once with an exception. Raises NotReady, Overloaded, InvalidInput (bad or too long prompt)."""
         with self._cond:
             current = self._current
             if current is None:
@@ -187,15 +199,27 @@ class ModelHost:
             limit = self.settings.max_active_generations + self.settings.max_queued_generations
             if self.queue_depth >= limit:
                 raise Overloaded(f"{self.queue_depth} generations are running or queued (limit {limit}); retry later")
-            try:
-                check_prompt(current.model, prompt_ids, params)
-            except ValueError as exc:
-                raise InvalidInput(str(exc)) from None
-            ticket = Ticket(list(prompt_ids), params, on_step, current)
-            current.requests += 1
+            current.requests += 1  # held while encoding (outside the lock), so a swap cannot drop the version
+        try:
+            prompt_ids = self._encode(current.model, encode, params)
+        except BaseException:
+            with self._cond:
+                current.requests -= 1
+            raise
+        ticket = Ticket(prompt_ids, params, on_step, current)
+        with self._cond:
             self._pending.append(ticket)
             self._cond.notify_all()
         return ticket
+
+    @staticmethod
+    def _encode(model: PEERTransformer, encode: Encoder, params: SamplingParams) -> list[int]:
+        try:
+            prompt_ids = list(encode(model.tokenizer))
+            check_prompt(model, prompt_ids, params)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        return prompt_ids
 
     # ---- the scheduler thread --------------------------------------------------------------------
 

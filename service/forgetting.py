@@ -93,13 +93,13 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     cfg = job_train_config(settings, max(1, repair_steps), options.seed)
     progress = JobProgress(ctx, job_id, lease, max(1, repair_steps))
     heartbeat(ctx.sessions, job_id, lease, metrics={"strategy": "forget", "masked_segments": plan})
-    remaining_train = [token_data(ctx, [c], "train") for c in remaining] if repair_steps else []
+    remaining_train = [token_data(ctx, [c], "train", parent.tokenizer) for c in remaining] if repair_steps else []
     child, repair = forget_segments(parent, plan, remaining_train, repair_steps, cfg, settings.distill_weight,
                                     should_stop=progress.should_stop)
     if repair is not None and repair.stopped_early and progress.cancelled:
         raise JobCancelled()
 
-    val_sets = {c: token_data(ctx, [c], "val") for c in [*remaining, corpus_id]}
+    val_sets = {c: token_data(ctx, [c], "val", parent.tokenizer) for c in [*remaining, corpus_id]}
     child_bpb = evaluate_all(child, val_sets, cfg.seq_len, settings.train_batch_size, settings.eval_max_batches)
     parent_bpb = evaluate_all(parent, val_sets, cfg.seq_len, settings.train_batch_size, settings.eval_max_batches)
     gate = forget_gate(child_bpb, parent_bpb, remaining, corpus_id, settings.activation_tolerance)

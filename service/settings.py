@@ -3,7 +3,8 @@
 With no settings at all the service runs embedded under ``PEER_HOME`` (default ``./data/service``): a
 SQLite database, a local store and Celery's filesystem transport, so one machine needs no other
 service. ``PEER_DATABASE_URL=postgresql+psycopg://...`` and ``PEER_BROKER_URL=redis://...`` make the
-same code run distributed (docker-compose.yml).
+same code run distributed (docker-compose.yml). ``PEER_BASE_MODEL=/path/to/hf-dir`` starts from a pretrained
+model instead of a fresh one (version 1 = that model with PEER layers retrofitted).
 """
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from peer_model.config import ATTENTION_KINDS, FFW_KINDS, ModelConfig, MoEConfig, PEERConfig
+from peer_model.config import ATTENTION_KINDS, BASE_TRAINS, FFW_KINDS, ModelConfig, MoEConfig, PEERConfig
 from peer_model.continual import STRATEGIES
+
+
+class InvalidSetting(ValueError):
+    """A setting the service cannot start with, found at start-up: checking it takes more than its value
+    (PEER_BASE_MODEL: loading the model directory)."""
 
 
 class Settings(BaseSettings):
@@ -65,6 +71,13 @@ class Settings(BaseSettings):
     moe_top_k: int = 2
     peer_layers: str = "middle"  # blocks with the expert feed-forward: "middle", "all" or indices "1,3"
 
+    # ---- pretrained base (version 1 = the model of PEER_BASE_MODEL with PEER layers retrofitted) ----------
+    base_model: Path | None = None  # a Hugging Face model directory (Llama, Qwen, Mistral, GPT-2); None: a fresh model
+    base_layers: str = "middle"  # blocks that get a PEER layer: "middle", "all" or indices "1,3"
+    base_branch: str = "parallel"  # parallel: beside the dense feed-forward (function kept); replace: instead of it
+    base_trains: str = "none"  # what trains besides the experts: none (a frozen base), norms, all
+    base_max_seq_len: int = 2048  # the context served (at most the model's own); the KV cache grows with it
+
     # ---- training jobs -----------------------------------------------------------------------------
     train_steps: int = 300
     train_batch_size: int = 16
@@ -104,11 +117,16 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("peer_layers")
+    @field_validator("base_model", mode="before")
     @classmethod
-    def _blocks(cls, value: str) -> str:
+    def _unset(cls, value):
+        return None if value == "" else value  # PEER_BASE_MODEL= (empty): no base
+
+    @field_validator("peer_layers", "base_layers")
+    @classmethod
+    def _blocks(cls, value: str, info) -> str:
         if value not in ("middle", "all") and not all(part.strip().isdigit() for part in value.split(",")):
-            raise ValueError('peer_layers must be "middle", "all" or comma-separated block indices')
+            raise ValueError(f'{info.field_name} must be "middle", "all" or comma-separated block indices')
         return value
 
     @field_validator("old_lr_scale")
@@ -125,10 +143,11 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 0")
         return value
 
-    @field_validator("ffw", "attention", "strategy")
+    @field_validator("ffw", "attention", "strategy", "base_branch", "base_trains")
     @classmethod
     def _one_of(cls, value: str, info) -> str:
-        allowed = {"ffw": FFW_KINDS, "attention": ATTENTION_KINDS, "strategy": STRATEGIES}[info.field_name]
+        allowed = {"ffw": FFW_KINDS, "attention": ATTENTION_KINDS, "strategy": STRATEGIES,
+                   "base_branch": ("parallel", "replace"), "base_trains": BASE_TRAINS}[info.field_name]
         if value not in allowed:
             raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}")
         return value
@@ -136,7 +155,7 @@ class Settings(BaseSettings):
     @field_validator("max_corpus_bytes", "max_document_bytes", "max_documents_per_request", "max_tokens_limit",
                      "max_active_generations", "max_queued_generations", "train_steps", "train_batch_size",
                      "train_seq_len", "eval_max_batches", "job_max_attempts", "stream_train_threshold_bytes",
-                     "api_torch_threads", "max_train_steps")
+                     "api_torch_threads", "max_train_steps", "base_max_seq_len")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
@@ -169,15 +188,18 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         return self.broker_url is None
 
+    def peer_config(self) -> PEERConfig:
+        """The shape of a new pool: a fresh model's, or the one retrofitted into PEER_BASE_MODEL."""
+        return PEERConfig(num_experts=self.peer_experts, heads=self.peer_heads, top_k=self.peer_top_k,
+                          d_key=self.peer_d_key)
+
     def fresh_model_config(self) -> ModelConfig:
         blocks = {"middle": None, "all": list(range(self.n_layers))}.get(self.peer_layers)
         if self.peer_layers not in ("middle", "all"):
             blocks = [int(part) for part in self.peer_layers.split(",")]
         return ModelConfig(
             d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.d_ff,
-            max_seq_len=self.max_seq_len, peer_layers=blocks,
-            peer=PEERConfig(num_experts=self.peer_experts, heads=self.peer_heads, top_k=self.peer_top_k,
-                            d_key=self.peer_d_key),
+            max_seq_len=self.max_seq_len, peer_layers=blocks, peer=self.peer_config(),
             ffw=self.ffw, attention=self.attention,
             moe=MoEConfig(num_experts=self.moe_experts, top_k=self.moe_top_k),
         )

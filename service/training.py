@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
 from peer_model.continual import ContinualOptions, Strategy, continual_stage, evaluate_all
+from peer_model.tokenizer import Tokenizer
 from peer_model.train import TokenData, TrainConfig, resolve_device
 
 from .context import ServiceContext
@@ -33,7 +34,7 @@ from .errors import Conflict, InvalidInput
 from .ingest import ingest_documents, parse_upload
 from .jobs import Dispatch, JobCancelled, LeaseLost, claim_job, create_job, finish_job, heartbeat, owned_job
 from .settings import Settings
-from .versions import activate, active_version_id, describe_pools, get_version
+from .versions import activate, active_version_id, describe_pools, get_version, is_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,13 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
                       has_pool: bool = True) -> ContinualOptions:
     """The job's options over the service defaults (``settings.strategy`` and friends).
 
-    Without a strategy: a version that knows no corpus yet (a fresh model) is pre-trained as a whole
+    ``has_old_corpora``: the parent knows text worth protecting (earlier corpora, or a pretrained base's
+    own). Without a strategy: a version that knows none yet (a fresh model) is pre-trained as a whole
     (naive, no growth); otherwise the default strategy, or with ``freeze_old_experts`` True
     grow_freeze_protect (old experts frozen), with False fine-tuning of everything (replay when a replay
-    fraction is set). Replay and distillation need earlier corpora: with none they are off, and a
-    protecting strategy falls back to its unprotected form. A PEER pool grows by ``PEER_NEW_EXPERTS`` under
+    fraction is set). Replay and distillation need earlier text: with none they are off, and a
+    protecting strategy falls back to its unprotected form (a pretrained base's text is not in the store:
+    its jobs replay the parent's own samples). A PEER pool grows by ``PEER_NEW_EXPERTS`` under
     replay as under the growing strategies (the default, replay + distillation + growth, is the winner
     of BENCHMARKS.md section 3); a model without one (``has_pool`` False: a baseline feed-forward) cannot
     grow: it fine-tunes, with replay.
@@ -256,8 +259,10 @@ class JobProgress:
         return self.cancelled
 
 
-def token_data(ctx: ServiceContext, corpus_ids: list[int], part: str) -> TokenData:
-    return TokenData.from_text("".join(ctx.store.read_corpus(c, part) for c in corpus_ids))
+def token_data(ctx: ServiceContext, corpus_ids: list[int], part: str, tokenizer: Tokenizer) -> TokenData:
+    """The corpora's text in the ids of the model that trains or is evaluated on it (``tokenizer``: its own);
+    evaluation still reports bits per byte, so versions with different tokenizers compare."""
+    return TokenData.from_text("".join(ctx.store.read_corpus(c, part) for c in corpus_ids), tokenizer)
 
 
 def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
@@ -275,22 +280,25 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
             raise InvalidInput(f"corpora {not_ready} are not ingested (state must be 'ready')")
         options = dict(job.options)
         old_ids = [c for c in base.corpus_ids if c not in new_ids]
-        parent_segments, base_checkpoint = base.segments, base.checkpoint
+        parent_segments, base_checkpoint, pretrained = base.segments, base.checkpoint, is_pretrained(base)
     job_options = parse_job_options(options)
     parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
-    stage_options = continual_options(settings, job_options, has_old_corpora=bool(old_ids),
+    tokenizer = parent.tokenizer
+    stage_options = continual_options(settings, job_options, has_old_corpora=bool(old_ids) or pretrained,
                                       has_pool=bool(parent.peer_layers()))
     if settings.train_seq_len > parent.config.max_seq_len:
         stage_options = replace(stage_options, train=replace(stage_options.train, seq_len=parent.config.max_seq_len))
-    new_train = token_data(ctx, new_ids, "train")
+    new_train = token_data(ctx, new_ids, "train", tokenizer)
     if len(new_train) < stage_options.train.seq_len:
-        raise InvalidInput(f"the new corpora hold {len(new_train)} bytes of training text; "
-                           f"at least {stage_options.train.seq_len} are needed")
+        raise InvalidInput(f"the new corpora hold {len(new_train)} tokens of training text; "
+                           f"at least {stage_options.train.seq_len} (PEER_TRAIN_SEQ_LEN) are needed")
     gone = [c for c in old_ids if not ctx.store.corpus_path(c, "train").is_file()]
-    if gone and stage_options.replay_fraction > 0:
-        # an earlier corpus' text is no longer in the store: replay the parent's own samples instead
+    needs_old = stage_options.replay_fraction > 0 or stage_options.review_steps > 0
+    if (gone and stage_options.replay_fraction > 0) or (needs_old and not old_ids):
+        # earlier text is not in the store (a corpus deleted since, or the pretrained base's own corpus):
+        # replay the parent's own samples instead
         stage_options = replace(stage_options, replay_source="parent")
-    old_train = [token_data(ctx, [c], "train") for c in old_ids if c not in gone]
+    old_train = [token_data(ctx, [c], "train", tokenizer) for c in old_ids if c not in gone]
     progress = JobProgress(ctx, job_id, lease, stage_options.train.steps)
     heartbeat(ctx.sessions, job_id, lease, metrics={"strategy": stage_options.strategy})
 
@@ -299,7 +307,8 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     if stage.train_result.stopped_early and progress.cancelled:
         raise JobCancelled()
     all_ids = old_ids + new_ids
-    val_sets = {c: token_data(ctx, [c], "val") for c in all_ids if ctx.store.corpus_path(c, "val").is_file()}
+    val_sets = {c: token_data(ctx, [c], "val", tokenizer) for c in all_ids
+                if ctx.store.corpus_path(c, "val").is_file()}
     old_ids_evaluated = [c for c in old_ids if c in val_sets]
     seq_len, batch = stage_options.train.seq_len, settings.train_batch_size
     child_bpb = evaluate_all(stage.child, val_sets, seq_len, batch, settings.eval_max_batches)

@@ -6,12 +6,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from peer_model.hf import load_hf, read_hf_config, retrofit
+from peer_model.hf.families import config_fields
 from peer_model.model import PEERTransformer
 
 from .context import ServiceContext
 from .db.models import Activation, PoolVersion
 from .db.session import transaction
 from .errors import NotFound
+from .settings import InvalidSetting, Settings
 from .store import Store
 
 INITIAL_CHECKPOINT = Store.version_key("initial")
@@ -26,6 +29,11 @@ def get_version(session: Session, version_id: int) -> PoolVersion:
     if version is None:
         raise NotFound(f"version {version_id} not found")
     return version
+
+
+def is_pretrained(version: PoolVersion) -> bool:
+    """A descendant of a pretrained model (PEER_BASE_MODEL): it knows text that no corpus of ours holds."""
+    return version.model_config_json.get("hf_config") is not None
 
 
 def activate(session: Session, version_id: int, reason: str, actor: str) -> Activation:
@@ -53,16 +61,40 @@ def describe_pools(model: PEERTransformer, parent_segments: dict | None, new_cor
     return experts, segments
 
 
+def base_model(settings: Settings) -> PEERTransformer:
+    """PEER_BASE_MODEL with PEER layers of the configured pool shape retrofitted into PEER_BASE_LAYERS; with the
+    parallel branch it computes what the pretrained model does. Any problem names the setting."""
+    path, peer = settings.base_model, settings.peer_config()
+    try:
+        own = config_fields(read_hf_config(path))["max_seq_len"]  # the model's own context (capped by the loader)
+        base = load_hf(path, max_seq_len=min(settings.base_max_seq_len, own))
+    except (ValueError, OSError) as exc:  # UnsupportedModel is a ValueError
+        raise InvalidSetting(f"PEER_BASE_MODEL={path}: {exc}") from None
+    try:
+        return retrofit(base, peer, settings.base_layers, settings.base_branch, settings.base_trains)
+    except ValueError as exc:
+        raise InvalidSetting(f"PEER_BASE_LAYERS={settings.base_layers}: {exc}") from None
+
+
 def ensure_initial_version(ctx: ServiceContext) -> int | None:
-    """With no version at all, write a fresh model of the configured shape and activate it as the first
-    version; returns its id (None if a version already existed). Safe to race: the checkpoint path is
+    """With no version at all, write the first version and activate it: a fresh model of the configured
+    shape, or with PEER_BASE_MODEL the retrofitted pretrained model (its tokenizer goes along in the
+    checkpoint); returns its id (None if a version already existed). Safe to race: the checkpoint path is
     unique, so only one of two concurrent callers inserts."""
+    settings = ctx.settings
     with ctx.sessions() as session:
         if session.scalar(select(PoolVersion.id).limit(1)) is not None:
             return None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = PEERTransformer(ctx.settings.fresh_model_config())
+    if settings.base_model is not None:
+        model = base_model(settings)
+        gate_reason = (f"pretrained model {settings.base_model} with PEER layers in blocks {model.config.peer_layers} "
+                       f"({settings.base_branch} branch)")
+        reason = f"first start: pretrained {settings.base_model.name} with PEER layers retrofitted"[:200]
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = PEERTransformer(settings.fresh_model_config())
+        gate_reason, reason = "fresh model", "first start: fresh model of the configured shape"
     if not ctx.store.has(INITIAL_CHECKPOINT):
         ctx.store.save_model(INITIAL_CHECKPOINT, model, extra={"version": "initial"})
     experts, segments = describe_pools(model, None, [])
@@ -70,10 +102,10 @@ def ensure_initial_version(ctx: ServiceContext) -> int | None:
         with transaction(ctx.sessions) as session:
             version = PoolVersion(checkpoint=INITIAL_CHECKPOINT, model_config_json=model.config.to_dict(),
                                   experts=experts, segments=segments, corpus_ids=[], strategy=None,
-                                  gate_passed=None, gate_reason="fresh model")
+                                  gate_passed=None, gate_reason=gate_reason)
             session.add(version)
             session.flush()
-            activate(session, version.id, "first start: fresh model of the configured shape", "bootstrap")
+            activate(session, version.id, reason, "bootstrap")
             return version.id
     except IntegrityError:
         return None

@@ -2,7 +2,8 @@
 
 ``create_app`` builds everything from settings; on start-up it makes sure a first version exists
 (a fresh model of the configured shape, plus a bootstrap training job on a small real corpus when
-PEER_BOOTSTRAP_CORPUS is set), loads the active version and starts the scheduler and the swap watcher.
+PEER_BOOTSTRAP_CORPUS is set; or the retrofitted PEER_BASE_MODEL), loads the active version and starts the
+scheduler and the swap watcher. A PEER_BASE_MODEL that cannot be loaded stops the start-up (InvalidSetting).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class SamplingFields(BaseModel):
@@ -48,6 +48,44 @@ class CompletionRequest(BaseModel):
     echo: bool | None = Field(False, description="only false")
     logprobs: int | None = Field(None, le=0, description="not supported: null or 0")
     best_of: int | None = Field(None, ge=1, le=1)
+    user: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message; ``content`` a string or a list of text parts (joined by newlines, as vLLM does)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value: str | list[dict[str, Any]]) -> str:
+        if isinstance(value, str):
+            return value
+        if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in value):
+            raise ValueError('content parts must be {"type": "text", "text": "..."}: only text is supported')
+        return "\n".join(part["text"] for part in value)
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI ``/v1/chat/completions``; fields this server cannot honour are refused, unknown ones ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="default PEER_DEFAULT_MAX_TOKENS")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens; wins over it")
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1, le=1, description="only 1")
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    logprobs: bool | None = Field(False, description="only false")
     user: str | None = None
 
 

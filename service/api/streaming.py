@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from peer_model.generate import GenerationStep, SamplingParams
 
-from ..engine import ModelHost, Ticket
+from ..engine import Encoder, ModelHost, Ticket
 from ..metrics import Metrics
 
 
@@ -46,11 +46,16 @@ class Generation:
         return "".join([step.text async for step in self.steps()])
 
     @property
+    def prompt_tokens(self) -> int:
+        return len(self.ticket.prompt_ids)
+
+    @property
     def latency_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 
 
-def start_generation(host: ModelHost, metrics: Metrics, prompt_ids: list[int], params: SamplingParams) -> Generation:
+def start_generation(host: ModelHost, metrics: Metrics, encode: Encoder, params: SamplingParams) -> Generation:
+    """Submit the prompt ``encode`` gives with the serving version's tokenizer (see ModelHost.submit)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -60,7 +65,7 @@ def start_generation(host: ModelHost, metrics: Metrics, prompt_ids: list[int], p
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
             pass
 
-    ticket = host.submit(prompt_ids, params, deliver)
+    ticket = host.submit(encode, params, deliver)
     metrics.queue_depth.set(host.queue_depth)
     return Generation(ticket, queue, metrics)
 

@@ -228,7 +228,9 @@ def test_health_readiness_and_metrics(client):
     for name in ("peer_http_requests_total", "peer_http_request_seconds_bucket", "peer_tokens_generated_total",
                  "peer_generation_queue_depth", "peer_active_version", 'peer_jobs{kind="train"'):
         assert name in text
-    assert ok(client.post("/v1/tokenize", json={"text": "hé"})) == {"tokens": [104, 195, 169], "count": 3}
+    tokens = ok(client.post("/v1/tokenize", json={"text": "hé"}))
+    assert tokens == {"tokens": [104, 195, 169], "count": 3, "version": tokens["version"], "tokenizer": "byte",
+                      "bos": 256}
 
 
 def test_mutating_endpoints_need_a_key_when_keys_are_configured(settings):

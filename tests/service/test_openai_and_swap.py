@@ -81,6 +81,24 @@ def test_openai_client_completions_models_and_errors(server):
         client.completions.create(model="peer", prompt="x", max_tokens=2, top_p=0)
 
 
+def test_byte_level_model_answers_chat_completions_on_a_plain_transcript(server):
+    """No chat template: the chat becomes "System: ...\nUser: ...\nAssistant:" in bytes."""
+    srv, settings = server
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    transcript = "System: Be brief.\nUser: Hi\nAssistant:"
+    completion = client.chat.completions.create(model=settings.model_name, messages=messages, max_tokens=8,
+                                                temperature=0)
+    choice = completion.choices[0]
+    assert completion.object == "chat.completion" and choice.message.role == "assistant"
+    assert completion.usage.prompt_tokens == len(transcript.encode())
+    chunks = list(client.chat.completions.create(model=settings.model_name, messages=messages, max_tokens=8,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
 def test_hot_swap_under_load_fails_no_request_and_never_mixes_versions(server, two_versions):
     srv, _ = server
     versions = sorted(two_versions)

@@ -5,15 +5,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from peer_model.tokenizer import ByteTokenizer
-
 from ..deps import get_host
 from ..sampling import sampling_params
 from ..schemas import GenerateRequest, GenerateResponse
 from ..streaming import SSE_HEADERS, sse, start_generation
 
 router = APIRouter(tags=["generation"])
-tokenizer = ByteTokenizer()
 
 
 @router.post("/v1/generate", response_model=GenerateResponse,
@@ -25,12 +22,12 @@ async def generate(body: GenerateRequest, request: Request, host=Depends(get_hos
     settings = request.app.state.ctx.settings
     params = sampling_params(settings, max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
                              top_p=body.top_p, stop=body.stop, seed=body.seed)
-    prompt_ids = tokenizer.encode(body.prompt)
-    generation = start_generation(host, request.app.state.metrics, prompt_ids, params)
+    generation = start_generation(host, request.app.state.metrics, lambda tokenizer: tokenizer.encode(body.prompt),
+                                  params)
     version = generation.ticket.version_id
 
     def summary() -> dict:
-        return {"finish_reason": generation.finish_reason, "prompt_tokens": len(prompt_ids),
+        return {"finish_reason": generation.finish_reason, "prompt_tokens": generation.prompt_tokens,
                 "completion_tokens": generation.completion_tokens, "version": version,
                 "latency_ms": round(generation.latency_ms, 2)}
 
@@ -55,7 +52,10 @@ class TokenizeRequest(BaseModel):
 
 
 @router.post("/v1/tokenize")
-async def tokenize(body: TokenizeRequest):
-    """Byte-level ids as the model sees them (generation prepends BOS = 256)."""
+async def tokenize(body: TokenizeRequest, host=Depends(get_host)):
+    """The ids of the served version's tokenizer (``tokenizer``: "byte" or "hf"), as a prompt is encoded;
+    generation prepends that tokenizer's BOS (``bos``) itself."""
+    version, tokenizer = host.active_tokenizer()
     ids = tokenizer.encode(body.text)
-    return {"tokens": ids, "count": len(ids)}
+    return {"tokens": ids, "count": len(ids), "version": version, "tokenizer": tokenizer.kind,
+            "bos": tokenizer.bos_id}

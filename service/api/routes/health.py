@@ -35,7 +35,8 @@ async def readyz(request: Request):
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         checks["database"] = f"error: {type(exc).__name__}: {exc}"
     try:
-        generation = start_generation(state.host, state.metrics, [], SamplingParams(max_tokens=1, temperature=0.0))
+        generation = start_generation(state.host, state.metrics, lambda tokenizer: [],
+                                      SamplingParams(max_tokens=1, temperature=0.0))
         await asyncio.wait_for(generation.text(), READY_FORWARD_TIMEOUT_S)
         checks["model"] = f"ok: version {generation.ticket.version_id}"
     except Exception as exc:  # noqa: BLE001

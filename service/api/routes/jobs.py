@@ -10,7 +10,7 @@ from ...db.models import JOB_KINDS, JOB_STATES, Corpus, Job
 from ...errors import Conflict, InvalidInput, NotFound
 from ...jobs import create_job, get_job, request_cancel
 from ...training import validate_job_options
-from ...versions import active_version_id, get_version
+from ...versions import active_version_id, get_version, is_pretrained
 from ..deps import get_ctx, get_dispatch, get_session, require_key
 from ..schemas import JobOut, JobRequest
 
@@ -33,7 +33,7 @@ def submit_job(body: JobRequest, ctx=Depends(get_ctx), session: Session = Depend
     if base_id is None:
         raise Conflict("no version to train from")
     base = get_version(session, base_id)
-    has_old = any(c not in body.corpus_ids for c in base.corpus_ids)
+    has_old = any(c not in body.corpus_ids for c in base.corpus_ids) or is_pretrained(base)
     validate_job_options(ctx.settings, body.options, has_old)
     job = create_job(session, "train", body.corpus_ids, body.options, base_version_id=base_id)
     session.commit()

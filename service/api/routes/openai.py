@@ -1,24 +1,27 @@
-"""OpenAI-compatible ``/v1/completions`` and ``/v1/models``: a thin adapter over the engine, so the
-official ``openai`` client works unchanged (errors come as ``{"error": {...}}`` too, see app.py)."""
+"""OpenAI-compatible ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``: a thin adapter over the
+engine, so the official ``openai`` client works unchanged (errors come as ``{"error": {...}}`` too, see
+app.py). Token counts (``usage``) are in the serving model's tokens; ``system_fingerprint`` names the
+version that served the request."""
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from peer_model.tokenizer import ByteTokenizer
-
 from ...errors import InvalidInput, NotFound
+from ...settings import Settings
+from ..chat import chat_prompt_ids
 from ..deps import get_host
 from ..sampling import sampling_params
-from ..schemas import CompletionRequest
-from ..streaming import SSE_HEADERS, sse, start_generation
+from ..schemas import ChatCompletionRequest, CompletionRequest
+from ..streaming import SSE_HEADERS, Generation, sse, start_generation
 
 router = APIRouter(tags=["openai"])
-tokenizer = ByteTokenizer()
 OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+Chunk = Callable[[str, str | None], dict]  # (text, finish reason) → one response object
 
 
 @router.get("/v1/models")
@@ -33,8 +36,7 @@ async def list_models(request: Request, host=Depends(get_host)):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, host=Depends(get_host)):
     settings = request.app.state.ctx.settings
-    if body.model != settings.model_name:
-        raise NotFound(f"model {body.model!r} not found; this server serves {settings.model_name!r}")
+    check_model(settings, body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise InvalidInput("exactly one prompt per request is supported")
@@ -43,14 +45,10 @@ async def completions(body: CompletionRequest, request: Request, host=Depends(ge
     params = sampling_params(settings, max_tokens=body.max_tokens or 16, temperature=body.temperature
                              if body.temperature is not None else 1.0, top_p=body.top_p or 1.0,
                              stop=body.stop, seed=body.seed)
-    prompt_ids = tokenizer.encode(prompts[0])
-    generation = start_generation(host, request.app.state.metrics, prompt_ids, params)
+    generation = start_generation(host, request.app.state.metrics, lambda tokenizer: tokenizer.encode(prompts[0]),
+                                  params)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-
-    def usage() -> dict:
-        return {"prompt_tokens": len(prompt_ids), "completion_tokens": generation.completion_tokens,
-                "total_tokens": len(prompt_ids) + generation.completion_tokens}
 
     def chunk(text: str, finish_reason: str | None) -> dict:
         return {"id": completion_id, "object": "text_completion", "created": created, "model": settings.model_name,
@@ -59,21 +57,75 @@ async def completions(body: CompletionRequest, request: Request, host=Depends(ge
 
     if not body.stream:
         text = await generation.text()
-        return {**chunk(text, OPENAI_FINISH[generation.finish_reason]), "usage": usage()}
+        return {**chunk(text, OPENAI_FINISH[generation.finish_reason]), "usage": usage(generation)}
+    return stream(generation, chunk, body.stream_options)
 
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
 
-    async def events():
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, host=Depends(get_host)):
+    """The chat is rendered by the serving model's chat template (a plain "System: / User: / Assistant:"
+    transcript when it has none, see service/api/chat.py); the answer ends at the model's end of turn."""
+    settings = request.app.state.ctx.settings
+    check_model(settings, body.model)
+    if body.logprobs:
+        raise InvalidInput("logprobs are not supported")
+    params = sampling_params(settings, max_tokens=body.max_completion_tokens or body.max_tokens,
+                             temperature=body.temperature if body.temperature is not None else 1.0,
+                             top_p=body.top_p or 1.0, stop=body.stop, seed=body.seed)
+    generation = start_generation(host, request.app.state.metrics,
+                                  lambda tokenizer: chat_prompt_ids(tokenizer, body.messages), params)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def response(object_type: str, choice: dict) -> dict:
+        return {"id": completion_id, "object": object_type, "created": created, "model": settings.model_name,
+                "system_fingerprint": f"version-{generation.ticket.version_id}",
+                "choices": [{"index": 0, "logprobs": None, **choice}]}
+
+    if not body.stream:
+        text = await generation.text()
+        return {**response("chat.completion", {"message": {"role": "assistant", "content": text},
+                                               "finish_reason": OPENAI_FINISH[generation.finish_reason]}),
+                "usage": usage(generation)}
+
+    def chunk(text: str, finish_reason: str | None) -> dict:
+        return response("chat.completion.chunk", {"delta": {"content": text} if text else {},
+                                                  "finish_reason": finish_reason})
+
+    first = response("chat.completion.chunk", {"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+    return stream(generation, chunk, body.stream_options, first)
+
+
+def check_model(settings: Settings, model: str) -> None:
+    if model != settings.model_name:
+        raise NotFound(f"model {model!r} not found; this server serves {settings.model_name!r}")
+
+
+def usage(generation: Generation) -> dict:
+    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens}
+
+
+def stream(generation: Generation, chunk: Chunk, stream_options: dict | None, first: dict | None = None):
+    """Server-sent chunks: ``first`` (if any), one per step with text or the finish reason, the usage when
+    ``stream_options.include_usage``, then ``[DONE]``; an error is a terminal ``{"error": ...}`` chunk."""
+    include_usage = bool((stream_options or {}).get("include_usage"))
+
+    async def events() -> AsyncIterator[str]:
         try:
+            if first is not None:
+                yield sse(first)
             async for step in generation.steps():
                 reason = OPENAI_FINISH[step.finish_reason] if step.finish_reason else None
                 if step.text or reason:
                     yield sse(chunk(step.text, reason))
             if include_usage:
-                yield sse({**chunk("", None), "choices": [], "usage": usage()})
+                yield sse({**chunk("", None), "choices": [], "usage": usage(generation)})
         except Exception as exc:  # noqa: BLE001 - the stream must end with a terminal event
             yield sse({"error": {"message": f"generation failed: {type(exc).__name__}: {exc}",
                                  "type": "server_error", "code": 500}})
+        finally:
+            generation.ticket.cancel()  # a client gone before the first step: its generation stops too
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,32 @@
+"""Chat messages → prompt ids: the serving model's own chat template, or a plain transcript without one.
+
+A pretrained model with a chat template (``tokenizer_config.json``) reads the chat as it was trained to.
+A model without one (the byte-level default, a base model such as GPT-2) gets a transcript, one line per
+message, ending with the cue for the answer::
+
+    System: You are terse.
+    User: Hello!
+    Assistant:
+"""
+from __future__ import annotations
+
+from peer_model.tokenizer import Tokenizer
+
+from .schemas import ChatMessage
+
+TRANSCRIPT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def transcript(messages: list[ChatMessage]) -> str:
+    lines = [f"{TRANSCRIPT_ROLES[m.role]}: {m.content}" for m in messages]
+    return "\n".join([*lines, f"{TRANSCRIPT_ROLES['assistant']}:"])
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """The chat's prompt ids for ``tokenizer``'s model. Generation prepends BOS itself, so a BOS that the
+    template writes first (Llama's ``{{ bos_token }}``) is dropped: the prompt never starts with two.
+    ValueError when the template rejects the chat (e.g. roles that do not alternate)."""
+    if not getattr(tokenizer, "has_chat_template", False):  # byte-level tokenizers have no chat template
+        return tokenizer.encode(transcript(messages))
+    ids = tokenizer.encode(tokenizer.apply_chat_template([m.model_dump() for m in messages]))
+    return ids[1:] if ids[:1] == [tokenizer.bos_id] else ids

@@ -1,0 +1,174 @@
+"""PEER_BASE_MODEL: the service on a retrofitted pretrained model (a tiny Llama with a BPE tokenizer and a
+ChatML template), on the embedded default (SQLite, local store) over real HTTP, jobs run in process.
+
+Version 1 is the retrofit and generates exactly what the pretrained model does; prompts, /v1/tokenize and
+usage are in its BPE ids; /v1/chat/completions renders its chat template (the official openai client,
+streaming included); a corpus trains version 2 (grown pool, bits per byte), which is served and whose expert
+usage is recorded; a PEER_BASE_MODEL that is not a model directory stops the start-up with its name."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from hf_fixtures import build_bpe_tokenizer_dir, english_text
+from peer_model.generate import SamplingParams, generate_text
+from peer_model.hf import load_hf
+from peer_model.tokenizer import load_tokenizer
+from service.api.app import create_app
+from service.api.chat import chat_prompt_ids
+from service.api.schemas import ChatMessage
+from service.context import ServiceContext
+from service.db.models import Job
+from service.migrate import upgrade
+from service.settings import InvalidSetting
+from service.training import run_ingest_job, run_train_job
+
+from .conftest import ServerThread, tiny_settings, wait_for
+
+PROMPTS = ["The cat", "Привет мир", "a river flows into the sea"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Where does the river flow?"}]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny random Llama saved by transformers, with a ChatML BPE tokenizer (tests/hf_fixtures.py)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("base")
+    tokenizer_dir = build_bpe_tokenizer_dir(root / "tokenizer", style="chatml")
+    special = json.loads((tokenizer_dir / "config.json").read_text(encoding="utf-8"))  # its bos/eos ids
+    config = transformers.LlamaConfig(vocab_size=load_tokenizer(tokenizer_dir).vocab_size, hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=256, **special)
+    model_dir = root / "tiny-llama"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    for file in tokenizer_dir.iterdir():
+        if file.name != "config.json":  # the model's config.json stays
+            shutil.copy(file, model_dir / file.name)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def reference(base_dir):
+    return load_hf(base_dir)
+
+
+@pytest.fixture(scope="module")
+def service(base_dir, tmp_path_factory):
+    """The app on SQLite with PEER_BASE_MODEL; dispatched jobs are collected, the tests run them."""
+    settings = tiny_settings(tmp_path_factory.mktemp("home"), base_model=base_dir, base_max_seq_len=128)
+    upgrade(settings.resolved_database_url)
+    sent: list[Job] = []
+    with ServerThread(create_app(settings, dispatch=sent.append)) as server:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            yield server, http, settings, sent
+
+
+def ok(response, status: int = 200) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def test_version_1_is_the_retrofit_and_generates_what_the_pretrained_model_does(service, reference):
+    _, http, _, sent = service
+    version = ok(http.get("/v1/versions/1"))
+    assert version["active"] and sent == []  # no bootstrap training on a pretrained base
+    assert version["model_config"]["peer_layers"] == [1] and version["model_config"]["peer_branch"] == "parallel"
+    assert version["model_config"]["max_seq_len"] == 128 and "pretrained" in version["gate_reason"]
+    tokenizer = reference.tokenizer
+    for prompt in PROMPTS:
+        body = ok(http.post("/v1/generate", json={"prompt": prompt, "max_tokens": 12, "temperature": 0}))
+        assert body["version"] == 1 and body["prompt_tokens"] == len(tokenizer.encode(prompt))
+        assert body["text"] == generate_text(reference, tokenizer, prompt, GREEDY).text
+
+
+def test_tokenize_gives_the_models_bpe_ids(service, reference):
+    _, http, _, _ = service
+    body = ok(http.post("/v1/tokenize", json={"text": "Привет мир, the cat"}))
+    ids = reference.tokenizer.encode("Привет мир, the cat")
+    assert body == {"tokens": ids, "count": len(ids), "version": 1, "tokenizer": "hf",
+                    "bos": reference.tokenizer.bos_id}
+    assert len(ids) < len("Привет мир, the cat".encode())  # merged, not bytes
+
+
+def test_chat_completions_render_the_chat_template_for_the_openai_client(service, reference):
+    server, _, settings, _ = service
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    tokenizer = reference.tokenizer
+    rendered = tokenizer.apply_chat_template(CHAT)
+    assert rendered.startswith("<|im_start|>system\nYou are terse.")
+    expected = generate_text(reference, tokenizer, rendered, GREEDY)
+    completion = client.chat.completions.create(model=settings.model_name, messages=CHAT, max_tokens=12,
+                                                temperature=0)
+    choice = completion.choices[0]
+    assert completion.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.message.content == expected.text
+    assert choice.finish_reason == {"eos": "stop", "stop": "stop", "length": "length"}[expected.finish_reason]
+    assert completion.usage.prompt_tokens == len(tokenizer.encode(rendered))
+    assert completion.system_fingerprint == "version-1"
+
+    chunks = list(client.chat.completions.create(
+        model=settings.model_name, messages=[{**m, "content": [{"type": "text", "text": m["content"]}]} for m in CHAT],
+        max_completion_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-2].choices[0].finish_reason == choice.finish_reason
+    assert chunks[-1].usage.prompt_tokens == completion.usage.prompt_tokens
+
+    for messages, match in (([], "messages"), ([{"role": "tool", "content": "x"}], "role"),
+                            ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                             "only text")):
+        with pytest.raises(openai.UnprocessableEntityError, match=match):
+            client.chat.completions.create(model=settings.model_name, messages=messages, max_tokens=2)
+
+
+def test_a_corpus_trains_version_2_which_is_served_and_counted(service):
+    _, http, settings, sent = service
+    text = "".join(english_text(600, seed=3))
+    accepted = ok(http.post("/v1/corpora", json={"name": "english", "text": text, "train_options": {"steps": 20}}),
+                  202)
+    ctx = ServiceContext.from_settings(settings)
+    try:
+        run_ingest_job(ctx, accepted["job"]["id"], sent.append)
+        run_train_job(ctx, sent[-1].id)
+    finally:
+        ctx.close()
+    train = ok(http.get(f"/v1/jobs/{sent[-1].id}"))
+    assert train["state"] == "succeeded", train["error"]
+    # the pretrained base knows text no corpus holds: the default strategy grows and replays its own samples
+    assert train["metrics"]["strategy"] == "replay" and train["metrics"]["replay_source"] == "parent"
+    assert train["metrics"]["activated"], train["metrics"]["gate"]
+    version = ok(http.get(f"/v1/versions/{train['result_version_id']}"))
+    first = ok(http.get("/v1/versions/1"))
+    assert version["id"] == 2 and version["active"] and version["experts"]["1"] > first["experts"]["1"]
+    corpus_id = str(accepted["corpus"]["id"])
+    assert 0 < version["evaluation"][corpus_id] < train["metrics"]["parent_bpb"][corpus_id]  # bits per byte
+    body = wait_for(lambda: (lambda b: b if b["version"] == 2 else None)(
+        ok(http.post("/v1/generate", json={"prompt": "The cat", "max_tokens": 8}))), 30, what="version 2 served")
+    assert body["prompt_tokens"] == ok(http.post("/v1/tokenize", json={"text": "The cat"}))["count"]
+    usage = wait_for(lambda: (lambda u: u if u["layers"]["1"]["tokens"] else None)(
+        ok(http.get("/v1/experts/utilization", params={"version": 2}))), 30, what="expert usage of version 2")
+    assert usage["layers"]["1"]["tokens"] >= body["prompt_tokens"]
+
+
+def test_a_template_that_writes_bos_gives_a_prompt_without_it(tmp_path):
+    """Llama 3's template starts with {{ bos_token }}; generation prepends BOS itself, so the prompt drops it."""
+    tokenizer = load_tokenizer(build_bpe_tokenizer_dir(tmp_path, style="llama3"))
+    rendered = tokenizer.apply_chat_template(CHAT)
+    assert rendered.startswith("<|begin_of_text|>")
+    ids = chat_prompt_ids(tokenizer, [ChatMessage(**m) for m in CHAT])
+    assert ids == tokenizer.encode(rendered.removeprefix("<|begin_of_text|>")) and tokenizer.bos_id not in ids
+
+
+def test_a_base_model_that_is_not_a_model_directory_stops_the_start_up(tmp_path):
+    settings = tiny_settings(tmp_path / "home", base_model=tmp_path / "no-such-model")
+    upgrade(settings.resolved_database_url)
+    with pytest.raises(InvalidSetting, match="PEER_BASE_MODEL=.*no-such-model"):
+        with TestClient(create_app(settings, dispatch=lambda job: None)):
+            pass
