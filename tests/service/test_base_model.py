@@ -7,15 +7,13 @@ streaming included); a corpus trains version 2 (grown pool, bits per byte), whic
 usage is recorded; a PEER_BASE_MODEL that is not a model directory stops the start-up with its name."""
 from __future__ import annotations
 
-import json
-import shutil
 
 import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from hf_fixtures import build_bpe_tokenizer_dir, english_text
+from hf_fixtures import build_bpe_tokenizer_dir, build_tiny_model_dir, english_text
 from peer_model.generate import SamplingParams, generate_text
 from peer_model.hf import load_hf
 from peer_model.tokenizer import load_tokenizer
@@ -38,20 +36,7 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny random Llama saved by transformers, with a ChatML BPE tokenizer (tests/hf_fixtures.py)."""
-    import transformers
-
-    root = tmp_path_factory.mktemp("base")
-    tokenizer_dir = build_bpe_tokenizer_dir(root / "tokenizer", style="chatml")
-    special = json.loads((tokenizer_dir / "config.json").read_text(encoding="utf-8"))  # its bos/eos ids
-    config = transformers.LlamaConfig(vocab_size=load_tokenizer(tokenizer_dir).vocab_size, hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, max_position_embeddings=256, **special)
-    model_dir = root / "tiny-llama"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    for file in tokenizer_dir.iterdir():
-        if file.name != "config.json":  # the model's config.json stays
-            shutil.copy(file, model_dir / file.name)
-    return model_dir
+    return build_tiny_model_dir(tmp_path_factory.mktemp("base") / "tiny-llama", family="llama", style="chatml")
 
 
 @pytest.fixture(scope="module")
