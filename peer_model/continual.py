@@ -260,7 +260,7 @@ def _restore_trainable(model: nn.Module) -> None:
             param.requires_grad_(True)
     for layer in model.modules():
         if isinstance(layer, PEER):
-            layer.trainable.fill_(True)
+            layer.set_trainable(slice(None), True)
 
 
 # ---- sparse memory finetuning: which experts to train ----------------------------------------------

@@ -44,6 +44,7 @@ class PEER(nn.Module):
         self.expert_down = nn.Parameter(torch.randn(n, d_model).mul_(d_model**-0.5))  # u_i
         self.expert_up = nn.Parameter(torch.randn(n, d_model).mul_(d_model**-0.5 / math.sqrt(config.heads)))  # v_i
         self.register_buffer("trainable", torch.ones(n, dtype=torch.bool), persistent=False)
+        self._frozen_rows = False  # any row of ``trainable`` False; kept in Python so a forward never syncs
         self.register_buffer("usage_counts", torch.zeros(n, dtype=torch.long), persistent=False)
         self.register_buffer("segment_offsets", self._status_offsets(), persistent=False)
         self._open_progress: float | None = None  # set while new segments open (see open_new_segments)
@@ -103,7 +104,7 @@ class PEER(nn.Module):
         if self.reference:
             out = expert_mix_reference(x, ids, gates, self.expert_down, self.expert_up, self.config.activation)
         else:
-            frozen_rows = None if bool(self.trainable.all()) else self.trainable
+            frozen_rows = self.trainable if self._frozen_rows else None
             out = expert_mix(x, ids, gates, self.expert_down, self.expert_up, self.config.activation, frozen_rows)
         return out.view(shape).to(x.dtype)
 
@@ -179,6 +180,7 @@ class PEER(nn.Module):
     def set_trainable(self, ids: torch.Tensor | slice, trainable: bool) -> None:
         """Freeze (False) or unfreeze (True) expert rows; frozen rows stay bit-identical in training."""
         self.trainable[ids] = trainable
+        self._frozen_rows = not trainable or not bool(self.trainable.all())  # a sync here, never in forward
 
     def freeze_segments(self, indices: list[int]) -> None:
         for index in indices:

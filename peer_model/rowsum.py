@@ -15,24 +15,30 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 
 
 class RowSum:
-    """The pattern ``index: (T, S)`` → CSR matrix (distinct rows × T), reusable for several value sets."""
+    """The pattern ``index: (T, S)`` → CSR matrix (distinct rows × T), reusable for several value sets.
+
+    One token may hold the same row in several slots (two PEER heads picking the same expert). Such
+    (row, token) pairs are coalesced before the matrix is built, their weights summed, so every CSR row
+    has unique, sorted columns: cuSPARSE requires it (with a duplicate pair its CSR × dense product is
+    undefined), and the CPU kernels give the same sums either way.
+    """
 
     def __init__(self, index: torch.Tensor):
         tokens, slots = index.shape
-        self.rows, inverse = torch.unique(index.reshape(-1), sorted=True, return_inverse=True)
-        self.order = torch.argsort(inverse, stable=True)
-        counts = torch.bincount(inverse, minlength=self.rows.numel())
+        token = torch.arange(tokens * slots, device=index.device) // slots
+        # one sort of the (row, token) keys gives the distinct pairs in CSR order
+        pairs, self.pair_of = torch.unique(index.reshape(-1).long() * tokens + token, sorted=True, return_inverse=True)
+        self.rows, counts = torch.unique_consecutive(pairs // tokens, return_counts=True)
+        self.col = pairs % tokens  # token of each distinct pair, sorted by (row, token)
         self.crow = torch.zeros(self.rows.numel() + 1, dtype=torch.long, device=index.device)
         torch.cumsum(counts, 0, out=self.crow[1:])
-        self.col = torch.div(self.order, slots, rounding_mode="floor")  # token of each entry
         self.tokens = tokens
 
     def __call__(self, weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """``(len(self.rows), d)``: row i sums ``weights[t, s] · vectors[t]`` over ``index[t, s] = rows[i]``."""
-        matrix = torch.sparse_csr_tensor(
-            self.crow, self.col, weights.reshape(-1)[self.order], size=(self.rows.numel(), self.tokens),
-            check_invariants=False,
-        )
+        values = weights.new_zeros(self.col.numel()).index_add_(0, self.pair_of, weights.reshape(-1))
+        matrix = torch.sparse_csr_tensor(self.crow, self.col, values, size=(self.rows.numel(), self.tokens),
+                                         check_invariants=False)
         return matrix @ vectors
 
     def dense(self, weights: torch.Tensor, vectors: torch.Tensor, num_rows: int) -> torch.Tensor:
