@@ -3,7 +3,9 @@
 ``config.json`` = ``{"format": 1, "model": ModelConfig.to_dict(), "pools": {layer: grid segments},
 "extra": ...}``: enough to rebuild the model, grown pools included, before loading the weights.
 ``model.safetensors`` holds every parameter and persistent buffer (BatchNorm running statistics); the
-tied output projection is stored once, as ``embed.weight``. Non-persistent buffers (RoPE tables, the
+tied output projection is stored once, as ``embed.weight``. Loading builds the model on the meta device
+and assigns the stored tensors, so the peak memory is one copy of the weights (not a randomly
+initialised model plus the file). Non-persistent buffers (RoPE tables, the
 ``trainable`` mask, usage counters) are not saved: a loaded model has every expert trainable. The
 tokenizer writes its own files (``tokenizer.json`` and its configs for a Hugging Face one, nothing for
 bytes) and comes back by :func:`~peer_model.tokenizer.load_tokenizer`.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 
 from .config import ModelConfig
 from .model import PEERTransformer
@@ -73,12 +75,21 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{root / CONFIG}: invalid model or pool description: {exc}") from exc
     device = torch.device(device)
-    with device:
+    with torch.device("meta"):  # no memory and no random init: the weights are assigned below
         model = PEERTransformer(config, grids)
     try:
-        load_model(model, str(root / WEIGHTS), strict=True, device=str(device))
+        state = load_file(str(root / WEIGHTS), device=str(device))
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise CheckpointError(f"{root / WEIGHTS}: cannot load the weights: {exc}") from exc
+    if config.tie_embeddings:  # stored once, as embed.weight; assign replaced that parameter
+        model.lm_head.weight = model.embed.weight
+        missing = [key for key in missing if key != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"{root / WEIGHTS}: does not match its config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    model.init_buffers(device)
+    model.restore_trainable()
     try:
         model.tokenizer = load_tokenizer(root)
     except ValueError as exc:

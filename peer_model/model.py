@@ -70,18 +70,28 @@ class PEERTransformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        if config.positions == "rope":
-            cos, sin = rope_tables(self.blocks[0].attn.head_dim, config.max_seq_len, config.rope_theta,
-                                   config.rope_scaling)
-        else:  # learned positions: a rotation by angle 0 leaves queries and keys as they are
-            cos = torch.ones(config.max_seq_len, self.blocks[0].attn.head_dim // 2)
-            sin = torch.zeros_like(cos)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self.init_buffers()
         self._init_dense_weights()
         # text <-> ids for this model: bytes unless a loader sets the model's own (peer_model.hf)
         self.tokenizer = ByteTokenizer()
         self.restore_trainable()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute every non-persistent buffer: the RoPE tables, and each PEER layer's masks and counters.
+        A checkpoint is loaded into a model built on the meta device (no memory, no random init) whose
+        weights are then assigned; its buffers, never saved, are made here, on ``device``."""
+        config, head_dim = self.config, self.blocks[0].attn.head_dim
+        with torch.device(device or self.embed.weight.device):
+            if config.positions == "rope":
+                cos, sin = rope_tables(head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
+            else:  # learned positions: a rotation by angle 0 leaves queries and keys as they are
+                cos = torch.ones(config.max_seq_len, head_dim // 2)
+                sin = torch.zeros_like(cos)
+        self.rope_cos, self.rope_sin = cos, sin
+        for layer in self.peer_layers().values():
+            layer.init_buffers(device)
 
     def restore_trainable(self) -> None:
         """requires_grad as ``config.base_trains`` says: every parameter, or only the expert layers (plus

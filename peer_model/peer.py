@@ -43,14 +43,22 @@ class PEER(nn.Module):
         n = self.grid.num_experts
         self.expert_down = nn.Parameter(torch.randn(n, d_model).mul_(d_model**-0.5))  # u_i
         self.expert_up = nn.Parameter(torch.randn(n, d_model).mul_(d_model**-0.5 / math.sqrt(config.heads)))  # v_i
-        self.register_buffer("trainable", torch.ones(n, dtype=torch.bool), persistent=False)
-        self._frozen_rows = False  # any row of ``trainable`` False; kept in Python so a forward never syncs
-        self.register_buffer("usage_counts", torch.zeros(n, dtype=torch.long), persistent=False)
-        self.register_buffer("segment_offsets", self._status_offsets(), persistent=False)
+        for name in ("trainable", "usage_counts", "segment_offsets"):
+            self.register_buffer(name, None, persistent=False)
+        self.init_buffers()
         self._open_progress: float | None = None  # set while new segments open (see open_new_segments)
         self._open_margin: torch.Tensor | None = None
         self.track_usage = False
         self.reference = False  # True: brute-force retrieval and plain autograd experts (for tests)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Every expert trainable, usage counters at zero, score offsets from the segments' status."""
+        n = self.grid.num_experts
+        with torch.device(device or self.expert_down.device):
+            self.trainable = torch.ones(n, dtype=torch.bool)
+            self.usage_counts = torch.zeros(n, dtype=torch.long)
+            self.segment_offsets = self._status_offsets()
+        self._frozen_rows = False  # any row of ``trainable`` False; kept in Python so a forward never syncs
 
     @property
     def num_experts(self) -> int:
@@ -130,7 +138,7 @@ class PEER(nn.Module):
         self.sub_keys1 = _extended(self.sub_keys1, rows, _like_rms(self.sub_keys1, key_scale))
         self.sub_keys2 = _extended(self.sub_keys2, cols, _like_rms(self.sub_keys2, key_scale))
         self.expert_down = _extended(self.expert_down, segment.end, _like_rms(self.expert_down))
-        self.expert_up = _extended(self.expert_up, segment.end, torch.zeros_like)
+        self.expert_up = _extended(self.expert_up, segment.end, torch.Tensor.zero_)
         self.trainable = torch.cat([self.trainable, self.trainable.new_ones(segment.size)])
         self.usage_counts = torch.cat([self.usage_counts, self.usage_counts.new_zeros(segment.size)])
         self.segment_offsets = torch.cat([self.segment_offsets, self.segment_offsets.new_full((1,), float("-inf"))])
@@ -192,12 +200,16 @@ class PEER(nn.Module):
 
 
 def _like_rms(table: torch.Tensor, scale: float = 1.0):
-    """Initialiser: Gaussian rows with ``scale`` × the RMS of ``table``."""
+    """In-place initialiser: Gaussian rows with ``scale`` × the RMS of ``table``."""
     rms = table.detach().float().pow(2).mean().sqrt().item() * scale
-    return lambda t: torch.randn_like(t) * rms
+    return lambda rows: rows.normal_(0.0, rms)
 
 
 def _extended(param: nn.Parameter, rows: int, init) -> nn.Parameter:
-    """A new parameter with ``param``'s rows unchanged and ``rows - len(param)`` rows from ``init``."""
-    extra = param.new_empty(rows - param.shape[0], *param.shape[1:])
-    return nn.Parameter(torch.cat([param.detach(), init(extra)]), requires_grad=param.requires_grad)
+    """A new parameter with ``param``'s rows unchanged and ``rows - len(param)`` rows initialised in place by
+    ``init``. One allocation of the grown table and no temporaries: growing a pool of several GB costs
+    the new table, not three copies of it."""
+    grown = param.detach().new_empty(rows, *param.shape[1:])
+    grown[: param.shape[0]] = param.detach()
+    init(grown[param.shape[0] :])
+    return nn.Parameter(grown, requires_grad=param.requires_grad)
