@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from .generate import SamplingParams, generate
 from .hf import UnsupportedModel, export_hf, is_hf_dir, load_hf, retrofit
 from .flops import count_flops
 from .model import PEERTransformer
+from .presets import PRESETS, preset_config
 from .runtime import tune_allocator
 from .train import TokenData, TrainConfig, evaluate_bpb, train
 from .usage import segment_usage
@@ -69,11 +71,17 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
-    peer = PEERConfig(num_experts=args.experts, heads=args.peer_heads, top_k=args.top_k, d_key=args.d_key,
-                      query_batchnorm=not args.no_query_batchnorm)
-    return ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff,
-                       max_seq_len=args.max_seq_len, peer_layers=args.peer_layers, peer=peer, ffw=args.ffw,
-                       attention=args.attention)
+    """The --preset shape (default cpu-small) with every shape flag the user gave over it."""
+    base = PRESETS[args.preset]
+    peer = {name: value for name, value in (("num_experts", args.experts), ("heads", args.peer_heads),
+                                            ("top_k", args.top_k), ("d_key", args.d_key)) if value is not None}
+    if args.no_query_batchnorm:
+        peer["query_batchnorm"] = False
+    shape = {name: value for name, value in (("d_model", args.d_model), ("n_layers", args.layers),
+                                             ("n_heads", args.heads), ("d_ff", args.d_ff),
+                                             ("max_seq_len", args.max_seq_len), ("peer_layers", args.peer_layers))
+             if value is not None}
+    return preset_config(args.preset, **shape, peer=replace(base.peer, **peer), ffw=args.ffw, attention=args.attention)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -217,17 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     shape = p.add_argument_group(
-        "model shape (fresh models only; the defaults are a small CPU model, see benchmarks/learn.py)")
-    shape.add_argument("--d-model", type=int, default=192)
-    shape.add_argument("--layers", type=int, default=4)
-    shape.add_argument("--heads", type=int, default=4, help="attention heads")
-    shape.add_argument("--d-ff", type=int, default=768)
-    shape.add_argument("--max-seq-len", type=int, default=128)
+        "model shape (fresh models only): a --preset, each flag given replacing its value")
+    shape.add_argument("--preset", default="cpu-small", choices=list(PRESETS),
+                       help="cpu-small: d 192, 4 blocks, 128² experts (see benchmarks/learn.py); gpu-base: d 1024, "
+                            "12 blocks, 1024² experts, h 8, k 16; gpu-large (peer_model/presets.py)")
+    shape.add_argument("--d-model", type=int)
+    shape.add_argument("--layers", type=int)
+    shape.add_argument("--heads", type=int, help="attention heads")
+    shape.add_argument("--d-ff", type=int)
+    shape.add_argument("--max-seq-len", type=int)
     shape.add_argument("--peer-layers", type=int, nargs="+", help="block indices with PEER (default: middle)")
-    shape.add_argument("--experts", type=int, default=128 * 128, help="initial pool size (a square)")
-    shape.add_argument("--peer-heads", type=int, default=4)
-    shape.add_argument("--top-k", type=int, default=16)
-    shape.add_argument("--d-key", type=int, default=64)
+    shape.add_argument("--experts", type=int, help="initial pool size (a square)")
+    shape.add_argument("--peer-heads", type=int)
+    shape.add_argument("--top-k", type=int)
+    shape.add_argument("--d-key", type=int)
     shape.add_argument("--no-query-batchnorm", action="store_true")
     shape.add_argument("--ffw", default="peer", choices=FFW_KINDS,
                        help="feed-forward of the --peer-layers blocks (baselines use their config defaults)")

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from peer_model.config import ATTENTION_KINDS, BASE_TRAINS, FFW_KINDS, ModelConfig, MoEConfig, PEERConfig
 from peer_model.continual import STRATEGIES
+from peer_model.presets import PRESETS
 
 
 class InvalidSetting(ValueError):
@@ -70,6 +71,8 @@ class Settings(BaseSettings):
     moe_experts: int = 8  # ffw moe / switch / expert_choice
     moe_top_k: int = 2
     peer_layers: str = "middle"  # blocks with the expert feed-forward: "middle", "all" or indices "1,3"
+    preset: str | None = None  # a named shape (peer_model/presets.py, e.g. gpu-base); the settings above given
+    # explicitly replace its values
 
     # ---- pretrained base (version 1 = the model of PEER_BASE_MODEL with PEER layers retrofitted) ----------
     base_model: Path | None = None  # a Hugging Face model directory (Llama, Qwen, Mistral, GPT-2); None: a fresh model
@@ -127,6 +130,15 @@ class Settings(BaseSettings):
     def _blocks(cls, value: str, info) -> str:
         if value not in ("middle", "all") and not all(part.strip().isdigit() for part in value.split(",")):
             raise ValueError(f'{info.field_name} must be "middle", "all" or comma-separated block indices')
+        return value
+
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _preset(cls, value):
+        if value in ("", None):
+            return None
+        if value not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}")
         return value
 
     @field_validator("old_lr_scale")
@@ -188,18 +200,22 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         return self.broker_url is None
 
+    def _shape(self, fields: dict[str, str], preset_values: object) -> dict:
+        """Our setting → config field values: the PEER_PRESET's unless the setting was given."""
+        return {field: getattr(preset_values, field) if self.preset and setting not in self.model_fields_set
+                else getattr(self, setting) for setting, field in fields.items()}
+
     def peer_config(self) -> PEERConfig:
         """The shape of a new pool: a fresh model's, or the one retrofitted into PEER_BASE_MODEL."""
-        return PEERConfig(num_experts=self.peer_experts, heads=self.peer_heads, top_k=self.peer_top_k,
-                          d_key=self.peer_d_key)
+        preset = PRESETS[self.preset].peer if self.preset else None
+        return PEERConfig(**self._shape({"peer_experts": "num_experts", "peer_heads": "heads", "peer_top_k": "top_k",
+                                         "peer_d_key": "d_key"}, preset))
 
     def fresh_model_config(self) -> ModelConfig:
-        blocks = {"middle": None, "all": list(range(self.n_layers))}.get(self.peer_layers)
+        shape = self._shape({"d_model": "d_model", "n_layers": "n_layers", "n_heads": "n_heads", "d_ff": "d_ff",
+                             "max_seq_len": "max_seq_len"}, PRESETS[self.preset] if self.preset else None)
+        blocks = {"middle": None, "all": list(range(shape["n_layers"]))}.get(self.peer_layers)
         if self.peer_layers not in ("middle", "all"):
             blocks = [int(part) for part in self.peer_layers.split(",")]
-        return ModelConfig(
-            d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.d_ff,
-            max_seq_len=self.max_seq_len, peer_layers=blocks, peer=self.peer_config(),
-            ffw=self.ffw, attention=self.attention,
-            moe=MoEConfig(num_experts=self.moe_experts, top_k=self.moe_top_k),
-        )
+        return ModelConfig(**shape, peer_layers=blocks, peer=self.peer_config(), ffw=self.ffw, attention=self.attention,
+                           moe=MoEConfig(num_experts=self.moe_experts, top_k=self.moe_top_k))
