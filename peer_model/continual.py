@@ -63,7 +63,7 @@ from .peer import PEER
 from .pool import Segment
 from .train import (
     LossFn, TokenData, TrainConfig, TrainResult, autocast_for, build_optimizers, evaluate_bpb, id_dtype,
-    next_byte_loss, resolve_device, train,
+    next_byte_loss, place_model, resolve_device, train,
 )
 
 Strategy = Literal["naive", "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune"]
@@ -486,6 +486,7 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
     loss_fn = None
     if teacher is not None:
         loss_fn = distillation_loss(teacher, options.distill_weight, options.distill_on == "old")
+    place_model(child, cfg)
     optimizers = build_optimizers(child, cfg, _chill_scales(child, before, options.old_lr_scale))
     try:
         result = train(child, data, None, replace(cfg, track_usage=True) if per_batch else cfg, on_log=on_log,

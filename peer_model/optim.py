@@ -14,6 +14,8 @@ Two choices differ from dense Adam, both made for a pool of a million single-neu
 * each row keeps its own step count, so its bias correction is that of an Adam that has seen exactly
   the steps in which the row was used (a global count, as in ``torch.optim.SparseAdam``, under-corrects
   the first update of a rarely used expert).
+
+The state is fp32 whatever the table's dtype, so bf16 tables (on GPU) keep full-precision moments.
 """
 from __future__ import annotations
 
@@ -50,10 +52,10 @@ class SparseRowAdam(torch.optim.Optimizer):
                 if rows.numel() == 0:
                     continue
                 state = self.state[param]
-                if not state:
+                if not state:  # fp32 whatever the table's dtype: bf16 moments would lose small updates
                     state["step"] = torch.zeros(param.shape[0], dtype=torch.int32, device=param.device)
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros(param.shape[0], dtype=param.dtype, device=param.device)
+                    state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
                 row_lr = group.get("row_lr")
                 for start in range(0, rows.numel(), self.rows_per_chunk):
                     chunk = slice(start, start + self.rows_per_chunk)
@@ -64,7 +66,9 @@ class SparseRowAdam(torch.optim.Optimizer):
 
 def _update_rows(param, state, rows, values, lr, beta1, beta2, eps, decay, row_lr=None) -> None:
     """Adam with a row-wise second moment on the distinct ``rows`` of ``param``; ``row_lr`` (optional,
-    one multiplier per row of ``param``) scales each row's learning rate."""
+    one multiplier per row of ``param``) scales each row's learning rate. The update is computed in fp32
+    and rounded once into ``param``'s dtype (bf16 tables on GPU)."""
+    values = values.float()
     steps = state["step"].index_select(0, rows) + 1
     state["step"].index_copy_(0, rows, steps)
     exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
@@ -75,7 +79,7 @@ def _update_rows(param, state, rows, values, lr, beta1, beta2, eps, decay, row_l
     # per row: -lr / (1 - beta1^t) / (sqrt(v / (1 - beta2^t)) + eps)
     scale = (exp_avg_sq / (1 - beta2**steps)).sqrt_().add_(eps).reciprocal_()
     scale.mul_(-lr / (1 - beta1**steps))
-    weights = param.index_select(0, rows)
+    weights = param.index_select(0, rows).float()
     if row_lr is not None:
         rates = row_lr.index_select(0, rows)
         scale.mul_(rates)
@@ -84,7 +88,7 @@ def _update_rows(param, state, rows, values, lr, beta1, beta2, eps, decay, row_l
     elif decay:
         weights.mul_(1 - lr * decay)
     # rows are distinct: gather, update, scatter back (index_add_ is ~5x slower on CPU)
-    param.index_copy_(0, rows, weights.addcmul_(exp_avg, scale.unsqueeze(1)))
+    param.index_copy_(0, rows, weights.addcmul_(exp_avg, scale.unsqueeze(1)).to(param.dtype))
 
 
 def coalesced(grad: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,7 @@ class TrainConfig:
     log_every: int = 10
     track_usage: bool = False  # count expert selections (PEER.usage_counts) on training batches
     open_steps: int | None = None  # steps over which grown ("new") segments enter retrieval; None: warmup_steps
+    param_dtype: str = "float32"  # or "bfloat16" (CUDA only): parameters in bf16, optimizer state in fp32
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -68,11 +69,40 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype must be one of {', '.join(PARAM_DTYPES)}, got {self.param_dtype!r}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
             except RuntimeError as exc:
                 raise ValueError(f"invalid device {self.device!r}: {exc}") from None
+
+
+PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter and BatchNorm statistic to ``dtype``; the RoPE tables and other derived
+    buffers stay fp32 (rotations are computed in fp32). Tied parameters are one object: cast once."""
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean.data = module.running_mean.data.to(dtype)
+            module.running_var.data = module.running_var.data.to(dtype)
+
+
+def place_model(model: nn.Module, cfg: TrainConfig) -> torch.device:
+    """Move ``model`` to ``cfg``'s device and parameter dtype (before optimizers are built for it: they
+    keep fp32 masters of bf16 parameters, on the parameters' device); returns the device."""
+    device = resolve_device(cfg.device)
+    dtype = PARAM_DTYPES[cfg.param_dtype]
+    if dtype != torch.float32 and device.type != "cuda":
+        raise ValueError(f"param_dtype {cfg.param_dtype} needs CUDA: the CPU expert kernels compute in fp32")
+    model.to(device)
+    cast_parameters(model, dtype)
+    return device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,12 +192,20 @@ def _with_bos(targets: torch.Tensor, bos: int) -> tuple[torch.Tensor, torch.Tens
 class Optimizers:
     """Dense AdamW + SparseRowAdam on the expert tables, stepped and scheduled together.
 
+    Dense parameters held in bf16 (``TrainConfig.param_dtype`` on GPU) are optimised through fp32
+    master copies (``masters``: pairs of the model's parameter and its fp32 copy, which AdamW holds):
+    each step copies the gradients up, steps the masters and rounds them back into the model, so AdamW's
+    moments and the accumulated updates keep full precision. The expert tables need none: SparseRowAdam
+    keeps fp32 state and computes every update in fp32 itself.
+
     Built for a fixed set of parameters: rebuild after ``model.grow`` (it replaces the tables).
     """
 
-    def __init__(self, dense: torch.optim.AdamW, experts: SparseRowAdam | None):
+    def __init__(self, dense: torch.optim.AdamW, experts: SparseRowAdam | None,
+                 masters: Sequence[tuple[nn.Parameter, nn.Parameter]] = ()):
         self.dense = dense
         self.experts = experts
+        self.masters = list(masters)
         self._all = [opt for opt in (dense, experts) if opt is not None]
         for opt in self._all:
             for group in opt.param_groups:
@@ -176,10 +214,17 @@ class Optimizers:
     def zero_grad(self) -> None:
         for opt in self._all:
             opt.zero_grad(set_to_none=True)
+        for param, _ in self.masters:
+            param.grad = None
 
+    @torch.no_grad()
     def step(self) -> None:
+        for param, master in self.masters:
+            master.grad = None if param.grad is None else param.grad.float()
         for opt in self._all:
             opt.step()
+        for param, master in self.masters:
+            param.copy_(master)
 
     def set_lr_scale(self, scale: float) -> None:
         for opt in self._all:
@@ -188,12 +233,17 @@ class Optimizers:
 
     def state_dict(self) -> dict:
         experts = None if self.experts is None else self.experts.state_dict()
-        return {"dense": self.dense.state_dict(), "experts": experts}
+        return {"dense": self.dense.state_dict(), "experts": experts,
+                "masters": [master.detach().clone() for _, master in self.masters]}
 
     def load_state_dict(self, state: dict) -> None:
         self.dense.load_state_dict(state["dense"])
         if self.experts is not None:
             self.experts.load_state_dict(state["experts"])
+        with torch.no_grad():
+            for (param, master), saved in zip(self.masters, state.get("masters", [])):
+                master.copy_(saved)
+                param.copy_(saved)
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig,
@@ -212,10 +262,13 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig,
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
     matrices |= {id(p) for p in model.parameters() if p.dim() >= 3}  # batched expert matrices (MoE, SwitchHead)
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    masters = []
     for param in model.parameters():  # tied weights appear once
         if param.requires_grad and id(param) not in expert_ids:
             key = (id(param) in matrices, float(lr_scales.get(id(param), 1.0)))
-            groups.setdefault(key, []).append(param)
+            if param.dtype != torch.float32:  # bf16 on GPU: AdamW steps an fp32 copy (see Optimizers)
+                masters.append((param, nn.Parameter(param.detach().float())))
+            groups.setdefault(key, []).append(masters[-1][1] if masters and masters[-1][0] is param else param)
     dense = torch.optim.AdamW(
         [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale}
          for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))]
@@ -228,12 +281,12 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig,
         sparse = SparseRowAdam(([{"params": plain}] if plain else []) + [
             _expert_group(table, lr_scales[id(table)], cfg.expert_lr) for table in experts if id(table) in lr_scales
         ], lr=cfg.expert_lr, betas=cfg.betas)
-    return Optimizers(dense, sparse)
+    return Optimizers(dense, sparse, masters)
 
 
 def _expert_group(table: nn.Parameter, scale: float | torch.Tensor, lr: float) -> dict:
     if isinstance(scale, torch.Tensor):
-        return {"params": [table], "row_lr": scale.to(table.device, table.dtype)}
+        return {"params": [table], "row_lr": scale.to(table.device, torch.float32)}
     return {"params": [table], "lr": lr * float(scale)}
 
 
@@ -380,8 +433,7 @@ def train(
     the first ``cfg.open_steps`` steps (:meth:`PEER.open_new_segments`) and are ``active`` once
     training has taken a step.
     """
-    device = resolve_device(cfg.device)
-    model.to(device)
+    device = place_model(model, cfg)
     was_training = model.training
 
     def training_mode() -> None:

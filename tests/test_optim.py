@@ -152,3 +152,66 @@ def test_row_learning_rates_equal_separate_optimizers_at_the_scaled_rates():
         rows = rates == rate
         torch.testing.assert_close(mixed[rows], run({"lr": 1e-2 * rate})[rows], atol=1e-6, rtol=1e-5)
     assert torch.equal(mixed[rates == 0], weights[rates == 0]), "rate 0 leaves a row bit-identical"
+
+
+# ---- bf16 parameters, fp32 optimizer state (the GPU setting; the mechanics are device-independent) -----
+
+
+def test_bf16_table_keeps_fp32_state_and_gets_the_fp32_update_rounded_once():
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(ROWS, DIM, generator=g)
+    half = torch.nn.Parameter(start.to(torch.bfloat16))
+    full = torch.nn.Parameter(half.detach().float())
+    rows = torch.tensor([1, 4, 7])
+    values = torch.randn(3, DIM, generator=g).to(torch.bfloat16)
+    for param, grad_values in ((half, values), (full, values.float())):
+        opt = SparseRowAdam([param], lr=1e-2)
+        param.grad = sparse_rows(rows, grad_values)
+        opt.step()
+        state = opt.state[param]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half.detach(), full.detach().to(torch.bfloat16))
+
+
+def test_bf16_dense_parameters_step_through_fp32_masters():
+    """AdamW holds fp32 copies of bf16 parameters: its moments are fp32 and the model gets the master
+    rounded, so updates far below bf16's resolution still accumulate."""
+    from torch import nn
+
+    from peer_model.train import TrainConfig, build_optimizers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4)).to(torch.bfloat16)
+    reference = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4))
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    cfg = TrainConfig(lr=1e-4, weight_decay=0.0)
+    optimizers, expected = build_optimizers(model, cfg), build_optimizers(reference, cfg)
+    assert len(optimizers.masters) == 4  # weight and bias of both modules
+    for step in range(20):
+        grads = [torch.randn_like(p).to(torch.bfloat16).float() for p in reference.parameters()]  # as bf16 has them
+        for opt, module in ((optimizers, model), (expected, reference)):
+            opt.zero_grad()
+            for param, grad in zip(module.parameters(), grads):
+                param.grad = grad.to(param.dtype)
+            opt.step()
+    for param, master in optimizers.masters:
+        assert master.dtype == torch.float32 and torch.equal(param.detach(), master.detach().to(torch.bfloat16))
+        assert all(v.dtype == torch.float32 for v in optimizers.dense.state[master].values() if v.dim())
+    for (_, master), ref in zip(optimizers.masters, reference.parameters()):
+        assert torch.allclose(master, ref, atol=1e-6)  # 20 steps of 1e-4 in bf16 alone would mostly round away
+
+
+def test_bf16_parameters_need_cuda():
+    from peer_model.config import ModelConfig, PEERConfig
+    from peer_model.model import PEERTransformer
+    from peer_model.train import TokenData, TrainConfig, cast_parameters, train
+
+    model = PEERTransformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                                        peer=PEERConfig(num_experts=64, heads=2, top_k=4, d_key=16)))
+    with pytest.raises(ValueError, match="needs CUDA"):
+        train(model, TokenData.from_text("abc " * 100), None, TrainConfig(steps=1, param_dtype="bfloat16", device="cpu"))
+    cast_parameters(model, torch.bfloat16)
+    assert model.embed.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16  # tied: one object
+    assert model.rope_cos.dtype == torch.float32  # rotations stay exact
+    assert model.peer_layers()[1].query_norm.running_var.dtype == torch.bfloat16
