@@ -12,9 +12,13 @@
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 
+from .kernels import triton_available
 from .rowsum import RowSum
 
 # Bound on the temporary gathered rows of the chunked (GPU) gather-dot, in elements (64 MiB of fp32).
@@ -123,9 +127,19 @@ def expert_mix(
 ) -> torch.Tensor:
     """x: (M, d); ids, gates: (M, E); down, up: (N, d); trainable: optional bool (N,) row mask.
 
-    Gradients of ``down``/``up`` are sparse COO tensors holding only the trainable rows used here.
+    Gradients of ``down``/``up`` are sparse COO tensors holding only the trainable rows used here. On CUDA
+    the fused Triton kernels run (peer_model/kernels/expert_mix.py: one pass over the selected rows, a
+    backward from sorted ids without atomics) unless ``PEER_KERNELS=torch``; on CPU the SDDMM path here.
     """
+    if down.is_cuda and _triton_on(down.device):
+        from .kernels.expert_mix import expert_mix_triton
+        return expert_mix_triton(x, ids, gates, down, up, activation, trainable)
     return _ExpertMix.apply(x, ids, gates, down, up, activation, trainable)
+
+
+@functools.cache
+def _triton_on(device: torch.device) -> bool:
+    return os.environ.get("PEER_KERNELS", "triton") != "torch" and triton_available(device)
 
 
 def expert_mix_reference(
