@@ -97,6 +97,9 @@ class KVCache:
     length: int = 0  # tokens already written (uniform mode)
     lengths: torch.Tensor | None = None  # (B,) tokens already written per row (ragged mode)
     visible: torch.Tensor | None = None  # ragged mode: this step's (B, 1, 1, span) key mask, set by the model
+    # ragged mode: key positions a step attends over; None: the longest row's + 1, read from ``lengths``
+    # (a device-to-host sync). A batching engine knows it on the host; a CUDA graph needs it fixed.
+    span: int | None = None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:

@@ -40,11 +40,15 @@ class Sequence:
     stream: CompletionStream
     slot: int
     pending: int  # the sampled token the next step emits
+    cached: int = 0  # tokens in its cache row (known on the host: no sync to find the decode span)
     produced: int = 0
 
 
 class BatchDecoder:
-    def __init__(self, model: nn.Module, capacity: int):
+    """``cuda_graphs``: run the decode step through :class:`DecodeGraphs` (captured once per batch bucket
+    on CUDA; on CPU the same padded, fixed-shape step runs eagerly)."""
+
+    def __init__(self, model: nn.Module, capacity: int, cuda_graphs: bool = False):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if model.training:
@@ -55,6 +59,8 @@ class BatchDecoder:
         self.device = next(model.parameters()).device
         self.rows: list[Sequence] = []  # rows[i].slot == i
         self._cache: KVCache | None = None  # allocated on first use
+        self._graphs: DecodeGraphs | None = None
+        self.cuda_graphs = cuda_graphs
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -81,7 +87,7 @@ class BatchDecoder:
             first = int(sample_next(prefill(self.model, tokens, row), params, generator, self.tokenizer.never_sampled))
         cache.lengths[slot] = tokens.shape[1]
         stream = CompletionStream(params.stop, self.tokenizer.stream_decoder())
-        sequence = Sequence(len(prompt_ids), params, budget, generator, stream, slot, first)
+        sequence = Sequence(len(prompt_ids), params, budget, generator, stream, slot, first, cached=tokens.shape[1])
         self.rows.append(sequence)
         return sequence
 
@@ -116,10 +122,85 @@ class BatchDecoder:
 
     def _decode(self) -> None:
         n, cache = len(self.rows), self.cache
-        running = KVCache(cache.keys[:, :n], cache.values[:, :n], lengths=cache.lengths[:n])
+        pending = [s.pending for s in self.rows]
         with torch.inference_mode():
-            tokens = torch.tensor([[s.pending] for s in self.rows], dtype=torch.long, device=self.device)
-            logits = self.model(tokens, running)[:, -1]  # (n, vocab)
+            if self.cuda_graphs:
+                if self._graphs is None:
+                    self._graphs = DecodeGraphs(self.model, cache)
+                logits = self._graphs(pending)
+            else:
+                span = max(s.cached for s in self.rows) + 1
+                running = KVCache(cache.keys[:, :n], cache.values[:, :n], lengths=cache.lengths[:n], span=span)
+                tokens = torch.tensor(pending, dtype=torch.long, device=self.device).view(n, 1)
+                logits = self.model(tokens, running)[:, -1]  # (n, vocab)
             for i, sequence in enumerate(self.rows):
+                sequence.cached += 1
                 sequence.pending = int(sample_next(logits[i : i + 1], sequence.params, sequence.generator,
                                                    self.tokenizer.never_sampled))
+
+
+class DecodeGraphs:
+    """The batched decode step at fixed batch sizes, replayed as CUDA graphs.
+
+    A decode step of a small model is hundreds of short kernel launches; a CUDA graph replays them all
+    with one. Graphs need fixed shapes and addresses, so a step of n running rows runs at the smallest
+    bucket b ≥ n (1, 2, 4, ... up to the capacity) on views of the decoder's own cache (rows 0 .. b-1),
+    with static token and length buffers and the attention span fixed at the cache's length (every
+    position masked by the row's length, as a ragged step does). Rows n .. b-1 are padding: they hold
+    token 0 at position 0 of free cache rows (a later prefill overwrites them), and their expert-usage
+    counts are subtracted after the step. A graph is captured the first time its bucket (and usage-
+    tracking state) is needed, after two warm-up steps whose cache writes are undone. On CPU the same
+    padded step runs eagerly: what the tests check.
+    """
+
+    def __init__(self, model: nn.Module, cache: KVCache):
+        self.model, self.cache = model, cache
+        capacity = cache.keys.shape[1]
+        self.buckets = sorted({min(2**i, capacity) for i in range(capacity.bit_length() + 1)})
+        self.device = cache.keys.device
+        self.tokens = torch.zeros(capacity, 1, dtype=torch.long, device=self.device)
+        self.layers = list(getattr(model, "peer_layers", dict)().values())
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __call__(self, pending: list[int]) -> torch.Tensor:
+        """The next-token logits (n, vocab) of the n running rows, whose tokens are ``pending``."""
+        n = len(pending)
+        b = next(size for size in self.buckets if size >= n)
+        self.tokens[:n, 0] = torch.tensor(pending, dtype=torch.long, device=self.device)
+        self.tokens[n:b] = 0
+        self.cache.lengths[n:b] = 0
+        if self.device.type == "cuda":
+            key = (b, tuple(layer.track_usage for layer in self.layers))
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(b)
+            graph, logits = self._graphs[key]
+            graph.replay()
+        else:
+            logits = self._step(b)
+        for layer in self.layers:
+            if layer.track_usage and n < b:
+                padding = layer.last_ids[n:b].reshape(-1)
+                layer.usage_counts.index_add_(0, padding, torch.full_like(padding, -1))
+        return logits[:n]
+
+    def _step(self, b: int) -> torch.Tensor:
+        cache = self.cache
+        rows = KVCache(cache.keys[:, :b], cache.values[:, :b], lengths=cache.lengths[:b], span=cache.keys.shape[3])
+        return self.model(self.tokens[:b], rows)[:, -1]
+
+    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        lengths = self.cache.lengths[:b].clone()
+        counts = [layer.usage_counts.clone() for layer in self.layers]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (lazy inits, autotuning)
+            for _ in range(2):
+                self._step(b)
+                self.cache.lengths[:b] = lengths
+        torch.cuda.current_stream().wait_stream(stream)
+        for layer, saved in zip(self.layers, counts):
+            layer.usage_counts.copy_(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._step(b)
+        return graph, logits

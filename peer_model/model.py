@@ -151,7 +151,7 @@ class PEERTransformer(nn.Module):
             if T != 1 or cache.lengths.shape != (B,):
                 raise ValueError(f"a ragged cache takes one token per row: tokens (B, 1) with B = "
                                  f"{cache.lengths.numel()}, got {tuple(tokens.shape)}")
-            span = int(cache.lengths.max()) + 1
+            span = cache.span or int(cache.lengths.max()) + 1
             if span > self.config.max_seq_len:
                 raise ValueError(f"a row would exceed max_seq_len {self.config.max_seq_len}")
             positions = torch.arange(span, device=tokens.device)

@@ -49,6 +49,7 @@ class PEER(nn.Module):
         self._open_progress: float | None = None  # set while new segments open (see open_new_segments)
         self._open_margin: torch.Tensor | None = None
         self.track_usage = False
+        self.last_ids: torch.Tensor | None = None  # the (M, heads · k) ids of the last forward that counted usage
         self.reference = False  # True: brute-force retrieval and plain autograd experts (for tests)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
@@ -109,6 +110,7 @@ class PEER(nn.Module):
         gates, ids = self.route(x)
         if self.track_usage:
             self.usage_counts.index_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
+            self.last_ids = ids  # lets a padded decode step take its padding rows' counts back out
         if self.reference:
             out = expert_mix_reference(x, ids, gates, self.expert_down, self.expert_up, self.config.activation)
         else:

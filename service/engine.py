@@ -167,7 +167,8 @@ class ModelHost:
                 raise NotReady(f"version {version_id} cannot be loaded: {exc}") from None
             for layer in model.peer_layers().values():
                 layer.track_usage = True
-            loaded = LoadedVersion(version_id, model, BatchDecoder(model, self.settings.max_active_generations))
+            graphs = self.settings.cuda_graphs and model.embed.weight.is_cuda
+            loaded = LoadedVersion(version_id, model, BatchDecoder(model, self.settings.max_active_generations, graphs))
             with self._cond:
                 if self._current is not None:
                     self._retired.append(self._current)

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     # ---- hardware ----------------------------------------------------------------------------------
     device: str = "auto"  # "auto": cuda if present, else cpu
     api_torch_threads: int = 1  # one decode thread; more threads slow small-batch decoding down on CPU
+    cuda_graphs: bool = False  # replay the batched decode step as CUDA graphs (GPU only; see peer_model/batching.py)
     worker_torch_threads: int = 0  # 0: torch's default (all cores)
 
     # ---- limits ------------------------------------------------------------------------------------

@@ -95,3 +95,37 @@ def test_add_refuses_overlong_prompts_and_a_full_batch(model):
     decoder.add([97], SamplingParams(max_tokens=5))
     with pytest.raises(RuntimeError, match="all 1 rows are running"):
         decoder.add([97], SamplingParams())
+
+
+def run_all(decoder: BatchDecoder, todo, admit_every: int = 2) -> dict[int, list]:
+    """Admit a new request every ``admit_every`` steps while rows are free; run until all finish."""
+    got: dict[int, list] = {}
+    owner: dict[int, int] = {}
+    queue, step = list(enumerate(todo)), 0
+    while queue or len(decoder):
+        if queue and len(decoder) < decoder.capacity and step % admit_every == 0:
+            index, (prompt, params) = queue.pop(0)
+            owner[id(decoder.add(prompt, params))] = index
+        for sequence, emitted in decoder.step():
+            got.setdefault(owner[id(sequence)], []).append((emitted.token_id, emitted.text, emitted.finish_reason))
+        step += 1
+    return got
+
+
+def test_the_padded_fixed_shape_step_of_cuda_graphs_decodes_what_the_ragged_step_does(model):
+    """The CUDA-graph path pads n running rows up to a bucket (1, 2, 4, 8) at a fixed attention span; on
+    CPU it runs eagerly. Greedy completions and the counted expert usage must not change: the padding
+    rows write only into free cache rows and their selections are taken back out."""
+    todo = [(prompt, SamplingParams(max_tokens=params.max_tokens, temperature=0.0)) for prompt, params in requests(11)]
+    layer = model.peer_layers()[1]
+    results, usage = [], []
+    for graphs in (False, True):
+        layer.reset_usage()
+        layer.track_usage = True
+        try:
+            results.append(run_all(BatchDecoder(model, capacity=6, cuda_graphs=graphs), todo))
+        finally:
+            layer.track_usage = False
+        usage.append(layer.usage_counts.clone())
+    assert results[0] == results[1]
+    assert torch.equal(usage[0], usage[1]) and int(usage[0].sum()) > 0
