@@ -79,6 +79,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         model = PEERTransformer(config, grids)
     try:
         state = load_file(str(root / WEIGHTS), device=str(device))
+        if device.type == "cpu":  # a bf16 checkpoint trained on a GPU: the CPU expert kernels compute in fp32
+            state = {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise CheckpointError(f"{root / WEIGHTS}: cannot load the weights: {exc}") from exc

@@ -168,3 +168,20 @@ def test_a_crash_between_the_renames_still_finds_the_old_checkpoint(tmp_path, mo
     save_checkpoint(new_model, path, extra={"which": "new"})  # the next save recovers
     assert read_checkpoint_meta(path)["extra"] == {"which": "new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_bf16_checkpoint_loads_in_fp32_on_the_cpu(tmp_path):
+    """Trained on a GPU with bf16 parameters, served or trained on further on a CPU (no bf16 expert path)."""
+    from peer_model.train import cast_parameters
+
+    model = PEERTransformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                                        peer=PEERConfig(num_experts=64, heads=2, top_k=4, d_key=16))).eval()
+    cast_parameters(model, torch.bfloat16)
+    save_checkpoint(model, tmp_path / "run")
+    loaded = load_checkpoint(tmp_path / "run")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    tokens = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), loaded(tokens))
+    expected = {k: v.float() for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
