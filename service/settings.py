@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from peer_model.config import ATTENTION_KINDS, BASE_TRAINS, FFW_KINDS, ModelConfig, MoEConfig, PEERConfig
 from peer_model.continual import STRATEGIES
 from peer_model.presets import PRESETS
+from peer_model.train import PARAM_DTYPES
 
 
 class InvalidSetting(ValueError):
@@ -88,6 +89,7 @@ class Settings(BaseSettings):
     train_seq_len: int = 128
     train_lr: float = 1e-3
     train_expert_lr: float = 3e-3
+    train_param_dtype: str = "float32"  # bfloat16: GPU workers train bf16 parameters with fp32 optimizer state
     new_experts: int = 4096  # per PEER layer and job (replay and the growing strategies)
     # replay 50% + distillation 1 + growth, everything training: BENCHMARKS.md section 3's winner (as little
     # forgetting as grow_freeze_protect, which freezes the old experts, and a smaller plasticity gap)
@@ -156,11 +158,12 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 0")
         return value
 
-    @field_validator("ffw", "attention", "strategy", "base_branch", "base_trains")
+    @field_validator("ffw", "attention", "strategy", "base_branch", "base_trains", "train_param_dtype")
     @classmethod
     def _one_of(cls, value: str, info) -> str:
         allowed = {"ffw": FFW_KINDS, "attention": ATTENTION_KINDS, "strategy": STRATEGIES,
-                   "base_branch": ("parallel", "replace"), "base_trains": BASE_TRAINS}[info.field_name]
+                   "base_branch": ("parallel", "replace"), "base_trains": BASE_TRAINS,
+                   "train_param_dtype": tuple(PARAM_DTYPES)}[info.field_name]
         if value not in allowed:
             raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}")
         return value

@@ -133,7 +133,7 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
 def job_train_config(settings: Settings, steps: int, seed: int) -> TrainConfig:
     """A job's training loop: the service's batch, window and learning rates, a short warm-up."""
     return TrainConfig(steps=steps, batch_size=settings.train_batch_size, seq_len=settings.train_seq_len,
-                       lr=settings.train_lr, expert_lr=settings.train_expert_lr,
+                       lr=settings.train_lr, expert_lr=settings.train_expert_lr, param_dtype=settings.train_param_dtype,
                        warmup_steps=min(50, max(1, steps // 10)), eval_every=steps, seed=seed,
                        device=settings.device, log_every=10)
 
