@@ -1,4 +1,5 @@
-"""``peer-service``: api, worker, migrate, and serve (the embedded default: everything on this machine)."""
+"""``peer-service``: api, worker, migrate, serve (the embedded default: everything on this machine), and client
+(a running service from a terminal: ``peer-service client --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -67,7 +68,7 @@ def cmd_serve(args, settings: Settings) -> None:
                 worker.kill()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
     parser = argparse.ArgumentParser(prog="peer-service", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,7 +85,14 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("migrate", help="create or upgrade the database schema")
     p.set_defaults(func=cmd_migrate)
+    from . import client
+
+    p = sub.add_parser("client", help="talk to a running service over HTTP (generate, upload, jobs, versions, ...)",
+                       description=client.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    client.add_arguments(p)
     args = parser.parse_args(argv)
+    if args.command == "client":  # no PEER_* server settings and no log lines: only the client's output
+        return client.run(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings()
@@ -94,4 +102,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
