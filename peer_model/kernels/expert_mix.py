@@ -31,12 +31,17 @@ tables' bytes per element and b_a that of x / grad_out:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # a Triton whose interpreter lives elsewhere: the environment decides, as triton.jit does
+    InterpretedFunction = None
 
 ACTIVATIONS = ("gelu", "relu")
 _MAX_FUSED_D = 4096  # d up to this runs as one tile (one pass); above it, tiles of _TILE_D in two passes
@@ -187,7 +192,8 @@ def _rows_kernel(
         tl.store(grad_up_ptr + r * D + cols, acc_up.to(grad_up_ptr.dtype.element_ty), mask=col_mask)
 
 
-INTERPRETED = isinstance(_token_kernel, InterpretedFunction)  # built for TRITON_INTERPRET=1 (CPU)
+INTERPRETED = (isinstance(_token_kernel, InterpretedFunction) if InterpretedFunction is not None
+               else os.environ.get("TRITON_INTERPRET") == "1")  # built for TRITON_INTERPRET=1 (CPU)
 
 
 # ---- launch --------------------------------------------------------------------------------------
