@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
 # Creates .venv (CPU torch 2.13.0 from the local wheel cache), installs the project with its test extras,
-# and runs the test suite. Safe to re-run.
+# installs Debian's Chromium for the console's browser tests when it is missing, and runs the test suite.
+# Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's chromium and chromium-driver for the console's browser tests"
+    if ! { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
+      echo "could not install chromium: the browser tests will skip"
+    fi
+  else
+    echo "no /usr/bin/chromium and no way to install it here (needs root and apt-get): the browser tests will skip"
+  fi
+fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"

@@ -44,6 +44,7 @@ from .context import ServiceContext
 from .db.models import ExpertUsage, PoolVersion, utcnow
 from .db.session import transaction
 from .errors import InvalidInput, NotReady, Overloaded
+from .status import is_trained
 from .versions import active_version_id
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class LoadedVersion:
     model: PEERTransformer
     decoder: BatchDecoder
     window_start: datetime = field(default_factory=utcnow)
+    trained: bool = True  # False: a fresh model that has learnt no corpus yet (responses carry a warning)
     requests: int = 0  # submitted to this version and not finished
     running: dict[Sequence, "Ticket"] = field(default_factory=dict)  # in the decoder's batch
 
@@ -160,7 +162,7 @@ class ModelHost:
                 version = session.get(PoolVersion, version_id)
                 if version is None:
                     raise InvalidInput(f"version {version_id} not found")
-                checkpoint = version.checkpoint
+                checkpoint, trained = version.checkpoint, is_trained(version)
             try:
                 model = self.ctx.store.load_model(checkpoint, str(self.device)).eval()
             except CheckpointError as exc:
@@ -168,7 +170,8 @@ class ModelHost:
             for layer in model.peer_layers().values():
                 layer.track_usage = True
             graphs = self.settings.cuda_graphs and model.embed.weight.is_cuda
-            loaded = LoadedVersion(version_id, model, BatchDecoder(model, self.settings.max_active_generations, graphs))
+            loaded = LoadedVersion(version_id, model, BatchDecoder(model, self.settings.max_active_generations, graphs),
+                                   trained=trained)
             with self._cond:
                 if self._current is not None:
                     self._retired.append(self._current)

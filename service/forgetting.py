@@ -91,8 +91,8 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         repair_steps = 0  # nothing left to repair towards
     parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
     cfg = job_train_config(settings, max(1, repair_steps), options.seed)
-    progress = JobProgress(ctx, job_id, lease, max(1, repair_steps))
-    heartbeat(ctx.sessions, job_id, lease, metrics={"strategy": "forget", "masked_segments": plan})
+    progress = JobProgress(ctx, job_id, lease, max(1, repair_steps), {"strategy": "forget", "masked_segments": plan})
+    heartbeat(ctx.sessions, job_id, lease, metrics=progress.metrics())
     remaining_train = [token_data(ctx, [c], "train", parent.tokenizer) for c in remaining] if repair_steps else []
     child, repair = forget_segments(parent, plan, remaining_train, repair_steps, cfg, settings.distill_weight,
                                     should_stop=progress.should_stop)

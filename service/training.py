@@ -235,16 +235,44 @@ def _finish_quietly(ctx: ServiceContext, job_id: int, lease: str, state: str, er
 
 
 class JobProgress:
-    """Training callbacks: heartbeat (progress, speed, ETA) every ``job_heartbeat_seconds``, cancel flag."""
+    """Training callbacks: heartbeat (progress, speed, ETA, loss) every ``job_heartbeat_seconds``, cancel flag.
 
-    def __init__(self, ctx: ServiceContext, job_id: int, lease: str, steps: int):
+    The job's ``metrics`` carry ``base_metrics`` (e.g. the strategy), the latest step, loss and learning
+    rate, and ``loss_history``: [step, loss] points over the whole run, at most ``HISTORY_POINTS`` (when
+    full, every other point is dropped and points are kept half as often), always ending at the latest
+    record. The console draws it as the job's loss curve."""
+
+    HISTORY_POINTS = 200
+
+    def __init__(self, ctx: ServiceContext, job_id: int, lease: str, steps: int, base_metrics: dict | None = None):
         self.ctx, self.job_id, self.lease, self.steps = ctx, job_id, lease, steps
+        self.base_metrics = dict(base_metrics or {})
         self.last_beat = 0.0
         self.record: dict = {}
         self.cancelled = False
+        self._points: list[list[float]] = []
+        self._seen = 0
+        self._stride = 1
 
     def on_log(self, record: dict) -> None:
         self.record = record
+        if self._seen % self._stride == 0:
+            self._points.append([record["step"], round(float(record["loss"]), 4)])
+            if len(self._points) > self.HISTORY_POINTS:
+                self._points, self._stride = self._points[::2], self._stride * 2
+        self._seen += 1
+
+    @property
+    def loss_history(self) -> list[list[float]]:
+        if not self.record or (self._points and self._points[-1][0] == self.record["step"]):
+            return list(self._points)
+        return [*self._points[1 - self.HISTORY_POINTS:], [self.record["step"], round(float(self.record["loss"]), 4)]]
+
+    def metrics(self) -> dict:
+        if not self.record:
+            return dict(self.base_metrics)
+        return {**self.base_metrics, "step": self.record["step"], "loss": self.record["loss"],
+                "lr": self.record["lr"], "loss_history": self.loss_history}
 
     def should_stop(self) -> bool:
         now = time.monotonic()
@@ -254,7 +282,7 @@ class JobProgress:
             fields = {"progress": 0.9 * step / self.steps}  # the last 10%: evaluation and publishing
             if self.record:
                 fields.update(tokens_per_s=self.record["tokens_per_s"], eta_s=self.record["eta_s"],
-                              metrics={"step": step, "loss": self.record["loss"], "lr": self.record["lr"]})
+                              metrics=self.metrics())
             self.cancelled = heartbeat(self.ctx.sessions, self.job_id, self.lease, **fields)
         return self.cancelled
 
@@ -299,8 +327,8 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         # replay the parent's own samples instead
         stage_options = replace(stage_options, replay_source="parent")
     old_train = [token_data(ctx, [c], "train", tokenizer) for c in old_ids if c not in gone]
-    progress = JobProgress(ctx, job_id, lease, stage_options.train.steps)
-    heartbeat(ctx.sessions, job_id, lease, metrics={"strategy": stage_options.strategy})
+    progress = JobProgress(ctx, job_id, lease, stage_options.train.steps, {"strategy": stage_options.strategy})
+    heartbeat(ctx.sessions, job_id, lease, metrics=progress.metrics())
 
     stage = continual_stage(parent, new_train, old_train, stage_options, tag=f"job:{job_id}",
                             on_log=progress.on_log, should_stop=progress.should_stop)
@@ -322,6 +350,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
                         "bpb": {str(c): v for c, v in child_bpb.items()},
                         "parent_bpb": {str(c): v for c, v in parent_bpb.items()},
                         "replay_source": stage_options.replay_source, "corpora_gone": gone,
+                        "loss_history": progress.loss_history,
                     })
 
 

@@ -23,7 +23,8 @@ from ..errors import ServiceError
 from ..jobs import Dispatch
 from ..metrics import Metrics
 from ..settings import Settings
-from .routes import corpora, experts, generate, health, jobs, openai, streams, versions
+from ..ui import pages as console
+from .routes import corpora, experts, generate, health, jobs, openai, status, streams, versions
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
                   description="A lifelong-learning language model on a growing pool of PEER experts.")
     app.state.metrics = Metrics()
     app.state.started_at = time.time()
-    for module in (generate, openai, corpora, streams, jobs, versions, experts, health):
+    for module in (generate, openai, corpora, streams, jobs, versions, experts, status, health):
         app.include_router(module.router)
+    console.mount(app)  # the operator console at /ui
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):

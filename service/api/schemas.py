@@ -28,6 +28,8 @@ class GenerateResponse(BaseModel):
     completion_tokens: int
     version: int = Field(..., description="the pool version that served the whole request")
     latency_ms: float
+    warning: str | None = Field(None, description="set while the serving version is untrained (a fresh model "
+                                                  "before its bootstrap job is done), with that job's progress")
 
 
 class CompletionRequest(BaseModel):

@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from starlette.concurrency import run_in_threadpool
+
 from peer_model.generate import GenerationStep, SamplingParams
 
+from ..context import ServiceContext
 from ..engine import Encoder, ModelHost, Ticket
 from ..metrics import Metrics
+from ..status import untrained_warning
+
+WARNING_HEADER = "X-PEER-Warning"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +76,27 @@ def start_generation(host: ModelHost, metrics: Metrics, encode: Encoder, params:
     ticket = host.submit(encode, params, deliver)
     metrics.queue_depth.set(host.queue_depth)
     return Generation(ticket, queue, metrics)
+
+
+async def served_warning(ctx: ServiceContext, generation: Generation) -> str | None:
+    """The untrained-model warning for the version serving ``generation`` (see service/status.py); a
+    trained version costs no database read. A failed read loses the warning, not the request."""
+    if generation.ticket.version.trained:
+        return None
+
+    def read() -> str | None:
+        with ctx.sessions() as session:
+            return untrained_warning(session, generation.ticket.version_id)
+
+    try:
+        return await run_in_threadpool(read)
+    except Exception:  # noqa: BLE001 - the generation is already running: serve it without the warning
+        log.exception("could not read the untrained-model warning")
+        return None
+
+
+def warning_headers(warning: str | None) -> dict[str, str]:
+    return {WARNING_HEADER: warning} if warning else {}
 
 
 def sse(data: dict | str, event: str | None = None) -> str:

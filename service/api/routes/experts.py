@@ -51,23 +51,79 @@ def _counts(session: Session, version: PoolVersion, layer: str) -> tuple[torch.T
     return counts, tokens, windows
 
 
+MAX_CELLS = 512 * 512  # the largest grid whose every cell ``cells=true`` returns
+
+
+def layer_utilization(session: Session, version: PoolVersion, layer: str, top: int = 10, bins: int = 16,
+                      cells: bool = False) -> dict:
+    """One PEER layer's usage over all traffic ``version`` served: stats, segments, the binned heat map and
+    the grid's shape; with ``cells`` the rows × cols map of every expert's selections."""
+    counts, tokens, windows = _counts(session, version, layer)
+    grid = _grid(version, layer)
+    segments = segment_usage(counts, grid.segments)
+    for row, described in zip(segments, version.segments[layer]):
+        row.update(rows=described["rows"], cols=described["cols"], status=described.get("status", "active"),
+                   corpus_ids=described["corpus_ids"])
+    view = {"tokens": tokens, "windows": windows, "rows": grid.rows, "cols": grid.cols,
+            **usage_stats(counts, top).to_dict(), "segments": segments,
+            "heatmap": grid_heatmap(counts, grid, bins).tolist()}
+    if cells:
+        if grid.rows * grid.cols > MAX_CELLS:
+            raise InvalidInput(f"layer {layer} has {grid.rows} x {grid.cols} cells, over {MAX_CELLS}: "
+                               f"ask for the binned heat map (bins) instead")
+        i, j = grid.id_to_cell(torch.arange(grid.num_experts))
+        grid_counts = torch.zeros(grid.rows, grid.cols, dtype=torch.long)
+        grid_counts[i, j] = counts
+        view["cells"] = grid_counts.tolist()
+    return view
+
+
 @router.get("/v1/experts/utilization")
 def utilization(version: int | None = None, layer: int | None = None, top: int = Query(10, ge=1, le=1000),
-                bins: int = Query(16, ge=1, le=256), session: Session = Depends(get_session)):
+                bins: int = Query(16, ge=1, le=256), cells: bool = False, session: Session = Depends(get_session)):
     """Per PEER layer: fraction of experts used, KL from uniform usage (the paper's unevenness), entropy,
-    hottest experts, usage per segment (with the corpora each was grown for) and a bins × bins heat map of
-    the product-key grid, over all traffic this version served (default: the active version)."""
+    hottest experts, usage per segment (with the corpora each was grown for and the grid's rows × cols
+    after it) and a bins × bins heat map of the product-key grid (``rows`` × ``cols`` sub-key pairs), over
+    all traffic this version served (default: the active version). ``cells=true`` adds ``cells``: the
+    rows × cols selections of every expert (row = first sub-key half; grids up to 512² cells)."""
     pool_version = _version(session, version)
-    layers = {}
-    for key in _layers(pool_version, layer):
-        counts, tokens, windows = _counts(session, pool_version, key)
-        grid = _grid(pool_version, key)
-        segments = segment_usage(counts, grid.segments)
-        for row, described in zip(segments, pool_version.segments[key]):
-            row["corpus_ids"] = described["corpus_ids"]
-        layers[key] = {"tokens": tokens, "windows": windows, **usage_stats(counts, top).to_dict(),
-                       "segments": segments, "heatmap": grid_heatmap(counts, grid, bins).tolist()}
+    layers = {key: layer_utilization(session, pool_version, key, top, bins, cells)
+              for key in _layers(pool_version, layer)}
     return {"version": pool_version.id, "layers": layers}
+
+
+def utilization_history(session: Session, version: PoolVersion, layer: str, points: int = 50) -> list[dict]:
+    """Usage fraction and KL from uniform of all traffic served up to each of at most ``points`` moments
+    (the ends of the stored windows, spread evenly over them), oldest first."""
+    rows = session.execute(select(ExpertUsage.window_end, ExpertUsage.tokens, ExpertUsage.counts)
+                           .where(ExpertUsage.version_id == version.id, ExpertUsage.layer == int(layer))
+                           .order_by(ExpertUsage.window_end, ExpertUsage.id)).all()
+    ends = sorted({row.window_end for row in rows})
+    if not ends:
+        return []
+    marks = {ends[round(k * (len(ends) - 1) / max(1, points - 1))] for k in range(min(points, len(ends)))}
+    counts = torch.zeros(version.experts[layer], dtype=torch.long)
+    tokens, history = 0, []
+    for index, row in enumerate(rows):
+        counts += decode_usage(row.counts, counts.numel())
+        tokens += row.tokens
+        last_of_window = index + 1 == len(rows) or rows[index + 1].window_end != row.window_end
+        if last_of_window and row.window_end in marks:
+            stats = usage_stats(counts, 1)
+            history.append({"at": row.window_end.isoformat(), "tokens": tokens,
+                            "usage_fraction": stats.usage_fraction, "kl_from_uniform": stats.kl_from_uniform})
+    return history
+
+
+@router.get("/v1/experts/utilization/history")
+def utilization_over_time(version: int | None = None, layer: int | None = None,
+                          points: int = Query(50, ge=1, le=1000), session: Session = Depends(get_session)):
+    """Per PEER layer: how usage fraction and KL from uniform evolved over the traffic a version served
+    (cumulative, at the ends of at most ``points`` stored windows; empty before any traffic)."""
+    pool_version = _version(session, version)
+    return {"version": pool_version.id,
+            "layers": {key: utilization_history(session, pool_version, key, points)
+                       for key in _layers(pool_version, layer)}}
 
 
 @router.get("/v1/experts/{layer}/{expert_id}")

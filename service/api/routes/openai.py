@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from ...errors import InvalidInput, NotFound
@@ -17,7 +17,7 @@ from ..chat import chat_prompt_ids
 from ..deps import get_host
 from ..sampling import sampling_params
 from ..schemas import ChatCompletionRequest, CompletionRequest
-from ..streaming import SSE_HEADERS, Generation, sse, start_generation
+from ..streaming import SSE_HEADERS, Generation, served_warning, sse, start_generation, warning_headers
 
 router = APIRouter(tags=["openai"])
 OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -34,7 +34,8 @@ async def list_models(request: Request, host=Depends(get_host)):
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, host=Depends(get_host)):
+async def completions(body: CompletionRequest, request: Request, http_response: Response,
+                      host=Depends(get_host)):
     settings = request.app.state.ctx.settings
     check_model(settings, body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -49,6 +50,7 @@ async def completions(body: CompletionRequest, request: Request, host=Depends(ge
                                   params)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    warning = await served_warning(request.app.state.ctx, generation)
 
     def chunk(text: str, finish_reason: str | None) -> dict:
         return {"id": completion_id, "object": "text_completion", "created": created, "model": settings.model_name,
@@ -57,12 +59,14 @@ async def completions(body: CompletionRequest, request: Request, host=Depends(ge
 
     if not body.stream:
         text = await generation.text()
+        http_response.headers.update(warning_headers(warning))
         return {**chunk(text, OPENAI_FINISH[generation.finish_reason]), "usage": usage(generation)}
-    return stream(generation, chunk, body.stream_options)
+    return stream(generation, chunk, body.stream_options, warning=warning)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, host=Depends(get_host)):
+async def chat_completions(body: ChatCompletionRequest, request: Request, http_response: Response,
+                           host=Depends(get_host)):
     """The chat is rendered by the serving model's chat template (a plain "System: / User: / Assistant:"
     transcript when it has none, see service/api/chat.py); the answer ends at the model's end of turn."""
     settings = request.app.state.ctx.settings
@@ -76,6 +80,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, host=D
                                   lambda tokenizer: chat_prompt_ids(tokenizer, body.messages), params)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    warning = await served_warning(request.app.state.ctx, generation)
 
     def response(object_type: str, choice: dict) -> dict:
         return {"id": completion_id, "object": object_type, "created": created, "model": settings.model_name,
@@ -84,6 +89,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, host=D
 
     if not body.stream:
         text = await generation.text()
+        http_response.headers.update(warning_headers(warning))
         return {**response("chat.completion", {"message": {"role": "assistant", "content": text},
                                                "finish_reason": OPENAI_FINISH[generation.finish_reason]}),
                 "usage": usage(generation)}
@@ -93,7 +99,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, host=D
                                                   "finish_reason": finish_reason})
 
     first = response("chat.completion.chunk", {"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-    return stream(generation, chunk, body.stream_options, first)
+    return stream(generation, chunk, body.stream_options, first, warning)
 
 
 def check_model(settings: Settings, model: str) -> None:
@@ -106,9 +112,11 @@ def usage(generation: Generation) -> dict:
             "total_tokens": generation.prompt_tokens + generation.completion_tokens}
 
 
-def stream(generation: Generation, chunk: Chunk, stream_options: dict | None, first: dict | None = None):
+def stream(generation: Generation, chunk: Chunk, stream_options: dict | None, first: dict | None = None,
+           warning: str | None = None):
     """Server-sent chunks: ``first`` (if any), one per step with text or the finish reason, the usage when
-    ``stream_options.include_usage``, then ``[DONE]``; an error is a terminal ``{"error": ...}`` chunk."""
+    ``stream_options.include_usage``, then ``[DONE]``; an error is a terminal ``{"error": ...}`` chunk.
+    ``warning`` (an untrained model) goes in the X-PEER-Warning header."""
     include_usage = bool((stream_options or {}).get("include_usage"))
 
     async def events() -> AsyncIterator[str]:
@@ -128,4 +136,5 @@ def stream(generation: Generation, chunk: Chunk, stream_options: dict | None, fi
             generation.ticket.cancel()  # a client gone before the first step: its generation stops too
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={**SSE_HEADERS, **warning_headers(warning)})

@@ -1,0 +1,2 @@
+"""The operator console at ``/ui``: server-rendered pages (``templates/``) and a small script and style
+sheet (``static/``), shipped in the package; nothing is fetched from elsewhere. See ``pages.py``."""
