@@ -397,7 +397,7 @@ def cmd_usage(api: API, args) -> int:
         out(f"  experts used      {stats['experts_used']:,} / {stats['num_experts']:,} "
             f"({100 * stats['usage_fraction']:.1f}%)")
         kl = stats.get("kl_from_uniform")
-        out(f"  KL from uniform   " + ("-" if kl is None else
+        out("  KL from uniform   " + ("-" if kl is None else
                                        f"{kl:.3f} nats (normalized entropy {stats['normalized_entropy']:.3f})"))
         hottest = ", ".join(f"{expert} ({count:,})" for expert, count in stats.get("hottest", []))
         out(f"  hottest experts   {hottest or '-'}")

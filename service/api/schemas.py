@@ -32,14 +32,13 @@ class GenerateResponse(BaseModel):
                                                   "before its bootstrap job is done), with that job's progress")
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI ``/v1/completions``; fields this server cannot honour are refused, unknown ones ignored."""
+class OpenAIRequest(BaseModel):
+    """The sampling fields /v1/completions and /v1/chat/completions share; fields this server cannot
+    honour are refused, unknown ones ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: int | None = Field(1, ge=1, le=1, description="only 1")
@@ -47,10 +46,17 @@ class CompletionRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    user: str | None = None
+
+
+class CompletionRequest(OpenAIRequest):
+    """OpenAI ``/v1/completions``."""
+
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = Field(False, description="only false")
     logprobs: int | None = Field(None, le=0, description="not supported: null or 0")
     best_of: int | None = Field(None, ge=1, le=1)
-    user: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -71,24 +77,13 @@ class ChatMessage(BaseModel):
         return "\n".join(part["text"] for part in value)
 
 
-class ChatCompletionRequest(BaseModel):
-    """OpenAI ``/v1/chat/completions``; fields this server cannot honour are refused, unknown ones ignored."""
+class ChatCompletionRequest(OpenAIRequest):
+    """OpenAI ``/v1/chat/completions``."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="default PEER_DEFAULT_MAX_TOKENS")
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens; wins over it")
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    n: int | None = Field(1, ge=1, le=1, description="only 1")
-    stream: bool | None = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     logprobs: bool | None = Field(False, description="only false")
-    user: str | None = None
 
 
 class TextCorpusRequest(BaseModel):
