@@ -103,6 +103,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     heartbeat_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    dispatched_at: Mapped[datetime | None] = mapped_column()  # message last sent to the broker; None: not yet
 
 
 class PoolVersion(Base):
