@@ -7,14 +7,14 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text,
-    TypeDecorator, UniqueConstraint,
+    TypeDecorator, UniqueConstraint, false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 JOB_KINDS = ("ingest", "train", "forget")
-CORPUS_STATES = ("pending", "ready", "failed")
+CORPUS_STATES = ("pending", "ready", "failed", "deleted")
 
 
 def utcnow() -> datetime:
@@ -55,6 +55,7 @@ class Corpus(Base):
     val_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     ingested_at: Mapped[datetime | None] = mapped_column()
+    deleted_at: Mapped[datetime | None] = mapped_column()  # its files are gone (state "deleted"); the row stays
 
 
 class Stream(Base):
@@ -123,6 +124,10 @@ class PoolVersion(Base):
     gate_passed: Mapped[bool | None] = mapped_column(Boolean)
     gate_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # lifecycle (service/retention.py): a pinned version outlives the retention policy; a deleted one has no
+    # checkpoint any more (its row stays: lineage, evaluations, activations and usage refer to it)
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    deleted_at: Mapped[datetime | None] = mapped_column()
 
 
 class Activation(Base):
@@ -156,7 +161,8 @@ class ExpertUsage(Base):
     """
 
     __tablename__ = "expert_usage"
-    __table_args__ = (Index("ix_expert_usage_version_layer", "version_id", "layer"),)
+    __table_args__ = (Index("ix_expert_usage_version_layer", "version_id", "layer"),
+                      Index("ix_expert_usage_folded", "folded", "version_id", "layer"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("pool_versions.id"))
@@ -164,4 +170,37 @@ class ExpertUsage(Base):
     window_start: Mapped[datetime] = mapped_column()
     window_end: Mapped[datetime] = mapped_column()
     tokens: Mapped[int] = mapped_column(BigInteger)  # token positions routed in the window
+    counts: Mapped[bytes] = mapped_column(LargeBinary)
+    folded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # into the roll-ups below
+
+
+class ExpertUsageTotal(Base):
+    """Every folded ``expert_usage`` row of one version and layer, summed: what /v1/experts/utilization reads
+    (one row per layer, plus the few raw rows not folded yet) instead of the whole history."""
+
+    __tablename__ = "expert_usage_totals"
+    __table_args__ = (UniqueConstraint("version_id", "layer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("pool_versions.id"))
+    layer: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    windows: Mapped[int] = mapped_column(Integer)  # raw rows folded in
+    counts: Mapped[bytes] = mapped_column(LargeBinary)  # encoded as ExpertUsage.counts
+
+
+class ExpertUsageBucket(Base):
+    """The folded ``expert_usage`` rows of one version and layer whose windows ended in one time bucket
+    (PEER_USAGE_BUCKET_SECONDS): /v1/experts/utilization/history reads one row per bucket."""
+
+    __tablename__ = "expert_usage_buckets"
+    __table_args__ = (UniqueConstraint("version_id", "layer", "bucket_start"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("pool_versions.id"))
+    layer: Mapped[int] = mapped_column(Integer)
+    bucket_start: Mapped[datetime] = mapped_column()
+    last_window_end: Mapped[datetime] = mapped_column()  # the latest window_end folded into the bucket
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    windows: Mapped[int] = mapped_column(Integer)
     counts: Mapped[bytes] = mapped_column(LargeBinary)
