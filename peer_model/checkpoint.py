@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from .config import ModelConfig
+from .expert_shards import expert_tables
 from .model import PEERTransformer
 from .pool import ExpertGrid
 from .tokenizer import load_tokenizer
@@ -41,7 +43,14 @@ class CheckpointError(Exception):
     """A checkpoint is missing, incomplete, corrupt or does not match its config."""
 
 
-def save_checkpoint(model: PEERTransformer, path: str | os.PathLike[str], extra: dict | None = None) -> None:
+WeightWriter = Callable[[PEERTransformer, Path], None]  # (model, directory) → the weight files written there
+WeightReader = Callable[[Path, torch.device], dict[str, torch.Tensor]]  # (directory, device) → the state dict
+
+
+def save_checkpoint(model: PEERTransformer, path: str | os.PathLike[str], extra: dict | None = None,
+                    write_weights: WeightWriter | None = None) -> None:
+    """``write_weights`` replaces ``model.safetensors`` by other weight files (the service's chunk manifest);
+    the config, the tokenizer, fsync and the atomic swap stay the same."""
     path = Path(path)
     meta = {
         "format": FORMAT,
@@ -54,7 +63,7 @@ def save_checkpoint(model: PEERTransformer, path: str | os.PathLike[str], extra:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / WEIGHTS))
+        (write_weights or _write_safetensors)(model, tmp)
         (tmp / CONFIG).write_text(text, encoding="utf-8")
         model.tokenizer.save(tmp)
         _fsync(*sorted(tmp.iterdir()), tmp)
@@ -64,9 +73,14 @@ def save_checkpoint(model: PEERTransformer, path: str | os.PathLike[str], extra:
         raise
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> PEERTransformer:
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                    read_weights: WeightReader | None = None,
+                    parallelize: Callable[[PEERTransformer], object] | None = None) -> PEERTransformer:
     """Rebuild the model (grown pools included) on ``device`` with its tokenizer and load its weights there,
-    in eval mode."""
+    in eval mode. ``read_weights`` reads the state written by a ``save_checkpoint`` ``write_weights``.
+    ``parallelize`` is applied to the model on the meta device before the weights are read (e.g.
+    ``shard_peer_layers``: this process then reads only its columns of the expert tables); expert tables
+    written per shard (peer_model/expert_shards.py) load on any number of processes."""
     root = _resolve(Path(path))
     meta = _read_meta(root)
     try:
@@ -77,8 +91,10 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     device = torch.device(device)
     with torch.device("meta"):  # no memory and no random init: the weights are assigned below
         model = PEERTransformer(config, grids)
+    if parallelize is not None:
+        parallelize(model)
     try:
-        state = load_file(str(root / WEIGHTS), device=str(device))
+        state = expert_tables(root, model, (read_weights or _read_safetensors)(root, device), device)
         if device.type == "cpu":  # a bf16 checkpoint trained on a GPU: the CPU expert kernels compute in fp32
             state = {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -97,6 +113,14 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     except ValueError as exc:
         raise CheckpointError(f"{root}: cannot load the tokenizer: {exc}") from exc
     return model.eval()
+
+
+def _write_safetensors(model: PEERTransformer, directory: Path) -> None:
+    save_model(model, str(directory / WEIGHTS))
+
+
+def _read_safetensors(directory: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / WEIGHTS), device=str(device))
 
 
 def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict:

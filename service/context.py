@@ -1,7 +1,8 @@
 """What every process of the service shares: settings, the database and the store."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,12 +18,14 @@ class ServiceContext:
     engine: Engine
     sessions: sessionmaker[Session]
     store: Store
+    stopping: threading.Event = field(default_factory=threading.Event)  # set: the worker is shutting down
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "ServiceContext":
         settings = settings or Settings()
         engine = make_engine(settings.resolved_database_url)
-        return cls(settings, engine, make_session_factory(engine), Store(settings.resolved_store_dir))
+        store = Store(settings.resolved_store_dir, settings.chunk_bytes)
+        return cls(settings, engine, make_session_factory(engine), store)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     job_stale_seconds: float = 600.0  # a running job without a heartbeat this long is re-queued
     broker_visibility_timeout: int = 4 * 3600  # Redis: above the longest job
 
+    # ---- data lifecycle (README "Data lifecycle": service/retention.py, usage.py, chunkstore.py) ------------
+    keep_versions: int = Field(10, ge=1)  # retention keeps the active, the pinned, the newest N and those jobs need
+    gc_grace_seconds: float = Field(3600.0, ge=0)  # unreferenced store files younger than this stay (writes in flight)
+    chunk_bytes: int = Field(1 << 20, ge=64)  # checkpoint tensors are stored in blocks of whole rows of about this size
+    usage_bucket_seconds: int = Field(3600, ge=1)  # resolution of /v1/experts/utilization/history once rolled up
+    usage_raw_retention_seconds: float = Field(7 * 86400.0, ge=0)  # raw usage windows kept this long after folding
+
     # ---- first start ---------------------------------------------------------------------------------
     bootstrap_corpus: str = "shakespeare"  # packaged corpus trained into version 1; "" = none
     bootstrap_max_bytes: int = 1_000_000

@@ -7,11 +7,11 @@ import pytest
 from celery.contrib.testing.worker import start_worker
 from fastapi.testclient import TestClient
 
-from peer_model.checkpoint import load_checkpoint
 from peer_model.generate import SamplingParams, generate_text
 from peer_model.tokenizer import ByteTokenizer
 from service.api.app import create_app
 from service.worker.app import dispatcher, make_celery
+from service.store import Store
 
 from .conftest import REDIS_URL, domain_text, tiny_settings, wait_for
 
@@ -90,7 +90,7 @@ def test_generation_equals_the_library_on_the_served_checkpoint(client, settings
     body = ok(response)
     assert response.headers["x-request-id"] == "req-42"
     version = ok(client.get(f"/v1/versions/{body['version']}"))
-    model = load_checkpoint(settings.resolved_store_dir / version["checkpoint"])
+    model = Store(settings.resolved_store_dir).load_model(version["checkpoint"])
     expected = generate_text(model, ByteTokenizer(), "the cat", SamplingParams(max_tokens=24, temperature=0))
     assert body["text"] == expected.text and body["finish_reason"] == expected.finish_reason
     assert body["prompt_tokens"] == 7 and body["completion_tokens"] == expected.completion_tokens

@@ -7,7 +7,6 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from peer_model.checkpoint import load_checkpoint
 from service.api.app import create_app
 from service.context import ServiceContext
 from service.db.models import Evaluation, Job, PoolVersion
@@ -72,7 +71,7 @@ def test_forgetting_publishes_a_version_without_the_corpus_and_its_segment_maske
     assert (bpb[str(code)] - learnt_bpb) / (never - learnt_bpb) > 0.5, "at least half way back to never trained"
     assert job.metrics["masked_segments"] == {"1": [1]}
 
-    model = load_checkpoint(ctx.store.root / version.checkpoint)
+    model = ctx.store.load_model(version.checkpoint)
     layer = model.peer_layers()[1]
     assert [s.status for s in layer.segments] == ["active", "masked"]
     ids = layer.route(torch.randn(512, model.config.d_model))[1]
@@ -128,7 +127,7 @@ def test_forgetting_with_repair_trains_on_the_remaining_corpora(ctx, learnt):
     assert repaired.metrics["repair_steps"] == 30 and repaired.metrics["activated"] is False
     assert repaired.metrics["bpb"][str(english)] < plain.metrics["bpb"][str(english)], \
         "repair must win back what the remaining corpus had routed to the masked experts"
-    parent = load_checkpoint(ctx.store.root / row(ctx, PoolVersion, learnt_id).checkpoint)
-    child = load_checkpoint(ctx.store.root / row(ctx, PoolVersion, repaired.result_version_id).checkpoint)
+    parent = ctx.store.load_model(row(ctx, PoolVersion, learnt_id).checkpoint)
+    child = ctx.store.load_model(row(ctx, PoolVersion, repaired.result_version_id).checkpoint)
     start = parent.peer_layers()[1].segments[1].start
     assert torch.equal(child.peer_layers()[1].expert_up[start:], parent.peer_layers()[1].expert_up[start:])

@@ -10,7 +10,6 @@ import openai
 import pytest
 import torch
 
-from peer_model.checkpoint import load_checkpoint
 from peer_model.config import ModelConfig
 from peer_model.model import PEERTransformer
 from peer_model.generate import SamplingParams, generate_text
@@ -20,6 +19,7 @@ from service.context import ServiceContext
 from service.db.models import PoolVersion
 from service.db.session import transaction
 from service.versions import describe_pools
+from service.store import Store
 
 from .conftest import ServerThread, tiny_settings
 
@@ -54,7 +54,7 @@ def two_versions(server):
     ctx.close()
     greedy = {}
     for version_id, key in ((1, first.checkpoint), (second_id, "versions/perturbed")):
-        reference = load_checkpoint(settings.resolved_store_dir / key)
+        reference = Store(settings.resolved_store_dir).load_model(key)
         greedy[version_id] = {p: generate_text(reference, ByteTokenizer(), p, SamplingParams(max_tokens=24,
                                                                                               temperature=0)).text
                               for p in PROMPTS}

@@ -8,7 +8,6 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from peer_model.checkpoint import load_checkpoint
 from service.context import ServiceContext
 from service.db.models import Corpus, Evaluation, Job, PoolVersion
 from service.db.session import transaction
@@ -84,8 +83,8 @@ def test_the_job_chain_publishes_evaluated_versions(ctx, two_versions):
 def test_old_experts_are_bit_identical_in_the_child(ctx, two_versions):
     job = row(ctx, Job, two_versions[2])
     v3 = row(ctx, PoolVersion, job.result_version_id)
-    parent = load_checkpoint(ctx.store.root / row(ctx, PoolVersion, v3.parent_id).checkpoint)
-    child = load_checkpoint(ctx.store.root / v3.checkpoint)
+    parent = ctx.store.load_model(row(ctx, PoolVersion, v3.parent_id).checkpoint)
+    child = ctx.store.load_model(v3.checkpoint)
     old, new = parent.peer_layers()[1], child.peer_layers()[1]
     n = old.num_experts
     assert torch.equal(new.expert_down[:n], old.expert_down) and torch.equal(new.expert_up[:n], old.expert_up)
