@@ -1,6 +1,8 @@
 """One exception type per failure a caller can act on, each mapped to one HTTP status (api/app.py)."""
 from __future__ import annotations
 
+import math
+
 
 class ServiceError(Exception):
     status_code = 400
@@ -8,6 +10,11 @@ class ServiceError(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers the status asks for (Retry-After on a 429)."""
+        return {}
 
 
 class InvalidInput(ServiceError):
@@ -29,9 +36,30 @@ class Conflict(ServiceError):
 class Unauthorized(ServiceError):
     status_code = 401
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ServiceError):
+    """A valid key without the route's scope, or a cross-site browser request to a mutating route."""
+
+    status_code = 403
+
 
 class Overloaded(ServiceError):
+    """Too much at once: the generation queue is full (retry in a second), or a rate limit is spent
+    (retry when the caller's bucket holds enough again)."""
+
     status_code = 429
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class NotReady(ServiceError):

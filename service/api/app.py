@@ -24,6 +24,7 @@ from ..jobs import Dispatch
 from ..metrics import Metrics
 from ..settings import Settings
 from ..ui import pages as console
+from .ratelimit import RateLimits
 from .routes import corpora, experts, generate, health, jobs, openai, status, streams, versions
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
     app = FastAPI(title="peer-service", version="0.1.0", lifespan=lifespan,
                   description="A lifelong-learning language model on a growing pool of PEER experts.")
     app.state.metrics = Metrics()
+    app.state.rate_limits = RateLimits()
     app.state.started_at = time.time()
     for module in (generate, openai, corpora, streams, jobs, versions, experts, status, health):
         app.include_router(module.router)
@@ -68,8 +70,8 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
-        return JSONResponse(status_code=exc.status_code, content=error_body(exc.status_code, exc.message,
-                                                                            type(exc).__name__))
+        return JSONResponse(status_code=exc.status_code, headers=exc.headers,
+                            content=error_body(exc.status_code, exc.message, type(exc).__name__))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -1,7 +1,7 @@
-"""FastAPI dependencies: the service context, a database session, the model host, the caller's key."""
+"""FastAPI dependencies: the service context, a database session, the model host (the caller and its
+scopes: security.py)."""
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterator
 
 from fastapi import Depends, Request
@@ -9,7 +9,6 @@ from sqlalchemy.orm import Session
 
 from ..context import ServiceContext
 from ..engine import ModelHost
-from ..errors import Unauthorized
 from ..jobs import Dispatch
 
 
@@ -29,14 +28,3 @@ def get_session(ctx: ServiceContext = Depends(get_ctx)) -> Iterator[Session]:
     """One session per request; the route commits what it means to keep, the rest is rolled back."""
     with ctx.sessions() as session:
         yield session
-
-
-def require_key(request: Request, ctx: ServiceContext = Depends(get_ctx)) -> str:
-    """Mutating endpoints: ``Authorization: Bearer <key>`` when PEER_API_KEYS is set; returns the actor."""
-    keys = ctx.settings.api_keys
-    if not keys:
-        return "api"
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), key) for key in keys):
-        raise Unauthorized("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
-    return f"api-key:{token.strip()[:4]}…"

@@ -18,7 +18,8 @@ from ...jobs import create_job
 from ...training import validate_job_options
 from ...uploads import accept_corpus
 from ...versions import active_version_id, get_version
-from ..deps import get_ctx, get_dispatch, get_session, require_key
+from ..deps import get_ctx, get_dispatch, get_session
+from ..security import Caller, require_scope
 from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, JobOut, TextCorpusRequest
 
 router = APIRouter(tags=["corpora"])
@@ -68,7 +69,7 @@ def _flag(value: str | bool | None, default: bool) -> bool:
 @router.post("/v1/corpora", status_code=202, response_model=CorpusAccepted, openapi_extra=UPLOAD_BODY)
 async def upload_corpus(request: Request, name: str | None = Query(None, max_length=200),
                         train: bool | None = Query(None), ctx=Depends(get_ctx), session: Session = Depends(get_session),
-                        dispatch=Depends(get_dispatch), actor: str = Depends(require_key)):
+                        dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
     """Accept a corpus; 202 with the corpus (pending) and its ingest job. Once ingested, a training job
     follows unless ``train=false``. Invalid text (not UTF-8, empty, malformed JSONL) is a 422, a corpus over
     PEER_MAX_CORPUS_BYTES a 413; nothing is stored then."""
@@ -116,13 +117,14 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
         corpus=CorpusOut.model_validate(corpus), job=JobOut.model_validate(job)).model_dump(mode="json"))
 
 
-@router.get("/v1/corpora", response_model=list[CorpusOut])
+@router.get("/v1/corpora", response_model=list[CorpusOut], dependencies=[Depends(require_scope("read"))])
 def list_corpora(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
                  session: Session = Depends(get_session)):
     return session.scalars(select(Corpus).order_by(Corpus.id.desc()).limit(limit).offset(offset)).all()
 
 
-@router.get("/v1/corpora/{corpus_id}", response_model=CorpusOut)
+@router.get("/v1/corpora/{corpus_id}", response_model=CorpusOut,
+            dependencies=[Depends(require_scope("read"))])
 def get_corpus(corpus_id: int, session: Session = Depends(get_session)):
     corpus = session.get(Corpus, corpus_id)
     if corpus is None:
@@ -132,7 +134,7 @@ def get_corpus(corpus_id: int, session: Session = Depends(get_session)):
 
 @router.post("/v1/corpora/{corpus_id}/forget", status_code=202, response_model=JobOut)
 def forget_corpus(corpus_id: int, body: ForgetRequest, ctx=Depends(get_ctx), session: Session = Depends(get_session),
-                  dispatch=Depends(get_dispatch), actor: str = Depends(require_key)):
+                  dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
     """Make a new version without this corpus: a forget job masks the experts grown for it (optionally
     repairing on the remaining corpora), evaluates and publishes like a training job. 409
     when the version does not know the corpus or holds it in no segment of its own."""

@@ -14,6 +14,7 @@ from ...engine import decode_usage
 from ...errors import InvalidInput, NotFound
 from ...versions import active_version_id, get_version
 from ..deps import get_session
+from ..security import require_scope
 
 router = APIRouter(tags=["experts"])
 
@@ -78,7 +79,7 @@ def layer_utilization(session: Session, version: PoolVersion, layer: str, top: i
     return view
 
 
-@router.get("/v1/experts/utilization")
+@router.get("/v1/experts/utilization", dependencies=[Depends(require_scope("read"))])
 def utilization(version: int | None = None, layer: int | None = None, top: int = Query(10, ge=1, le=1000),
                 bins: int = Query(16, ge=1, le=256), cells: bool = False, session: Session = Depends(get_session)):
     """Per PEER layer: fraction of experts used, KL from uniform usage (the paper's unevenness), entropy,
@@ -115,7 +116,7 @@ def utilization_history(session: Session, version: PoolVersion, layer: str, poin
     return history
 
 
-@router.get("/v1/experts/utilization/history")
+@router.get("/v1/experts/utilization/history", dependencies=[Depends(require_scope("read"))])
 def utilization_over_time(version: int | None = None, layer: int | None = None,
                           points: int = Query(50, ge=1, le=1000), session: Session = Depends(get_session)):
     """Per PEER layer: how usage fraction and KL from uniform evolved over the traffic a version served
@@ -126,7 +127,7 @@ def utilization_over_time(version: int | None = None, layer: int | None = None,
                        for key in _layers(pool_version, layer)}}
 
 
-@router.get("/v1/experts/{layer}/{expert_id}")
+@router.get("/v1/experts/{layer}/{expert_id}", dependencies=[Depends(require_scope("read"))])
 def expert(layer: int, expert_id: int, version: int | None = None, session: Session = Depends(get_session)):
     """One expert: its segment (and the corpora it was grown for), its product-key cell and its usage."""
     pool_version = _version(session, version)

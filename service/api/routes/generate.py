@@ -6,8 +6,10 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from ..deps import get_host
+from ..ratelimit import charge_tokens
 from ..sampling import sampling_params
 from ..schemas import GenerateRequest, GenerateResponse
+from ..security import Caller, require_scope
 from ..streaming import SSE_HEADERS, served_warning, sse, start_generation, warning_headers
 
 router = APIRouter(tags=["generation"])
@@ -15,7 +17,8 @@ router = APIRouter(tags=["generation"])
 
 @router.post("/v1/generate", response_model=GenerateResponse,
              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}})
-async def generate(body: GenerateRequest, request: Request, response: Response, host=Depends(get_host)):
+async def generate(body: GenerateRequest, request: Request, response: Response, host=Depends(get_host),
+                   caller: Caller = Depends(require_scope("generate"))):
     """Complete a prompt. With ``stream=true`` the answer is ``text/event-stream``: one ``token`` event per
     sampled token (``{"text", "version"}``), then one ``done`` event (finish reason, token counts, version,
     latency, warning) or, if generation fails, one ``error`` event. Closing the connection cancels the
@@ -24,6 +27,7 @@ async def generate(body: GenerateRequest, request: Request, response: Response, 
     settings = request.app.state.ctx.settings
     params = sampling_params(settings, max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
                              top_p=body.top_p, stop=body.stop, seed=body.seed)
+    charge_tokens(request, caller.client, params.max_tokens)
     generation = start_generation(host, request.app.state.metrics, lambda tokenizer: tokenizer.encode(body.prompt),
                                   params)
     version = generation.ticket.version_id
@@ -56,7 +60,7 @@ class TokenizeRequest(BaseModel):
     text: str
 
 
-@router.post("/v1/tokenize")
+@router.post("/v1/tokenize", dependencies=[Depends(require_scope("generate"))])
 async def tokenize(body: TokenizeRequest, host=Depends(get_host)):
     """The ids of the served version's tokenizer (``tokenizer``: "byte" or "hf"), as a prompt is encoded;
     generation prepends that tokenizer's BOS (``bos``) itself."""

@@ -11,7 +11,8 @@ from ...errors import Conflict, InvalidInput, NotFound
 from ...jobs import create_job, get_job, request_cancel
 from ...training import validate_job_options
 from ...versions import active_version_id, get_version, is_pretrained
-from ..deps import get_ctx, get_dispatch, get_session, require_key
+from ..deps import get_ctx, get_dispatch, get_session
+from ..security import Caller, require_scope
 from ..schemas import JobOut, JobRequest
 
 router = APIRouter(tags=["jobs"])
@@ -19,7 +20,7 @@ router = APIRouter(tags=["jobs"])
 
 @router.post("/v1/jobs", status_code=202, response_model=JobOut)
 def submit_job(body: JobRequest, ctx=Depends(get_ctx), session: Session = Depends(get_session),
-               dispatch=Depends(get_dispatch), actor: str = Depends(require_key)):
+               dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
     """Train a new version on ingested corpora: grow a segment of experts per PEER layer, fine-tune,
     evaluate on every corpus the version knows, publish, activate when the evaluation gate passes."""
     corpora = {c.id: c for c in session.scalars(select(Corpus).where(Corpus.id.in_(body.corpus_ids)))}
@@ -41,7 +42,7 @@ def submit_job(body: JobRequest, ctx=Depends(get_ctx), session: Session = Depend
     return JSONResponse(status_code=202, content=JobOut.model_validate(job).model_dump(mode="json"))
 
 
-@router.get("/v1/jobs", response_model=list[JobOut])
+@router.get("/v1/jobs", response_model=list[JobOut], dependencies=[Depends(require_scope("read"))])
 def list_jobs(state: str | None = None, kind: str | None = None, limit: int = Query(100, ge=1, le=1000),
               offset: int = Query(0, ge=0), session: Session = Depends(get_session)):
     query = select(Job).order_by(Job.id.desc()).limit(limit).offset(offset)
@@ -56,13 +57,14 @@ def list_jobs(state: str | None = None, kind: str | None = None, limit: int = Qu
     return session.scalars(query).all()
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobOut)
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, dependencies=[Depends(require_scope("read"))])
 def read_job(job_id: int, session: Session = Depends(get_session)):
     return get_job(session, job_id)
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: int, session: Session = Depends(get_session), actor: str = Depends(require_key)):
+def cancel_job(job_id: int, session: Session = Depends(get_session),
+               caller: Caller = Depends(require_scope("admin"))):
     """A queued job is cancelled at once; a running one stops at its next heartbeat (409 if finished)."""
     job = request_cancel(session, job_id)
     session.commit()

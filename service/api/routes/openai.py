@@ -15,8 +15,10 @@ from ...errors import InvalidInput, NotFound
 from ...settings import Settings
 from ..chat import chat_prompt_ids
 from ..deps import get_host
+from ..ratelimit import charge_tokens
 from ..sampling import sampling_params
 from ..schemas import ChatCompletionRequest, CompletionRequest
+from ..security import Caller, require_scope
 from ..streaming import SSE_HEADERS, Generation, served_warning, sse, start_generation, warning_headers
 
 router = APIRouter(tags=["openai"])
@@ -24,7 +26,7 @@ OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 Chunk = Callable[[str, str | None], dict]  # (text, finish reason) → one response object
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(require_scope("read"))])
 async def list_models(request: Request, host=Depends(get_host)):
     ctx = request.app.state.ctx
     return {"object": "list", "data": [{
@@ -35,7 +37,7 @@ async def list_models(request: Request, host=Depends(get_host)):
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, http_response: Response,
-                      host=Depends(get_host)):
+                      host=Depends(get_host), caller: Caller = Depends(require_scope("generate"))):
     settings = request.app.state.ctx.settings
     check_model(settings, body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -46,6 +48,7 @@ async def completions(body: CompletionRequest, request: Request, http_response: 
     params = sampling_params(settings, max_tokens=body.max_tokens or 16, temperature=body.temperature
                              if body.temperature is not None else 1.0, top_p=body.top_p or 1.0,
                              stop=body.stop, seed=body.seed)
+    charge_tokens(request, caller.client, params.max_tokens)
     generation = start_generation(host, request.app.state.metrics, lambda tokenizer: tokenizer.encode(prompts[0]),
                                   params)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
@@ -66,7 +69,7 @@ async def completions(body: CompletionRequest, request: Request, http_response: 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, http_response: Response,
-                           host=Depends(get_host)):
+                           host=Depends(get_host), caller: Caller = Depends(require_scope("generate"))):
     """The chat is rendered by the serving model's chat template (a plain "System: / User: / Assistant:"
     transcript when it has none, see service/api/chat.py); the answer ends at the model's end of turn."""
     settings = request.app.state.ctx.settings
@@ -76,6 +79,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, http_r
     params = sampling_params(settings, max_tokens=body.max_completion_tokens or body.max_tokens,
                              temperature=body.temperature if body.temperature is not None else 1.0,
                              top_p=body.top_p or 1.0, stop=body.stop, seed=body.seed)
+    charge_tokens(request, caller.client, params.max_tokens)
     generation = start_generation(host, request.app.state.metrics,
                                   lambda tokenizer: chat_prompt_ids(tokenizer, body.messages), params)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"

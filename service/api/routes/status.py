@@ -6,11 +6,12 @@ from sqlalchemy.orm import Session
 
 from ...status import service_status
 from ..deps import get_ctx, get_host, get_session
+from ..security import require_scope
 
 router = APIRouter(tags=["status"])
 
 
-@router.get("/v1/status")
+@router.get("/v1/status", dependencies=[Depends(require_scope("read"))])
 def status(ctx=Depends(get_ctx), host=Depends(get_host), session: Session = Depends(get_session)):
     """The active and the served version; ``warning`` while the active version is untrained (a fresh model
     before its bootstrap job is done: "the model is untrained: bootstrap job 2 is at 37%"); unfinished jobs

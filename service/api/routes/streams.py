@@ -8,7 +8,8 @@ from sqlalchemy.orm import Session
 from ...db.models import Corpus, Stream, StreamDocument
 from ...errors import Conflict
 from ...uploads import append_documents, flush_stream, pending_bytes, stream_by_name
-from ..deps import get_ctx, get_dispatch, get_session, require_key
+from ..deps import get_ctx, get_dispatch, get_session
+from ..security import Caller, require_scope
 from ..schemas import CorpusOut, DocumentsRequest, JobOut
 
 router = APIRouter(tags=["streams"])
@@ -33,7 +34,7 @@ def _flushed(result) -> dict | None:
 
 @router.post("/v1/streams/{name}/documents", status_code=202)
 def add_documents(name: str, body: DocumentsRequest, ctx=Depends(get_ctx), session: Session = Depends(get_session),
-                  dispatch=Depends(get_dispatch), actor: str = Depends(require_key)):
+                  dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
     """Append documents (the stream is created on first use). When the stream's untrained text reaches
     PEER_STREAM_TRAIN_THRESHOLD_BYTES, it becomes a corpus and an ingest-then-train job starts."""
     stream = append_documents(ctx, session, name, body.documents)
@@ -50,7 +51,7 @@ def add_documents(name: str, body: DocumentsRequest, ctx=Depends(get_ctx), sessi
 
 @router.post("/v1/streams/{name}/flush", status_code=202)
 def flush(name: str, ctx=Depends(get_ctx), session: Session = Depends(get_session), dispatch=Depends(get_dispatch),
-          actor: str = Depends(require_key)):
+          caller: Caller = Depends(require_scope("train"))):
     """Start training on the stream's untrained documents now (409 when there are none)."""
     stream = stream_by_name(session, name)
     flushed = flush_stream(ctx, session, stream)
@@ -62,11 +63,11 @@ def flush(name: str, ctx=Depends(get_ctx), session: Session = Depends(get_sessio
     return result
 
 
-@router.get("/v1/streams")
+@router.get("/v1/streams", dependencies=[Depends(require_scope("read"))])
 def list_streams(session: Session = Depends(get_session)):
     return [stream_view(session, s) for s in session.scalars(select(Stream).order_by(Stream.id)).all()]
 
 
-@router.get("/v1/streams/{name}")
+@router.get("/v1/streams/{name}", dependencies=[Depends(require_scope("read"))])
 def get_stream(name: str, session: Session = Depends(get_session)):
     return stream_view(session, stream_by_name(session, name))

@@ -8,7 +8,8 @@ from sqlalchemy.orm import Session
 
 from ...db.models import Activation, Evaluation, PoolVersion
 from ...versions import activate, active_version_id, get_version
-from ..deps import get_host, get_session, require_key
+from ..deps import get_host, get_session
+from ..security import Caller, require_scope
 from ..schemas import ActivateRequest
 
 router = APIRouter(tags=["versions"])
@@ -33,7 +34,7 @@ def version_view(session: Session, version: PoolVersion, active_id: int | None, 
     return view
 
 
-@router.get("/v1/versions")
+@router.get("/v1/versions", dependencies=[Depends(require_scope("read"))])
 def list_versions(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
                   session: Session = Depends(get_session)):
     active_id = active_version_id(session)
@@ -41,7 +42,7 @@ def list_versions(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0,
     return [version_view(session, v, active_id) for v in versions]
 
 
-@router.get("/v1/versions/{version_id}")
+@router.get("/v1/versions/{version_id}", dependencies=[Depends(require_scope("read"))])
 def read_version(version_id: int, session: Session = Depends(get_session)):
     return version_view(session, get_version(session, version_id), active_version_id(session), detail=True)
 
@@ -49,11 +50,11 @@ def read_version(version_id: int, session: Session = Depends(get_session)):
 @router.post("/v1/versions/{version_id}/activate")
 async def activate_version(version_id: int, body: ActivateRequest | None = None,
                            session: Session = Depends(get_session), host=Depends(get_host),
-                           actor: str = Depends(require_key)):
+                           caller: Caller = Depends(require_scope("admin"))):
     """Make this version the active one (also a rollback). Returns once this API process serves it;
     other API processes follow within PEER_SWAP_POLL_SECONDS."""
     reason = body.reason if body else "requested through the API"
-    activate(session, version_id, reason, actor)
+    activate(session, version_id, reason, caller.actor)
     session.commit()
     await run_in_threadpool(host.sync_active)
     return version_view(session, get_version(session, version_id), version_id, detail=True)

@@ -1,0 +1,74 @@
+"""Who is calling, and may they: API keys with scopes (service/keys.py) and the per-route scope dependency.
+
+Every /v1 route declares the scope it needs with ``Depends(require_scope(...))``. A key is needed for the
+train and admin scopes whenever PEER_API_KEYS is set, and for read and generate too with
+PEER_REQUIRE_KEY_FOR=all. On a route that needs no key an unknown key is ignored (the OpenAI client
+always sends one), and a known key still names the caller for the rate limits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from fastapi import Request
+
+from ..errors import Forbidden, Unauthorized
+from ..keys import SCOPES, ApiKey, find_key, parse_api_keys
+from ..settings import Settings
+from .ratelimit import limit_request
+
+OPEN_ACTOR = "api"  # the actor recorded for a mutating request when no keys are configured
+WRITE_SCOPES = ("train", "admin")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The caller of one request: ``actor`` is what the audit records (the key's name, never its secret);
+    ``client`` identifies it for the rate limits (the key's name, else the client's address)."""
+
+    actor: str
+    client: str
+    key: ApiKey | None
+
+
+@lru_cache(maxsize=8)
+def _keys(entries: tuple[str, ...]) -> list[ApiKey]:
+    return parse_api_keys(list(entries))
+
+
+def key_required(settings: Settings, scope: str) -> bool:
+    return bool(settings.api_keys) and (scope in WRITE_SCOPES or settings.require_key_for == "all")
+
+
+def identify(request: Request, settings: Settings, scope: str) -> Caller:
+    """The caller, checked for ``scope``: 401 without a valid key where one is needed, 403 when the key
+    lacks the scope."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    key = find_key(_keys(tuple(settings.api_keys)), token.strip()) if scheme.lower() == "bearer" else None
+    address = request.client.host if request.client else "unknown"
+    if key_required(settings, scope):
+        if key is None:
+            raise Unauthorized(f"this endpoint needs an API key with the {scope!r} scope: "
+                               f"send 'Authorization: Bearer <key>'")
+        if scope not in key.scopes:
+            raise Forbidden(f"API key {key.name!r} lacks the {scope!r} scope (it has: "
+                            f"{', '.join(sorted(key.scopes))})")
+    if key is not None:
+        return Caller(f"api-key:{key.name}", f"key:{key.name}", key)
+    return Caller(OPEN_ACTOR, f"address:{address}", None)
+
+
+def require_scope(scope: str):
+    """The dependency for a route that needs ``scope`` (read, generate, train or admin); it returns the
+    :class:`Caller` and counts the request against the caller's rate limit."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; scopes: {', '.join(SCOPES)}")
+
+    def dependency(request: Request) -> Caller:
+        settings = request.app.state.ctx.settings
+        caller = identify(request, settings, scope)
+        limit_request(request.app, caller.client, scope)
+        return caller
+
+    dependency.__name__ = f"require_scope_{scope}"
+    return dependency
