@@ -9,15 +9,17 @@ model instead of a fresh one (version 1 = that model with PEER layers retrofitte
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from peer_model.config import ATTENTION_KINDS, BASE_TRAINS, FFW_KINDS, ModelConfig, MoEConfig, PEERConfig
 from peer_model.continual import STRATEGIES
 from peer_model.presets import PRESETS
 from peer_model.train import PARAM_DTYPES
+
+from .keys import parse_api_keys
 
 
 class InvalidSetting(ValueError):
@@ -26,7 +28,8 @@ class InvalidSetting(ValueError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PEER_", env_file=None, extra="ignore")
+    # errors never echo a value: PEER_API_KEYS holds secrets, PEER_DATABASE_URL may hold a password
+    model_config = SettingsConfigDict(env_prefix="PEER_", env_file=None, extra="ignore", hide_input_in_errors=True)
 
     # ---- locations -------------------------------------------------------------------------------
     home: Path = Path("data/service")
@@ -38,8 +41,22 @@ class Settings(BaseSettings):
     # ---- HTTP --------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # comma-separated in the env
     model_name: str = "peer"  # the id /v1/models lists and /v1/completions accepts
+
+    # ---- keys, cross-site protection, request limits (README "Security") ---------------------------------
+    # comma-separated entries: a bare secret (every scope, named key-1, key-2, ...) or name:secret:scope+scope
+    # (scopes read, generate, train, admin; see service/keys.py)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    require_key_for: Literal["write", "all"] = "write"  # write: train/admin routes need a key; all: every /v1 route
+    allow_open: bool = False  # let api/serve bind a non-loopback host without PEER_API_KEYS
+    # origins (scheme://host[:port]) besides the service's own whose browsers may call mutating routes
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_request_bytes: int = 1_048_576  # any request body but a corpus upload's (413 past it)
+    max_prompt_chars: int = 100_000  # prompts, chat messages and /v1/tokenize text, checked before tokenizing
+    # per caller (API key name, else client address) and API process; 0: off
+    rate_limit_generations_per_minute: int = Field(0, ge=0)
+    rate_limit_writes_per_minute: int = Field(0, ge=0)  # train and admin routes
+    rate_limit_tokens_per_minute: int = Field(0, ge=0)  # generated tokens, charged max_tokens at admission
 
     # ---- hardware ----------------------------------------------------------------------------------
     device: str = "auto"  # "auto": cuda if present, else cpu
@@ -123,12 +140,32 @@ class Settings(BaseSettings):
     bootstrap_max_bytes: int = 1_000_000
     bootstrap_steps: int = 800
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "allowed_origins", mode="before")
     @classmethod
-    def _split_keys(cls, value):
+    def _split_list(cls, value):
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        parse_api_keys(value)  # a malformed entry stops the start-up, naming its position (never the secret)
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        bad = [origin for origin in value if "://" not in origin or origin.count("/") != 2]
+        if bad:
+            raise ValueError(f"origins must be scheme://host[:port] without a path: {', '.join(bad)}")
+        return [origin.lower() for origin in value]
+
+    @model_validator(mode="after")
+    def _keys_for_all(self):
+        if self.require_key_for == "all" and not self.api_keys:
+            raise ValueError("PEER_REQUIRE_KEY_FOR=all needs PEER_API_KEYS")
+        return self
 
     @field_validator("base_model", mode="before")
     @classmethod
@@ -178,7 +215,8 @@ class Settings(BaseSettings):
     @field_validator("max_corpus_bytes", "max_document_bytes", "max_documents_per_request", "max_tokens_limit",
                      "max_active_generations", "max_queued_generations", "train_steps", "train_batch_size",
                      "train_seq_len", "eval_max_batches", "job_max_attempts", "stream_train_threshold_bytes",
-                     "api_torch_threads", "max_train_steps", "base_max_seq_len")
+                     "api_torch_threads", "max_train_steps", "base_max_seq_len", "max_request_bytes",
+                     "max_prompt_chars")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
