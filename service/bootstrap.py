@@ -10,7 +10,7 @@ from peer_model.corpora import CorpusUnavailable, load_corpus
 from .context import ServiceContext
 from .db.session import transaction
 from .ingest import parse_upload
-from .jobs import Dispatch
+from .jobs import Dispatch, dispatch_job
 from .uploads import accept_corpus
 from .versions import ensure_initial_version
 
@@ -38,6 +38,6 @@ def bootstrap(ctx: ServiceContext, dispatch: Dispatch) -> int | None:
     with transaction(ctx.sessions) as session:
         _, job = accept_corpus(ctx, session, name, parse_upload(data, "text", len(data)), text, "text", True,
                                {"steps": settings.bootstrap_steps}, source="builtin")
-    dispatch(job)
+    dispatch_job(ctx.sessions, dispatch, job)
     log.info("bootstrap: training version 2 on %r (ingest job %s)", name, job.id)
     return job.id

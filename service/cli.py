@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import subprocess
 import sys
 
+from .logs import setup_logging
 from .settings import Settings
 
 
@@ -25,7 +25,7 @@ def cmd_api(args, settings: Settings) -> None:
     from .api.app import create_app
 
     uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-                log_level=args.log_level.lower())
+                log_level=args.log_level.lower(), log_config=None)  # uvicorn's lines go through our root handler
 
 
 def worker_argv(queues: str, concurrency: int, pool: str, log_level: str, embedded: bool) -> list[str]:
@@ -43,19 +43,53 @@ def cmd_worker(args, settings: Settings) -> None:
     app.worker_main(worker_argv(args.queues, args.concurrency, args.pool, args.log_level, settings.embedded))
 
 
+def worker_metrics_env(settings: Settings, index: int) -> dict[str, str]:
+    """The ``index``-th worker of ``serve`` serves its metrics on PEER_WORKER_METRICS_PORT + index (0 stays off)."""
+    port = settings.worker_metrics_port
+    return {"PEER_WORKER_METRICS_PORT": str(port + index if port else 0)}
+
+
 def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def training_threads(settings: Settings) -> int:
+    """Torch threads of serve's training worker: PEER_WORKER_TORCH_THREADS, or the cores the API's decode
+    thread leaves (one worker on all cores beside the API oversubscribes them: on 2 cores a training job
+    ran at 1,100 tokens/s against 4,700 with one thread each)."""
+    return settings.worker_torch_threads or max(1, (os.cpu_count() or 1) - settings.api_torch_threads)
+
+
+def recover_orphaned_jobs(settings: Settings) -> None:
+    """serve owns the workers of its PEER_HOME: a job still running before they start was interrupted with
+    the last serve (killed, or stopped mid-bootstrap); it is queued again now, not after PEER_JOB_STALE_SECONDS."""
+    from .context import ServiceContext
+    from .db.session import transaction
+    from .jobs import requeue_running_jobs
+
+    ctx = ServiceContext.from_settings(settings)
+    try:
+        with transaction(ctx.sessions) as session:
+            recovered = requeue_running_jobs(session, 0)
+    finally:
+        ctx.close()
+    if recovered:
+        logging.getLogger(__name__).warning("jobs %s were interrupted by the last stop: queued again", recovered)
+
+
 def cmd_serve(args, settings: Settings) -> None:
-    """Migrate, start one worker process per queue, and run the API here; stop the workers on exit."""
+    """Migrate, queue again the jobs the last stop interrupted, start one worker process per queue, and run
+    the API here; stop the workers on exit (a worker's warm shutdown hands its running job back)."""
     cmd_migrate(args, settings)
+    if settings.embedded:
+        recover_orphaned_jobs(settings)
     # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it reaches the finally below
     signal.signal(signal.SIGTERM, _exit_on_signal)
     env = {**os.environ, "PEER_HOME": str(settings.home)}
     workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "--log-level", args.log_level, "worker",
-                                 "--queues", queue], env=env)
-               for queue in ("ingest", "train")]
+                                 "--queues", queue], env={**env, **worker_metrics_env(settings, index),
+                                                          "PEER_WORKER_TORCH_THREADS": str(threads)})
+               for index, (queue, threads) in enumerate((("ingest", 1), ("train", training_threads(settings))))]
     try:
         cmd_api(args, settings)
     finally:
@@ -93,11 +127,11 @@ def main(argv: list[str] | None = None) -> int | None:
     args = parser.parse_args(argv)
     if args.command == "client":  # no PEER_* server settings and no log lines: only the client's output
         return client.run(args)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings()
     except Exception as exc:  # pydantic ValidationError: a bad PEER_* variable
         parser.exit(2, f"peer-service: invalid settings: {exc}\n")
+    setup_logging(settings.log_format, args.log_level)
     args.func(args, settings)
 
 

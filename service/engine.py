@@ -16,9 +16,17 @@ get the new version; an old version is dropped once its last request ends, after
 are flushed. A watcher thread polls the database for the active version, so an activation made by a
 worker or by another API process is picked up within ``swap_poll_seconds``.
 
+Activation loads first: :meth:`ModelHost.activate` loads the version, then lets the caller commit the
+activation, then serves it, so a version that cannot be loaded is refused before the database points at
+it. At start, when the active version cannot be loaded (its checkpoint is gone or corrupt), the host
+serves the newest previously active version that loads and says so (``fallback``) instead of failing,
+so the API that can repair the situation is up.
+
 Expert usage: every PEER layer of a served model counts its selections (prompt and completion
-positions alike); every ``usage_flush_seconds`` the scheduler writes the non-zero counters per version,
-layer and time window to ``expert_usage`` and zeroes them.
+positions alike); every ``usage_flush_seconds`` the scheduler thread moves the counters into a buffer
+(a copy and a zeroing, no I/O) and a writer thread stores them per version, layer and time window in
+``expert_usage``. A write that fails keeps the buffer for the next try, and a retired version is dropped
+only after its counters were moved, so no count is lost and the decode loop never waits on the database.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ from datetime import datetime
 
 import numpy as np
 import torch
+from sqlalchemy import select
 
 from peer_model.checkpoint import CheckpointError
 from peer_model.batching import BatchDecoder, Sequence
@@ -41,9 +50,9 @@ from peer_model.tokenizer import Tokenizer
 from peer_model.train import resolve_device
 
 from .context import ServiceContext
-from .db.models import ExpertUsage, PoolVersion, utcnow
+from .db.models import Activation, ExpertUsage, PoolVersion, utcnow
 from .db.session import transaction
-from .errors import InvalidInput, NotReady, Overloaded
+from .errors import InvalidInput, NotFound, NotReady, Overloaded
 from .status import is_trained
 from .versions import active_version_id
 
@@ -100,10 +109,15 @@ def decode_usage(blob: bytes, num_experts: int) -> torch.Tensor:
 
 
 class ModelHost:
+    SWAP_RETRY_SECONDS = 60.0  # a version that failed to load is tried again by the watcher after this long
+
     def __init__(self, ctx: ServiceContext):
         self.ctx = ctx
         self.settings = ctx.settings
         self.device = resolve_device(self.settings.device)
+        self.fallback: str | None = None  # why the served version is not the active one (None: it is)
+        self._unloadable: dict[int, float] = {}  # version id → when it last failed to load
+        self._usage = UsageBuffer()
         self._current: LoadedVersion | None = None
         self._retired: list[LoadedVersion] = []
         self._pending: deque[Ticket] = deque()
@@ -118,7 +132,8 @@ class ModelHost:
 
     def start(self, watch: bool = True) -> None:
         torch.set_num_threads(self.settings.api_torch_threads)
-        self._threads = [threading.Thread(target=self._schedule, name="peer-scheduler", daemon=True)]
+        self._threads = [threading.Thread(target=self._schedule, name="peer-scheduler", daemon=True),
+                         threading.Thread(target=self._write_usage_loop, name="peer-usage-writer", daemon=True)]
         if watch:
             self._threads.append(threading.Thread(target=self._watch, name="peer-swap-watcher", daemon=True))
         for thread in self._threads:
@@ -130,7 +145,15 @@ class ModelHost:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout=10)
-        self._flush_usage(force=True)
+        self._collect_usage()
+        try:
+            self._write_usage()
+        except Exception:  # noqa: BLE001 - nothing left to retry with
+            log.exception("could not write expert usage at shutdown")
+
+    def dead_threads(self) -> list[str]:
+        """Names of the host's threads that died (the scheduler, the usage writer, the watcher)."""
+        return [thread.name for thread in self._threads if not thread.is_alive()]
 
     # ---- versions --------------------------------------------------------------------------------
 
@@ -147,43 +170,100 @@ class ModelHost:
         return current.version_id, current.model.tokenizer
 
     def sync_active(self) -> int | None:
-        """Load the database's active version if it is not the one served; returns the served id."""
+        """Load the database's active version if it is not the one served; returns the served id. A version
+        that failed to load is tried again only after SWAP_RETRY_SECONDS."""
         with self.ctx.sessions() as session:
             wanted = active_version_id(session)
+        failed_at = self._unloadable.get(wanted)
+        if failed_at is not None and time.monotonic() - failed_at < self.SWAP_RETRY_SECONDS:
+            return self.version_id
         if wanted is not None and wanted != self.version_id:
-            self.swap_to(wanted)
+            try:
+                self.swap_to(wanted)
+            except NotReady:
+                self._unloadable[wanted] = time.monotonic()
+                raise
+            self._unloadable.pop(wanted, None)
+            self.fallback = None
         return self.version_id
+
+    def start_serving(self) -> int:
+        """At start: serve the active version, or, when it cannot be loaded, the newest previously active
+        version that can (``fallback`` says which and why; the database still names the active one, and
+        the watcher keeps trying it). Raises NotReady when no version loads at all."""
+        try:
+            served = self.sync_active()
+        except NotReady as exc:
+            failure = exc.message
+        else:
+            if served is None:
+                raise NotReady("no active version in the database")
+            return served
+        with self.ctx.sessions() as session:
+            wanted = active_version_id(session)
+            history = session.scalars(select(Activation.version_id).order_by(Activation.id.desc())).all()
+        for candidate in dict.fromkeys(v for v in history if v != wanted):
+            try:
+                self.swap_to(candidate)
+            except NotReady as exc:
+                log.error("fallback: %s", exc.message)
+                continue
+            self.fallback = (f"the active version {wanted} cannot be loaded ({failure}); serving version {candidate}, "
+                             f"the newest earlier active version that loads: activate a version to resolve this")
+            log.error(self.fallback)
+            return candidate
+        raise NotReady(f"no version can be loaded: {failure}")
+
+    def load(self, version_id: int) -> LoadedVersion:
+        """Load a version beside the served one (nothing changes for requests). Raises NotFound, or
+        NotReady when its checkpoint cannot be loaded."""
+        with self.ctx.sessions() as session:
+            version = session.get(PoolVersion, version_id)
+            if version is None:
+                raise NotFound(f"version {version_id} not found")
+            checkpoint, trained = version.checkpoint, is_trained(version)
+        try:
+            model = self.ctx.store.load_model(checkpoint, str(self.device)).eval()
+        except (CheckpointError, OSError) as exc:
+            raise NotReady(f"version {version_id} cannot be loaded: {type(exc).__name__}: {exc}") from None
+        for layer in model.peer_layers().values():
+            layer.track_usage = True
+        graphs = self.settings.cuda_graphs and model.embed.weight.is_cuda
+        return LoadedVersion(version_id, model, BatchDecoder(model, self.settings.max_active_generations, graphs),
+                             trained=trained)
+
+    def install(self, loaded: LoadedVersion) -> None:
+        """Serve ``loaded`` to new requests; running ones finish on their version."""
+        with self._cond:
+            if self._current is not None:
+                self._retired.append(self._current)
+            self._current = loaded
+            self._cond.notify_all()
+        log.info("serving version %s", loaded.version_id)
 
     def swap_to(self, version_id: int) -> None:
         with self._swap_lock:
-            if version_id == self.version_id:
-                return
-            with self.ctx.sessions() as session:
-                version = session.get(PoolVersion, version_id)
-                if version is None:
-                    raise InvalidInput(f"version {version_id} not found")
-                checkpoint, trained = version.checkpoint, is_trained(version)
-            try:
-                model = self.ctx.store.load_model(checkpoint, str(self.device)).eval()
-            except CheckpointError as exc:
-                raise NotReady(f"version {version_id} cannot be loaded: {exc}") from None
-            for layer in model.peer_layers().values():
-                layer.track_usage = True
-            graphs = self.settings.cuda_graphs and model.embed.weight.is_cuda
-            loaded = LoadedVersion(version_id, model, BatchDecoder(model, self.settings.max_active_generations, graphs),
-                                   trained=trained)
-            with self._cond:
-                if self._current is not None:
-                    self._retired.append(self._current)
-                self._current = loaded
-                self._cond.notify_all()
-            log.info("serving version %s", version_id)
+            if version_id != self.version_id:
+                self.install(self.load(version_id))
+
+    def activate(self, version_id: int, commit: Callable[[], None]) -> None:
+        """Load ``version_id`` (unless served), then ``commit()`` (the caller records the activation), then
+        serve it: a version that cannot be loaded raises before anything is recorded."""
+        with self._swap_lock:
+            loaded = None if version_id == self.version_id else self.load(version_id)
+            commit()
+            if loaded is not None:
+                self.install(loaded)
+            self._unloadable.pop(version_id, None)
+            self.fallback = None
 
     def _watch(self) -> None:
         while not self._stop.wait(self.settings.swap_poll_seconds):
             try:
                 self.sync_active()
-            except Exception:  # noqa: BLE001 - keep serving the loaded version; retried next poll
+            except NotReady as exc:  # keep serving the loaded version; retried after SWAP_RETRY_SECONDS
+                log.error("could not load the active version: %s", exc.message)
+            except Exception:  # noqa: BLE001 - e.g. the database is down: retried next poll
                 log.exception("could not sync the active version")
 
     # ---- requests --------------------------------------------------------------------------------
@@ -229,19 +309,27 @@ class ModelHost:
 
     def _schedule(self) -> None:
         while not self._stop.is_set():
-            with self._cond:
-                room = self.settings.max_active_generations - self._running
-                admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-                self._running += len(admitted)
-                if not admitted and not self._running:
-                    self._cond.wait(timeout=self.settings.usage_flush_seconds)
-                versions = [v for v in (self._current, *self._retired) if v is not None]
-            for ticket in admitted:
-                self._start(ticket)
-            for version in versions:
-                if version.running:
-                    self._advance(version)
-            self._flush_usage()
+            try:
+                self._round()
+            except Exception:  # noqa: BLE001 - a bug in one round must not stop serving
+                log.exception("scheduler round failed")
+
+    def _round(self) -> None:
+        """Admit waiting requests, advance every version's batch by one token, move usage counters."""
+        with self._cond:
+            room = self.settings.max_active_generations - self._running
+            admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            self._running += len(admitted)
+            if not admitted and not self._running:
+                self._cond.wait(timeout=self.settings.usage_flush_seconds)
+            versions = [v for v in (self._current, *self._retired) if v is not None]
+        for ticket in admitted:
+            self._start(ticket)
+        for version in versions:
+            if version.running:
+                self._advance(version)
+        if time.monotonic() - self._last_flush >= self.settings.usage_flush_seconds:
+            self._collect_usage()
 
     def _start(self, ticket: Ticket) -> None:
         """Prefill a ticket into its version's batch (its first token comes with the next round)."""
@@ -297,36 +385,88 @@ class ModelHost:
             self._running -= 1
             ticket.version.requests -= 1
 
-    def _flush_usage(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_flush < self.settings.usage_flush_seconds:
-            return
-        self._last_flush = now
-        with self._cond:
-            idle = [v for v in self._retired if v.requests == 0]
-            self._retired = [v for v in self._retired if v.requests > 0]
-            versions = [v for v in (self._current, *self._retired, *idle) if v is not None]
-        try:
-            self._write_usage(versions)
-        except Exception:  # noqa: BLE001 - counters stay and are written next time
-            log.exception("could not write expert usage")
-
-    def _write_usage(self, versions: list[LoadedVersion]) -> None:
-        rows = []
+    def _collect_usage(self) -> None:
+        """On the scheduler thread (which alone runs the models): move every served version's counters into
+        the buffer, then drop retired versions whose last request ended."""
+        self._last_flush = time.monotonic()
         end = utcnow()
+        with self._cond:
+            versions = [v for v in (self._current, *self._retired) if v is not None]
         for version in versions:
             for index, layer in version.model.peer_layers().items():
                 counts = layer.usage_counts.cpu()
-                if not bool(counts.any()):
-                    continue
-                blob, selections = encode_usage(counts)
-                per_token = layer.config.heads * layer.config.top_k
-                rows.append((ExpertUsage(version_id=version.version_id, layer=index, window_start=version.window_start,
-                                         window_end=end, tokens=selections // per_token, counts=blob), layer))
-        if rows:
-            with transaction(self.ctx.sessions) as session:
-                session.add_all(row for row, _ in rows)
-            for _, layer in rows:
-                layer.reset_usage()
-        for version in versions:
+                if bool(counts.any()):
+                    per_token = layer.config.heads * layer.config.top_k
+                    self._usage.add(version.version_id, index, version.window_start, end, counts.clone(), per_token)
+                    layer.reset_usage()
             version.window_start = end
+        with self._cond:
+            self._retired = [v for v in self._retired if v.requests > 0]
+        self._usage.ready.set()
+
+    def _write_usage_loop(self) -> None:
+        while not self._stop.is_set():
+            self._usage.ready.wait(timeout=self.settings.usage_flush_seconds)
+            self._usage.ready.clear()
+            try:
+                self._write_usage()
+            except Exception:  # noqa: BLE001 - the counters stay in the buffer and are written next time
+                log.exception("could not write expert usage")
+
+    def _write_usage(self) -> None:
+        windows = self._usage.take()
+        if not windows:
+            return
+        try:
+            with transaction(self.ctx.sessions) as session:
+                session.add_all(ExpertUsage(version_id=version_id, layer=layer, window_start=w.start, window_end=w.end,
+                                            tokens=w.selections // w.per_token, counts=encode_usage(w.counts)[0])
+                                for (version_id, layer), w in windows.items())
+        except BaseException:
+            self._usage.put_back(windows)
+            raise
+
+
+@dataclass
+class UsageWindow:
+    start: datetime
+    end: datetime
+    counts: torch.Tensor
+    per_token: int  # selections per routed token (heads × top-k)
+
+    @property
+    def selections(self) -> int:
+        return int(self.counts.sum())
+
+
+class UsageBuffer:
+    """Counters moved off the models and not yet stored, one window per (version, layer): what arrives while a
+    write fails is merged into it (summed counts, the earliest start, the latest end)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._windows: dict[tuple[int, int], UsageWindow] = {}
+        self.ready = threading.Event()
+
+    def add(self, version_id: int, layer: int, start: datetime, end: datetime, counts: torch.Tensor,
+            per_token: int) -> None:
+        self.put_back({(version_id, layer): UsageWindow(start, end, counts, per_token)})
+
+    def put_back(self, windows: dict[tuple[int, int], UsageWindow]) -> None:
+        with self._lock:
+            for key, window in windows.items():
+                held = self._windows.get(key)
+                if held is None:
+                    self._windows[key] = window
+                    continue
+                size = max(held.counts.numel(), window.counts.numel())
+                counts = torch.zeros(size, dtype=torch.long)
+                counts[:held.counts.numel()] += held.counts
+                counts[:window.counts.numel()] += window.counts
+                self._windows[key] = UsageWindow(min(held.start, window.start), max(held.end, window.end), counts,
+                                                 window.per_token)
+
+    def take(self) -> dict[tuple[int, int], UsageWindow]:
+        with self._lock:
+            windows, self._windows = self._windows, {}
+        return windows

@@ -24,7 +24,7 @@ from peer_model.train import resolve_device
 from .context import ServiceContext
 from .db.models import Job, PoolVersion
 from .errors import Conflict, InvalidInput
-from .jobs import JobCancelled, heartbeat
+from .jobs import Dispatch, JobCancelled, heartbeat
 from .training import JobProgress, job_train_config, parse_options, publish_version, run_owned_job, token_data
 from .versions import active_version_id, get_version
 
@@ -69,8 +69,8 @@ def segments_to_mask(version: PoolVersion, corpus_id: int) -> dict[int, list[int
     return plan
 
 
-def run_forget_job(ctx: ServiceContext, job_id: int) -> None:
-    run_owned_job(ctx, job_id, _forget_and_publish)
+def run_forget_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch | None = None) -> None:
+    run_owned_job(ctx, job_id, _forget_and_publish, dispatch)
 
 
 def _forget_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:

@@ -20,6 +20,7 @@ from peer_model.presets import PRESETS
 from peer_model.train import PARAM_DTYPES
 
 from .keys import parse_api_keys
+from .logs import LOG_FORMATS
 
 
 class InvalidSetting(ValueError):
@@ -126,7 +127,13 @@ class Settings(BaseSettings):
     job_max_attempts: int = 3
     job_heartbeat_seconds: float = 2.0  # a running job records progress and reads its cancel flag this often
     job_stale_seconds: float = 600.0  # a running job without a heartbeat this long is re-queued
+    job_db_outage_seconds: float = 120.0  # a job rides out a database outage this long (keep below job_stale_seconds)
+    job_watchdog_seconds: float = 30.0  # how often each worker's watchdog sends unsent jobs and re-queues stale ones
     broker_visibility_timeout: int = 4 * 3600  # Redis: above the longest job
+
+    # ---- observability -------------------------------------------------------------------------------
+    log_format: str = "json"  # json: one JSON object per line with request_id / job_id; text: plain lines
+    worker_metrics_port: int = Field(0, ge=0, le=65535)  # a worker's Prometheus endpoint (0: off; serve: +1 per worker)
 
     # ---- data lifecycle (README "Data lifecycle": service/retention.py, usage.py, chunkstore.py) ------------
     keep_versions: int = Field(10, ge=1)  # retention keeps the active, the pinned, the newest N and those jobs need
@@ -202,12 +209,12 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 0")
         return value
 
-    @field_validator("ffw", "attention", "strategy", "base_branch", "base_trains", "train_param_dtype")
+    @field_validator("ffw", "attention", "strategy", "base_branch", "base_trains", "train_param_dtype", "log_format")
     @classmethod
     def _one_of(cls, value: str, info) -> str:
         allowed = {"ffw": FFW_KINDS, "attention": ATTENTION_KINDS, "strategy": STRATEGIES,
                    "base_branch": ("parallel", "replace"), "base_trains": BASE_TRAINS,
-                   "train_param_dtype": tuple(PARAM_DTYPES)}[info.field_name]
+                   "train_param_dtype": tuple(PARAM_DTYPES), "log_format": LOG_FORMATS}[info.field_name]
         if value not in allowed:
             raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}")
         return value

@@ -9,8 +9,9 @@ parent; when an earlier corpus' text is gone from the store, the parent's own sa
 instead) → bits per byte on the validation split of every corpus the version knows (whose text is
 still there) → publish: the checkpoint is written first, then in one transaction the version row, its
 evaluations, the job's success and (when the activation gate passes) the activation. A crash at any
-point before that commit leaves no version row, so no half version is ever visible; the retried job
-overwrites the orphaned checkpoint.
+point before that commit leaves no version row, so no half version is ever visible; each attempt writes
+its own checkpoint key, so an attempt that lost its lease never touches a published version (its orphaned
+files are collected by the store's garbage collection).
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from peer_model.continual import ContinualOptions, Strategy, continual_stage, evaluate_all
 from peer_model.tokenizer import Tokenizer
@@ -32,11 +34,14 @@ from .db.models import Corpus, Evaluation, Job, PoolVersion, utcnow
 from .db.session import transaction
 from .errors import Conflict, InvalidInput
 from .ingest import ingest_documents, parse_upload
-from .jobs import Dispatch, JobCancelled, LeaseLost, claim_job, create_job, finish_job, heartbeat, owned_job
+from .jobs import (Dispatch, JobCancelled, LeaseLost, claim_job, create_job, dispatch_job, finish_job, hand_back_job,
+                   heartbeat, owned_job)
 from .settings import Settings
-from .versions import activate, active_version_id, describe_pools, get_version, is_pretrained
+from .versions import activate, active_version_id, describe_pools, get_version, is_pretrained, lock_activations
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)  # the connection, not the statement, failed
 
 
 class JobOptions(BaseModel):
@@ -186,30 +191,26 @@ def run_ingest_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch) -> None
         _fail_ingest(ctx, job_id, lease, f"{type(exc).__name__}: {exc}")
         return
     if follow_up is not None:
-        dispatch(follow_up)
+        dispatch_job(ctx.sessions, dispatch, follow_up)
 
 
 def _fail_ingest(ctx: ServiceContext, job_id: int, lease: str, error: str) -> None:
-    try:
-        with transaction(ctx.sessions) as session:
-            job = owned_job(session, job_id, lease)
-            job.state, job.error, job.finished_at, job.lease = "failed", error, utcnow(), None
-            corpus = session.get(Corpus, job.corpus_ids[0])
-            corpus.state, corpus.error = "failed", error
-    except LeaseLost:
-        pass
+    _finish_quietly(ctx, job_id, lease, "failed", error)  # the corpus fails with it (jobs.close_job)
 
 
 # ---- train ---------------------------------------------------------------------------------------
 
 
-def run_train_job(ctx: ServiceContext, job_id: int) -> None:
-    run_owned_job(ctx, job_id, _train_and_publish)
+def run_train_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch | None = None) -> None:
+    run_owned_job(ctx, job_id, _train_and_publish, dispatch)
 
 
-def run_owned_job(ctx: ServiceContext, job_id: int, body: Callable[[ServiceContext, int, str], None]) -> None:
+def run_owned_job(ctx: ServiceContext, job_id: int, body: Callable[[ServiceContext, int, str], None],
+                  dispatch: Dispatch | None = None) -> None:
     """Claim the job and run ``body(ctx, job_id, lease)``; its end (cancelled, failed with the reason)
-    is recorded on the job unless the lease was lost to another attempt."""
+    is recorded on the job unless the lease was lost to another attempt. Interrupted by the worker's
+    shutdown (``ctx.stopping``), the job is handed back and sent again through ``dispatch`` (without one,
+    the watchdog sends it)."""
     settings = ctx.settings
     lease = claim_job(ctx.sessions, job_id, settings.job_max_attempts, settings.job_stale_seconds)
     if lease is None:
@@ -220,6 +221,17 @@ def run_owned_job(ctx: ServiceContext, job_id: int, body: Callable[[ServiceConte
         log.warning("job %s: lost its lease; another attempt owns it", job_id)
     except JobCancelled:
         _finish_quietly(ctx, job_id, lease, "cancelled")
+    except WorkerStopping:
+        log.warning("job %s: handed back, the worker is shutting down", job_id)
+        try:
+            hand_back_job(ctx.sessions, job_id, lease)
+        except LeaseLost:
+            return
+        if dispatch is not None:
+            with ctx.sessions() as session:
+                job = session.get(Job, job_id)
+            if job.state == "queued":
+                dispatch_job(ctx.sessions, dispatch, job)
     except (InvalidInput, Conflict) as exc:
         _finish_quietly(ctx, job_id, lease, "failed", exc.message)
     except Exception as exc:  # noqa: BLE001 - recorded on the job
@@ -234,8 +246,17 @@ def _finish_quietly(ctx: ServiceContext, job_id: int, lease: str, state: str, er
         pass
 
 
+class WorkerStopping(Exception):
+    """The worker is shutting down (SIGTERM, Ctrl-C): the job goes back to the queue at once."""
+
+
 class JobProgress:
-    """Training callbacks: heartbeat (progress, speed, ETA, loss) every ``job_heartbeat_seconds``, cancel flag.
+    """Training callbacks: heartbeat (progress, speed, ETA, loss) every ``job_heartbeat_seconds``, cancel flag,
+    the worker's shutdown (raises WorkerStopping).
+
+    A heartbeat that fails because the database is unreachable does not fail the job: training goes on
+    and the next heartbeat tries again, for up to ``job_db_outage_seconds`` (below the stale timeout, after
+    which another worker may claim the job); a longer outage raises the error.
 
     The job's ``metrics`` carry ``base_metrics`` (e.g. the strategy), the latest step, loss and learning
     rate, and ``loss_history``: [step, loss] points over the whole run, at most ``HISTORY_POINTS`` (when
@@ -250,6 +271,7 @@ class JobProgress:
         self.last_beat = 0.0
         self.record: dict = {}
         self.cancelled = False
+        self._outage_since: float | None = None
         self._points: list[list[float]] = []
         self._seen = 0
         self._stride = 1
@@ -275,6 +297,8 @@ class JobProgress:
                 "lr": self.record["lr"], "loss_history": self.loss_history}
 
     def should_stop(self) -> bool:
+        if self.ctx.stopping.is_set():
+            raise WorkerStopping()
         now = time.monotonic()
         if now - self.last_beat >= self.ctx.settings.job_heartbeat_seconds:
             self.last_beat = now
@@ -283,7 +307,15 @@ class JobProgress:
             if self.record:
                 fields.update(tokens_per_s=self.record["tokens_per_s"], eta_s=self.record["eta_s"],
                               metrics=self.metrics())
-            self.cancelled = heartbeat(self.ctx.sessions, self.job_id, self.lease, **fields)
+            try:
+                self.cancelled = heartbeat(self.ctx.sessions, self.job_id, self.lease, **fields)
+                self._outage_since = None
+            except TRANSIENT_DB_ERRORS as exc:
+                self._outage_since = self._outage_since or now
+                if now - self._outage_since > self.ctx.settings.job_db_outage_seconds:
+                    raise
+                log.warning("job %s: heartbeat failed (%s); training goes on, retrying", self.job_id,
+                            type(exc).__name__)
         return self.cancelled
 
 
@@ -297,7 +329,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     settings = ctx.settings
     with ctx.sessions() as session:
         job = session.get(Job, job_id)
-        base_id = job.base_version_id or active_version_id(session)
+        base_id = job.base_version_id or active_version_id(session)  # unpinned: the active version now
         if base_id is None:
             raise InvalidInput("no version to train from: activate one first")
         base = get_version(session, base_id)
@@ -327,7 +359,8 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         # replay the parent's own samples instead
         stage_options = replace(stage_options, replay_source="parent")
     old_train = [token_data(ctx, [c], "train", tokenizer) for c in old_ids if c not in gone]
-    progress = JobProgress(ctx, job_id, lease, stage_options.train.steps, {"strategy": stage_options.strategy})
+    progress = JobProgress(ctx, job_id, lease, stage_options.train.steps,
+                           {"strategy": stage_options.strategy, "base_version_id": base_id})
     heartbeat(ctx.sessions, job_id, lease, metrics=progress.metrics())
 
     stage = continual_stage(parent, new_train, old_train, stage_options, tag=f"job:{job_id}",
@@ -357,29 +390,61 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
 def publish_version(ctx: ServiceContext, job_id: int, lease: str, base_id: int, child, parent_segments: dict,
                     new_ids: list[int], corpus_ids: list[int], strategy: str, evaluations: dict[int, float],
                     gate: tuple[bool, str], activate_option: str, metrics: dict) -> int:
-    """Write the child's checkpoint, then in one transaction its version row, its evaluations (bits per
-    byte per corpus), the job's success with ``metrics`` and, when asked (``activate_option`` always, or
-    auto and the gate passed), its activation. Returns the version id."""
+    """Write the child's checkpoint under a key of this attempt's own (an attempt that lost its lease can
+    never overwrite what another attempt published), then in one transaction its version row, its
+    evaluations (bits per byte per corpus), the job's success with ``metrics`` and, when asked
+    (``activate_option`` always, or auto and the gate passed), its activation. The gate compared the child
+    with ``base_id`` only: an auto activation happens only while ``base_id`` is still the active version
+    (another job may have activated a version meanwhile, whose corpora this child never saw: it is
+    published, not activated). A transient database error is retried for up to PEER_JOB_DB_OUTAGE_SECONDS.
+    Returns the version id."""
     gate_passed, gate_reason = gate
-    key = ctx.store.version_key(f"job-{job_id}")
+    key = ctx.store.version_key(f"job-{job_id}-{lease[:12]}")
     ctx.store.save_model(key, child, extra={"job_id": job_id, "parent_id": base_id})
     experts, segments = describe_pools(child, parent_segments, new_ids)
-    with transaction(ctx.sessions) as session:
-        job = owned_job(session, job_id, lease)
-        version = PoolVersion(parent_id=base_id, job_id=job_id, checkpoint=key,
-                              model_config_json=child.config.to_dict(), experts=experts, segments=segments,
-                              corpus_ids=corpus_ids, strategy=strategy, gate_passed=gate_passed,
-                              gate_reason=gate_reason)
-        session.add(version)
-        session.flush()
-        session.add_all(Evaluation(version_id=version.id, corpus_id=c, bpb=bpb) for c, bpb in evaluations.items())
-        activated = activate_option == "always" or (activate_option == "auto" and gate_passed)
-        if activated:
-            activate(session, version.id, f"job {job_id}: {gate_reason}", f"job:{job_id}")
-        job.result_version_id = version.id
-        job.state, job.progress, job.finished_at, job.lease, job.eta_s = "succeeded", 1.0, utcnow(), None, 0.0
-        job.metrics = {**metrics, "activated": activated, "gate": gate_reason}
-        return version.id
+
+    def commit() -> int:
+        with transaction(ctx.sessions) as session:
+            job = owned_job(session, job_id, lease)
+            version = PoolVersion(parent_id=base_id, job_id=job_id, checkpoint=key,
+                                  model_config_json=child.config.to_dict(), experts=experts, segments=segments,
+                                  corpus_ids=corpus_ids, strategy=strategy, gate_passed=gate_passed,
+                                  gate_reason=gate_reason)
+            session.add(version)
+            session.flush()
+            session.add_all(Evaluation(version_id=version.id, corpus_id=c, bpb=b) for c, b in evaluations.items())
+            reason = gate_reason
+            activated = activate_option == "always" or (activate_option == "auto" and gate_passed)
+            if activated:
+                lock_activations(session)
+                active = active_version_id(session)
+                if activate_option == "auto" and active != base_id:
+                    activated = False
+                    reason = (f"{gate_reason}; not activated: the active version moved from {base_id} to {active} "
+                              f"while this job ran, and this version never saw its corpora")
+                else:
+                    activate(session, version.id, f"job {job_id}: {gate_reason}"[:200], f"job:{job_id}")
+            job.result_version_id, job.base_version_id = version.id, base_id
+            job.state, job.progress, job.finished_at, job.lease, job.eta_s = "succeeded", 1.0, utcnow(), None, 0.0
+            job.metrics = {**metrics, "activated": activated, "gate": reason}
+            return version.id
+
+    return retry_transient(commit, ctx.settings.job_db_outage_seconds, f"job {job_id}: publishing")
+
+
+def retry_transient(operation: Callable[[], T], patience_s: float, what: str) -> T:
+    """``operation()``, tried again with growing pauses while the database is unreachable, for up to
+    ``patience_s`` seconds; then the error is raised."""
+    deadline, pause = time.monotonic() + patience_s, 0.5
+    while True:
+        try:
+            return operation()
+        except TRANSIENT_DB_ERRORS as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s: database unreachable (%s), retrying in %.1f s", what, type(exc).__name__, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 10.0)
 
 
 def activation_gate(child: dict[int, float], parent: dict[int, float], old_ids: list[int], new_ids: list[int],

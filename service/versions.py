@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,6 +18,7 @@ from .settings import InvalidSetting, Settings
 from .store import Store
 
 INITIAL_CHECKPOINT = Store.version_key("initial")
+ACTIVATION_LOCK = 0x5045455241  # any constant shared by every process of the service ("PEERA")
 
 
 def active_version_id(session: Session) -> int | None:
@@ -34,6 +35,14 @@ def get_version(session: Session, version_id: int) -> PoolVersion:
 def is_pretrained(version: PoolVersion) -> bool:
     """A descendant of a pretrained model (PEER_BASE_MODEL): it knows text that no corpus of ours holds."""
     return version.model_config_json.get("hf_config") is not None
+
+
+def lock_activations(session: Session) -> None:
+    """Serialise activations until this transaction ends, so that reading the active version and
+    activating another cannot interleave with a concurrent activation (PostgreSQL: a transaction-level
+    advisory lock; SQLite allows one writer at a time anyway)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ACTIVATION_LOCK})
 
 
 def activate(session: Session, version_id: int, reason: str, actor: str) -> Activation:

@@ -8,6 +8,7 @@ scheduler and the swap watcher. A PEER_BASE_MODEL that cannot be loaded stops th
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from .. import logs
 from ..bootstrap import bootstrap
 from ..context import ServiceContext
 from ..engine import ModelHost
@@ -28,11 +30,36 @@ from .ratelimit import RateLimits
 from .routes import corpora, experts, generate, health, jobs, openai, status, streams, versions
 
 log = logging.getLogger(__name__)
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def error_body(status: int, message: str, kind: str) -> dict:
     """``detail`` for humans and FastAPI clients, ``error`` in the OpenAI shape for its client."""
     return {"detail": message, "error": {"message": message, "type": kind, "code": status}}
+
+
+def client_request_id(request: Request) -> str | None:
+    """The caller's X-Request-Id when it is a plain token (it goes into logs and back into a header)."""
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.fullmatch(given) else None
+
+
+def route_path(request: Request) -> str:
+    """The matched route's template (``/v1/jobs/{job_id}``): a bounded label set, unlike raw paths."""
+    return getattr(request.scope.get("route"), "path", "unmatched")
+
+
+def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """An unhandled exception: logged with its traceback, counted by route and exception type, answered as a
+    JSON 500 that gives the request id to quote (never the exception's text, which may hold internals)."""
+    request_id = logs.request_id.get() or client_request_id(request) or uuid.uuid4().hex
+    kind = type(exc).__name__
+    log.error("unhandled %s on %s %s", kind, request.method, request.url.path, exc_info=exc)
+    request.app.state.metrics.server_errors.labels(route=route_path(request), exception=kind).inc()
+    body = error_body(500, f"internal server error (request id {request_id}); the service logged the cause",
+                      "InternalError")
+    return JSONResponse(status_code=500, content={**body, "request_id": request_id},
+                        headers={"X-Request-Id": request_id})
 
 
 def create_app(settings: Settings | None = None, dispatch: Dispatch | None = None) -> FastAPI:
@@ -50,7 +77,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
         app.state.ctx = ctx
         bootstrap(ctx, app.state.dispatch)
         host = ModelHost(ctx)
-        host.sync_active()
+        host.start_serving()
         host.start()
         app.state.host = host
         try:
@@ -78,13 +105,20 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return JSONResponse(status_code=422, content=error_body(422, f"invalid request: {problems}", "InvalidInput"))
 
+    @app.exception_handler(Exception)
+    async def unhandled_error(request: Request, exc: Exception):  # raised outside the middleware below
+        return internal_error(request, exc)
+
     @app.middleware("http")
     async def request_id_and_metrics(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = client_request_id(request) or uuid.uuid4().hex
+        logs.request_id.set(request_id)  # this request's task (and what it starts) logs with it
         start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - a bug: a JSON 500 carrying the request id, logged and counted
+            response = internal_error(request, exc)
+        path = route_path(request)
         metrics: Metrics = request.app.state.metrics
         metrics.requests.labels(request.method, path, str(response.status_code)).inc()
         metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)

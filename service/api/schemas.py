@@ -121,7 +121,8 @@ class JobOut(BaseModel):
     state: str
     corpus_ids: list[int]
     options: dict[str, Any]
-    base_version_id: int | None
+    base_version_id: int | None = Field(description="the version trained from: the pinned one, or once the job "
+                                                    "published, the one that was active when it started")
     result_version_id: int | None
     next_job_id: int | None
     progress: float
@@ -148,7 +149,8 @@ class DocumentsRequest(BaseModel):
 
 class JobRequest(BaseModel):
     corpus_ids: list[int] = Field(..., min_length=1)
-    base_version_id: int | None = Field(None, description="default: the active version")
+    base_version_id: int | None = Field(None, description="default: the version active when the job starts (and an "
+                                                          "automatic activation only while it still is)")
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="strategy, new_experts, steps, freeze_old_experts, replay_fraction, distill_weight, train_dense, "
@@ -156,7 +158,8 @@ class JobRequest(BaseModel):
 
 
 class ForgetRequest(BaseModel):
-    base_version_id: int | None = Field(None, description="default: the active version")
+    base_version_id: int | None = Field(None, description="default: the version active when the job starts (and an "
+                                                          "automatic activation only while it still is)")
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="repair_steps (training steps on the remaining corpora with distillation to the parent; default "

@@ -3,9 +3,11 @@ service.training and service.forgetting.
 
 Reliability settings (DESIGN.md): ``acks_late`` + ``reject_on_worker_lost`` (a task whose worker
 process dies is redelivered), prefetch 1, a Redis visibility timeout above the longest job, no result
-backend (job state lives in the database). Every worker also runs a watchdog thread that re-queues
-jobs whose heartbeat stopped (a whole worker killed, a message lost) and fails them after
-``job_max_attempts`` claims: see service/jobs.py.
+backend (job state lives in the database). Every worker also runs a watchdog thread (every
+``job_watchdog_seconds``) that sends jobs whose message never reached the broker (it was down when the
+API stored them) or was lost, re-queues jobs whose heartbeat stopped (a whole worker killed) and fails
+them after ``job_max_attempts`` claims: see service/jobs.py. A warm shutdown (SIGTERM, Ctrl-C) hands
+the running job back to the queue at once instead of finishing it.
 
 Embedded default: Celery's filesystem transport in ``<home>/broker`` needs no server; the API
 process only writes messages there and the worker process started by ``peer-service serve`` reads them.
@@ -14,14 +16,19 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from prometheus_client import start_http_server
 
 from ..context import ServiceContext
 from ..db.models import Job
-from ..jobs import Dispatch, recover_stale_jobs
+from ..jobs import QUEUES, Dispatch, recover_stale_jobs
+from ..logs import job_context
+from ..metrics import WorkerMetrics
 from ..settings import Settings
 from ..forgetting import run_forget_job
 from ..training import run_ingest_job, run_train_job
@@ -29,7 +36,6 @@ from ..training import run_ingest_job, run_train_job
 log = logging.getLogger(__name__)
 
 TASKS = {"ingest": "peer.ingest", "train": "peer.train", "forget": "peer.forget"}  # job kind → task name
-QUEUES = {"ingest": "ingest", "train": "train", "forget": "train"}  # job kind → queue (forgetting loads a model)
 
 
 def broker_options(settings: Settings) -> dict:
@@ -68,18 +74,28 @@ def make_celery(settings: Settings | None = None) -> Celery:
         return state["ctx"]
 
     dispatch = dispatcher(app)
+    app.peer_metrics = metrics = WorkerMetrics(lambda: context().sessions())
+
+    @contextmanager
+    def running(kind: str, job_id: int) -> Iterator[ServiceContext]:
+        """A job's task: its log lines carry job_id, its run is counted in the worker's metrics."""
+        with job_context(job_id), metrics.job(kind, job_id):
+            yield context()
 
     @app.task(name=TASKS["ingest"], acks_late=True)
     def ingest(job_id: int) -> None:
-        run_ingest_job(context(), job_id, dispatch)
+        with running("ingest", job_id) as ctx:
+            run_ingest_job(ctx, job_id, dispatch)
 
     @app.task(name=TASKS["train"], acks_late=True)
     def train(job_id: int) -> None:
-        run_train_job(context(), job_id)
+        with running("train", job_id) as ctx:
+            run_train_job(ctx, job_id, dispatch)
 
     @app.task(name=TASKS["forget"], acks_late=True)
     def forget(job_id: int) -> None:
-        run_forget_job(context(), job_id)
+        with running("forget", job_id) as ctx:
+            run_forget_job(ctx, job_id, dispatch)
 
     watchdog_stop = threading.Event()
 
@@ -87,19 +103,31 @@ def make_celery(settings: Settings | None = None) -> Celery:
     def start_watchdog(sender=None, **_):
         if getattr(sender, "app", None) is not app:
             return
-        interval = max(1.0, settings.job_stale_seconds / 4)
+        if settings.worker_metrics_port:  # the solo pool (the default) runs the tasks in this very process
+            start_http_server(settings.worker_metrics_port, registry=metrics.registry)
+            log.info("worker metrics on port %s", settings.worker_metrics_port)
+        interval = settings.job_watchdog_seconds
 
         def loop() -> None:
             ctx = ServiceContext.from_settings(settings)
-            while not watchdog_stop.wait(interval):
+            while True:  # a first pass at once: jobs handed back or never sent go without waiting
                 try:
                     recovered = recover_stale_jobs(ctx.sessions, dispatch, settings.job_stale_seconds)
                     if recovered:
                         log.warning("re-queued stale jobs %s", recovered)
                 except Exception:  # noqa: BLE001 - the watchdog must outlive a database hiccup
                     log.exception("watchdog pass failed")
+                if watchdog_stop.wait(interval):
+                    return
 
         threading.Thread(target=loop, name="peer-job-watchdog", daemon=True).start()
+
+    @worker_shutting_down.connect(weak=False)
+    def hand_back(sender=None, **_):
+        """Warm shutdown (SIGTERM, Ctrl-C) begins: the running job stops at its next step and goes back to
+        the queue (service.training.WorkerStopping) instead of holding the worker until it ends."""
+        if "ctx" in state:
+            state["ctx"].stopping.set()
 
     @worker_shutdown.connect(weak=False)
     def stop_watchdog(sender=None, **_):

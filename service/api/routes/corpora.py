@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -14,7 +15,7 @@ from ...db.models import Corpus
 from ...errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from ...forgetting import parse_forget_options, segments_to_mask
 from ...ingest import parse_upload
-from ...jobs import create_job
+from ...jobs import create_job, dispatch_job
 from ...training import validate_job_options
 from ...uploads import accept_corpus
 from ...versions import active_version_id, get_version
@@ -78,7 +79,8 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
     train_options: dict = {}
     if content_type == "application/json":
         try:
-            body = TextCorpusRequest.model_validate_json(await read_body(request, limit + MULTIPART_OVERHEAD))
+            raw = await read_body(request, limit + MULTIPART_OVERHEAD)
+            body = await run_in_threadpool(TextCorpusRequest.model_validate_json, raw)
         except ValidationError as exc:
             raise InvalidInput(f"invalid corpus request: {exc.errors(include_url=False)}") from None
         if (body.text is None) == (body.documents is None):
@@ -108,13 +110,17 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
     if not name:
         raise InvalidInput("a corpus needs a name (query parameter ?name=...)")
     train = True if train is None else train
-    parsed = parse_upload(data, fmt, limit)
-    validate_job_options(ctx.settings, train_options)
-    corpus, job = accept_corpus(ctx, session, name, parsed, data.decode("utf-8"), fmt, train, train_options)
-    session.commit()
-    dispatch(job)
-    return JSONResponse(status_code=202, content=CorpusAccepted(
-        corpus=CorpusOut.model_validate(corpus), job=JobOut.model_validate(job)).model_dump(mode="json"))
+
+    def store() -> dict:  # parsing, fsync and commit of up to PEER_MAX_CORPUS_BYTES: off the event loop
+        parsed = parse_upload(data, fmt, limit)
+        validate_job_options(ctx.settings, train_options)
+        corpus, job = accept_corpus(ctx, session, name, parsed, data.decode("utf-8"), fmt, train, train_options)
+        session.commit()
+        dispatch_job(ctx.sessions, dispatch, job)
+        return CorpusAccepted(corpus=CorpusOut.model_validate(corpus), job=JobOut.model_validate(job)).model_dump(
+            mode="json")
+
+    return JSONResponse(status_code=202, content=await run_in_threadpool(store))
 
 
 @router.get("/v1/corpora", response_model=list[CorpusOut], dependencies=[Depends(require_scope("read"))])
@@ -145,7 +151,7 @@ def forget_corpus(corpus_id: int, body: ForgetRequest, ctx=Depends(get_ctx), ses
         raise Conflict("no version to forget from")
     segments_to_mask(get_version(session, base_id), corpus_id)
     parse_forget_options(body.options, ctx.settings.max_train_steps)
-    job = create_job(session, "forget", [corpus_id], body.options, base_version_id=base_id)
+    job = create_job(session, "forget", [corpus_id], body.options, base_version_id=body.base_version_id)
     session.commit()
-    dispatch(job)
+    dispatch_job(ctx.sessions, dispatch, job)
     return JSONResponse(status_code=202, content=JobOut.model_validate(job).model_dump(mode="json"))

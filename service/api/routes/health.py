@@ -1,60 +1,77 @@
-"""Liveness, readiness (a model answers a real forward pass and the database answers) and metrics."""
+"""Liveness (the model host's threads run), readiness (a version is loaded and the database answers) and metrics."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select, text
-
-from peer_model.generate import SamplingParams
-
-from ...db.models import Job
-from ..streaming import start_generation
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(tags=["health"])
-READY_FORWARD_TIMEOUT_S = 10.0
+log = logging.getLogger(__name__)
+READY_DATABASE_TIMEOUT_S = 5.0
 
 
 @router.get("/healthz")
-async def healthz():
-    """The process is alive."""
+async def healthz(request: Request):
+    """The process is alive: 200 while the model host's threads (the scheduler that runs every forward pass,
+    the usage writer, the version watcher) run; 503 naming the dead ones otherwise (restart the process)."""
+    dead = request.app.state.host.dead_threads()
+    if dead:
+        return JSONResponse(status_code=503, content={"status": "dead threads", "dead_threads": dead})
     return {"status": "ok"}
 
 
 @router.get("/readyz")
 async def readyz(request: Request):
-    """200 when a model version is loaded and generates one token, and the database answers; else 503."""
+    """200 when a model version is loaded, the host's threads run and the database answers (within
+    READY_DATABASE_TIMEOUT_S); else 503. It costs no generation: a busy server is ready, not ejected, and its
+    probes do not count as expert usage. ``fallback`` is set while the active version cannot be loaded and
+    an earlier one serves."""
     state = request.app.state
+    host = state.host
     checks: dict[str, str] = {}
-    try:
+
+    def select_one() -> None:
         with state.ctx.sessions() as session:
             session.execute(text("SELECT 1"))
+
+    try:
+        await asyncio.wait_for(run_in_threadpool(select_one), READY_DATABASE_TIMEOUT_S)
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         checks["database"] = f"error: {type(exc).__name__}: {exc}"
-    try:
-        generation = start_generation(state.host, state.metrics, lambda tokenizer: [],
-                                      SamplingParams(max_tokens=1, temperature=0.0))
-        await asyncio.wait_for(generation.text(), READY_FORWARD_TIMEOUT_S)
-        checks["model"] = f"ok: version {generation.ticket.version_id}"
-    except Exception as exc:  # noqa: BLE001
-        checks["model"] = f"error: {type(exc).__name__}: {exc}"
+    dead = host.dead_threads()
+    if host.version_id is None:
+        checks["model"] = "error: no version loaded"
+    elif dead:
+        checks["model"] = f"error: dead threads {', '.join(dead)}"
+    else:
+        checks["model"] = f"ok: version {host.version_id}"
     ready = all(value.startswith("ok") for value in checks.values())
-    return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "checks": checks})
+    return JSONResponse(status_code=200 if ready else 503,
+                        content={"ready": ready, "checks": checks, "fallback": host.fallback})
 
 
 @router.get("/metrics")
 def metrics(request: Request):
-    """Prometheus text format: requests, latencies, tokens, queue depth, active version, job states."""
+    """Prometheus text format: requests, latencies, server errors, tokens, generation and inter-token times,
+    queue depth, active version, process memory and CPU; from the database, job states and the oldest queued
+    job's age. With the database down it still answers 200: ``peer_database_up 0`` and no database gauges."""
     state = request.app.state
     m = state.metrics
     m.queue_depth.set(state.host.queue_depth)
     m.active_version.set(state.host.version_id or 0)
-    with state.ctx.sessions() as session:
-        rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()
-    m.jobs.clear()
-    for kind, job_state, count in rows:
-        m.jobs.labels(kind=kind, state=job_state).set(count)
+    try:
+        with state.ctx.sessions() as session:
+            m.database.refresh(session)
+        m.database_up.set(1)
+    except SQLAlchemyError as exc:
+        log.warning("/metrics: the database could not be read (%s); its gauges are left out", exc)
+        m.database.clear()
+        m.database_up.set(0)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

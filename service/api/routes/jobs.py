@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from ...db.models import JOB_KINDS, JOB_STATES, Corpus, Job
 from ...errors import Conflict, InvalidInput, NotFound
-from ...jobs import create_job, get_job, request_cancel
+from ...jobs import create_job, dispatch_job, get_job, request_cancel
 from ...training import validate_job_options
 from ...versions import active_version_id, get_version, is_pretrained
 from ..deps import get_ctx, get_dispatch, get_session
@@ -36,9 +36,11 @@ def submit_job(body: JobRequest, ctx=Depends(get_ctx), session: Session = Depend
     base = get_version(session, base_id)
     has_old = any(c not in body.corpus_ids for c in base.corpus_ids) or is_pretrained(base)
     validate_job_options(ctx.settings, body.options, has_old)
-    job = create_job(session, "train", body.corpus_ids, body.options, base_version_id=base_id)
+    # unpinned (no base_version_id): the job trains the version active when it starts, so jobs queued one
+    # after the other build one lineage instead of forking from the version active at submission
+    job = create_job(session, "train", body.corpus_ids, body.options, base_version_id=body.base_version_id)
     session.commit()
-    dispatch(job)
+    dispatch_job(ctx.sessions, dispatch, job)
     return JSONResponse(status_code=202, content=JobOut.model_validate(job).model_dump(mode="json"))
 
 

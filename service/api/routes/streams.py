@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from ...db.models import Corpus, Stream, StreamDocument
 from ...errors import Conflict
+from ...jobs import dispatch_job
 from ...uploads import append_documents, flush_stream, pending_bytes, stream_by_name
 from ..deps import get_ctx, get_dispatch, get_session
 from ..security import Caller, require_scope
@@ -45,7 +46,7 @@ def add_documents(name: str, body: DocumentsRequest, ctx=Depends(get_ctx), sessi
     result = {"stream": view, "flushed": _flushed(flushed)}
     session.commit()
     if flushed:
-        dispatch(flushed[1])
+        dispatch_job(ctx.sessions, dispatch, flushed[1])
     return result
 
 
@@ -59,7 +60,7 @@ def flush(name: str, ctx=Depends(get_ctx), session: Session = Depends(get_sessio
         raise Conflict(f"stream {name!r} has no untrained documents")
     result = {"stream": stream_view(session, stream), "flushed": _flushed(flushed)}
     session.commit()
-    dispatch(flushed[1])
+    dispatch_job(ctx.sessions, dispatch, flushed[1])
     return result
 
 

@@ -7,7 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ...db.models import Activation, Evaluation, PoolVersion
-from ...versions import activate, active_version_id, get_version
+from ...versions import activate, active_version_id, get_version, lock_activations
 from ..deps import get_host, get_session
 from ..security import Caller, require_scope
 from ..schemas import ActivateRequest
@@ -51,10 +51,19 @@ def read_version(version_id: int, session: Session = Depends(get_session)):
 async def activate_version(version_id: int, body: ActivateRequest | None = None,
                            session: Session = Depends(get_session), host=Depends(get_host),
                            caller: Caller = Depends(require_scope("admin"))):
-    """Make this version the active one (also a rollback). Returns once this API process serves it;
-    other API processes follow within PEER_SWAP_POLL_SECONDS."""
+    """Make this version the active one (also a rollback). The version is loaded first: one that cannot be
+    loaded (its checkpoint is gone or corrupt) is a 503 and the active version stays as it was. Returns
+    once this API process serves it; other API processes follow within PEER_SWAP_POLL_SECONDS."""
     reason = body.reason if body else "requested through the API"
-    activate(session, version_id, reason, caller.actor)
-    session.commit()
-    await run_in_threadpool(host.sync_active)
-    return version_view(session, get_version(session, version_id), version_id, detail=True)
+
+    def commit() -> None:
+        lock_activations(session)
+        activate(session, version_id, reason, caller.actor)
+        session.commit()
+
+    def run() -> dict:
+        get_version(session, version_id)
+        host.activate(version_id, commit)
+        return version_view(session, get_version(session, version_id), version_id, detail=True)
+
+    return await run_in_threadpool(run)
