@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -40,7 +41,8 @@ def cmd_worker(args, settings: Settings) -> None:
     from .worker.app import make_celery
 
     app = make_celery(settings)
-    app.worker_main(worker_argv(args.queues, args.concurrency, args.pool, args.log_level, settings.embedded))
+    argv = worker_argv(args.queues, args.concurrency, args.pool, args.log_level, settings.embedded)
+    app.worker_main(["--quiet", *argv] if settings.log_format == "json" else argv)  # the banner is no log line
 
 
 def worker_metrics_env(settings: Settings, index: int) -> dict[str, str]:

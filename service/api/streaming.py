@@ -28,24 +28,33 @@ class Generation:
     metrics: Metrics
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    last_token_at: float = 0.0
     completion_tokens: int = 0
     finish_reason: str | None = None
 
     async def steps(self) -> AsyncIterator[GenerationStep]:
-        """The steps in order; raises what the generation raised. Leaving early cancels the generation."""
+        """The steps in order; raises what the generation raised. Leaving early cancels the generation.
+        Records time to first token, the gap before every later token and, once it finishes, the whole
+        generation's duration (a failed or abandoned generation has none)."""
         try:
             while True:
                 item = await self.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                now = time.perf_counter()
                 if self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
-                    self.metrics.first_token.observe(self.first_token_at - self.started)
+                    self.first_token_at = now
+                    self.metrics.first_token.observe(now - self.started)
+                else:
+                    self.metrics.inter_token.observe(now - self.last_token_at)
+                self.last_token_at = now
                 self.completion_tokens += 1
                 self.metrics.tokens.inc()
-                yield item
                 if item.finish_reason is not None:
                     self.finish_reason = item.finish_reason
+                    self.metrics.generation.observe(now - self.started)
+                yield item
+                if item.finish_reason is not None:
                     return
         finally:
             self.ticket.cancel()  # no-op once finished; stops the scheduler's work on a dropped client
