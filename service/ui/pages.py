@@ -223,7 +223,8 @@ def experts_page(request: Request, version: int | None = None, layer: int | None
     for segment in data["segments"]:
         segment["label"] = ", ".join(names.get(c, f"corpus {c}") for c in segment["corpus_ids"]) or (
             segment["tag"] or "initial experts")
-    history = utilization_history(session, pool_version, key, 60)
+    bucket_seconds = request.app.state.ctx.settings.usage_bucket_seconds
+    history = utilization_history(session, pool_version, key, bucket_seconds, 60)
     full = grid.rows * grid.cols <= FULL_GRID_CELLS
     context.update(layer=key, data=data, hottest=hottest, history=history, full=full, bins=HEATMAP_BINS,
                    usage_line=sparkline([h["usage_fraction"] for h in history]),

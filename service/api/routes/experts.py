@@ -1,19 +1,20 @@
-"""Expert utilization observed while serving, per version and PEER layer (stored by the engine)."""
+"""Expert utilization observed while serving, per version and PEER layer (stored by the engine, read from the
+roll-ups of service/usage.py)."""
 from __future__ import annotations
 
 import torch
 from fastapi import APIRouter, Depends, Query
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from peer_model.pool import ExpertGrid, Segment
 from peer_model.usage import grid_heatmap, segment_usage, usage_stats
 
-from ...db.models import ExpertUsage, PoolVersion
+from ...db.models import PoolVersion
 from ...engine import decode_usage
 from ...errors import InvalidInput, NotFound
+from ...usage import usage_buckets, usage_total
 from ...versions import active_version_id, get_version
-from ..deps import get_session
+from ..deps import get_ctx, get_session
 from ..security import require_scope
 
 router = APIRouter(tags=["experts"])
@@ -41,15 +42,9 @@ def _grid(version: PoolVersion, layer: str) -> ExpertGrid:
 
 
 def _counts(session: Session, version: PoolVersion, layer: str) -> tuple[torch.Tensor, int, int]:
-    """Summed counters over every stored window: (counts, tokens, windows)."""
-    counts = torch.zeros(version.experts[layer], dtype=torch.long)
-    tokens = windows = 0
-    for row in session.scalars(select(ExpertUsage).where(ExpertUsage.version_id == version.id,
-                                                         ExpertUsage.layer == int(layer))):
-        counts += decode_usage(row.counts, counts.numel())
-        tokens += row.tokens
-        windows += 1
-    return counts, tokens, windows
+    """Summed counters over every stored window: (counts, tokens, windows), from the roll-up (service/usage.py)."""
+    usage = usage_total(session, version.id, int(layer))
+    return decode_usage(usage.counts, version.experts[layer]), usage.tokens, usage.windows
 
 
 MAX_CELLS = 512 * 512  # the largest grid whose every cell ``cells=true`` returns
@@ -93,38 +88,37 @@ def utilization(version: int | None = None, layer: int | None = None, top: int =
     return {"version": pool_version.id, "layers": layers}
 
 
-def utilization_history(session: Session, version: PoolVersion, layer: str, points: int = 50) -> list[dict]:
-    """Usage fraction and KL from uniform of all traffic served up to each of at most ``points`` moments
-    (the ends of the stored windows, spread evenly over them), oldest first."""
-    rows = session.execute(select(ExpertUsage.window_end, ExpertUsage.tokens, ExpertUsage.counts)
-                           .where(ExpertUsage.version_id == version.id, ExpertUsage.layer == int(layer))
-                           .order_by(ExpertUsage.window_end, ExpertUsage.id)).all()
-    ends = sorted({row.window_end for row in rows})
-    if not ends:
-        return []
-    marks = {ends[round(k * (len(ends) - 1) / max(1, points - 1))] for k in range(min(points, len(ends)))}
+def utilization_history(session: Session, version: PoolVersion, layer: str, bucket_seconds: int,
+                        points: int = 50) -> list[dict]:
+    """Usage fraction and KL from uniform of all traffic served up to the end of each of at most ``points``
+    time buckets (PEER_USAGE_BUCKET_SECONDS; spread evenly over the buckets that saw traffic), oldest first;
+    ``at`` is the end of the bucket's last window."""
+    buckets = usage_buckets(session, version.id, int(layer), bucket_seconds)
+    shown = min(points, len(buckets))
+    marks = {round(k * (len(buckets) - 1) / max(1, shown - 1)) for k in range(shown)}
     counts = torch.zeros(version.experts[layer], dtype=torch.long)
     tokens, history = 0, []
-    for index, row in enumerate(rows):
-        counts += decode_usage(row.counts, counts.numel())
-        tokens += row.tokens
-        last_of_window = index + 1 == len(rows) or rows[index + 1].window_end != row.window_end
-        if last_of_window and row.window_end in marks:
+    for index, bucket in enumerate(buckets):
+        counts += decode_usage(bucket.counts, counts.numel())
+        tokens += bucket.tokens
+        if index in marks:
             stats = usage_stats(counts, 1)
-            history.append({"at": row.window_end.isoformat(), "tokens": tokens,
+            history.append({"at": bucket.last_end.isoformat(), "tokens": tokens,
                             "usage_fraction": stats.usage_fraction, "kl_from_uniform": stats.kl_from_uniform})
     return history
 
 
 @router.get("/v1/experts/utilization/history", dependencies=[Depends(require_scope("read"))])
 def utilization_over_time(version: int | None = None, layer: int | None = None,
-                          points: int = Query(50, ge=1, le=1000), session: Session = Depends(get_session)):
+                          points: int = Query(50, ge=1, le=1000), ctx=Depends(get_ctx),
+                          session: Session = Depends(get_session)):
     """Per PEER layer: how usage fraction and KL from uniform evolved over the traffic a version served
-    (cumulative, at the ends of at most ``points`` stored windows; empty before any traffic)."""
+    (cumulative, at the ends of at most ``points`` time buckets of PEER_USAGE_BUCKET_SECONDS; empty before
+    any traffic)."""
     pool_version = _version(session, version)
     return {"version": pool_version.id,
-            "layers": {key: utilization_history(session, pool_version, key, points)
-                       for key in _layers(pool_version, layer)}}
+            "layers": {key: utilization_history(session, pool_version, key, ctx.settings.usage_bucket_seconds,
+                                                points) for key in _layers(pool_version, layer)}}
 
 
 @router.get("/v1/experts/{layer}/{expert_id}", dependencies=[Depends(require_scope("read"))])
