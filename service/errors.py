@@ -4,6 +4,11 @@ from __future__ import annotations
 import math
 
 
+def error_body(status: int, message: str, kind: str) -> dict:
+    """``detail`` for humans and FastAPI clients, ``error`` in the OpenAI shape for its client."""
+    return {"detail": message, "error": {"message": message, "type": kind, "code": status}}
+
+
 class ServiceError(Exception):
     status_code = 400
 
@@ -64,3 +69,9 @@ class Overloaded(ServiceError):
 
 class NotReady(ServiceError):
     status_code = 503
+
+
+class StorageUnavailable(ServiceError):
+    """The store refused a write (disk full, read-only, unreachable): nothing was recorded; retry later."""
+
+    status_code = 507

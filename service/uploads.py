@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from .context import ServiceContext
 from .db.models import Corpus, Job, Stream, StreamDocument
-from .errors import InvalidInput, NotFound
+from .errors import InvalidInput, NotFound, StorageUnavailable
 from .ingest import Upload, check_size, parse_upload
 from .jobs import create_job
 
@@ -26,7 +26,11 @@ def accept_corpus(ctx: ServiceContext, session: Session, name: str, upload: Uplo
                     raw_bytes=upload.raw_bytes, documents=len(upload.documents))
     session.add(corpus)
     session.flush()
-    ctx.store.write_corpus(corpus.id, "raw", raw_text)
+    try:
+        ctx.store.write_corpus(corpus.id, "raw", raw_text)
+    except OSError as exc:  # the caller's transaction rolls back: no corpus row without its text
+        raise StorageUnavailable(f"the store cannot take the corpus now ({exc.strerror or exc}); "
+                                 f"nothing was stored, retry later") from None
     job = create_job(session, "ingest", [corpus.id],
                      {"format": fmt, "train": train, "train_options": train_options})
     return corpus, job
