@@ -58,8 +58,10 @@ def test_app_points_at_postgres_and_redis(name):
     assert env["PEER_BROKER_URL"].startswith("redis://redis:6379")
 
 
-def test_api_publishes_8000_and_runs_api():
-    assert any(str(p).split(":")[-1] == "8000" and str(p).startswith("8000") for p in SERVICES["api"]["ports"])
+def test_api_publishes_8000_on_the_hosts_loopback_only_and_runs_api():
+    # without PEER_API_KEYS every mutating route is open: only this machine may reach the published port
+    assert [str(p) for p in SERVICES["api"]["ports"]] == ["127.0.0.1:8000:8000"]
+    assert _env("api")["PEER_ALLOW_OPEN"] == "true"  # the container's 0.0.0.0 is reached through that port only
     assert _command("api")[:2] == ["peer-service", "api"]
     assert "/healthz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
 

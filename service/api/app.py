@@ -21,21 +21,17 @@ from .. import logs
 from ..bootstrap import bootstrap
 from ..context import ServiceContext
 from ..engine import ModelHost
-from ..errors import ServiceError
+from ..errors import ServiceError, error_body
 from ..jobs import Dispatch
 from ..metrics import Metrics
 from ..settings import Settings
 from ..ui import pages as console
 from .ratelimit import RateLimits
 from .routes import corpora, experts, generate, health, jobs, openai, status, streams, versions
+from .security import protect
 
 log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
-def error_body(status: int, message: str, kind: str) -> dict:
-    """``detail`` for humans and FastAPI clients, ``error`` in the OpenAI shape for its client."""
-    return {"detail": message, "error": {"message": message, "type": kind, "code": status}}
 
 
 def client_request_id(request: Request) -> str | None:
@@ -94,6 +90,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
     for module in (generate, openai, corpora, streams, jobs, versions, experts, status, health):
         app.include_router(module.router)
     console.mount(app)  # the operator console at /ui
+    protect(app, settings)  # body limits, cross-site refusal (service/api/security.py)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):

@@ -7,15 +7,21 @@ always sends one), and a known key still names the caller for the rate limits.
 """
 from __future__ import annotations
 
+import ipaddress
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 
 from ..errors import Forbidden, Unauthorized
 from ..keys import SCOPES, ApiKey, find_key, parse_api_keys
 from ..settings import Settings
+from .bodylimit import BodyLimitMiddleware, BodyTooLarge, too_large_response
+from .crosssite import CrossSiteMiddleware
 from .ratelimit import limit_request
+
+log = logging.getLogger(__name__)
 
 OPEN_ACTOR = "api"  # the actor recorded for a mutating request when no keys are configured
 WRITE_SCOPES = ("train", "admin")
@@ -72,3 +78,34 @@ def require_scope(scope: str):
 
     dependency.__name__ = f"require_scope_{scope}"
     return dependency
+
+
+def protect(app: FastAPI, settings: Settings) -> None:
+    """Bound every request body, refuse cross-site mutating requests, and warn when anyone may mutate."""
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(CrossSiteMiddleware, allowed_origins=settings.allowed_origins)
+
+    async def body_too_large(request: Request, exc: BodyTooLarge):
+        return too_large_response(exc)
+
+    app.add_exception_handler(BodyTooLarge, body_too_large)
+    if not settings.api_keys:
+        log.warning("PEER_API_KEYS is not set: anyone who can reach this service can upload corpora, train, "
+                    "activate or roll back versions and cancel jobs; set PEER_API_KEYS (README, Security)")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def open_bind_refusal(host: str, settings: Settings) -> str | None:
+    """Why the API must not listen on ``host`` (a non-loopback address without PEER_API_KEYS), or None."""
+    if settings.api_keys or settings.allow_open or is_loopback(host):
+        return None
+    return (f"refusing to listen on {host!r} without PEER_API_KEYS: every mutating route would be open to the "
+            f"network. Set PEER_API_KEYS, listen on 127.0.0.1, or set PEER_ALLOW_OPEN=true to accept that")

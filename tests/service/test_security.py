@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.migrate import upgrade
 
-from .conftest import tiny_settings
+from .conftest import ServerThread, tiny_settings
 
 KEYS = ["legacy-secret", "reader:r-secret:read", "gen:g-secret:generate", "trainer:t-secret:train+read",
         "ops:o-secret:admin"]
@@ -109,3 +109,136 @@ def test_malformed_key_settings_stop_the_start_without_echoing_the_secret():
         assert problem in str(error.value) and "hunter2" not in str(error.value)
     with pytest.raises(ValidationError, match="needs PEER_API_KEYS"):
         Settings(require_key_for="all")
+
+
+# ---- open by default: bind rule, warning, cross-site requests ---------------------------------------------
+
+
+def test_api_refuses_a_non_loopback_host_without_keys(monkeypatch, tmp_path, capsys):
+    from service import cli
+    from service.api.security import open_bind_refusal
+    from service.settings import Settings
+
+    monkeypatch.setenv("PEER_HOME", str(tmp_path))
+    for command in ("api", "serve"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main([command, "--host", "0.0.0.0"])
+        assert exited.value.code == 2
+        assert "refusing to listen on '0.0.0.0' without PEER_API_KEYS" in capsys.readouterr().err
+    assert open_bind_refusal("127.0.0.1", Settings()) is None and open_bind_refusal("::1", Settings()) is None
+    assert open_bind_refusal("0.0.0.0", Settings(api_keys="k")) is None
+    assert open_bind_refusal("0.0.0.0", Settings(allow_open=True)) is None
+    assert open_bind_refusal("my-host.example", Settings()) is not None
+
+
+def test_an_open_service_says_so_at_start(home, caplog):
+    with caplog.at_level("WARNING"), service(home):
+        pass
+    assert any("PEER_API_KEYS is not set" in record.getMessage() for record in caplog.records)
+
+
+@pytest.fixture(scope="module")
+def open_client(home):
+    with service(home) as client:
+        yield client
+
+
+def activations(client) -> int:
+    return len(client.get("/v1/versions/1").json()["activations"])
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "https://evil.example"},
+    {"Origin": "null"},
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "same-site", "Origin": "https://sub.testserver"},
+])
+def test_cross_site_requests_to_mutating_routes_are_refused(open_client, headers):
+    before = activations(open_client)
+    refused = open_client.post("/v1/versions/1/activate", headers=headers)  # a bodiless POST: a simple request
+    assert refused.status_code == 403 and "cross-site request refused" in refused.json()["detail"]
+    upload = open_client.post("/v1/corpora?name=poison", content=b"poisoned text",
+                              headers={**headers, "Content-Type": "text/plain"})
+    assert upload.status_code == 403
+    assert activations(open_client) == before
+    assert "poison" not in [c["name"] for c in open_client.get("/v1/corpora").json()]
+    assert open_client.get("/v1/versions", headers=headers).status_code == 200  # reading is not refused
+
+
+@pytest.mark.parametrize("headers", [
+    {},  # not a browser
+    {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"},  # the console
+    {"Origin": "http://testserver"},  # a browser without Sec-Fetch-Site
+    {"Sec-Fetch-Site": "same-origin", "Origin": "https://public.example"},  # behind a proxy that rewrites Host
+])
+def test_same_origin_and_non_browser_requests_go_through(open_client, headers):
+    assert open_client.post("/v1/versions/1/activate", headers=headers).status_code == 200
+
+
+def test_allowed_origins_may_call_mutating_routes(home):
+    with service(home, allowed_origins="https://console.example") as client:
+        allowed = {"Origin": "https://console.example", "Sec-Fetch-Site": "cross-site"}
+        assert client.post("/v1/versions/1/activate", headers=allowed).status_code == 200
+        assert client.post("/v1/versions/1/activate", headers={"Origin": "https://other.example"}).status_code == 403
+
+
+# ---- body limits -----------------------------------------------------------------------------------------
+
+REQUEST_LIMIT, CORPUS_LIMIT = 4_000, 20_000
+
+
+@pytest.fixture(scope="module")
+def live(home):
+    """Real HTTP (uvicorn on a loopback port): chunked bodies arrive as a client sends them."""
+    import httpx
+
+    app = create_app(tiny_settings(home, max_request_bytes=REQUEST_LIMIT, max_corpus_bytes=CORPUS_LIMIT),
+                     dispatch=lambda job: None)
+    with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        yield http
+
+
+def chunks(total: int, size: int = 1000):
+    for start in range(0, total, size):
+        yield b"x" * min(size, total - start)
+
+
+def corpus_names(http) -> list[str]:
+    return [c["name"] for c in http.get("/v1/corpora").json()]
+
+
+@pytest.mark.parametrize("path", ["/v1/tokenize", "/v1/generate", "/v1/completions", "/v1/chat/completions",
+                                  "/v1/streams/s/documents", "/v1/jobs"])
+def test_a_declared_body_over_the_limit_is_a_413(live, path):
+    body = b'{"text": "' + b"a" * REQUEST_LIMIT + b'"}'
+    refused = live.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert refused.status_code == 413 and "PEER_MAX_REQUEST_BYTES" in refused.json()["detail"]
+
+
+def test_a_chunked_body_is_cut_where_it_passes_the_limit(live):
+    refused = live.post("/v1/tokenize", content=chunks(REQUEST_LIMIT * 3),
+                        headers={"Content-Type": "application/json"})
+    assert refused.status_code == 413 and "PEER_MAX_REQUEST_BYTES" in refused.json()["detail"]
+    small = live.post("/v1/tokenize", content=iter([b'{"text": ', b'"ab"}']),
+                      headers={"Content-Type": "application/json"})
+    assert small.status_code == 200 and small.json()["count"] == 2
+
+
+def test_a_chunked_multipart_upload_without_length_is_cut_and_stores_nothing(live):
+    boundary = "b0undary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nhuge\r\n--{boundary}\r\n'
+            f'Content-Disposition: form-data; name="file"; filename="huge.txt"\r\n'
+            f"Content-Type: text/plain\r\n\r\n").encode()
+
+    def body():
+        yield head
+        yield from chunks(CORPUS_LIMIT * 10, 4096)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    refused = live.post("/v1/corpora", content=body(),
+                        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert refused.status_code == 413 and "request body passes" in refused.json()["detail"]
+    assert "huge" not in corpus_names(live)
+    accepted = live.post("/v1/corpora", data={"name": "small", "train": "false"},
+                         files={"file": ("small.txt", b"a small corpus")})
+    assert accepted.status_code == 202, accepted.text

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from ...db.models import Corpus
-from ...errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from ...errors import Conflict, InvalidInput, NotFound
 from ...forgetting import parse_forget_options, segments_to_mask
 from ...ingest import parse_upload
 from ...jobs import create_job, dispatch_job
@@ -20,11 +20,10 @@ from ...training import validate_job_options
 from ...uploads import accept_corpus
 from ...versions import active_version_id, get_version
 from ..deps import get_ctx, get_dispatch, get_session
-from ..security import Caller, require_scope
 from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, JobOut, TextCorpusRequest
+from ..security import Caller, require_scope
 
 router = APIRouter(tags=["corpora"])
-MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around the file
 
 UPLOAD_BODY = {"requestBody": {"content": {
     "application/json": {"schema": TextCorpusRequest.model_json_schema()},
@@ -34,25 +33,6 @@ UPLOAD_BODY = {"requestBody": {"content": {
     "text/plain": {"schema": {"type": "string"}},
     "application/jsonl": {"schema": {"type": "string", "description": 'one {"text": ...} object per line'}},
 }}}
-
-
-def check_declared_size(request: Request, limit: int) -> None:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} bytes "
-                              f"(PEER_MAX_CORPUS_BYTES plus room for the envelope)")
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
-    check_declared_size(request, limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body passes {limit} bytes (PEER_MAX_CORPUS_BYTES)")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _flag(value: str | bool | None, default: bool) -> bool:
@@ -79,7 +59,7 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
     train_options: dict = {}
     if content_type == "application/json":
         try:
-            raw = await read_body(request, limit + MULTIPART_OVERHEAD)
+            raw = await request.body()  # bounded by api/bodylimit.py, as every body below
             body = await run_in_threadpool(TextCorpusRequest.model_validate_json, raw)
         except ValidationError as exc:
             raise InvalidInput(f"invalid corpus request: {exc.errors(include_url=False)}") from None
@@ -92,7 +72,6 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
             fmt = "jsonl"
         name, train, train_options = body.name, body.train, body.train_options
     elif content_type == "multipart/form-data":
-        check_declared_size(request, limit + MULTIPART_OVERHEAD)
         form = await request.form(max_files=1, max_fields=10)  # files spool to disk, not to memory
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
@@ -102,7 +81,7 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
         name = str(form.get("name") or name or upload.filename or "upload")
         train = _flag(form.get("train"), True if train is None else train)
     elif content_type in ("text/plain", "application/jsonl", "application/x-ndjson"):
-        data = await read_body(request, limit)
+        data = await request.body()
         fmt = "text" if content_type == "text/plain" else "jsonl"
     else:
         raise InvalidInput(f"unsupported content type {content_type or 'none'!r}: use application/json, "

@@ -12,8 +12,8 @@ from ...jobs import create_job, dispatch_job, get_job, request_cancel
 from ...training import validate_job_options
 from ...versions import active_version_id, get_version, is_pretrained
 from ..deps import get_ctx, get_dispatch, get_session
-from ..security import Caller, require_scope
 from ..schemas import JobOut, JobRequest
+from ..security import Caller, require_scope
 
 router = APIRouter(tags=["jobs"])
 

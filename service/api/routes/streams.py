@@ -10,8 +10,8 @@ from ...errors import Conflict
 from ...jobs import dispatch_job
 from ...uploads import append_documents, flush_stream, pending_bytes, stream_by_name
 from ..deps import get_ctx, get_dispatch, get_session
-from ..security import Caller, require_scope
 from ..schemas import CorpusOut, DocumentsRequest, JobOut
+from ..security import Caller, require_scope
 
 router = APIRouter(tags=["streams"])
 

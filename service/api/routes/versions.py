@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session
 from ...db.models import Activation, Evaluation, PoolVersion
 from ...versions import activate, active_version_id, get_version, lock_activations
 from ..deps import get_host, get_session
-from ..security import Caller, require_scope
 from ..schemas import ActivateRequest
+from ..security import Caller, require_scope
 
 router = APIRouter(tags=["versions"])
 
