@@ -109,7 +109,8 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
     mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more probable tokens
-    drop_sorted = mass_before >= p  # the first token has mass_before 0 < p: always kept
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # the most probable token stays, also when p rounds to 0 in the logits' dtype
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, -math.inf)
 

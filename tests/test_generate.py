@@ -175,6 +175,15 @@ def test_top_k_and_top_p_masks_match_brute_force():
         assert got == {top3[i] for i in nucleus}
 
 
+def test_a_top_p_below_the_logits_precision_keeps_the_most_probable_token():
+    """Found by fuzzing the API: top_p 5e-324 rounds to 0 in float32, every token was dropped and sampling
+    raised (a 500)."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.1, 0.2]])
+    for p in (5e-324, 1e-300, 1e-46):
+        assert kept(apply_top_p(logits, p)) == [{1}, {0}], p
+        assert sample_next(logits, SamplingParams(top_p=p, temperature=3.0), make_generator(0)).tolist() == [1, 0]
+
+
 def test_sample_next_respects_masks_and_never_emits_specials():
     logits = torch.zeros(4, VOCAB_SIZE)
     logits[:, BOS] = logits[:, PAD] = 100.0  # the model "wants" a special token
