@@ -57,23 +57,34 @@ class SparseRowAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
                 row_lr = group.get("row_lr")
+                squares = row_square_means(param, values)
                 for start in range(0, rows.numel(), self.rows_per_chunk):
                     chunk = slice(start, start + self.rows_per_chunk)
-                    _update_rows(param, state, rows[chunk], values[chunk], lr, beta1, beta2, eps, decay, row_lr)
+                    _update_rows(param, state, rows[chunk], values[chunk], squares[chunk], lr, beta1, beta2, eps,
+                                 decay, row_lr)
         return loss
 
 
+def row_square_means(param: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The mean squared gradient of each row in ``values`` (rows, d), fp32. A table whose columns are split
+    over processes (peer_model/distributed) carries ``column_shards``, which averages over every shard's
+    columns, so each shard takes the step the whole table would."""
+    sums = torch.linalg.vector_norm(values, dim=1, dtype=torch.float32).square_()  # no (rows, d) temporary
+    shards = getattr(param, "column_shards", None)
+    return sums / values.shape[1] if shards is None else shards.row_means(sums, values.shape[1])
 
-def _update_rows(param, state, rows, values, lr, beta1, beta2, eps, decay, row_lr=None) -> None:
-    """Adam with a row-wise second moment on the distinct ``rows`` of ``param``; ``row_lr`` (optional,
-    one multiplier per row of ``param``) scales each row's learning rate. The update is computed in fp32
-    and rounded once into ``param``'s dtype (bf16 tables on GPU)."""
+
+def _update_rows(param, state, rows, values, squares, lr, beta1, beta2, eps, decay, row_lr=None) -> None:
+    """Adam with a row-wise second moment (``squares``: each row's mean squared gradient) on the distinct
+    ``rows`` of ``param``; ``row_lr`` (optional, one multiplier per row of ``param``) scales each row's
+    learning rate. The update is computed in fp32 and rounded once into ``param``'s dtype (bf16 tables on
+    GPU)."""
     values = values.float()
     steps = state["step"].index_select(0, rows) + 1
     state["step"].index_copy_(0, rows, steps)
     exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
     state["exp_avg"].index_copy_(0, rows, exp_avg)
-    exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).lerp_(values.pow(2).mean(dim=1), 1 - beta2)
+    exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).lerp_(squares, 1 - beta2)
     state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
     steps = steps.to(values.dtype)
     # per row: -lr / (1 - beta1^t) / (sqrt(v / (1 - beta2^t)) + eps)

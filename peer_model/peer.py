@@ -111,12 +111,15 @@ class PEER(nn.Module):
         if self.track_usage:
             self.usage_counts.index_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
             self.last_ids = ids  # lets a padded decode step take its padding rows' counts back out
+        return self.mix(x, ids, gates).view(shape).to(x.dtype)
+
+    def mix(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """x: (M, d); ids, gates: (M, heads * k) → Σ_e gates · σ(u_idsᵀ x) · v_ids, (M, d). A layer whose
+        expert tables are sharded over processes replaces it (peer_model/distributed)."""
         if self.reference:
-            out = expert_mix_reference(x, ids, gates, self.expert_down, self.expert_up, self.config.activation)
-        else:
-            frozen_rows = self.trainable if self._frozen_rows else None
-            out = expert_mix(x, ids, gates, self.expert_down, self.expert_up, self.config.activation, frozen_rows)
-        return out.view(shape).to(x.dtype)
+            return expert_mix_reference(x, ids, gates, self.expert_down, self.expert_up, self.config.activation)
+        frozen_rows = self.trainable if self._frozen_rows else None
+        return expert_mix(x, ids, gates, self.expert_down, self.expert_up, self.config.activation, frozen_rows)
 
     # ---- growth and freezing -------------------------------------------------------------------
 
@@ -139,12 +142,16 @@ class PEER(nn.Module):
         segment = self.grid.grow(rows, cols, tag, status="new")
         self.sub_keys1 = _extended(self.sub_keys1, rows, _like_rms(self.sub_keys1, key_scale))
         self.sub_keys2 = _extended(self.sub_keys2, cols, _like_rms(self.sub_keys2, key_scale))
-        self.expert_down = _extended(self.expert_down, segment.end, _like_rms(self.expert_down))
-        self.expert_up = _extended(self.expert_up, segment.end, torch.Tensor.zero_)
+        self._grow_expert_tables(segment.end)
         self.trainable = torch.cat([self.trainable, self.trainable.new_ones(segment.size)])
         self.usage_counts = torch.cat([self.usage_counts, self.usage_counts.new_zeros(segment.size)])
         self.segment_offsets = torch.cat([self.segment_offsets, self.segment_offsets.new_full((1,), float("-inf"))])
         return segment
+
+    def _grow_expert_tables(self, rows: int) -> None:
+        """Extend both tables to ``rows`` rows: new down-vectors random at the table's RMS, new up-vectors zero."""
+        self.expert_down = _extended(self.expert_down, rows, _like_rms(self.expert_down))
+        self.expert_up = _extended(self.expert_up, rows, torch.Tensor.zero_)
 
     @torch.no_grad()
     def key_new_sub_keys(self, queries: torch.Tensor, old_rows: int, old_cols: int,

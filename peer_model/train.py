@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from torch import nn
 from .optim import SparseRowAdam, coalesced
 from .peer import PEER
 from .tokenizer import BOS, Tokenizer
+
+if TYPE_CHECKING:
+    from .distributed import DataParallel
 
 
 @dataclass
@@ -309,23 +313,33 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
     ``torch.nn.utils.clip_grad_norm_`` raises NotImplementedError on sparse gradients (torch 2.13:
     no ``linalg_vector_norm`` for SparseCPU). A sparse gradient's norm is that of its values once
     duplicate rows are summed (coalesced, never densified). When the norm exceeds ``max_norm`` every
-    gradient is scaled in place to bring it to ``max_norm``.
+    gradient is scaled in place to bring it to ``max_norm``. A parameter holding one process' columns of
+    a sharded table (``column_shards``, peer_model/distributed) counts with the norm of the whole table,
+    summed over the processes, so that every process clips by the same global norm.
     """
-    grads = []
+    grads, sharded, shards = [], [], None
     for param in params:
         if param.grad is None:
             continue
+        if getattr(param, "column_shards", None) is not None:
+            shards, into = param.column_shards, sharded
+        else:
+            into = grads
         if param.grad.is_sparse:
             param.grad = coalesced(param.grad)
-            grads.append(param.grad._values())  # an alias: scaling it scales the gradient
+            into.append(param.grad._values())  # an alias: scaling it scales the gradient
         else:
-            grads.append(param.grad)
-    if not grads:
+            into.append(param.grad)
+    if not grads and not sharded:
         return 0.0
-    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(norms)).item()
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads + sharded]
+    total = torch.linalg.vector_norm(torch.stack(norms[: len(grads)] or [norms[0].new_zeros(())]))
+    if shards is not None:
+        shard_squares = torch.stack(norms[len(grads) :]).square().sum().reshape(1)
+        total = (total.square() + shards.all_reduce_(shard_squares)[0]).sqrt()
+    total = total.item()
     if total > max_norm:
-        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+        torch._foreach_mul_(grads + sharded, max_norm / (total + 1e-6))
     return total
 
 
@@ -412,6 +426,7 @@ def train(
     loss_fn: LossFn | None = None,
     eval_modules: Sequence[nn.Module] = (),
     after_backward: Callable[[], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``cfg``'s device.
 
@@ -427,7 +442,10 @@ def train(
     dense learning rate, speeds count training time only. ``should_stop`` is polled before every step
     (keep it cheap); when it returns True the loop ends without a further evaluation. ``optimizers``
     (from :func:`build_optimizers` for this model) lets a caller keep or restore optimizer state;
-    by default fresh ones are built.
+    by default fresh ones are built. ``parallel`` (peer_model/distributed): this process is one of
+    several training one model whose expert tables are sharded; its gradients are reduced after every
+    backward, ``train_data`` gives its share of each batch (``parallel.batches``) and the logged loss is
+    the mean over the processes; ``cfg.batch_size`` is the global batch.
 
     Segments grown since the model last trained (status ``new``, out of retrieval's reach) open over
     the first ``cfg.open_steps`` steps (:meth:`PEER.open_new_segments`) and are ``active`` once
@@ -476,6 +494,8 @@ def train(
                 loss.backward()
                 if after_backward is not None:
                     after_backward()
+                if parallel is not None:
+                    parallel.reduce_gradients()
                 grad_norm_sum += clip_grad_norm(params, cfg.grad_clip)
                 optimizers.step()
                 result.final_val_bpb = None  # the model changed since the last evaluation
@@ -489,7 +509,8 @@ def train(
                 seconds = time.perf_counter() - interval_start
                 record = {
                     "step": step,
-                    "loss": float(loss_sum) / interval_steps,
+                    "loss": float(loss_sum) / interval_steps if parallel is None
+                    else parallel.mean(float(loss_sum) / interval_steps),
                     "lr": cfg.lr * scale,
                     "grad_norm": grad_norm_sum / interval_steps,
                     "tokens_per_s": interval_steps * tokens_per_step / seconds,
