@@ -84,9 +84,11 @@ class ChunkStore:
         """Store ``data`` under its hash; returns (hash, whether it was new)."""
         digest = hashlib.sha256(data).hexdigest()
         path = self.path(digest)
-        if path.is_file():
+        try:
             os.utime(path)  # in use again: young for the garbage collector's grace period
             return digest, False
+        except FileNotFoundError:  # new, or just collected: written (again)
+            pass
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{digest}.{uuid.uuid4().hex}.tmp")
         try:

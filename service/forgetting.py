@@ -26,7 +26,7 @@ from .db.models import Job, PoolVersion
 from .errors import Conflict, InvalidInput
 from .jobs import Dispatch, JobCancelled, heartbeat
 from .training import JobProgress, job_train_config, parse_options, publish_version, run_owned_job, token_data
-from .versions import active_version_id, get_version
+from .versions import active_version_id, live_version
 
 
 class ForgetOptions(BaseModel):
@@ -81,7 +81,7 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         base_id = job.base_version_id or active_version_id(session)
         if base_id is None:
             raise InvalidInput("no version to forget from")
-        base = get_version(session, base_id)
+        base = live_version(session, base_id, "forgotten from")
         corpus_id = job.corpus_ids[0]
         plan = segments_to_mask(base, corpus_id)
         remaining = [c for c in base.corpus_ids if c != corpus_id]

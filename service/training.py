@@ -36,8 +36,9 @@ from .errors import Conflict, InvalidInput
 from .ingest import ingest_documents, parse_upload
 from .jobs import (Dispatch, JobCancelled, LeaseLost, claim_job, create_job, dispatch_job, finish_job, hand_back_job,
                    heartbeat, owned_job)
+from .retention import retain_after_publish
 from .settings import Settings
-from .versions import activate, active_version_id, describe_pools, get_version, is_pretrained, lock_activations
+from .versions import activate, active_version_id, describe_pools, is_pretrained, live_version, lock_activations
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -237,6 +238,8 @@ def run_owned_job(ctx: ServiceContext, job_id: int, body: Callable[[ServiceConte
     except Exception as exc:  # noqa: BLE001 - recorded on the job
         log.exception("job %s failed", job_id)
         _finish_quietly(ctx, job_id, lease, "failed", f"{type(exc).__name__}: {exc}")
+    else:
+        retain_after_publish(ctx)
 
 
 def _finish_quietly(ctx: ServiceContext, job_id: int, lease: str, state: str, error: str | None = None) -> None:
@@ -332,7 +335,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         base_id = job.base_version_id or active_version_id(session)  # unpinned: the active version now
         if base_id is None:
             raise InvalidInput("no version to train from: activate one first")
-        base = get_version(session, base_id)
+        base = live_version(session, base_id, "trained from")
         new_ids = list(job.corpus_ids)
         corpora = {c.id: c for c in session.scalars(select(Corpus).where(Corpus.id.in_(new_ids)))}
         not_ready = [c for c in new_ids if c not in corpora or corpora[c].state != "ready"]

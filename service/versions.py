@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -13,7 +13,7 @@ from peer_model.model import PEERTransformer
 from .context import ServiceContext
 from .db.models import Activation, PoolVersion
 from .db.session import transaction
-from .errors import NotFound
+from .errors import Conflict, NotFound
 from .settings import InvalidSetting, Settings
 from .store import Store
 
@@ -32,6 +32,18 @@ def get_version(session: Session, version_id: int) -> PoolVersion:
     return version
 
 
+def live_version(session: Session, version_id: int, purpose: str) -> PoolVersion:
+    """The version, 409 when it was deleted (it can no longer be ``purpose``: activated, trained from, ...).
+    Its row stays locked against a concurrent deletion until the transaction ends (a no-op UPDATE: a row
+    lock on PostgreSQL, the write lock on SQLite)."""
+    version = get_version(session, version_id)
+    locked = session.execute(update(PoolVersion).where(PoolVersion.id == version_id, PoolVersion.deleted_at.is_(None))
+                             .values(pinned=PoolVersion.pinned)).rowcount
+    if not locked:
+        raise Conflict(f"version {version_id} was deleted: it can no longer be {purpose}")
+    return version
+
+
 def is_pretrained(version: PoolVersion) -> bool:
     """A descendant of a pretrained model (PEER_BASE_MODEL): it knows text that no corpus of ours holds."""
     return version.model_config_json.get("hf_config") is not None
@@ -46,7 +58,7 @@ def lock_activations(session: Session) -> None:
 
 
 def activate(session: Session, version_id: int, reason: str, actor: str) -> Activation:
-    get_version(session, version_id)
+    live_version(session, version_id, "activated")
     activation = Activation(version_id=version_id, reason=reason, actor=actor)
     session.add(activation)
     session.flush()

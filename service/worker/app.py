@@ -29,6 +29,7 @@ from ..db.models import Job
 from ..jobs import QUEUES, Dispatch, recover_stale_jobs
 from ..logs import job_context
 from ..metrics import WorkerMetrics
+from ..retention import Housekeeping
 from ..settings import Settings
 from ..forgetting import run_forget_job
 from ..training import run_ingest_job, run_train_job
@@ -110,6 +111,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
         def loop() -> None:
             ctx = ServiceContext.from_settings(settings)
+            housekeeping = Housekeeping(ctx)  # usage roll-ups, retention, garbage collection (service/retention.py)
             while True:  # a first pass at once: jobs handed back or never sent go without waiting
                 try:
                     recovered = recover_stale_jobs(ctx.sessions, dispatch, settings.job_stale_seconds)
@@ -117,6 +119,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
                         log.warning("re-queued stale jobs %s", recovered)
                 except Exception:  # noqa: BLE001 - the watchdog must outlive a database hiccup
                     log.exception("watchdog pass failed")
+                housekeeping.run_due()
                 if watchdog_stop.wait(interval):
                     return
 

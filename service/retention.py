@@ -1,0 +1,305 @@
+"""The data lifecycle: deleting versions and corpora, pinning, the retention policy, garbage collection.
+
+- A version is deleted by marking its row (``deleted_at``: lineage, evaluations, activations and usage
+  still refer to it) and removing its checkpoint directory; it can no longer be activated, pinned or
+  trained from. Refused (409, with the reason) while it is active, pinned, or needed by a queued or
+  running job (its base, or its result).
+- A corpus is deleted by marking its row (state ``deleted``), removing its files and the stream documents
+  it was made of; refused while a queued or running job uses it. Versions trained on it keep what they
+  learnt; later jobs replay the parent's own samples in place of its text (service/training.py).
+- Retention (:func:`apply_retention`, after each publish and in the worker's housekeeping) deletes every
+  version but the active one, the pinned ones, the newest PEER_KEEP_VERSIONS and those jobs need.
+- Garbage collection (:func:`collect_garbage`): checkpoint directories no live version row refers to (a
+  failed or cancelled job's, an attempt that lost its lease, a deletion interrupted before its files
+  went), chunks no manifest refers to, corpus directories of deleted corpora and temporary files, each
+  only once older than PEER_GC_GRACE_SECONDS, so that nothing still being written (an attempt about to
+  publish, a chunk about to be referenced) is ever collected.
+
+The database decides (every check and mark is one conditional UPDATE inside the transaction, which
+locks the row on PostgreSQL and takes the write lock on SQLite); files go only after the commit, and
+anything a crash leaves behind is garbage for the next collection.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import delete, select, update
+
+from .chunkstore import manifest_chunks
+from .context import ServiceContext
+from .db.models import Corpus, Job, PoolVersion, StreamDocument, utcnow
+from .db.session import transaction
+from .errors import Conflict, NotFound
+from .usage import fold_usage, prune_raw_usage
+from .versions import active_version_id, get_version, live_version, lock_activations
+
+log = logging.getLogger(__name__)
+
+LIVE_JOB_STATES = ("queued", "running", "cancelling")
+
+
+# ---- what must stay ------------------------------------------------------------------------------------
+
+
+def _live_jobs(session) -> list[Job]:
+    return session.scalars(select(Job).where(Job.state.in_(LIVE_JOB_STATES)).order_by(Job.id)).all()
+
+
+def versions_jobs_need(session) -> dict[int, list[int]]:
+    """{version id: ids of the queued or running jobs that train from it or published it}; a running job
+    that was not given a base records the version it trains from in its metrics."""
+    needed: dict[int, list[int]] = {}
+    for job in _live_jobs(session):
+        for version_id in {job.base_version_id, job.result_version_id, (job.metrics or {}).get("base_version_id")}:
+            if isinstance(version_id, int):
+                needed.setdefault(version_id, []).append(job.id)
+    return needed
+
+
+def why_kept(session, version: PoolVersion) -> str | None:
+    """Why ``version`` cannot be deleted now, or None."""
+    if version.pinned:
+        return f"it is pinned (unpin it first: POST /v1/versions/{version.id}/unpin)"
+    if active_version_id(session) == version.id:
+        return "it is the active version (activate another one first)"
+    jobs = versions_jobs_need(session).get(version.id)
+    if jobs:
+        return f"queued or running jobs {jobs} need it"
+    return None
+
+
+# ---- deleting and pinning ------------------------------------------------------------------------------
+
+
+def delete_version(ctx: ServiceContext, version_id: int) -> PoolVersion:
+    """Mark the version deleted and remove its checkpoint; 409 with the reason when it must stay. Deleting
+    a deleted version changes nothing."""
+    with transaction(ctx.sessions) as session:
+        version = get_version(session, version_id)
+        lock_activations(session)  # before the row lock, in the order activations take them
+        marked = session.execute(update(PoolVersion).where(PoolVersion.id == version_id,
+                                                           PoolVersion.deleted_at.is_(None))
+                                 .values(deleted_at=utcnow())).rowcount
+        session.refresh(version)
+        if marked:
+            reason = why_kept(session, version)
+            if reason:
+                raise Conflict(f"version {version_id} cannot be deleted: {reason}")
+    if marked:
+        ctx.store.remove(version.checkpoint)
+        log.info("deleted version %s (%s)", version_id, version.checkpoint)
+    return version
+
+
+def set_pinned(ctx: ServiceContext, version_id: int, pinned: bool) -> PoolVersion:
+    """Pin (kept by the retention policy, refused by DELETE) or unpin a version; a deleted one cannot be pinned."""
+    with transaction(ctx.sessions) as session:
+        version = live_version(session, version_id, "pinned") if pinned else get_version(session, version_id)
+        version.pinned = pinned
+    return version
+
+
+def delete_corpus(ctx: ServiceContext, corpus_id: int) -> Corpus:
+    """Mark the corpus deleted, drop the stream documents it was made of and remove its files; 409 while a
+    queued or running job uses it. Deleting a deleted corpus changes nothing."""
+    with transaction(ctx.sessions) as session:
+        corpus = session.get(Corpus, corpus_id)
+        if corpus is None:
+            raise NotFound(f"corpus {corpus_id} not found")
+        marked = session.execute(update(Corpus).where(Corpus.id == corpus_id, Corpus.deleted_at.is_(None))
+                                 .values(deleted_at=utcnow(), state="deleted")).rowcount
+        if marked:
+            jobs = [job.id for job in _live_jobs(session) if corpus_id in job.corpus_ids]
+            if jobs:
+                raise Conflict(f"corpus {corpus_id} cannot be deleted: queued or running jobs {jobs} use it "
+                               f"(cancel them first: POST /v1/jobs/{{id}}/cancel)")
+            session.execute(delete(StreamDocument).where(StreamDocument.corpus_id == corpus_id))
+        session.refresh(corpus)
+    if marked:
+        ctx.store.remove_corpus(corpus_id)
+        log.info("deleted corpus %s", corpus_id)
+    return corpus
+
+
+# ---- retention -----------------------------------------------------------------------------------------
+
+
+def retention_candidates(session, keep_versions: int) -> list[int]:
+    """Live versions the policy would delete: all but the active one, the pinned ones, the newest
+    ``keep_versions`` and those queued or running jobs need; oldest first."""
+    versions = session.scalars(select(PoolVersion).where(PoolVersion.deleted_at.is_(None))
+                               .order_by(PoolVersion.id.desc())).all()
+    keep = {v.id for v in versions[:keep_versions]} | {v.id for v in versions if v.pinned}
+    keep |= {active_version_id(session)} | set(versions_jobs_need(session))
+    return sorted(v.id for v in versions if v.id not in keep)
+
+
+def apply_retention(ctx: ServiceContext, dry_run: bool = False) -> list[int]:
+    """Delete the versions the policy does not keep (PEER_KEEP_VERSIONS); returns their ids (with
+    ``dry_run``: the ids it would delete). A version that became needed meanwhile is skipped."""
+    with ctx.sessions() as session:
+        candidates = retention_candidates(session, ctx.settings.keep_versions)
+    if dry_run:
+        return candidates
+    deleted = []
+    for version_id in candidates:
+        try:
+            delete_version(ctx, version_id)
+            deleted.append(version_id)
+        except Conflict as exc:
+            log.info("retention skips version %s: %s", version_id, exc.message)
+    return deleted
+
+
+# ---- garbage collection --------------------------------------------------------------------------------
+
+
+@dataclass
+class Garbage:
+    """What a collection removed (or, dry, would remove): store paths and their bytes."""
+
+    paths: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+    def add(self, root: Path, path: Path) -> None:
+        self.paths.append(str(path.relative_to(root)))
+        self.bytes += _size(path)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _newest_mtime(path: Path) -> float:
+    """A directory's age is its youngest entry's (a checkpoint is written inside, then renamed into place)."""
+    times = [path.stat().st_mtime]
+    if path.is_dir():
+        times += [child.stat().st_mtime for child in path.iterdir()]
+    return max(times)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _children(folder: Path) -> list[Path]:
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def collect_garbage(ctx: ServiceContext, dry_run: bool = False) -> Garbage:
+    """Remove what nothing refers to and is older than PEER_GC_GRACE_SECONDS: checkpoint directories of
+    no live version (and leftover temporary or backup ones), chunks no remaining manifest names,
+    directories of deleted or unknown corpora and temporary files. ``dry_run``: only report them."""
+    root, cutoff = ctx.store.root, time.time() - ctx.settings.gc_grace_seconds
+    with ctx.sessions() as session:
+        live_keys = set(session.scalars(select(PoolVersion.checkpoint).where(PoolVersion.deleted_at.is_(None))))
+        live_corpora = {str(i) for i in session.scalars(select(Corpus.id).where(Corpus.deleted_at.is_(None)))}
+    garbage = Garbage()
+
+    kept_checkpoints = []
+    for folder in _children(root / "versions"):
+        name = folder.name
+        if name.startswith(".") and name.endswith(".old"):  # a backup: the checkpoint itself if a swap crashed
+            target = f"versions/{name[1:-4]}"
+            unreferenced = target not in live_keys or (root / target).is_dir()
+        else:
+            unreferenced = name.startswith(".") or f"versions/{name}" not in live_keys
+        if unreferenced and _newest_mtime(folder) < cutoff:
+            garbage.add(root, folder)
+        else:
+            kept_checkpoints.append(folder)
+
+    referenced = set().union(*(manifest_chunks(folder) for folder in kept_checkpoints if folder.is_dir()))
+    for prefix in _children(root / "chunks"):
+        for chunk in _children(prefix):
+            if chunk.name not in referenced and chunk.stat().st_mtime < cutoff:
+                garbage.add(root, chunk)
+
+    for folder in _children(root / "corpora"):
+        if folder.name not in live_corpora and _newest_mtime(folder) < cutoff:
+            garbage.add(root, folder)
+        else:
+            for stale in folder.glob(".*.tmp"):
+                if stale.stat().st_mtime < cutoff:
+                    garbage.add(root, stale)
+
+    if not dry_run:
+        for relative in garbage.paths:
+            path = root / relative
+            if path.parent.parent == root / "chunks":
+                _collect_chunk(path, cutoff)
+            else:
+                _remove(path)
+        if garbage.paths:
+            log.info("garbage collection removed %d paths (%d bytes)", len(garbage.paths), garbage.bytes)
+    return garbage
+
+
+def _collect_chunk(path: Path, cutoff: float) -> None:
+    """Remove a chunk unless a writer reused it since it was judged garbage: the chunk is moved aside first,
+    so a writer either renews it before the move (then it is put back) or finds it gone and writes it again."""
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.gc")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    if aside.stat().st_mtime >= cutoff:
+        os.replace(aside, path)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+# ---- housekeeping --------------------------------------------------------------------------------------
+
+
+class Housekeeping:
+    """The periodic lifecycle work a worker's watchdog runs: fold expert usage into its roll-ups and prune
+    folded raw rows, apply the retention policy, collect garbage. :meth:`run_due` does it at most every
+    PEER_HOUSEKEEPING_SECONDS; each part's failure is logged and the others still run."""
+
+    def __init__(self, ctx: ServiceContext):
+        self.ctx = ctx
+        self.last_run: float | None = None
+
+    def run_due(self) -> None:
+        now = time.monotonic()
+        if self.last_run is None or now - self.last_run >= self.ctx.settings.housekeeping_seconds:
+            self.last_run = now
+            self.run()
+
+    def run(self) -> dict:
+        settings, done = self.ctx.settings, {}
+        parts = {
+            "usage_folded": lambda: fold_usage(self.ctx.sessions, settings.usage_bucket_seconds),
+            "usage_pruned": lambda: prune_raw_usage(self.ctx.sessions, settings.usage_raw_retention_seconds),
+            "versions_deleted": lambda: apply_retention(self.ctx),
+            "garbage_bytes": lambda: collect_garbage(self.ctx).bytes,
+        }
+        for name, part in parts.items():
+            try:
+                done[name] = part()
+            except Exception:  # noqa: BLE001 - the rest of the housekeeping still runs; retried next time
+                log.exception("housekeeping: %s failed", name)
+        return done
+
+
+def retain_after_publish(ctx: ServiceContext) -> None:
+    """The retention policy right after a version was published (a failure is logged: the next
+    housekeeping pass applies it)."""
+    try:
+        deleted = apply_retention(ctx)
+        if deleted:
+            log.info("retention deleted versions %s", deleted)
+    except Exception:  # noqa: BLE001 - the job succeeded; retention is retried by the housekeeping
+        log.exception("retention after publishing failed")

@@ -1,0 +1,198 @@
+"""The data lifecycle on PostgreSQL and SQLite with a real store: deleting versions and corpora (refused with
+the reason while they are needed), pinning, the retention policy and garbage collection of checkpoint
+directories, chunks, corpus files and temporary files."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from peer_model.model import PEERTransformer
+from service.chunkstore import manifest_chunks
+from service.context import ServiceContext
+from service.db.models import Corpus, PoolVersion, Stream, StreamDocument
+from service.db.session import transaction
+from service.errors import Conflict
+from service.ingest import parse_upload
+from service.jobs import create_job, request_cancel
+from service.migrate import upgrade
+from service.retention import apply_retention, collect_garbage, delete_corpus, delete_version, set_pinned
+from service.uploads import accept_corpus
+from service.versions import activate, describe_pools, ensure_initial_version, live_version
+
+from .conftest import PG_HOST, create_pg_database, drop_pg_database, tiny_settings
+
+HOUR = 3600.0
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def ctx(request, tmp_path):
+    """A database of its own per test (the policy looks at every version there is)."""
+    name = create_pg_database() if request.param == "postgresql" else None
+    url = f"postgresql+psycopg://{PG_HOST}/{name}" if name else None
+    settings = tiny_settings(tmp_path / "home", url, keep_versions=2, gc_grace_seconds=HOUR, chunk_bytes=1024)
+    upgrade(settings.resolved_database_url)
+    ctx = ServiceContext.from_settings(settings)
+    yield ctx
+    ctx.close()
+    if name:
+        drop_pg_database(name)
+
+
+def publish(ctx, grow: int = 0) -> int:
+    """A version row over a checkpoint written by the store (version 1 when there is none)."""
+    created = ensure_initial_version(ctx)
+    if created is not None and grow == 0:
+        return created
+    torch.manual_seed(grow)
+    model = PEERTransformer(ctx.settings.fresh_model_config())
+    if grow:
+        model.grow(grow, tag=f"grown {grow}")
+    key = f"versions/test-{time.monotonic_ns()}"
+    ctx.store.save_model(key, model)
+    experts, segments = describe_pools(model, None, [])
+    with transaction(ctx.sessions) as session:
+        version = PoolVersion(checkpoint=key, model_config_json=model.config.to_dict(), experts=experts,
+                              segments=segments, corpus_ids=[])
+        session.add(version)
+        session.flush()
+        return version.id
+
+
+def row(ctx, model, key):
+    with ctx.sessions() as session:
+        return session.get(model, key)
+
+
+def age(path, seconds: float = 2 * HOUR) -> None:
+    """Make a store file (and a directory's entries) look written ``seconds`` ago."""
+    then = time.time() - seconds
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.utime(p, (then, then))
+
+
+def test_a_version_is_deleted_only_when_nothing_needs_it(ctx):
+    active, pinned, needed, free = (publish(ctx, grow=g) for g in (0, 16, 32, 48))
+    set_pinned(ctx, pinned, True)
+    with transaction(ctx.sessions) as session:
+        job = create_job(session, "train", [], {}, base_version_id=needed)
+    for version_id, reason in ((active, "active version"), (pinned, "pinned"), (needed, rf"jobs \[{job.id}\] need it")):
+        with pytest.raises(Conflict, match=reason):
+            delete_version(ctx, version_id)
+        assert row(ctx, PoolVersion, version_id).deleted_at is None
+        assert ctx.store.has(row(ctx, PoolVersion, version_id).checkpoint)
+
+    deleted = delete_version(ctx, free)
+    assert deleted.deleted_at is not None and not ctx.store.has(deleted.checkpoint)
+    assert delete_version(ctx, free).deleted_at == deleted.deleted_at  # again: nothing changes
+    with transaction(ctx.sessions) as session:  # the row stays, but it is no version to use any more
+        for purpose in ("activated", "trained from"):
+            with pytest.raises(Conflict, match=f"can no longer be {purpose}"):
+                activate(session, free, "rollback", "test") if purpose == "activated" else live_version(
+                    session, free, purpose)
+    with pytest.raises(Conflict, match="pinned"):
+        set_pinned(ctx, free, True)
+
+    with transaction(ctx.sessions) as session:
+        request_cancel(session, job.id)
+    set_pinned(ctx, pinned, False)
+    for version_id in (pinned, needed):
+        assert delete_version(ctx, version_id).deleted_at is not None
+
+
+def test_retention_keeps_the_active_the_pinned_the_newest_and_what_jobs_need(ctx):
+    versions = [publish(ctx, grow=16 * g) for g in range(7)]  # keep_versions = 2: the last two stay
+    v1, v2, v3, v4, v5, v6, v7 = versions
+    set_pinned(ctx, v2, True)
+    with transaction(ctx.sessions) as session:
+        create_job(session, "train", [], {}, base_version_id=v3)  # queued, trains from v3
+        running = create_job(session, "train", [], {})
+        running.state, running.metrics = "running", {"base_version_id": v4}  # unpinned: trains the then-active v4
+    assert apply_retention(ctx, dry_run=True) == [v5]
+    assert row(ctx, PoolVersion, v5).deleted_at is None
+    assert apply_retention(ctx) == [v5]
+    kept = {v: row(ctx, PoolVersion, v) for v in versions}
+    assert [v for v, version in kept.items() if version.deleted_at is not None] == [v5]
+    assert not ctx.store.has(kept[v5].checkpoint)
+    assert all(ctx.store.has(kept[v].checkpoint) for v in (v1, v2, v3, v4, v6, v7))
+    assert apply_retention(ctx) == []
+
+
+def test_garbage_collection_takes_what_nothing_refers_to_once_past_the_grace_period(ctx):
+    live = publish(ctx)
+    gone = publish(ctx, grow=64)
+    root = ctx.store.root
+    live_chunks = manifest_chunks(root / row(ctx, PoolVersion, live).checkpoint)
+    gone_key = row(ctx, PoolVersion, gone).checkpoint
+    gone_only = manifest_chunks(root / gone_key) - live_chunks
+    assert gone_only
+    delete_version(ctx, gone)
+
+    # a failed attempt's checkpoint (no version row), young and old; an interrupted save's temporary directory
+    torch.manual_seed(7)
+    ctx.store.save_model("versions/job-9-0123456789ab", PEERTransformer(ctx.settings.fresh_model_config()))
+    attempt_only = manifest_chunks(root / "versions/job-9-0123456789ab") - live_chunks
+    (root / "versions/.job-10.tmp-abc").mkdir()
+    (root / "versions/.job-10.tmp-abc/model.safetensors").write_bytes(b"half")
+    # corpora: one live, one deleted whose files a crash left, a temporary file
+    with transaction(ctx.sessions) as session:
+        kept_corpus = Corpus(name="kept", source="upload", sha256="0" * 64, raw_bytes=1, documents=1)
+        dead_corpus = Corpus(name="dead", source="upload", sha256="0" * 64, raw_bytes=1, documents=1, state="deleted")
+        session.add_all([kept_corpus, dead_corpus])
+        session.flush()
+        dead_corpus.deleted_at = dead_corpus.created_at
+    for corpus in (kept_corpus, dead_corpus):
+        ctx.store.write_corpus(corpus.id, "raw", "text")
+    stale_tmp = root / "corpora" / str(kept_corpus.id) / ".train.txt.123.tmp"
+    stale_tmp.write_text("half")
+
+    assert collect_garbage(ctx).paths == []  # everything is younger than the grace period
+    for path in (root / "chunks", root / "versions", root / "corpora"):
+        age(path)
+    ctx.store.save_model("versions/job-11-0123456789ab", PEERTransformer(ctx.settings.fresh_model_config()))
+
+    young = manifest_chunks(root / "versions/job-11-0123456789ab")  # renewed by that save
+    dry = collect_garbage(ctx, dry_run=True)
+    # the deleted version's chunks and the old attempt's, but none a live or young checkpoint still names
+    expected = {"versions/job-9-0123456789ab", "versions/.job-10.tmp-abc", f"corpora/{dead_corpus.id}",
+                f"corpora/{kept_corpus.id}/.train.txt.123.tmp",
+                *(f"chunks/{h[:2]}/{h}" for h in (gone_only | attempt_only) - young)}
+    assert set(dry.paths) == expected and dry.bytes > 0
+    assert (root / "versions/job-9-0123456789ab").is_dir()  # a dry run removes nothing
+
+    collected = collect_garbage(ctx)
+    assert set(collected.paths) == expected
+    assert not any((root / path).exists() for path in expected)
+    # the young attempt (still publishing, as far as anyone knows) and everything live stay, and still load
+    assert (root / "versions/job-11-0123456789ab").is_dir()
+    assert ctx.store.load_model(row(ctx, PoolVersion, live).checkpoint) is not None
+    assert ctx.store.load_model("versions/job-11-0123456789ab") is not None
+    assert (root / "corpora" / str(kept_corpus.id) / "raw.txt").is_file()
+    assert collect_garbage(ctx).paths == []
+
+
+def test_a_corpus_is_deleted_only_when_no_live_job_uses_it(ctx):
+    publish(ctx)
+    text = "a small corpus of words\n" * 20
+    with transaction(ctx.sessions) as session:
+        stream = Stream(name="feed")
+        session.add(stream)
+        session.flush()
+        corpus, ingest = accept_corpus(ctx, session, "feed", parse_upload(text.encode(), "text", 10_000), text, "text",
+                                       True, {})
+        session.add(StreamDocument(stream_id=stream.id, text=text, bytes=len(text), corpus_id=corpus.id))
+    with pytest.raises(Conflict, match=f"jobs \\[{ingest.id}\\] use it"):
+        delete_corpus(ctx, corpus.id)
+    assert row(ctx, Corpus, corpus.id).state == "pending" and ctx.store.corpus_path(corpus.id, "raw").is_file()
+
+    with transaction(ctx.sessions) as session:
+        request_cancel(session, ingest.id)
+    deleted = delete_corpus(ctx, corpus.id)
+    assert deleted.state == "deleted" and deleted.deleted_at is not None
+    assert not (ctx.store.root / "corpora" / str(corpus.id)).exists()
+    with ctx.sessions() as session:  # the stream's copy of the text goes too
+        assert session.scalars(select(StreamDocument).where(StreamDocument.corpus_id == corpus.id)).all() == []
+    assert delete_corpus(ctx, corpus.id).deleted_at == deleted.deleted_at
