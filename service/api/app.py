@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import logs
 from ..bootstrap import bootstrap
@@ -27,6 +28,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from ..ui import pages as console
 from .ratelimit import RateLimits
+from .schemas import ERROR_RESPONSES
 from .routes import corpora, experts, generate, health, jobs, openai, status, streams, versions
 from .security import protect
 
@@ -82,7 +84,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
             host.stop()
             ctx.close()
 
-    app = FastAPI(title="peer-service", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="peer-service", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="A lifelong-learning language model on a growing pool of PEER experts.")
     app.state.metrics = Metrics()
     app.state.rate_limits = RateLimits()
@@ -101,6 +103,11 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
     async def validation_error(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return JSONResponse(status_code=422, content=error_body(422, f"invalid request: {problems}", "InvalidInput"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # e.g. 404 unknown path, 405 method
+        return JSONResponse(status_code=exc.status_code, headers=exc.headers,
+                            content=error_body(exc.status_code, str(exc.detail), "HTTPError"))
 
     @app.exception_handler(Exception)
     async def unhandled_error(request: Request, exc: Exception):  # raised outside the middleware below

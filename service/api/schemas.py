@@ -2,9 +2,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+DB_INT_MAX = 2**63 - 1  # ids, offsets: beyond a signed 64-bit integer the database cannot even compare them
+Id = Annotated[int, Field(ge=0, le=DB_INT_MAX)]
+IdPath = Annotated[int, Path(ge=0, le=DB_INT_MAX)]
+IdQuery = Annotated[int | None, Query(ge=0, le=DB_INT_MAX)]
+Offset = Annotated[int, Query(ge=0, le=DB_INT_MAX)]
 
 
 class SamplingFields(BaseModel):
@@ -148,9 +156,9 @@ class DocumentsRequest(BaseModel):
 
 
 class JobRequest(BaseModel):
-    corpus_ids: list[int] = Field(..., min_length=1)
-    base_version_id: int | None = Field(None, description="default: the version active when the job starts (and an "
-                                                          "automatic activation only while it still is)")
+    corpus_ids: list[Id] = Field(..., min_length=1)
+    base_version_id: Id | None = Field(None, description="default: the version active when the job starts (and an "
+                                                         "automatic activation only while it still is)")
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="strategy, new_experts, steps, freeze_old_experts, replay_fraction, distill_weight, train_dense, "
@@ -158,8 +166,8 @@ class JobRequest(BaseModel):
 
 
 class ForgetRequest(BaseModel):
-    base_version_id: int | None = Field(None, description="default: the version active when the job starts (and an "
-                                                          "automatic activation only while it still is)")
+    base_version_id: Id | None = Field(None, description="default: the version active when the job starts (and an "
+                                                         "automatic activation only while it still is)")
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="repair_steps (training steps on the remaining corpora with distillation to the parent; default "
@@ -169,3 +177,24 @@ class ForgetRequest(BaseModel):
 
 class ActivateRequest(BaseModel):
     reason: str = Field("requested through the API", max_length=200)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(..., description="the error's kind, e.g. InvalidInput, NotFound, Conflict, InternalError")
+    code: int = Field(..., description="the HTTP status")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (4xx and 500): ``detail`` for people and FastAPI clients, ``error`` in the OpenAI shape."""
+
+    detail: str
+    error: ErrorDetail
+    request_id: str | None = Field(None, description="on a 500: the id to quote (also in X-Request-Id and the logs)")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "refused: the message says why (422 invalid input, 404 not found, "
+                                                "409 conflict, 413 too large, 429 overloaded, 401/403 key)"},
+    500: {"model": ErrorBody, "description": "a bug: logged with the request id given here"},
+}

@@ -20,7 +20,7 @@ from ...training import validate_job_options
 from ...uploads import accept_corpus
 from ...versions import active_version_id, get_version
 from ..deps import get_ctx, get_dispatch, get_session
-from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, JobOut, TextCorpusRequest
+from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, IdPath, JobOut, Offset, TextCorpusRequest
 from ..security import Caller, require_scope
 
 router = APIRouter(tags=["corpora"])
@@ -103,14 +103,14 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
 
 
 @router.get("/v1/corpora", response_model=list[CorpusOut], dependencies=[Depends(require_scope("read"))])
-def list_corpora(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+def list_corpora(limit: int = Query(100, ge=1, le=1000), offset: Offset = 0,
                  session: Session = Depends(get_session)):
     return session.scalars(select(Corpus).order_by(Corpus.id.desc()).limit(limit).offset(offset)).all()
 
 
 @router.get("/v1/corpora/{corpus_id}", response_model=CorpusOut,
             dependencies=[Depends(require_scope("read"))])
-def get_corpus(corpus_id: int, session: Session = Depends(get_session)):
+def get_corpus(corpus_id: IdPath, session: Session = Depends(get_session)):
     corpus = session.get(Corpus, corpus_id)
     if corpus is None:
         raise NotFound(f"corpus {corpus_id} not found")
@@ -118,7 +118,7 @@ def get_corpus(corpus_id: int, session: Session = Depends(get_session)):
 
 
 @router.post("/v1/corpora/{corpus_id}/forget", status_code=202, response_model=JobOut)
-def forget_corpus(corpus_id: int, body: ForgetRequest, ctx=Depends(get_ctx), session: Session = Depends(get_session),
+def forget_corpus(corpus_id: IdPath, body: ForgetRequest, ctx=Depends(get_ctx), session: Session = Depends(get_session),
                   dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
     """Make a new version without this corpus: a forget job masks the experts grown for it (optionally
     repairing on the remaining corpora), evaluates and publishes like a training job. 409

@@ -15,6 +15,7 @@ from ...errors import InvalidInput, NotFound
 from ...usage import usage_buckets, usage_total
 from ...versions import active_version_id, get_version
 from ..deps import get_ctx, get_session
+from ..schemas import IdQuery
 from ..security import require_scope
 
 router = APIRouter(tags=["experts"])
@@ -75,7 +76,7 @@ def layer_utilization(session: Session, version: PoolVersion, layer: str, top: i
 
 
 @router.get("/v1/experts/utilization", dependencies=[Depends(require_scope("read"))])
-def utilization(version: int | None = None, layer: int | None = None, top: int = Query(10, ge=1, le=1000),
+def utilization(version: IdQuery = None, layer: int | None = None, top: int = Query(10, ge=1, le=1000),
                 bins: int = Query(16, ge=1, le=256), cells: bool = False, session: Session = Depends(get_session)):
     """Per PEER layer: fraction of experts used, KL from uniform usage (the paper's unevenness), entropy,
     hottest experts, usage per segment (with the corpora each was grown for and the grid's rows × cols
@@ -109,7 +110,7 @@ def utilization_history(session: Session, version: PoolVersion, layer: str, buck
 
 
 @router.get("/v1/experts/utilization/history", dependencies=[Depends(require_scope("read"))])
-def utilization_over_time(version: int | None = None, layer: int | None = None,
+def utilization_over_time(version: IdQuery = None, layer: int | None = None,
                           points: int = Query(50, ge=1, le=1000), ctx=Depends(get_ctx),
                           session: Session = Depends(get_session)):
     """Per PEER layer: how usage fraction and KL from uniform evolved over the traffic a version served
@@ -122,7 +123,7 @@ def utilization_over_time(version: int | None = None, layer: int | None = None,
 
 
 @router.get("/v1/experts/{layer}/{expert_id}", dependencies=[Depends(require_scope("read"))])
-def expert(layer: int, expert_id: int, version: int | None = None, session: Session = Depends(get_session)):
+def expert(layer: int, expert_id: int, version: IdQuery = None, session: Session = Depends(get_session)):
     """One expert: its segment (and the corpora it was grown for), its product-key cell and its usage."""
     pool_version = _version(session, version)
     key = _layers(pool_version, layer)[0]

@@ -12,7 +12,7 @@ from ...jobs import create_job, dispatch_job, get_job, request_cancel
 from ...training import validate_job_options
 from ...versions import active_version_id, get_version, is_pretrained
 from ..deps import get_ctx, get_dispatch, get_session
-from ..schemas import JobOut, JobRequest
+from ..schemas import IdPath, JobOut, JobRequest, Offset
 from ..security import Caller, require_scope
 
 router = APIRouter(tags=["jobs"])
@@ -46,7 +46,7 @@ def submit_job(body: JobRequest, ctx=Depends(get_ctx), session: Session = Depend
 
 @router.get("/v1/jobs", response_model=list[JobOut], dependencies=[Depends(require_scope("read"))])
 def list_jobs(state: str | None = None, kind: str | None = None, limit: int = Query(100, ge=1, le=1000),
-              offset: int = Query(0, ge=0), session: Session = Depends(get_session)):
+              offset: Offset = 0, session: Session = Depends(get_session)):
     query = select(Job).order_by(Job.id.desc()).limit(limit).offset(offset)
     if state is not None:
         if state not in JOB_STATES:
@@ -60,12 +60,12 @@ def list_jobs(state: str | None = None, kind: str | None = None, limit: int = Qu
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut, dependencies=[Depends(require_scope("read"))])
-def read_job(job_id: int, session: Session = Depends(get_session)):
+def read_job(job_id: IdPath, session: Session = Depends(get_session)):
     return get_job(session, job_id)
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: int, session: Session = Depends(get_session),
+def cancel_job(job_id: IdPath, session: Session = Depends(get_session),
                caller: Caller = Depends(require_scope("admin"))):
     """A queued job is cancelled at once; a running one stops at its next heartbeat (409 if finished)."""
     job = request_cancel(session, job_id)

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from ...db.models import Activation, Evaluation, PoolVersion
 from ...versions import activate, active_version_id, get_version, lock_activations
 from ..deps import get_host, get_session
-from ..schemas import ActivateRequest
+from ..schemas import ActivateRequest, IdPath, Offset
 from ..security import Caller, require_scope
 
 router = APIRouter(tags=["versions"])
@@ -35,7 +35,7 @@ def version_view(session: Session, version: PoolVersion, active_id: int | None, 
 
 
 @router.get("/v1/versions", dependencies=[Depends(require_scope("read"))])
-def list_versions(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+def list_versions(limit: int = Query(100, ge=1, le=1000), offset: Offset = 0,
                   session: Session = Depends(get_session)):
     active_id = active_version_id(session)
     versions = session.scalars(select(PoolVersion).order_by(PoolVersion.id.desc()).limit(limit).offset(offset)).all()
@@ -43,12 +43,12 @@ def list_versions(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0,
 
 
 @router.get("/v1/versions/{version_id}", dependencies=[Depends(require_scope("read"))])
-def read_version(version_id: int, session: Session = Depends(get_session)):
+def read_version(version_id: IdPath, session: Session = Depends(get_session)):
     return version_view(session, get_version(session, version_id), active_version_id(session), detail=True)
 
 
 @router.post("/v1/versions/{version_id}/activate")
-async def activate_version(version_id: int, body: ActivateRequest | None = None,
+async def activate_version(version_id: IdPath, body: ActivateRequest | None = None,
                            session: Session = Depends(get_session), host=Depends(get_host),
                            caller: Caller = Depends(require_scope("admin"))):
     """Make this version the active one (also a rollback). The version is loaded first: one that cannot be
