@@ -119,6 +119,9 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
         if value > settings.max_train_steps:
             raise InvalidInput(f"invalid job options: {name} {value} is over PEER_MAX_TRAIN_STEPS "
                                f"({settings.max_train_steps})")
+    if new_experts > settings.max_new_experts:
+        raise InvalidInput(f"invalid job options: new_experts {new_experts} is over PEER_MAX_NEW_EXPERTS "
+                           f"({settings.max_new_experts})")
     try:
         train = job_train_config(settings, steps, job.seed)
         return ContinualOptions(
@@ -144,9 +147,24 @@ def job_train_config(settings: Settings, steps: int, seed: int) -> TrainConfig:
                        device=settings.device, log_every=10)
 
 
-def validate_job_options(settings: Settings, options: dict, has_old_corpora: bool = True) -> dict:
-    """Reject bad training options at submission (422), not when the job runs; returns them unchanged."""
-    continual_options(settings, parse_job_options(options), has_old_corpora)
+def check_pool_size(settings: Settings, experts: dict[str, int], new_experts: int) -> None:
+    """409 when growing every PEER layer of a pool of ``experts`` (per layer) by ``new_experts`` passes
+    PEER_MAX_POOL_EXPERTS: every API process holds the active version's whole pool in memory."""
+    over = sorted((int(layer), count + new_experts) for layer, count in experts.items()
+                  if new_experts and count + new_experts > settings.max_pool_experts)
+    if over:
+        layers = ", ".join(f"layer {layer}: {count}" for layer, count in over)
+        raise Conflict(f"growing by {new_experts} experts would make the pool larger than PEER_MAX_POOL_EXPERTS "
+                       f"({settings.max_pool_experts} per layer): {layers}; train without growth "
+                       f'({{"new_experts": 0}}) or raise the limit')
+
+
+def validate_job_options(settings: Settings, options: dict, has_old_corpora: bool = True,
+                         experts: dict[str, int] | None = None) -> dict:
+    """Reject bad training options at submission (422), not when the job runs, and growth past the pool cap
+    of the version trained from (``experts`` per layer; 409); returns the options unchanged."""
+    stage = continual_options(settings, parse_job_options(options), has_old_corpora)
+    check_pool_size(settings, experts or {}, stage.new_experts)
     return options
 
 
@@ -344,11 +362,13 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         options = dict(job.options)
         old_ids = [c for c in base.corpus_ids if c not in new_ids]
         parent_segments, base_checkpoint, pretrained = base.segments, base.checkpoint, is_pretrained(base)
+        base_experts = dict(base.experts)
     job_options = parse_job_options(options)
     parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
     tokenizer = parent.tokenizer
     stage_options = continual_options(settings, job_options, has_old_corpora=bool(old_ids) or pretrained,
                                       has_pool=bool(parent.peer_layers()))
+    check_pool_size(settings, base_experts, stage_options.new_experts)  # the base may have grown since submission
     if settings.train_seq_len > parent.config.max_seq_len:
         stage_options = replace(stage_options, train=replace(stage_options.train, seq_len=parent.config.max_seq_len))
     new_train = token_data(ctx, new_ids, "train", tokenizer)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from .context import ServiceContext
 from .db.models import Corpus, Job, Stream, StreamDocument
-from .errors import InvalidInput, NotFound, StorageUnavailable
+from .errors import InvalidInput, NotFound, PayloadTooLarge, StorageUnavailable
 from .ingest import Upload, check_size, parse_upload
 from .jobs import create_job
 
@@ -67,6 +67,11 @@ def append_documents(ctx: ServiceContext, session: Session, name: str, documents
         check_size(size, settings.max_document_bytes, f"document {index}")
         sizes.append(size)
     stream = stream_by_name(session, name, create=True)
+    pending = pending_bytes(session, stream.id)[1]
+    if pending + sum(sizes) > settings.max_corpus_bytes:  # the flush would refuse it: the stream would be stuck
+        raise PayloadTooLarge(f"stream {name!r} holds {pending} bytes of untrained text; {sum(sizes)} more would "
+                              f"pass PEER_MAX_CORPUS_BYTES ({settings.max_corpus_bytes}), the most one corpus takes: "
+                              f"flush the stream first (POST /v1/streams/{name}/flush)")
     session.add_all(StreamDocument(stream_id=stream.id, text=d, bytes=s) for d, s in zip(documents, sizes))
     session.flush()
     return stream
@@ -81,8 +86,8 @@ def flush_stream(ctx: ServiceContext, session: Session, stream: Stream, train_op
         return None
     raw = "".join(json.dumps({"text": d.text}, ensure_ascii=False) + "\n" for d in documents)
     data = raw.encode("utf-8")
-    check_size(len(data), ctx.settings.max_corpus_bytes, f"stream {stream.name!r} pending text")
-    upload = parse_upload(data, "jsonl", ctx.settings.max_corpus_bytes)
+    # the documents' own bytes are bounded by append_documents; their JSONL envelope may add to them
+    upload = parse_upload(data, "jsonl", max(ctx.settings.max_corpus_bytes, len(data)))
     name = f"{stream.name} #{documents[0].id}-{documents[-1].id}"
     corpus, job = accept_corpus(ctx, session, name, upload, raw, "jsonl", True, train_options or {},
                                 source="stream", stream_id=stream.id)

@@ -19,3 +19,11 @@ def sampling_params(settings: Settings, *, max_tokens: int | None, temperature: 
                               stop=stop or (), seed=seed)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
+
+
+def check_prompt_chars(settings: Settings, *texts: str) -> None:
+    """Refuse prompt text over PEER_MAX_PROMPT_CHARS before it is tokenized (its ids take ~8 bytes per byte)."""
+    size = sum(len(text) for text in texts)
+    if size > settings.max_prompt_chars:
+        raise InvalidInput(f"the text is {size} characters; the limit is {settings.max_prompt_chars} "
+                           f"(PEER_MAX_PROMPT_CHARS)")

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .text import Name, Reason, Text, valid_unicode
+
 
 DB_INT_MAX = 2**63 - 1  # ids, offsets: beyond a signed 64-bit integer the database cannot even compare them
 Id = Annotated[int, Field(ge=0, le=DB_INT_MAX)]
@@ -20,12 +22,12 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = off")
-    stop: str | list[str] | None = Field(None, description="generation ends before the first of these strings")
+    stop: Text | list[Text] | None = Field(None, description="generation ends before the first of these strings")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
 
 class GenerateRequest(SamplingFields):
-    prompt: str = Field(..., description="text to complete (a prompt longer than the context window is a 422)")
+    prompt: Text = Field(..., description="text to complete (a prompt longer than the context window is a 422)")
     stream: bool = Field(False, description="server-sent events: token events, then one done (or error) event")
 
 
@@ -52,7 +54,7 @@ class OpenAIRequest(BaseModel):
     n: int | None = Field(1, ge=1, le=1, description="only 1")
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     user: str | None = None
 
@@ -60,7 +62,7 @@ class OpenAIRequest(BaseModel):
 class CompletionRequest(OpenAIRequest):
     """OpenAI ``/v1/completions``."""
 
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = Field(False, description="only false")
     logprobs: int | None = Field(None, le=0, description="not supported: null or 0")
@@ -73,7 +75,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str | list[dict[str, Any]]
+    content: Text | list[dict[str, Any]]
 
     @field_validator("content")
     @classmethod
@@ -82,7 +84,7 @@ class ChatMessage(BaseModel):
             return value
         if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in value):
             raise ValueError('content parts must be {"type": "text", "text": "..."}: only text is supported')
-        return "\n".join(part["text"] for part in value)
+        return valid_unicode("\n".join(part["text"] for part in value))
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -95,9 +97,9 @@ class ChatCompletionRequest(OpenAIRequest):
 
 
 class TextCorpusRequest(BaseModel):
-    name: str = Field(..., min_length=1, max_length=200)
-    text: str | None = Field(None, description="one plain-text document")
-    documents: list[str] | None = Field(None, description="several documents")
+    name: Name
+    text: Text | None = Field(None, description="one plain-text document")
+    documents: list[Text] | None = Field(None, description="several documents")
     train: bool = Field(True, description="start a training job once the corpus is ingested")
     train_options: dict[str, Any] = Field(default_factory=dict, description="options of that job, as POST /v1/jobs")
 
@@ -152,7 +154,7 @@ class CorpusAccepted(BaseModel):
 
 
 class DocumentsRequest(BaseModel):
-    documents: list[str] = Field(..., min_length=1)
+    documents: list[Text] = Field(..., min_length=1)
 
 
 class JobRequest(BaseModel):
@@ -176,7 +178,7 @@ class ForgetRequest(BaseModel):
 
 
 class ActivateRequest(BaseModel):
-    reason: str = Field("requested through the API", max_length=200)
+    reason: Reason = "requested through the API"
 
 
 class ErrorDetail(BaseModel):

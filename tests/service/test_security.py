@@ -242,3 +242,173 @@ def test_a_chunked_multipart_upload_without_length_is_cut_and_stores_nothing(liv
     accepted = live.post("/v1/corpora", data={"name": "small", "train": "false"},
                          files={"file": ("small.txt", b"a small corpus")})
     assert accepted.status_code == 202, accepted.text
+
+
+# ---- caps on what one request may cost -----------------------------------------------------------------
+
+
+def ingested_corpus(client, name: str) -> int:
+    """A corpus uploaded and ingested in process (the app dispatches nothing): its id."""
+    from service.training import run_ingest_job
+
+    accepted = client.post("/v1/corpora", json={"name": name, "text": "text to learn " * 50, "train": False})
+    assert accepted.status_code == 202, accepted.text
+    run_ingest_job(client.app.state.ctx, accepted.json()["job"]["id"], lambda job: None)
+    return accepted.json()["corpus"]["id"]
+
+
+@pytest.fixture(scope="module")
+def capped(home):
+    """The tiny pool has 256 experts per PEER layer; it may hold 300."""
+    with service(home, max_new_experts=1000, max_train_steps=500, max_pool_experts=300) as client:
+        yield client
+
+
+@pytest.mark.parametrize("options,status,message", [
+    ({"new_experts": 1001}, 422, "PEER_MAX_NEW_EXPERTS"),
+    ({"steps": 501}, 422, "PEER_MAX_TRAIN_STEPS"),
+    ({"review_steps": 501}, 422, "PEER_MAX_TRAIN_STEPS"),
+    ({"new_experts": 64}, 409, "PEER_MAX_POOL_EXPERTS"),  # 256 + 64 > 300
+])
+def test_job_options_over_the_caps_are_refused_at_submission(capped, options, status, message):
+    corpus_id = ingested_corpus(capped, "capped")
+    refused = capped.post("/v1/jobs", json={"corpus_ids": [corpus_id], "options": options})
+    assert refused.status_code == status and message in refused.json()["detail"], refused.text
+    upload = capped.post("/v1/corpora", json={"name": "with-options", "text": "some text", "train_options": options})
+    assert upload.status_code == status and message in upload.json()["detail"], upload.text
+    assert capped.post("/v1/jobs", json={"corpus_ids": [corpus_id], "options": {"new_experts": 40}}).status_code == 202
+
+
+def test_forget_options_over_the_step_cap_are_refused(capped):
+    refused = capped.post("/v1/corpora/1/forget", json={"options": {"repair_steps": 501}})
+    assert refused.status_code in (409, 422)  # 409 when version 1 does not know corpus 1; never accepted
+    assert capped.get("/v1/jobs", params={"kind": "forget"}).json() == []
+
+
+def test_the_pool_cap_is_checked_again_when_the_job_runs(capped):
+    """A job queued while the pool had room (here: created without the API's check) fails with the reason."""
+    from service.jobs import create_job
+    from service.training import run_train_job
+
+    ctx = capped.app.state.ctx
+    corpus_id = ingested_corpus(capped, "late")
+    with ctx.sessions() as session:
+        job = create_job(session, "train", [corpus_id], {"new_experts": 64})
+        session.commit()
+        job_id = job.id
+    run_train_job(ctx, job_id)
+    job = capped.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "failed" and "PEER_MAX_POOL_EXPERTS" in job["error"]
+    assert job["result_version_id"] is None
+
+
+# ---- hostile input: 4xx, never 500 ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def plain(request, home, tmp_path_factory):
+    """The open service on SQLite and on PostgreSQL (where over-long names and surrogates used to be 500s)."""
+    if request.param == "sqlite":
+        settings = {}
+    else:
+        pg_home = tmp_path_factory.mktemp("pg-home")
+        settings = {"home": pg_home, "database_url": request.getfixturevalue("pg_url")}
+    with TestClient(create_app(tiny_settings(**{"home": home, **settings}, max_prompt_chars=500,
+                                             max_corpus_bytes=3000), dispatch=lambda job: None)) as client:
+        yield client
+
+
+SURROGATE = "\\ud800"  # as JSON writes it: a lone surrogate, no character
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/generate", f'{{"prompt": "a{SURROGATE}", "max_tokens": 1}}'),
+    ("/v1/generate", f'{{"prompt": "a", "max_tokens": 1, "stop": ["{SURROGATE}"]}}'),
+    ("/v1/completions", f'{{"model": "peer", "prompt": "{SURROGATE}", "max_tokens": 1}}'),
+    ("/v1/chat/completions", f'{{"model": "peer", "messages": [{{"role": "user", "content": "{SURROGATE}"}}]}}'),
+    ("/v1/chat/completions",
+     f'{{"model": "peer", "messages": [{{"role": "user", "content": [{{"type": "text", "text": "{SURROGATE}"}}]}}]}}'),
+    ("/v1/tokenize", f'{{"text": "{SURROGATE}"}}'),
+    ("/v1/corpora", f'{{"name": "s", "text": "a{SURROGATE}", "train": false}}'),
+    ("/v1/corpora", f'{{"name": "s", "documents": ["ok", "{SURROGATE}"], "train": false}}'),
+    ("/v1/corpora", f'{{"name": "{SURROGATE}", "text": "ok", "train": false}}'),
+    ("/v1/streams/s/documents", f'{{"documents": ["{SURROGATE}"]}}'),
+    ("/v1/versions/1/activate", f'{{"reason": "{SURROGATE}"}}'),
+])
+def test_a_lone_surrogate_is_a_422(plain, path, body):
+    refused = plain.post(path, content=body.encode(), headers={"Content-Type": "application/json"})
+    assert refused.status_code == 422, refused.text
+    if path not in ("/v1/corpora", "/v1/versions/1/activate"):  # these parse their JSON with pydantic's parser,
+        assert "lone surrogate" in refused.json()["detail"]  # which refuses the escape itself
+
+
+def test_over_long_names_are_a_422_before_the_database(plain):
+    assert plain.post(f"/v1/streams/{'s' * 101}/documents", json={"documents": ["text"]}).status_code == 422
+    assert plain.post(f"/v1/streams/{'s' * 101}/flush").status_code == 422
+    long_name = plain.post("/v1/corpora", data={"name": "n" * 201, "train": "false"},
+                           files={"file": ("a.txt", b"some text")})
+    assert long_name.status_code == 422 and "at most 200 characters" in long_name.json()["detail"]
+    long_file = plain.post("/v1/corpora", data={"train": "false"}, files={"file": ("f" * 300 + ".txt", b"text")})
+    assert long_file.status_code == 422
+    assert plain.post("/v1/versions/1/activate", json={"reason": "r" * 201}).status_code == 422
+
+
+def test_a_stream_with_the_longest_name_flushes_into_a_corpus(plain):
+    name = "s" * 100
+    added = plain.post(f"/v1/streams/{name}/documents", json={"documents": ["a document"]})
+    assert added.status_code == 202, added.text
+    flushed = plain.post(f"/v1/streams/{name}/flush")
+    assert flushed.status_code == 202, flushed.text
+    assert flushed.json()["flushed"]["corpus"]["name"].startswith(name + " #")
+
+
+def test_stream_documents_past_the_corpus_limit_are_refused_before_they_are_stored(plain):
+    first = plain.post("/v1/streams/full/documents", json={"documents": ["x" * 2000]})
+    assert first.status_code == 202, first.text
+    refused = plain.post("/v1/streams/full/documents", json={"documents": ["y" * 600, "z" * 600]})
+    assert refused.status_code == 413 and "PEER_MAX_CORPUS_BYTES" in refused.json()["detail"]
+    assert plain.get("/v1/streams/full").json()["pending_bytes"] == 2000
+    assert plain.post("/v1/streams/full/flush").status_code == 202  # the stream is not stuck
+
+
+def test_prompts_over_the_character_limit_are_refused_before_tokenizing(plain):
+    text = "a" * 501
+    for path, body in (("/v1/tokenize", {"text": text}), ("/v1/generate", {"prompt": text, "max_tokens": 1}),
+                       ("/v1/completions", {"model": "peer", "prompt": text, "max_tokens": 1}),
+                       ("/v1/chat/completions", {"model": "peer", "messages": [{"role": "user", "content": text}]})):
+        refused = plain.post(path, json=body)
+        assert refused.status_code == 422 and "PEER_MAX_PROMPT_CHARS" in refused.json()["detail"], path
+
+
+# ---- rate limits ---------------------------------------------------------------------------------------
+
+
+def retry_after(response) -> int:
+    assert response.status_code == 429, response.text
+    return int(response.headers["Retry-After"])
+
+
+def test_generation_requests_are_limited_per_key_with_retry_after(home):
+    with service(home, api_keys=KEYS, rate_limit_generations_per_minute=2) as client:
+        for _ in range(2):
+            assert client.post("/v1/tokenize", json={"text": "a"}, headers=bearer("g-secret")).status_code == 200
+        assert 1 <= retry_after(client.post("/v1/tokenize", json={"text": "a"}, headers=bearer("g-secret"))) <= 30
+        # another key, and callers without one (by address), have budgets of their own
+        assert client.post("/v1/tokenize", json={"text": "a"}, headers=bearer("legacy-secret")).status_code == 200
+        assert client.post("/v1/tokenize", json={"text": "a"}).status_code == 200
+        assert client.get("/v1/versions").status_code == 200  # reading is not limited
+
+
+def test_mutating_requests_are_limited(home):
+    with service(home, rate_limit_writes_per_minute=1) as client:
+        assert client.post("/v1/versions/1/activate").status_code == 200
+        refused = client.post("/v1/versions/1/activate")
+        assert retry_after(refused) >= 1 and "PEER_RATE_LIMIT_WRITES_PER_MINUTE" in refused.json()["detail"]
+
+
+def test_generated_tokens_are_limited_per_minute(home):
+    with service(home, rate_limit_tokens_per_minute=10) as client:
+        assert client.post("/v1/generate", json={"prompt": "a", "max_tokens": 8}).status_code == 200
+        assert retry_after(client.post("/v1/generate", json={"prompt": "a", "max_tokens": 8})) >= 1
+        too_many = client.post("/v1/completions", json={"model": "peer", "prompt": "a", "max_tokens": 11})
+        assert too_many.status_code == 422 and "PEER_RATE_LIMIT_TOKENS_PER_MINUTE" in too_many.json()["detail"]

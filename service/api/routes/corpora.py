@@ -5,6 +5,7 @@ import json
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -22,6 +23,7 @@ from ...versions import active_version_id, get_version
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, IdPath, JobOut, Offset, TextCorpusRequest
 from ..security import Caller, require_scope
+from ..text import NAME_MAX
 
 router = APIRouter(tags=["corpora"])
 
@@ -62,7 +64,8 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
             raw = await request.body()  # bounded by api/bodylimit.py, as every body below
             body = await run_in_threadpool(TextCorpusRequest.model_validate_json, raw)
         except ValidationError as exc:
-            raise InvalidInput(f"invalid corpus request: {exc.errors(include_url=False)}") from None
+            # the app's handler words it (never echoing the input, which may not even be encodable)
+            raise RequestValidationError(exc.errors(include_url=False)) from None
         if (body.text is None) == (body.documents is None):
             raise InvalidInput('give exactly one of "text" and "documents"')
         if body.text is not None:
@@ -88,11 +91,15 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
                            f"multipart/form-data, text/plain or application/jsonl")
     if not name:
         raise InvalidInput("a corpus needs a name (query parameter ?name=...)")
+    if len(name) > NAME_MAX:  # a form field or a file name: the query parameter and JSON are checked by their schema
+        raise InvalidInput(f"a corpus name has at most {NAME_MAX} characters; this one has {len(name)}")
     train = True if train is None else train
 
     def store() -> dict:  # parsing, fsync and commit of up to PEER_MAX_CORPUS_BYTES: off the event loop
         parsed = parse_upload(data, fmt, limit)
-        validate_job_options(ctx.settings, train_options)
+        active_id = active_version_id(session) if train else None
+        validate_job_options(ctx.settings, train_options, experts=get_version(session, active_id).experts
+                             if active_id else None)
         corpus, job = accept_corpus(ctx, session, name, parsed, data.decode("utf-8"), fmt, train, train_options)
         session.commit()
         dispatch_job(ctx.sessions, dispatch, job)

@@ -7,10 +7,11 @@ from pydantic import BaseModel
 
 from ..deps import get_host
 from ..ratelimit import charge_tokens
-from ..sampling import sampling_params
+from ..sampling import check_prompt_chars, sampling_params
 from ..schemas import GenerateRequest, GenerateResponse
 from ..security import Caller, require_scope
 from ..streaming import SSE_HEADERS, served_warning, sse, start_generation, warning_headers
+from ..text import Text
 
 router = APIRouter(tags=["generation"])
 
@@ -25,6 +26,7 @@ async def generate(body: GenerateRequest, request: Request, response: Response, 
     generation. While the serving version is untrained (a fresh model before its bootstrap job is done),
     ``warning`` says so with the training job's progress, as does the ``X-PEER-Warning`` header."""
     settings = request.app.state.ctx.settings
+    check_prompt_chars(settings, body.prompt)
     params = sampling_params(settings, max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
                              top_p=body.top_p, stop=body.stop, seed=body.seed)
     charge_tokens(request, caller.client, params.max_tokens)
@@ -57,13 +59,14 @@ async def generate(body: GenerateRequest, request: Request, response: Response, 
 
 
 class TokenizeRequest(BaseModel):
-    text: str
+    text: Text
 
 
 @router.post("/v1/tokenize", dependencies=[Depends(require_scope("generate"))])
-async def tokenize(body: TokenizeRequest, host=Depends(get_host)):
+async def tokenize(body: TokenizeRequest, request: Request, host=Depends(get_host)):
     """The ids of the served version's tokenizer (``tokenizer``: "byte" or "hf"), as a prompt is encoded;
     generation prepends that tokenizer's BOS (``bos``) itself."""
+    check_prompt_chars(request.app.state.ctx.settings, body.text)
     version, tokenizer = host.active_tokenizer()
     ids = tokenizer.encode(body.text)
     return {"tokens": ids, "count": len(ids), "version": version, "tokenizer": tokenizer.kind,

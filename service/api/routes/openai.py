@@ -16,7 +16,7 @@ from ...settings import Settings
 from ..chat import chat_prompt_ids
 from ..deps import get_host
 from ..ratelimit import charge_tokens
-from ..sampling import sampling_params
+from ..sampling import check_prompt_chars, sampling_params
 from ..schemas import ChatCompletionRequest, CompletionRequest
 from ..security import Caller, require_scope
 from ..streaming import SSE_HEADERS, Generation, served_warning, sse, start_generation, warning_headers
@@ -45,6 +45,7 @@ async def completions(body: CompletionRequest, request: Request, http_response: 
         raise InvalidInput("exactly one prompt per request is supported")
     if body.echo:
         raise InvalidInput("echo is not supported")
+    check_prompt_chars(settings, prompts[0])
     params = sampling_params(settings, max_tokens=body.max_tokens or 16, temperature=body.temperature
                              if body.temperature is not None else 1.0, top_p=body.top_p or 1.0,
                              stop=body.stop, seed=body.seed)
@@ -76,6 +77,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, http_r
     check_model(settings, body.model)
     if body.logprobs:
         raise InvalidInput("logprobs are not supported")
+    check_prompt_chars(settings, *(message.content for message in body.messages))
     params = sampling_params(settings, max_tokens=body.max_completion_tokens or body.max_tokens,
                              temperature=body.temperature if body.temperature is not None else 1.0,
                              top_p=body.top_p or 1.0, stop=body.stop, seed=body.seed)

@@ -1,7 +1,9 @@
 """Data streams: documents are appended; past a threshold of untrained text a training job starts."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -12,8 +14,10 @@ from ...uploads import append_documents, flush_stream, pending_bytes, stream_by_
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import CorpusOut, DocumentsRequest, JobOut
 from ..security import Caller, require_scope
+from ..text import STREAM_NAME_MAX
 
 router = APIRouter(tags=["streams"])
+StreamName = Annotated[str, Path(min_length=1, max_length=STREAM_NAME_MAX)]
 
 
 def stream_view(session: Session, stream: Stream) -> dict:
@@ -34,8 +38,9 @@ def _flushed(result) -> dict | None:
 
 
 @router.post("/v1/streams/{name}/documents", status_code=202)
-def add_documents(name: str, body: DocumentsRequest, ctx=Depends(get_ctx), session: Session = Depends(get_session),
-                  dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
+def add_documents(name: StreamName, body: DocumentsRequest, ctx=Depends(get_ctx),
+                  session: Session = Depends(get_session), dispatch=Depends(get_dispatch),
+                  caller: Caller = Depends(require_scope("train"))):
     """Append documents (the stream is created on first use). When the stream's untrained text reaches
     PEER_STREAM_TRAIN_THRESHOLD_BYTES, it becomes a corpus and an ingest-then-train job starts."""
     stream = append_documents(ctx, session, name, body.documents)
@@ -51,8 +56,8 @@ def add_documents(name: str, body: DocumentsRequest, ctx=Depends(get_ctx), sessi
 
 
 @router.post("/v1/streams/{name}/flush", status_code=202)
-def flush(name: str, ctx=Depends(get_ctx), session: Session = Depends(get_session), dispatch=Depends(get_dispatch),
-          caller: Caller = Depends(require_scope("train"))):
+def flush(name: StreamName, ctx=Depends(get_ctx), session: Session = Depends(get_session),
+          dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
     """Start training on the stream's untrained documents now (409 when there are none)."""
     stream = stream_by_name(session, name)
     flushed = flush_stream(ctx, session, stream)
@@ -70,5 +75,5 @@ def list_streams(session: Session = Depends(get_session)):
 
 
 @router.get("/v1/streams/{name}", dependencies=[Depends(require_scope("read"))])
-def get_stream(name: str, session: Session = Depends(get_session)):
+def get_stream(name: StreamName, session: Session = Depends(get_session)):
     return stream_view(session, stream_by_name(session, name))
