@@ -1,6 +1,7 @@
 """`peer`: train, evaluate, sample from, grow and inspect PEER language models from the shell.
 
     peer train --corpus shakespeare --max-bytes 1000000 --steps 2000 --out runs/shakespeare
+    peer train --nproc 4 --corpus shakespeare --steps 2000 --out runs/sharded   # expert tables split over 4 processes
     peer eval runs/shakespeare --corpus shakespeare
     peer generate runs/shakespeare "ROMEO:" --max-tokens 200 --temperature 0.8 --top-p 0.9
     peer grow runs/shakespeare --experts 4096 --tag jargon --out runs/grown
@@ -17,11 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import ATTENTION_KINDS, BASE_TRAINS, FFW_KINDS, ModelConfig, PEERConfig
 from .corpora import CORPORA, CorpusUnavailable, load_corpus, split_train_val
+from .distributed import DataParallel, load_sharded_checkpoint, save_sharded_checkpoint, shard_peer_layers
+from .distributed.launch import join_process_group, launched_by_torchrun, run_processes
 from .generate import SamplingParams, generate
 from .hf import UnsupportedModel, export_hf, is_hf_dir, load_hf, retrofit
 from .flops import count_flops
@@ -85,16 +89,29 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    if args.nproc > 1 and not launched_by_torchrun():
+        status = run_processes(args.nproc, args.argv)
+        if status:
+            raise CLIError(f"{args.nproc} training processes failed (exit status {status})")
+        return
     text = _read_texts(args)
     train_text, val_text = split_train_val(text, args.val_fraction)
-    if args.init:
+    shards, device = join_process_group(args.device) if launched_by_torchrun() else (None, args.device)
+    if args.init and shards is not None and not is_hf_dir(args.init):
+        model = load_sharded_checkpoint(args.init, shards)  # only this process' columns are read
+    elif args.init:
         model = load_model(args.init)
     else:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same model on every process
         model = PEERTransformer(_model_config(args))
+    parallel = None
+    if shards is not None:
+        shard_peer_layers(model, shards)
+        parallel = DataParallel(model, shards)
+    main_process = shards is None or shards.rank == 0
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       expert_lr=args.expert_lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-                      eval_batches=args.eval_batches, seed=args.seed, device=args.device)
+                      eval_batches=args.eval_batches, seed=args.seed, device=device)
     if cfg.seq_len > model.config.max_seq_len:
         raise CLIError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     train_data = TokenData.from_text(train_text, model.tokenizer)
@@ -102,10 +119,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     if len(train_data) <= cfg.seq_len or len(val_data) <= cfg.seq_len:
         raise CLIError(f"need more than {cfg.seq_len} tokens in both the training and validation split")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters, {len(train_data):,} training tokens, "
-          f"{len(val_data):,} validation tokens", file=sys.stderr)
+    if main_process:
+        print(f"model: {n_params / 1e6:.1f}M parameters{' in this process' if shards else ''}, "
+              f"{len(train_data):,} training tokens, {len(val_data):,} validation tokens", file=sys.stderr)
     history_file = Path(args.out) / "history.jsonl"
-    bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, disable=not main_process)
     records = []
 
     def on_log(record: dict) -> None:
@@ -117,9 +135,18 @@ def cmd_train(args: argparse.Namespace) -> None:
             shown["val_bpb"] = f"{record['val_bpb']:.3f}"
         bar.set_postfix(shown)
 
-    result = train(model, train_data, val_data, cfg, on_log=on_log)
+    batches = train_data if parallel is None else parallel.batches(train_data)
+    result = train(model, batches, val_data, cfg, on_log=on_log, parallel=parallel)
     bar.close()
-    save_checkpoint(model, args.out, extra={"train": {"steps": result.steps_done, "val_bpb": result.final_val_bpb}})
+    processes = 1 if shards is None else shards.size
+    extra = {"train": {"steps": result.steps_done, "val_bpb": result.final_val_bpb, "processes": processes}}
+    if shards is None:
+        save_checkpoint(model, args.out, extra=extra)
+    else:
+        save_sharded_checkpoint(model, args.out, shards, extra=extra)
+        dist.destroy_process_group()
+    if not main_process:
+        return
     history_file.write_text("".join(json.dumps(r) + "\n" for r in records))
     print(json.dumps({"checkpoint": args.out, "steps": result.steps_done, "val_bpb": result.final_val_bpb,
                       "elapsed_s": round(result.elapsed_s, 1)}))
@@ -224,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train on N processes (torchrun, this machine): the expert tables split by columns, the "
+                        "rest data-parallel, --batch-size the global batch; writes a sharded checkpoint")
     shape = p.add_argument_group(
         "model shape (fresh models only): a --preset, each flag given replacing its value")
     shape.add_argument("--preset", default="cpu-small", choices=list(PRESETS),
@@ -303,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # `train --nproc N` runs them again under torchrun
     tune_allocator()
     try:
         args.func(args)
