@@ -1,5 +1,5 @@
-"""``peer-service``: api, worker, migrate, serve (the embedded default: everything on this machine), and client
-(a running service from a terminal: ``peer-service client --help``)."""
+"""``peer-service``: api, worker, migrate, serve (the embedded default: everything on this machine), gc (retention
+and garbage collection, once) and client (a running service from a terminal: ``peer-service client --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,27 @@ def cmd_migrate(args, settings: Settings) -> None:
 
     upgrade(settings.resolved_database_url)
     print(f"database at head: {settings.resolved_database_url}")
+
+
+def cmd_gc(args, settings: Settings) -> None:
+    """The retention policy and garbage collection, once (the workers' housekeeping also runs them)."""
+    from .context import ServiceContext
+    from .retention import apply_retention, collect_garbage
+
+    ctx = ServiceContext.from_settings(settings)
+    try:
+        verb = "would delete" if args.dry_run else "deleted"
+        versions = apply_retention(ctx, dry_run=args.dry_run)
+        print(f"retention (PEER_KEEP_VERSIONS={settings.keep_versions}): {verb} versions {versions or 'none'}")
+        garbage = collect_garbage(ctx, dry_run=args.dry_run)
+        chunks = [path for path in garbage.paths if path.startswith("chunks/")]
+        for path in garbage.paths:
+            if not path.startswith("chunks/"):
+                print(f"  {path}")
+        print(f"garbage (older than PEER_GC_GRACE_SECONDS={settings.gc_grace_seconds:g}): {verb} "
+              f"{len(garbage.paths) - len(chunks)} paths and {len(chunks)} chunks, {garbage.bytes} bytes")
+    finally:
+        ctx.close()
 
 
 def cmd_api(args, settings: Settings) -> None:
@@ -121,6 +142,9 @@ def main(argv: list[str] | None = None) -> int | None:
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("migrate", help="create or upgrade the database schema")
     p.set_defaults(func=cmd_migrate)
+    p = sub.add_parser("gc", help="apply the retention policy and remove unreferenced store files")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    p.set_defaults(func=cmd_gc)
     from . import client
 
     p = sub.add_parser("client", help="talk to a running service over HTTP (generate, upload, jobs, versions, ...)",

@@ -32,14 +32,17 @@ def get_version(session: Session, version_id: int) -> PoolVersion:
     return version
 
 
-def live_version(session: Session, version_id: int, purpose: str) -> PoolVersion:
+def live_version(session: Session, version_id: int, purpose: str, lock: bool = True) -> PoolVersion:
     """The version, 409 when it was deleted (it can no longer be ``purpose``: activated, trained from, ...).
-    Its row stays locked against a concurrent deletion until the transaction ends (a no-op UPDATE: a row
-    lock on PostgreSQL, the write lock on SQLite)."""
+    With ``lock`` its row stays locked against a concurrent deletion until the transaction ends (a no-op
+    UPDATE: a row lock on PostgreSQL, the write lock on SQLite)."""
     version = get_version(session, version_id)
-    locked = session.execute(update(PoolVersion).where(PoolVersion.id == version_id, PoolVersion.deleted_at.is_(None))
-                             .values(pinned=PoolVersion.pinned)).rowcount
-    if not locked:
+    if lock:
+        live = session.execute(update(PoolVersion).where(PoolVersion.id == version_id, PoolVersion.deleted_at.is_(None))
+                               .values(pinned=PoolVersion.pinned)).rowcount
+    else:
+        live = version.deleted_at is None
+    if not live:
         raise Conflict(f"version {version_id} was deleted: it can no longer be {purpose}")
     return version
 

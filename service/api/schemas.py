@@ -121,6 +121,7 @@ class CorpusOut(BaseModel):
     val_bytes: int | None
     created_at: datetime
     ingested_at: datetime | None
+    deleted_at: datetime | None = None  # state "deleted": its text is gone, the row stays
 
 
 class JobOut(BaseModel):

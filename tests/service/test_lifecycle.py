@@ -196,3 +196,32 @@ def test_a_corpus_is_deleted_only_when_no_live_job_uses_it(ctx):
     with ctx.sessions() as session:  # the stream's copy of the text goes too
         assert session.scalars(select(StreamDocument).where(StreamDocument.corpus_id == corpus.id)).all() == []
     assert delete_corpus(ctx, corpus.id).deleted_at == deleted.deleted_at
+
+
+def test_the_gc_command_lists_with_dry_run_and_then_removes(tmp_path, monkeypatch, capsys):
+    from service.cli import main
+
+    settings = tiny_settings(tmp_path / "home", keep_versions=1, gc_grace_seconds=HOUR)
+    upgrade(settings.resolved_database_url)
+    ctx = ServiceContext.from_settings(settings)
+    first, second = publish(ctx), publish(ctx, grow=16)
+    ctx.store.save_model("versions/job-5-0123456789ab", PEERTransformer(settings.fresh_model_config()))
+    age(ctx.store.root / "versions/job-5-0123456789ab")
+    first_key = row(ctx, PoolVersion, first).checkpoint
+    with transaction(ctx.sessions) as session:
+        activate(session, second, "newer", "test")
+    for name, value in (("HOME", tmp_path / "home"), ("KEEP_VERSIONS", 1), ("GC_GRACE_SECONDS", HOUR),
+                        ("BOOTSTRAP_CORPUS", "")):
+        monkeypatch.setenv(f"PEER_{name}", str(value))
+
+    main(["gc", "--dry-run"])
+    out = capsys.readouterr().out
+    assert f"would delete versions [{first}]" in out and "versions/job-5-0123456789ab" in out
+    assert ctx.store.has(first_key) and ctx.store.has("versions/job-5-0123456789ab")
+
+    main(["gc"])
+    out = capsys.readouterr().out
+    assert f"deleted versions [{first}]" in out and "versions/job-5-0123456789ab" in out
+    assert not ctx.store.has(first_key) and not ctx.store.has("versions/job-5-0123456789ab")
+    assert row(ctx, PoolVersion, first).deleted_at is not None
+    ctx.close()

@@ -17,9 +17,10 @@ from ...errors import Conflict, InvalidInput, NotFound
 from ...forgetting import parse_forget_options, segments_to_mask
 from ...ingest import parse_upload
 from ...jobs import create_job, dispatch_job
+from ...retention import delete_corpus
 from ...training import validate_job_options
 from ...uploads import accept_corpus
-from ...versions import active_version_id, get_version
+from ...versions import active_version_id, get_version, live_version
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, IdPath, JobOut, Offset, TextCorpusRequest
 from ..security import Caller, require_scope
@@ -135,9 +136,17 @@ def forget_corpus(corpus_id: IdPath, body: ForgetRequest, ctx=Depends(get_ctx), 
     base_id = body.base_version_id or active_version_id(session)
     if base_id is None:
         raise Conflict("no version to forget from")
-    segments_to_mask(get_version(session, base_id), corpus_id)
+    segments_to_mask(live_version(session, base_id, "forgotten from"), corpus_id)
     parse_forget_options(body.options, ctx.settings.max_train_steps)
     job = create_job(session, "forget", [corpus_id], body.options, base_version_id=body.base_version_id)
     session.commit()
     dispatch_job(ctx.sessions, dispatch, job)
     return JSONResponse(status_code=202, content=JobOut.model_validate(job).model_dump(mode="json"))
+
+
+@router.delete("/v1/corpora/{corpus_id}", response_model=CorpusOut)
+def delete_corpus_route(corpus_id: IdPath, ctx=Depends(get_ctx), caller: Caller = Depends(require_scope("admin"))):
+    """Delete the corpus' text: its files and the stream documents it was made of. Its row stays, in state
+    ``deleted`` (versions, evaluations and jobs refer to it); versions trained on it keep what they learnt and
+    later jobs replay the parent's own samples in its place. 409 while a queued or running job uses it."""
+    return delete_corpus(ctx, corpus_id)

@@ -10,7 +10,7 @@ from ...db.models import JOB_KINDS, JOB_STATES, Corpus, Job
 from ...errors import Conflict, InvalidInput, NotFound
 from ...jobs import create_job, dispatch_job, get_job, request_cancel
 from ...training import validate_job_options
-from ...versions import active_version_id, get_version, is_pretrained
+from ...versions import active_version_id, is_pretrained, live_version
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import IdPath, JobOut, JobRequest, Offset
 from ..security import Caller, require_scope
@@ -33,7 +33,7 @@ def submit_job(body: JobRequest, ctx=Depends(get_ctx), session: Session = Depend
     base_id = body.base_version_id or active_version_id(session)
     if base_id is None:
         raise Conflict("no version to train from")
-    base = get_version(session, base_id)
+    base = live_version(session, base_id, "trained from")
     has_old = any(c not in body.corpus_ids for c in base.corpus_ids) or is_pretrained(base)
     validate_job_options(ctx.settings, body.options, has_old, base.experts)
     # unpinned (no base_version_id): the job trains the version active when it starts, so jobs queued one

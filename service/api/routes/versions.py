@@ -1,4 +1,4 @@
-"""Pool versions: list, inspect (evaluations, segments, activation history), activate or roll back."""
+"""Pool versions: list, inspect (evaluations, segments, activation history), activate or roll back, pin, delete."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query
@@ -7,8 +7,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ...db.models import Activation, Evaluation, PoolVersion
-from ...versions import activate, active_version_id, get_version, lock_activations
-from ..deps import get_host, get_session
+from ...retention import delete_version, set_pinned
+from ...versions import activate, active_version_id, get_version, live_version, lock_activations
+from ..deps import get_ctx, get_host, get_session
 from ..schemas import ActivateRequest, IdPath, Offset
 from ..security import Caller, require_scope
 
@@ -20,6 +21,7 @@ def version_view(session: Session, version: PoolVersion, active_id: int | None, 
         "id": version.id, "parent_id": version.parent_id, "job_id": version.job_id, "active": version.id == active_id,
         "created_at": version.created_at.isoformat(), "experts": version.experts, "corpus_ids": version.corpus_ids,
         "strategy": version.strategy, "gate_passed": version.gate_passed, "gate_reason": version.gate_reason,
+        "pinned": version.pinned, "deleted_at": version.deleted_at.isoformat() if version.deleted_at else None,
         "evaluation": {str(e.corpus_id): e.bpb for e in session.scalars(
             select(Evaluation).where(Evaluation.version_id == version.id).order_by(Evaluation.corpus_id))},
     }
@@ -62,8 +64,33 @@ async def activate_version(version_id: IdPath, body: ActivateRequest | None = No
         session.commit()
 
     def run() -> dict:
-        get_version(session, version_id)
+        live_version(session, version_id, "activated", lock=False)  # before loading it; activate() checks again
         host.activate(version_id, commit)
         return version_view(session, get_version(session, version_id), version_id, detail=True)
 
     return await run_in_threadpool(run)
+
+
+@router.delete("/v1/versions/{version_id}")
+def delete_pool_version(version_id: IdPath, ctx=Depends(get_ctx), session: Session = Depends(get_session),
+                        caller: Caller = Depends(require_scope("admin"))):
+    """Delete the version's checkpoint. Its row stays, marked deleted (lineage, evaluations, activations and
+    usage refer to it), and it can no longer be activated, pinned or trained from. 409 with the reason while
+    it is the active version, pinned, or the base or result of a queued or running job."""
+    version = delete_version(ctx, version_id)
+    return version_view(session, version, active_version_id(session), detail=True)
+
+
+@router.post("/v1/versions/{version_id}/pin")
+def pin_version(version_id: IdPath, ctx=Depends(get_ctx), session: Session = Depends(get_session),
+                caller: Caller = Depends(require_scope("admin"))):
+    """Keep this version whatever the retention policy (PEER_KEEP_VERSIONS) says; DELETE refuses it until it
+    is unpinned. 409 for a deleted version."""
+    return version_view(session, set_pinned(ctx, version_id, True), active_version_id(session), detail=True)
+
+
+@router.post("/v1/versions/{version_id}/unpin")
+def unpin_version(version_id: IdPath, ctx=Depends(get_ctx), session: Session = Depends(get_session),
+                  caller: Caller = Depends(require_scope("admin"))):
+    """Leave this version to the retention policy again."""
+    return version_view(session, set_pinned(ctx, version_id, False), active_version_id(session), detail=True)
