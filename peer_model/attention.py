@@ -102,23 +102,32 @@ class KVCache:
     span: int | None = None
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
+           importance: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q over k, v (each (B, heads, T, head_dim), after RoPE), through the cache when
     there is one: the new keys and values are written to it and q attends to everything it holds.
     k and v may have fewer heads than q (grouped-query attention: each serves n_heads / kv_heads query heads).
-    Shared by every attention module, so each supports both cache modes."""
+    Shared by every attention module, so each supports both cache modes. ``importance``: also return
+    each query token's :func:`self_attention_share` (B, T), for DA-MoE's dynamic k."""
     B, _, T, _ = q.shape
     gqa = q.shape[1] != k.shape[1]
     if cache is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if not importance:
+            return y
+        visible = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        return y, self_attention_share(q, k, visible, torch.arange(T, device=q.device))
     if cache.lengths is not None:  # ragged: one token per row at position lengths[b]
         rows = torch.arange(B, device=q.device)
         keys, values = cache.keys[layer], cache.values[layer]  # (B, h, max_len, hd)
         keys[rows, :, cache.lengths] = k[:, :, 0]
         values[rows, :, cache.lengths] = v[:, :, 0]
         span = cache.visible.shape[-1]
-        return F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=cache.visible,
-                                              enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=cache.visible,
+                                           enable_gqa=gqa)
+        if not importance:
+            return y
+        return y, self_attention_share(q, keys[:, :, :span], cache.visible, cache.lengths.view(B, 1))
     start = cache.length
     cache.keys[layer, :, :, start : start + T] = k
     cache.values[layer, :, :, start : start + T] = v
@@ -126,7 +135,34 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | N
     v_all = cache.values[layer, :, :, : start + T]
     # query t (absolute position start + t) sees keys 0 .. start + t; one new token sees all
     mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+    y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+    if not importance:
+        return y
+    visible = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+    return y, self_attention_share(q, k_all, visible, torch.arange(start, start + T, device=q.device))
+
+
+def self_attention_share(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
+                         positions: torch.Tensor) -> torch.Tensor:
+    """DA-MoE's token importance, kept causal: (B, T), the attention weight each query token gives its
+    own key, averaged over heads and multiplied by the number of keys it sees (1 = uniform attention).
+
+    DA-MoE (Aghdam et al. 2024) scores token j by the attention it receives, Σ_heads Σ_i A[i, j]; in a
+    decoder the queries i > j come later, so a causal layer (and a KV-cached decode equal to a full
+    forward) can only use i = j, the token's share of its own attention. The factor "keys seen" makes
+    the share relative to uniform, so it does not fall as 1 / position along the window.
+
+    q: (B, h, T, hd); keys: (B, kv_heads, S, hd); visible: (T, S) or (B, 1, 1, S) bool; positions: the
+    key index of each query's own token, (T,) or (B, 1). The scores are recomputed here (SDPA does not
+    return its normaliser): one extra q·kᵀ, only in blocks whose feed-forward asks for importance.
+    """
+    heads, hd = q.shape[1], q.shape[-1]
+    keys = keys.float().repeat_interleave(heads // keys.shape[1], dim=1)
+    scores = (q.float() @ keys.transpose(-1, -2)) * hd**-0.5  # (B, h, T, S)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    own = scores.gather(-1, positions.view(-1, 1, positions.shape[-1], 1).expand(q.shape[0], heads, -1, 1))
+    share = (own.squeeze(-1) - scores.logsumexp(-1)).exp().mean(1)  # (B, T)
+    return share * visible.sum(-1).view(-1, share.shape[-1] if visible.dim() == 2 else 1)
 
 
 class RMSNorm(nn.Module):
@@ -162,7 +198,8 @@ class Attention(nn.Module):
     def cache_heads(self) -> int:
         return self.kv_heads
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, importance: bool = False):
+        """(B, T, d) → (B, T, d); with ``importance``, also each token's (B, T) :func:`self_attention_share`."""
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
@@ -172,5 +209,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.kv_heads, hd).transpose(1, 2)  # (B, h, T, hd)
         q, k = apply_rope(q, cos, sin, self.rope_style), apply_rope(k, cos, sin, self.rope_style)
+        if importance:
+            y, share = attend(q, k, v, cache, layer, importance=True)
+            return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * hd)), share
         y = attend(q, k, v, cache, layer)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))

@@ -179,8 +179,8 @@ class DecodeGraphs:
             logits = self._step(b)
         for layer in self.layers:
             if layer.track_usage and n < b:
-                padding = layer.last_ids[n:b].reshape(-1)
-                layer.usage_counts.index_add_(0, padding, torch.full_like(padding, -1))
+                ids, counted = layer.last_usage
+                layer.usage_counts.index_add_(0, ids[n:b].reshape(-1), -counted[n:b].reshape(-1))
         return logits[:n]
 
     def _step(self, b: int) -> torch.Tensor:

@@ -19,6 +19,13 @@ class PEERConfig:
     d_key: int = 128  # full query size; each product-key half has d_key / 2
     query_batchnorm: bool = True
     activation: str = "gelu"  # "gelu" or "relu": sigma in e_i(x) = sigma(u_i . x) v_i
+    # MH-MoE token splitting (Wu et al. 2024): each head reads its own d/heads slice of a projected x and
+    # retrieves d/heads-dimensional experts; a merge projection joins the slices (see peer.py)
+    head_slices: bool = False
+    # DA-MoE (Aghdam et al. 2024): a per-token number of experts, top_k on average, at most max_k, from
+    # the token's importance in the block's attention (see dynamic_k.py)
+    dynamic_k: bool = False
+    max_k: int | None = None  # dynamic_k only; None: 2 · top_k (at most sqrt(num_experts))
 
     def __post_init__(self) -> None:
         side = math.isqrt(self.num_experts)
@@ -30,10 +37,31 @@ class PEERConfig:
             raise ValueError(f"d_key must be even, got {self.d_key}")
         if self.activation not in ("gelu", "relu"):
             raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}")
+        _check_dynamic_k(self.dynamic_k, self.top_k, self.max_k, side, self.head_slices)
 
     @property
     def sub_keys(self) -> int:
         return math.isqrt(self.num_experts)
+
+    @property
+    def retrieved_k(self) -> int:
+        """Experts retrieved per head: ``top_k``, or with ``dynamic_k`` the most any token may use."""
+        return _max_k(self.dynamic_k, self.top_k, self.max_k, self.sub_keys)
+
+
+def _max_k(dynamic: bool, top_k: int, max_k: int | None, limit: int) -> int:
+    if not dynamic:
+        return top_k
+    return max_k if max_k is not None else min(2 * top_k, limit)
+
+
+def _check_dynamic_k(dynamic: bool, top_k: int, max_k: int | None, limit: int, split: bool) -> None:
+    if max_k is not None and not dynamic:
+        raise ValueError("max_k is for dynamic_k only")
+    if dynamic and not top_k <= _max_k(dynamic, top_k, max_k, limit) <= limit:
+        raise ValueError(f"need top_k <= max_k <= {limit}, got top_k {top_k}, max_k {max_k}")
+    if dynamic and split:
+        raise ValueError("dynamic_k and token splitting are separate options; choose one")
 
 
 FFW_KINDS = ("peer", "dense", "swiglu", "moe", "switch", "expert_choice", "pkm")
@@ -41,6 +69,7 @@ ATTENTION_KINDS = ("mha", "switchhead")
 MLP_KINDS = ("gelu", "gelu_tanh", "swiglu")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 BASE_TRAINS = ("all", "norms", "none")
+PARAMETERIZATIONS = ("standard", "mssp")
 
 
 @dataclass
@@ -59,6 +88,12 @@ class MoEConfig:
     noisy_gating: bool = True  # moe only
     balance_weight: float = 0.01  # weight of the importance + load (moe) or load-balancing (switch) loss
     z_loss_weight: float = 1e-3  # switch: router z-loss weight
+    # moe only: MH-MoE (Wu et al. 2024) splits each token into sub_tokens slices of d / sub_tokens, each
+    # routed on its own to experts of that input size, merged back by a projection; 1: no splitting
+    sub_tokens: int = 1
+    # moe only: DA-MoE (Aghdam et al. 2024) dynamic k: top_k experts per token on average, at most max_k
+    dynamic_k: bool = False
+    max_k: int | None = None  # dynamic_k only; None: 2 · top_k (at most num_experts)
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
@@ -66,6 +101,14 @@ class MoEConfig:
                              f"{self.top_k}")
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.sub_tokens < 1:
+            raise ValueError(f"sub_tokens must be >= 1, got {self.sub_tokens}")
+        _check_dynamic_k(self.dynamic_k, self.top_k, self.max_k, self.num_experts, self.sub_tokens > 1)
+
+    @property
+    def retrieved_k(self) -> int:
+        """Experts ranked per token: ``top_k``, or with ``dynamic_k`` the most any token may use."""
+        return _max_k(self.dynamic_k, self.top_k, self.max_k, self.num_experts)
 
 
 @dataclass
@@ -136,6 +179,10 @@ class ModelConfig:
     # added beside the block's dense feed-forward (a retrofit of a pretrained model, function-preserving)
     base_trains: str = "all"  # what trains outside the expert layers: "all", "norms" or "none" (a frozen base)
     hf_config: dict | None = None  # a pretrained model's own config.json (its family; written back by export)
+    # "standard": fixed-std init, one learning rate per optimizer; "mssp": width-scaled init and per-group
+    # learning-rate multipliers relative to a model of width mssp_base_width (see parameterization.py)
+    parameterization: str = "standard"
+    mssp_base_width: int = 128
 
     def __post_init__(self) -> None:
         for name, cls in (("peer", PEERConfig), ("moe", MoEConfig), ("pkm", PKMConfig),
@@ -160,9 +207,18 @@ class ModelConfig:
             raise ValueError("the attention head size must be even for RoPE")
         for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("positions", ("rope", "learned")),
                               ("rope_style", ("interleaved", "half")), ("mlp", MLP_KINDS),
-                              ("peer_branch", ("replace", "parallel")), ("base_trains", BASE_TRAINS)):
+                              ("peer_branch", ("replace", "parallel")), ("base_trains", BASE_TRAINS),
+                              ("parameterization", PARAMETERIZATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.moe.sub_tokens > 1 and (self.ffw != "moe" or self.d_model % self.moe.sub_tokens):
+            raise ValueError("moe.sub_tokens is for ffw 'moe' and must divide d_model")
+        if self.moe.dynamic_k and self.ffw != "moe":
+            raise ValueError("moe.dynamic_k is for ffw 'moe'")
+        if self.peer.head_slices and self.d_model % self.peer.heads:
+            raise ValueError(f"peer.head_slices needs d_model divisible by peer.heads ({self.peer.heads})")
+        if self.mssp_base_width < 1:
+            raise ValueError(f"mssp_base_width must be >= 1, got {self.mssp_base_width}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")

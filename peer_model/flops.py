@@ -9,6 +9,13 @@ top-k selections, embedding lookups (a few FLOPs per element, small next to d² 
 attention, SwiGLU dense blocks and an expert layer beside a block's dense feed-forward (a retrofit's
 parallel branch) are counted as they compute. Training =
 3 × forward (the backward costs about twice the forward), as in Kaplan et al. 2020 and the PEER paper.
+
+MH-MoE token splitting adds its split and merge projections (2 · d² multiply-adds); its sub-tokens'
+experts and routers act on d / h inputs. DA-MoE's dynamic k makes the count an *average*: the configured
+``top_k`` is the mean number of experts per token (the search still ranks ``max_k``), plus the extra
+q·kᵀ scores of the block's attention that its token importance needs. A dynamic-k PEER layer runs
+``max_k`` slots with zero gates in its fixed-width kernels; the count is what a variable-width kernel
+computes (see peer.py).
 """
 from __future__ import annotations
 
@@ -53,8 +60,11 @@ def _expert_ffw(config: ModelConfig, grid_sides: tuple[int, int] | None) -> tupl
     if kind in ("moe", "switch", "expert_choice"):
         moe = config.moe
         hidden = moe.d_expert or d_ff
-        per_token = {"moe": moe.top_k, "switch": 1, "expert_choice": moe.capacity_factor}[kind]
+        per_token = {"moe": moe.top_k, "switch": 1, "expert_choice": moe.capacity_factor}[kind]  # the mean
+        # h sub-tokens of d / h: h routers of (d / h) · E and h · k experts of 2 · (d / h) · hidden
         params = d * moe.num_experts + per_token * 2 * d * hidden
+        if moe.sub_tokens > 1:
+            params += 2 * d * d  # split and merge
         return 2 * params, round(params)
     if kind == "pkm":
         pkm = config.pkm
@@ -65,10 +75,25 @@ def _expert_ffw(config: ModelConfig, grid_sides: tuple[int, int] | None) -> tupl
         return 2 * (query + keys + values) + pkm.heads * pkm.top_k**2, query + values + 2 * side * pkm.d_key // 2
     peer = config.peer
     rows, cols = grid_sides or (peer.sub_keys, peer.sub_keys)
-    query = peer.heads * peer.d_key * d
+    d_expert = d // peer.heads if peer.head_slices else d  # head_slices: each head reads a d / h sub-token
+    query = peer.heads * peer.d_key * d_expert
     keys = peer.heads * (rows + cols) * peer.d_key // 2
-    experts = peer.heads * peer.top_k * 2 * d  # u_i·x and the scaled v_i
-    return 2 * (query + keys + experts) + peer.heads * peer.top_k**2, query + experts + (rows + cols) * peer.d_key // 2
+    experts = peer.heads * peer.top_k * 2 * d_expert  # u_i·x and the scaled v_i (top_k: the mean with dynamic_k)
+    projections = 2 * d * d if peer.head_slices else 0  # split and merge
+    candidates = peer.heads * peer.retrieved_k**2  # the k² sums of the search, at the k it ranks
+    active = query + experts + projections
+    return 2 * (active + keys) + candidates, active + (rows + cols) * peer.d_key // 2
+
+
+def _importance(config: ModelConfig, seq_len: int) -> float:
+    """DA-MoE's token importance: one more q·kᵀ (self_attention_share), over the whole window: the
+    masked half is computed too."""
+    if not ((config.ffw == "peer" and config.peer.dynamic_k) or (config.ffw == "moe" and config.moe.dynamic_k)):
+        return 0.0
+    heads = config.switchhead.n_heads if config.attention == "switchhead" else config.n_heads
+    head_dim = (config.switchhead.head_dim or config.d_model // heads if config.attention == "switchhead"
+                else config.attention_head_dim)
+    return 2 * seq_len * heads * head_dim
 
 
 def count_flops(config: ModelConfig, seq_len: int | None = None,
@@ -86,7 +111,7 @@ def count_flops(config: ModelConfig, seq_len: int | None = None,
         params += p
         if layer in config.peer_layers:
             flops, p = _expert_ffw(config, (grid_sides or {}).get(layer))
-            parts["expert_ffw"] += flops
+            parts["expert_ffw"] += flops + _importance(config, seq_len)
             params += p
         if layer not in config.peer_layers or config.peer_branch == "parallel":
             p = (3 if config.mlp == "swiglu" else 2) * d * config.d_ff

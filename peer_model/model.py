@@ -10,6 +10,7 @@ from torch import nn
 from .attention import KVCache, RMSNorm, rope_tables
 from .baselines import dense_mlp, make_attention, make_ffw
 from .config import ModelConfig
+from .parameterization import logit_scale, scale_init
 from .peer import PEER
 from .pool import ExpertGrid, Segment
 from .tokenizer import ByteTokenizer
@@ -39,12 +40,21 @@ class Block(nn.Module):
         else:
             self.ffw = dense_mlp(config.d_model, config.d_ff, config.mlp, config.mlp_bias)
         self.expert_branch = make_ffw(config, grid) if parallel else None
+        # DA-MoE expert layers allocate experts by each token's importance in this block's attention
+        self.wants_importance = expert_block and getattr(self.expert_layer, "wants_importance", False)
 
     @property
     def expert_layer(self) -> nn.Module:
         return self.ffw if self.expert_branch is None else self.expert_branch
 
     def forward(self, x, cos, sin, cache=None, layer=0):
+        if self.wants_importance:
+            a, importance = self.attn(self.attn_norm(x), cos, sin, cache, layer, importance=True)
+            x = x + a
+            h = self.ffw_norm(x)
+            if self.expert_branch is None:
+                return x + self.ffw(h, importance=importance)
+            return x + self.ffw(h) + self.expert_branch(h, importance=importance)
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
         h = self.ffw_norm(x)
         if self.expert_branch is None:
@@ -74,6 +84,7 @@ class PEERTransformer(nn.Module):
         self.register_buffer("rope_sin", None, persistent=False)
         self.init_buffers()
         self._init_dense_weights()
+        scale_init(self, config)  # mssp: width-scaled draws; standard: nothing
         # text <-> ids for this model: bytes unless a loader sets the model's own (peer_model.hf)
         self.tokenizer = ByteTokenizer()
         self.restore_trainable()
@@ -177,4 +188,6 @@ class PEERTransformer(nn.Module):
                 cache.lengths += 1
             else:
                 cache.length += T
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        scale = logit_scale(self.config)
+        return logits if scale == 1.0 else logits * scale

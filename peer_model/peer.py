@@ -15,6 +15,20 @@ parent's. Training opens it (:meth:`PEER.open_new_segments`, driven by train()):
 it sees, so on that batch no new sub-key outranks an old one, and the new experts enter top-k
 gradually, first on the inputs whose queries their sub-keys match best. A ``masked`` segment (a corpus
 forgotten on request) stays at −∞.
+
+Two options of :class:`~peer_model.config.PEERConfig` change the layer:
+
+* ``head_slices`` (MH-MoE, Wu et al. 2024, "Multi-Head Mixture-of-Experts"): x is projected (d × d) and
+  cut into ``heads`` sub-tokens of d / heads; each sub-token is a token of its own to one shared query
+  projection (d / heads → d_key), retrieves its top-k of the shared pool of d / heads-dimensional
+  experts, and the sub-tokens' outputs, concatenated back to d, go through a merge projection (d × d).
+  Today's heads all read the full x with their own queries and their outputs are summed; here each
+  reads a slice, as MH-MoE's sub-tokens do (its router is shared by the sub-tokens, so is the query).
+  Expert tables are d / heads wide: h times fewer parameters and expert FLOPs at the same pool and k.
+* ``dynamic_k`` (DA-MoE, see dynamic_k.py): token t keeps the first k_t of its max_k retrieved experts
+  in every head, gates softmaxed over those k_t. The fixed-width expert kernels still run max_k slots:
+  dropped slots carry gate 0 and their head's first expert id (already in the gradient, so no extra
+  optimizer row); the FLOP counter counts the k_t a variable-width kernel would compute.
 """
 from __future__ import annotations
 
@@ -24,6 +38,7 @@ import torch
 from torch import nn
 
 from .config import PEERConfig
+from .dynamic_k import DynamicK, kept_slots
 from .experts import expert_mix, expert_mix_reference
 from .pool import ExpertGrid, Segment
 from .retrieval import multihead_retrieve
@@ -36,20 +51,31 @@ class PEER(nn.Module):
         self.d_model = d_model
         self.grid = grid or ExpertGrid.square(config.sub_keys)
         half = config.d_key // 2
-        self.query = nn.Linear(d_model, config.heads * config.d_key, bias=False)
-        self.query_norm = nn.BatchNorm1d(config.heads * config.d_key) if config.query_batchnorm else nn.Identity()
+        # head_slices: every sub-token is a one-query token of d / heads; else every token queries all heads
+        self.d_expert = d_model // config.heads if config.head_slices else d_model
+        queries = config.d_key if config.head_slices else config.heads * config.d_key
+        self.split = nn.Linear(d_model, d_model, bias=False) if config.head_slices else None
+        self.merge = nn.Linear(d_model, d_model, bias=False) if config.head_slices else None
+        self.query = nn.Linear(self.d_expert, queries, bias=False)
+        self.query_norm = nn.BatchNorm1d(queries) if config.query_batchnorm else nn.Identity()
         self.sub_keys1 = nn.Parameter(torch.randn(self.grid.rows, half) * half**-0.5)
         self.sub_keys2 = nn.Parameter(torch.randn(self.grid.cols, half) * half**-0.5)
-        n = self.grid.num_experts
-        self.expert_down = nn.Parameter(torch.randn(n, d_model).mul_(d_model**-0.5))  # u_i
-        self.expert_up = nn.Parameter(torch.randn(n, d_model).mul_(d_model**-0.5 / math.sqrt(config.heads)))  # v_i
+        n, d_e = self.grid.num_experts, self.d_expert
+        summed_heads = 1 if config.head_slices else config.heads  # head outputs summed (not concatenated)
+        self.expert_down = nn.Parameter(torch.randn(n, d_e).mul_(d_e**-0.5))  # u_i
+        self.expert_up = nn.Parameter(torch.randn(n, d_e).mul_(d_e**-0.5 / math.sqrt(summed_heads)))  # v_i
+        self.allocator = DynamicK(config.top_k, config.retrieved_k) if config.dynamic_k else None
+        self.wants_importance = config.dynamic_k  # the block passes its attention's token importance
         for name in ("trainable", "usage_counts", "segment_offsets"):
             self.register_buffer(name, None, persistent=False)
         self.init_buffers()
         self._open_progress: float | None = None  # set while new segments open (see open_new_segments)
         self._open_margin: torch.Tensor | None = None
         self.track_usage = False
-        self.last_ids: torch.Tensor | None = None  # the (M, heads · k) ids of the last forward that counted usage
+        # (ids, counted), both (M, heads · k), of the last forward that counted usage: counted is 1 where a
+        # slot's expert was counted (0 for a dynamic-k token's dropped slots); lets a padded decode step
+        # take its padding rows' counts back out
+        self.last_usage: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reference = False  # True: brute-force retrieval and plain autograd experts (for tests)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
@@ -70,11 +96,26 @@ class PEER(nn.Module):
         return self.grid.segments
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (M, d) → (gates, ids), both (M, heads * k); gates sum to 1 within each head."""
+        """x: (M, d_expert) → (gates, ids), both (M, heads * k) (with head_slices: (M, k), x sub-tokens);
+        gates sum to 1 within each head. With dynamic_k, k = max_k (see :meth:`_keep_first`)."""
         cfg = self.config
         queries = self.query_norm(self.query(x))
-        return multihead_retrieve(queries, self.sub_keys1, self.sub_keys2, self.grid, cfg.d_key, cfg.top_k,
+        return multihead_retrieve(queries, self.sub_keys1, self.sub_keys2, self.grid, cfg.d_key, cfg.retrieved_k,
                                   self.reference, self._sub_key_offsets(queries))
+
+    def _keep_first(self, gates: torch.Tensor, ids: torch.Tensor,
+                    importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DA-MoE: each token keeps its k_t best experts per head. gates, ids: (M, heads * max_k), best
+        first within a head → gates renormalised over the kept slots (= the softmax of their scores),
+        dropped slots' ids replaced by their head's first id, and the (M, heads * max_k) kept mask."""
+        m, k_max = gates.shape[0], self.config.retrieved_k
+        k = self.allocator(importance)  # (M,)
+        keep = kept_slots(k, k_max).unsqueeze(1).expand(m, self.config.heads, k_max)  # (M, heads, max_k)
+        gates = gates.view(m, -1, k_max) * keep
+        gates = gates / gates.sum(-1, keepdim=True)
+        ids = ids.view(m, -1, k_max)
+        ids = torch.where(keep, ids, ids[:, :, :1])
+        return gates.reshape(m, -1), ids.reshape(m, -1), keep.reshape(m, -1)
 
     def _sub_key_offsets(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Score offsets per sub-key of each half from the segments' offsets; None while every segment
@@ -104,14 +145,28 @@ class PEER(nn.Module):
     def _status_offsets(self) -> torch.Tensor:
         return torch.tensor([0.0 if s.status == "active" else float("-inf") for s in self.grid.segments])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., d) → (..., d). ``importance`` (the tokens' attention importance, x's shape without d):
+        required with dynamic_k, ignored otherwise."""
         shape = x.shape
         x = x.reshape(-1, self.d_model)  # (M, d)
+        m = x.shape[0]
+        if self.split is not None:
+            x = self.split(x).reshape(-1, self.d_expert)  # (M · heads, d / heads): the sub-tokens
         gates, ids = self.route(x)
+        counted = None
+        if self.allocator is not None:
+            if importance is None:
+                raise ValueError("a dynamic-k PEER layer needs the tokens' importance (see dynamic_k.py)")
+            gates, ids, counted = self._keep_first(gates, ids, importance.reshape(-1))
         if self.track_usage:
-            self.usage_counts.index_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
-            self.last_ids = ids  # lets a padded decode step take its padding rows' counts back out
-        return self.mix(x, ids, gates).view(shape).to(x.dtype)
+            counted = torch.ones_like(ids) if counted is None else counted.long()
+            self.usage_counts.index_add_(0, ids.reshape(-1), counted.reshape(-1))
+            self.last_usage = ids.view(m, -1), counted.view(m, -1)
+        out = self.mix(x, ids, gates)
+        if self.merge is not None:
+            out = self.merge(out.reshape(m, self.d_model).to(self.merge.weight.dtype))
+        return out.reshape(shape).to(x.dtype)
 
     def mix(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x: (M, d); ids, gates: (M, heads * k) → Σ_e gates · σ(u_idsᵀ x) · v_ids, (M, d). A layer whose

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ModelConfig
 from .optim import SparseRowAdam, coalesced
+from .parameterization import combine, lr_multipliers
 from .peer import PEER
 from .tokenizer import BOS, Tokenizer
 
@@ -254,8 +256,13 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig,
                      lr_scales: Mapping[int, float | torch.Tensor] | None = None) -> Optimizers:
     """The two optimizers for ``model``'s trainable parameters. ``lr_scales`` (by ``id(param)``)
     multiplies a parameter's learning rate: a float for ordinary parameters, a float or a (rows,)
-    tensor of per-row multipliers for an expert table (e.g. old experts slower than new ones)."""
+    tensor of per-row multipliers for an expert table (e.g. old experts slower than new ones). A model
+    whose config says ``parameterization="mssp"`` multiplies them by its per-group multipliers
+    (:func:`peer_model.parameterization.lr_multipliers`; none under "standard")."""
     lr_scales = lr_scales or {}
+    config = getattr(model, "config", None)
+    if isinstance(config, ModelConfig):
+        lr_scales = combine(lr_scales, lr_multipliers(model, config))
     experts = [
         table
         for layer in model.modules() if isinstance(layer, PEER)

@@ -9,8 +9,9 @@ Tokens are routed by grouping (token, expert) assignments by expert and running 
 expert; nothing of size (tokens, experts, hidden) is ever built. The router runs in fp32 even under
 autocast (softmax, z-loss and top-k ties are sensitive to bf16 rounding).
 
-Left out: DA-MoE's dynamic top-k, because a per-token number of experts changes the compute per token
-and breaks the fixed-FLOP comparison; MH-MoE, whose splitting of tokens into sub-tokens is left for later.
+:class:`NoisyTopKMoE` also takes MH-MoE's token splitting (``MoEConfig.sub_tokens``) and DA-MoE's dynamic
+k (``MoEConfig.dynamic_k``); see there. A dynamic k changes the compute per token, so those models are
+compared at equal *average* FLOPs (peer_model/flops.py counts the configured mean k).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig
+from ..dynamic_k import DynamicK, kept_slots
 
 __all__ = ["ExpertChoiceMoE", "NoisyTopKMoE", "SwitchMoE"]
 
@@ -32,19 +34,21 @@ def _cv_squared(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ExpertMixture(nn.Module):
-    """E GELU MLP experts stored as batched weights ``w_up`` (E, d, h) and ``w_down`` (E, h, d), and a
-    bias-free linear router d → E. Subclasses route; :meth:`_mix` runs the experts."""
+    """E GELU MLP experts stored as batched weights ``w_up`` (E, d_in, h) and ``w_down`` (E, h, d_in), and
+    a bias-free linear router d_in → E, where d_in is d_model (d_model / sub_tokens for MH-MoE's
+    sub-tokens). Subclasses route; :meth:`_mix` runs the experts."""
 
-    def __init__(self, d_model: int, d_ff: int, config: MoEConfig):
+    def __init__(self, d_model: int, d_ff: int, config: MoEConfig, d_in: int | None = None):
         super().__init__()
         self.d_model, self.config = d_model, config
+        self.d_in = d_in = d_in or d_model
         self.num_experts = E = config.num_experts
         self.d_expert = h = config.d_expert or d_ff
         # 0.02 like the model's dense weights; the down projection feeds the residual stream and gets
         # 0.02/sqrt(2) (the model's 0.02/sqrt(2·n_layers) needs n_layers, which this module doesn't know).
-        self.w_up = nn.Parameter(torch.randn(E, d_model, h) * 0.02)
-        self.w_down = nn.Parameter(torch.randn(E, h, d_model) * (0.02 / math.sqrt(2)))
-        self.router = nn.Linear(d_model, E, bias=False)
+        self.w_up = nn.Parameter(torch.randn(E, d_in, h) * 0.02)
+        self.w_down = nn.Parameter(torch.randn(E, h, d_in) * (0.02 / math.sqrt(2)))
+        self.router = nn.Linear(d_in, E, bias=False)
         nn.init.normal_(self.router.weight, std=0.02)  # small, not zero: zero logits all tie
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: dict[str, float] = {}
@@ -62,7 +66,7 @@ class _ExpertMixture(nn.Module):
         ``token_ids`` / ``weights`` (A,) are grouped by expert: the first ``counts[0]`` go to expert 0,
         the next ``counts[1]`` to expert 1, and so on. Tokens without an assignment get 0.
         """
-        out = torch.zeros(x.shape[0], self.d_model, dtype=torch.float32, device=x.device)
+        out = torch.zeros(x.shape[0], self.d_in, dtype=torch.float32, device=x.device)
         if token_ids.numel() == 0:
             return out
         chunks = x.index_select(0, token_ids).split(counts)
@@ -82,19 +86,36 @@ class NoisyTopKMoE(_ExpertMixture):
     Σ_tokens gates per expert; load = Σ_tokens P(expert in the top k under fresh noise), the smooth
     estimator of the paper's appendix; without noisy gating, load = the number of tokens routed to the
     expert (not differentiable: only the importance term then trains the router).
+
+    ``sub_tokens`` = h > 1 (MH-MoE, Wu et al. 2024): x is projected (``split``, d × d) and cut into h
+    sub-tokens of d / h, each routed on its own as above to experts of input size d / h (hidden size
+    unchanged, so a token's expert FLOPs equal the unsplit layer's at the same k); the h outputs are
+    concatenated and projected back (``merge``, d × d). Routing, noise and losses see sub-tokens.
+
+    ``dynamic_k`` (DA-MoE, see peer_model/dynamic_k.py): token t uses its k_t best experts (``top_k`` on
+    average, at most ``max_k``), gates softmaxed over those k_t; only those experts run. The load
+    estimator then uses each token's own thresholds (its k_t-th and (k_t+1)-th noisy logits).
     """
 
     def __init__(self, d_model: int, d_ff: int, config: MoEConfig):
-        super().__init__(d_model, d_ff, config)
+        super().__init__(d_model, d_ff, config, d_in=d_model // config.sub_tokens)
         self.top_k = config.top_k
         if config.noisy_gating:
-            self.noise = nn.Linear(d_model, config.num_experts, bias=False)
+            self.noise = nn.Linear(self.d_in, config.num_experts, bias=False)
             nn.init.zeros_(self.noise.weight)  # as in the paper: noise std starts at softplus(0) + 0.01
+        split = config.sub_tokens > 1
+        self.split = nn.Linear(d_model, d_model, bias=False) if split else None
+        self.merge = nn.Linear(d_model, d_model, bias=False) if split else None
+        self.allocator = DynamicK(config.top_k, config.retrieved_k) if config.dynamic_k else None
+        self.wants_importance = config.dynamic_k  # the block passes its attention's token importance
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., d) → (..., d). ``importance`` (x's shape without d): required with dynamic_k."""
         shape = x.shape
         x = x.reshape(-1, self.d_model)
-        T, E, k = x.shape[0], self.num_experts, self.top_k
+        if self.split is not None:
+            x = self.split(x).reshape(-1, self.d_in)  # (T · h, d / h): the sub-tokens
+        T, E, k = x.shape[0], self.num_experts, self.config.retrieved_k
         clean = self._logits(x)
         noisy_train = self.training and self.config.noisy_gating
         if noisy_train:
@@ -104,37 +125,60 @@ class NoisyTopKMoE(_ExpertMixture):
             logits = clean
         m = min(k + 1, E)
         top_values, top_ids = logits.topk(m, dim=-1)  # (T, m), sorted descending
-        gates = torch.softmax(top_values[:, :k], dim=-1)  # (T, k)
-        expert_ids = top_ids[:, :k].reshape(-1)
+        if self.allocator is None:
+            k_token, gates = None, torch.softmax(top_values[:, :k], dim=-1)  # (T, k)
+            slots = torch.arange(T * k, device=x.device)
+        else:
+            if importance is None:
+                raise ValueError("a dynamic-k MoE layer needs the tokens' importance (see dynamic_k.py)")
+            k_token = self.allocator(importance.reshape(-1))  # (T,)
+            keep = kept_slots(k_token, k)
+            gates = torch.softmax(top_values[:, :k].masked_fill(~keep, float("-inf")), dim=-1)  # 0 where dropped
+            slots = keep.reshape(-1).nonzero().squeeze(1)  # the (token, rank) slots that run, token-major
+        expert_ids = top_ids[:, :k].reshape(-1)[slots]
         order = torch.argsort(expert_ids, stable=True)
         counts_t = torch.bincount(expert_ids, minlength=E)
         counts = counts_t.tolist()
-        out = self._mix(x, order // k, gates.reshape(-1)[order], counts)
+        picked = slots[order]
+        out = self._mix(x, picked // k, gates.reshape(-1)[picked], counts)
 
         if self.training:
-            importance = torch.zeros(T, E, dtype=gates.dtype, device=x.device).scatter(
+            importance_e = torch.zeros(T, E, dtype=gates.dtype, device=x.device).scatter(
                 1, top_ids[:, :k], gates).sum(0)
-            if noisy_train and k < E:
-                load = self._prob_in_top_k(clean, logits, noise_std, top_values, top_ids[:, :k]).sum(0)
+            if noisy_train and (k < E or k_token is not None):
+                load = self._prob_in_top_k(clean, logits, noise_std, top_values, top_ids[:, :k], k_token).sum(0)
             else:
                 load = counts_t.float()
-            self.aux_loss = self.config.balance_weight * (_cv_squared(importance) + _cv_squared(load))
+            self.aux_loss = self.config.balance_weight * (_cv_squared(importance_e) + _cv_squared(load))
         else:
             self.aux_loss = None
-        mean = T * k / E if T else 0.0
-        self.last_stats = {"dropped_fraction": 0.0, "experts_per_token": float(k),
+        assigned = slots.numel()
+        mean = assigned / E
+        self.last_stats = {"dropped_fraction": 0.0, "experts_per_token": assigned / T if T else 0.0,
                            "max_load_over_mean": max(counts) / mean if mean else 0.0}
+        if self.merge is not None:
+            out = self.merge(out.to(self.merge.weight.dtype).reshape(-1, self.d_model))
         return out.to(x.dtype).view(shape)
 
-    def _prob_in_top_k(self, clean, noisy, noise_std, top_values, top_ids):
+    def _prob_in_top_k(self, clean, noisy, noise_std, top_values, top_ids, k_token=None):
         """(T, E): the probability that each expert is in the top k when the noise is redrawn for it
         alone, the other experts' noisy logits held fixed. An expert now in the top k stays there if
-        it beats the (k+1)-th largest noisy logit; one now outside must beat the k-th largest."""
-        k = self.top_k
-        threshold_if_in = top_values[:, k : k + 1]  # (k+1)-th largest
-        threshold_if_out = top_values[:, k - 1 : k]  # k-th largest
-        is_in = torch.zeros_like(noisy, dtype=torch.bool).scatter(1, top_ids, True)
+        it beats the (k+1)-th largest noisy logit; one now outside must beat the k-th largest.
+        ``k_token`` (T,): a k per token (dynamic k); a token using all E experts keeps them (probability 1)."""
+        if k_token is None:
+            k = self.top_k
+            threshold_if_in = top_values[:, k : k + 1]  # (k+1)-th largest
+            threshold_if_out = top_values[:, k - 1 : k]  # k-th largest
+            is_in = torch.zeros_like(noisy, dtype=torch.bool).scatter(1, top_ids, True)
+        else:
+            padded = F.pad(top_values, (0, 1))  # a finite stand-in (E+1)-th logit; masked out below
+            threshold_if_in = padded.gather(1, k_token.unsqueeze(1))
+            threshold_if_out = padded.gather(1, k_token.unsqueeze(1) - 1)
+            is_in = torch.zeros_like(noisy, dtype=torch.bool).scatter(
+                1, top_ids, kept_slots(k_token, top_ids.shape[1]))
         prob_if_in = torch.special.ndtr((clean - threshold_if_in) / noise_std)
+        if k_token is not None:
+            prob_if_in = torch.where((k_token == noisy.shape[1]).unsqueeze(1), 1.0, prob_if_in)
         prob_if_out = torch.special.ndtr((clean - threshold_if_out) / noise_std)
         return torch.where(is_in, prob_if_in, prob_if_out)
 

@@ -75,7 +75,8 @@ class SwitchHeadAttention(nn.Module):
             scores = torch.zeros_like(scores).scatter(-1, index, kept)
         return scores
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, importance: bool = False):
+        """(B, T, d) → (B, T, d); with ``importance``, also each token's (B, T) self-attention share."""
         B, T, _ = x.shape
         H, hd = self.n_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, h, T, hd)
@@ -83,6 +84,7 @@ class SwitchHeadAttention(nn.Module):
         v_all = torch.einsum("btd,hedc->bthec", x, self.v_experts)  # every expert: (B, T, h, E, hd)
         v = (v_all * self.gates(x, self.sel_v).unsqueeze(-1)).sum(3).transpose(1, 2)  # (B, h, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attend(q, k, v, cache, layer).transpose(1, 2)  # (B, T, h, hd)
-        weighted = y.unsqueeze(3) * self.gates(x, self.sel_o).unsqueeze(-1)  # (B, T, h, E, hd)
-        return torch.einsum("bthec,hecd->btd", weighted, self.o_experts)
+        y, share = attend(q, k, v, cache, layer, importance=True) if importance else (attend(q, k, v, cache, layer), None)
+        weighted = y.transpose(1, 2).unsqueeze(3) * self.gates(x, self.sel_o).unsqueeze(-1)  # (B, T, h, E, hd)
+        out = torch.einsum("bthec,hecd->btd", weighted, self.o_experts)
+        return (out, share) if importance else out
