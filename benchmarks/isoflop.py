@@ -14,6 +14,14 @@ expert block; of every block for "peer-all") and, for "switchhead+peer", the att
     peer           128² single-neuron experts, 4 heads, top-16, query BatchNorm (He 2024)
     peer-all       that PEER layer in every block instead of the dense MLPs (UltraMemV2 puts memory in every block)
     switchhead+peer  PEER, and SwitchHead attention (2 heads, 4 experts, top-2) in every block
+    mh-moe         moe with MH-MoE token splitting: 4 sub-tokens of d/4, each routed to its top-2 of 8
+                   experts of input d/4 (hidden 4d), merged back (Wu et al. 2024)
+    da-moe         moe with DA-MoE dynamic k: 2 experts per token on average, 1 to 4 by attention importance
+    mh-peer        peer whose 4 heads read d/4 slices of a projected x and retrieve d/4-wide experts, merged
+    da-peer        peer with DA-MoE dynamic k: 16 experts per head on average, 1 to 32 by attention importance
+
+The dynamic-k rows are at equal *average* FLOPs (peer_model/flops.py counts the configured mean k); each
+also reports the k its tokens got on the held-out text (mean and quantiles).
 
 A second table gives each expert layer alone at about equal active parameters (see ``layer_config``):
 training tokens/s and peak memory (resident-set growth of a fresh process per layer), 2,048 tokens a step.
@@ -22,6 +30,7 @@ training tokens/s and peak memory (resident-set growth of a fresh process per la
     .venv/bin/python benchmarks/isoflop.py --size tiny           # a 3-minute check
     .venv/bin/python benchmarks/isoflop.py --archs dense,peer,peer-all --no-layer-table   # PEER in every block
     .venv/bin/python benchmarks/isoflop.py --size gpu --device cuda
+    .venv/bin/python benchmarks/isoflop.py --archs mh-moe,da-moe,mh-peer,da-peer --no-layer-table   # MH / DA rows
 """
 from __future__ import annotations
 
@@ -37,13 +46,15 @@ import torch
 
 from peer_model.config import ModelConfig, MoEConfig, PEERConfig, PKMConfig, SwitchHeadConfig
 from peer_model.corpora import load_corpus, split_train_val
+from peer_model.dynamic_k import DynamicK
 from peer_model.flops import count_flops
 from peer_model.baselines import make_ffw
 from peer_model.model import PEERTransformer
 from peer_model.runtime import tune_allocator
 from peer_model.train import TokenData, TrainConfig, build_optimizers, evaluate_bpb, train
 
-ARCHITECTURES = ("dense", "moe", "switch", "expert_choice", "pkm", "peer", "peer-all", "switchhead+peer")
+ARCHITECTURES = ("dense", "moe", "switch", "expert_choice", "pkm", "peer", "peer-all", "switchhead+peer",
+                 "mh-moe", "da-moe", "mh-peer", "da-peer")
 
 
 @dataclass(frozen=True)
@@ -67,15 +78,22 @@ SIZES = {
 
 def config_for(arch: str, d: int, side: int, seq_len: int) -> ModelConfig:
     heads = 2 if d < 128 else 4
-    peer = PEERConfig(num_experts=side**2, heads=4, top_k=16, d_key=64)
+    peer = PEERConfig(num_experts=side**2, heads=4, top_k=16, d_key=64, head_slices=arch == "mh-peer",
+                      dynamic_k=arch == "da-peer", max_k=32 if arch == "da-peer" else None)
     common = dict(d_model=d, n_layers=4, n_heads=heads, d_ff=4 * d, max_seq_len=seq_len, peer=peer)
     if arch == "peer-all":
         return ModelConfig(**common, ffw="peer", peer_layers=list(range(common["n_layers"])))
     if arch == "switchhead+peer":
         return ModelConfig(**common, ffw="peer", attention="switchhead",
                            switchhead=SwitchHeadConfig(n_heads=2, head_dim=d // 2, num_experts=4, top_k=2))
+    if arch in ("mh-peer", "da-peer"):
+        return ModelConfig(**common, ffw="peer")
     moe = {"moe": MoEConfig(num_experts=8, top_k=2), "switch": MoEConfig(num_experts=8, capacity_factor=1.25),
-           "expert_choice": MoEConfig(num_experts=8, capacity_factor=2.0)}.get(arch, MoEConfig())
+           "expert_choice": MoEConfig(num_experts=8, capacity_factor=2.0),
+           "mh-moe": MoEConfig(num_experts=8, top_k=2, sub_tokens=4),
+           "da-moe": MoEConfig(num_experts=8, top_k=2, dynamic_k=True, max_k=4)}.get(arch, MoEConfig())
+    if arch in ("mh-moe", "da-moe"):
+        return ModelConfig(**common, ffw="moe", moe=moe)
     pkm = PKMConfig(num_memories=side**2, heads=4, top_k=16, d_key=64)
     return ModelConfig(**common, ffw=arch, moe=moe, pkm=pkm)
 
@@ -91,11 +109,26 @@ def run(arch: str, d: int, budget: float, size: Size, data: TokenData, val: Toke
                       warmup_steps=min(50, steps // 10), eval_every=steps, eval_batches=1, device=device,
                       log_every=max(1, steps // 4))
     result = train(model, data, None, cfg)
+    allocators = [m for m in model.modules() if isinstance(m, DynamicK)]
+    ks = []
+    hooks = [a.register_forward_hook(lambda module, args, k: ks.append(k)) for a in allocators]
     bpb = evaluate_bpb(model, val, size.seq_len, size.batch_size, size.eval_batches)
-    return {"arch": arch, "d_model": d, "budget": budget, "steps": steps, "params": sum(p.numel() for p in
-            model.parameters()), "active_params": flops.active_params, "train_flops_per_token": flops.train_per_token,
-            "tokens": result.tokens_seen, "seconds": round(result.elapsed_s, 1),
-            "tokens_per_s": round(result.tokens_seen / result.elapsed_s), "val_bpb": round(bpb, 4)}
+    for hook in hooks:
+        hook.remove()
+    row = {"arch": arch, "d_model": d, "budget": budget, "steps": steps, "params": sum(p.numel() for p in
+           model.parameters()), "active_params": flops.active_params, "train_flops_per_token": flops.train_per_token,
+           "tokens": result.tokens_seen, "seconds": round(result.elapsed_s, 1),
+           "tokens_per_s": round(result.tokens_seen / result.elapsed_s), "val_bpb": round(bpb, 4)}
+    if ks:
+        row["k"] = k_distribution(torch.cat(ks))
+    return row
+
+
+def k_distribution(k: torch.Tensor) -> dict:
+    """Mean, quantiles and histogram of the experts per token (per head for PEER) a dynamic-k layer gave."""
+    q = torch.quantile(k.float(), torch.tensor([0.1, 0.5, 0.9]))
+    return {"mean": round(k.float().mean().item(), 3), "p10": q[0].item(), "p50": q[1].item(), "p90": q[2].item(),
+            "max": int(k.max()), "min": int(k.min()), "histogram": torch.bincount(k).tolist()}
 
 
 # ---- one layer alone ----------------------------------------------------------------------------
@@ -181,6 +214,15 @@ def print_tables(results: list[dict], layers: list[dict]) -> None:
         best = {a: min(r["val_bpb"] for r in results if r["budget"] == budget and r["arch"] == a)
                 for a in ARCHITECTURES if any(r["arch"] == a and r["budget"] == budget for r in results)}
         print(f"  {budget:.1e}: " + ", ".join(f"{a} {v:.3f}" for a, v in sorted(best.items(), key=lambda kv: kv[1])))
+    dynamic = [r for r in results if "k" in r]
+    if dynamic:
+        print("\nexperts per token on the held-out text (dynamic k; per head for PEER):")
+        print("| budget | d_model | arch | mean k | p10 | median | p90 | min-max |")
+        print("|---|---:|---|---:|---:|---:|---:|---|")
+        for r in dynamic:
+            k = r["k"]
+            print(f"| {r['budget']:.1e} | {r['d_model']} | {r['arch']} | {k['mean']:.2f} | {k['p10']:g} | {k['p50']:g} | "
+                  f"{k['p90']:g} | {k['min']}-{k['max']} |")
     print("\n| layer | active params | params | training tokens/s | peak MiB | forward FLOPs/token |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in layers:
@@ -214,6 +256,11 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_json(path: str, size: str, results: list[dict], layers: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"size": size, "runs": results, "layers": layers}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -224,7 +271,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--json", default="runs/isoflop.json")
     parser.add_argument("--plot", default="runs/isoflop.png")
+    parser.add_argument("--report", metavar="JSON", help="only print the tables and draw the plot of a saved run "
+                        "(e.g. of a sweep cut short: --json is written after every run)")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        print_tables(saved["runs"], saved["layers"])
+        plot(saved["runs"], Path(args.plot))
+        return
     tune_allocator()
     size = SIZES[args.size]
     if args.threads:
@@ -249,11 +303,11 @@ def main() -> None:
                 results.append(row)
                 print(f"{budget:.1e} FLOPs d={d} {arch}: {row['steps']} steps, {row['seconds']} s, "
                       f"{row['tokens_per_s']:,} tokens/s, val {row['val_bpb']:.3f} bpb", flush=True)
+                write_json(args.json, args.size, results, [])  # each run as it ends: a cut-short sweep keeps them
     layers = [] if args.no_layer_table else layer_table(size)
     print_tables(results, layers)
     print(f"\ntotal {math.ceil((time.perf_counter() - started) / 60)} min; torch threads {torch.get_num_threads()}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"size": args.size, "runs": results, "layers": layers}, indent=2))
+    write_json(args.json, args.size, results, layers)
     plot(results, Path(args.plot))
     print(f"wrote {args.json} and {args.plot}")
 
