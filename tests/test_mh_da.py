@@ -304,3 +304,16 @@ def test_peer_counts_are_torchs_matrix_products_plus_its_experts(option):
     experts_and_sums = 2 * peer.heads * peer.top_k * 2 * d_expert + peer.heads * peer.retrieved_k**2
     counted = count_flops(model.config, T).forward_per_token - 2 * 4 * (T + 1) / 2 * 32 - experts_and_sums
     assert counted == pytest.approx(measured(model), rel=1e-9)
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_checkpoint_round_trip_keeps_the_function(option, tmp_path):
+    """The importance running mean is saved with the weights (a persistent buffer)."""
+    from peer_model.checkpoint import load_checkpoint, save_checkpoint
+
+    model = small_model(option)
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), atol=0, rtol=0)
