@@ -108,8 +108,13 @@ def warning_headers(warning: str | None) -> dict[str, str]:
     return {WARNING_HEADER: warning} if warning else {}
 
 
+# characters JSON leaves raw that str.splitlines (hence httpx's iter_lines, and clients built on it such as
+# peerctl) takes for line breaks: a token holding one would cut its event in two
+SPLITLINES_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict | str, event: str | None = None) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False).translate(SPLITLINES_BREAKS)
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {payload}\n\n"
 

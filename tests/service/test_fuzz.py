@@ -83,6 +83,19 @@ def test_ids_beyond_64_bits_are_a_422_not_a_500(live, method, path, body):
         "greater than or equal to 0" in response.json()["detail"]
 
 
+def test_errors_outside_the_routes_have_the_documented_shape(live):
+    """The schema documents one error body for every 4xx; an unknown path or method answers in it too."""
+    for method, path, status in (("GET", "/v1/no-such-thing", 404), ("DELETE", "/healthz", 405)):
+        response = requests.request(method, live.url + path, timeout=30)
+        assert response.status_code == status
+        body = response.json()
+        assert body["error"] == {"message": body["detail"], "type": "HTTPError", "code": status}
+    schema = requests.get(live.url + "/openapi.json", timeout=30).json()
+    answers = schema["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
+    assert answers["4XX"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+
+
 def test_no_server_errors_and_documented_answers_conform(live):
     schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
     failures, operations, statuses = [], 0, Counter()
