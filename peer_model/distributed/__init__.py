@@ -7,7 +7,7 @@ the rest of the model, and checkpoints written per shard that load on any number
     train(model, parallel.batches(data), val, cfg, parallel=parallel)
     save_sharded_checkpoint(model, path, shards)  # loads on 1 process (load_checkpoint) or on N (load_sharded_checkpoint)
 
-Why columns and not rows: docs/scaling.md (bytes per step) and BENCHMARKS.md section 8 (measured).
+Why columns and not rows: docs/scaling.md (bytes per step) and BENCHMARKS.md section 9 (measured).
 """
 from .checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from .data_parallel import DataParallel
