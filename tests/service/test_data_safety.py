@@ -294,3 +294,13 @@ def test_readiness_costs_no_generation_and_liveness_sees_a_dead_scheduler(settin
         health = client.get("/healthz")
         assert health.status_code == 503 and health.json()["dead_threads"] == ["peer-scheduler"]
         assert client.get("/readyz").status_code == 503
+
+
+def test_serve_gives_its_training_worker_the_cores_the_api_leaves(tmp_path, monkeypatch):
+    from service.cli import training_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert training_threads(tiny_settings(tmp_path)) == 1  # 2 cores: the API's decode thread and one for training
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert training_threads(tiny_settings(tmp_path, api_torch_threads=2)) == 14
+    assert training_threads(tiny_settings(tmp_path, worker_torch_threads=3)) == 3  # an explicit setting wins
