@@ -30,19 +30,19 @@ FOLD_BATCH = 1000  # raw rows per fold transaction
 
 
 def merge_counts(blobs: list[bytes]) -> bytes:
-    """Sum sparse counters in the ``expert_usage.counts`` encoding (int64 ids, then int64 counts)."""
-    ids, counts = [], []
+    """Sum sparse counters in the ``expert_usage.counts`` encoding (int64 ids, then int64 counts; an id appears
+    at most once per blob), through one dense array as long as the largest id."""
+    total = np.zeros(0, dtype=np.int64)
     for blob in blobs:
         pairs = np.frombuffer(blob, dtype="<i8")
-        half = pairs.size // 2
-        ids.append(pairs[:half])
-        counts.append(pairs[half:])
-    if not ids:
-        return b""
-    unique, inverse = np.unique(np.concatenate(ids), return_inverse=True)
-    sums = np.zeros(unique.size, dtype=np.int64)
-    np.add.at(sums, inverse, np.concatenate(counts))
-    return np.concatenate([unique, sums]).astype("<i8").tobytes()
+        ids, counts = pairs[:pairs.size // 2], pairs[pairs.size // 2:]
+        if not ids.size:
+            continue
+        if int(ids.max()) >= total.size:
+            total = np.pad(total, (0, int(ids.max()) + 1 - total.size))
+        total[ids] += counts
+    used = np.flatnonzero(total)
+    return np.concatenate([used, total[used]]).astype("<i8").tobytes() if used.size else b""
 
 
 def bucket_of(moment: datetime, bucket_seconds: int) -> datetime:
