@@ -13,8 +13,9 @@ alone (each loaded version has its own batch).
 Hot swap: :meth:`ModelHost.swap_to` loads the new version beside the old one (outside the scheduler),
 then flips one reference; requests already running finish on the version they started with, new ones
 get the new version; an old version is dropped once its last request ends, after its usage counters
-are flushed. A watcher thread polls the database for the active version, so an activation made by a
-worker or by another API process is picked up within ``swap_poll_seconds``.
+are flushed. A watcher thread follows the database's active version, so an activation made by a worker
+or by another API replica is picked up at once on PostgreSQL (the activation's NOTIFY wakes it) and within
+``swap_poll_seconds`` otherwise.
 
 Activation loads first: :meth:`ModelHost.activate` loads the version, then lets the caller commit the
 activation, then serves it, so a version that cannot be loaded is refused before the database points at
@@ -39,8 +40,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
+import psycopg
 import torch
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from peer_model.checkpoint import CheckpointError
 from peer_model.batching import BatchDecoder, Sequence
@@ -54,7 +56,7 @@ from .db.models import Activation, ExpertUsage, PoolVersion, utcnow
 from .db.session import transaction
 from .errors import InvalidInput, NotFound, NotReady, Overloaded
 from .status import is_trained
-from .versions import active_version_id
+from .versions import ACTIVATION_CHANNEL, active_version_id
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +260,20 @@ class ModelHost:
             self.fallback = None
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.settings.swap_poll_seconds):
-            try:
-                self.sync_active()
-            except NotReady as exc:  # keep serving the loaded version; retried after SWAP_RETRY_SECONDS
-                log.error("could not load the active version: %s", exc.message)
-            except Exception:  # noqa: BLE001 - e.g. the database is down: retried next poll
-                log.exception("could not sync the active version")
+        """Follow the active version: on PostgreSQL an activation's NOTIFY wakes the watcher at once (with a poll
+        every ``swap_poll_seconds`` as well, in case a notification is missed while reconnecting); elsewhere it
+        polls."""
+        with ActivationListener(self.ctx.engine, self._stop) as listener:
+            while not self._stop.is_set():
+                listener.wait(self.settings.swap_poll_seconds)
+                if self._stop.is_set():
+                    return
+                try:
+                    self.sync_active()
+                except NotReady as exc:  # keep serving the loaded version; retried after SWAP_RETRY_SECONDS
+                    log.error("could not load the active version: %s", exc.message)
+                except Exception:  # noqa: BLE001 - e.g. the database is down: retried next poll
+                    log.exception("could not sync the active version")
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -425,6 +434,45 @@ class ModelHost:
         except BaseException:
             self._usage.put_back(windows)
             raise
+
+
+class ActivationListener:
+    """``wait(timeout)`` returns when an activation was committed (PostgreSQL LISTEN on ACTIVATION_CHANNEL) or
+    after ``timeout`` (or ``stop``). Without PostgreSQL, or while its connection is down, it waits out the
+    timeout (polling)."""
+
+    def __init__(self, engine: Engine, stop: threading.Event):
+        self.url = engine.url if engine.dialect.name == "postgresql" else None
+        self.stop = stop
+        self._conn: psycopg.Connection | None = None
+
+    def __enter__(self) -> "ActivationListener":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def _connect(self) -> psycopg.Connection | None:
+        if self._conn is None or self._conn.closed:
+            try:
+                self._conn = psycopg.connect(self.url.set(drivername="postgresql").render_as_string(
+                    hide_password=False), autocommit=True, connect_timeout=5)
+                self._conn.execute(f"LISTEN {ACTIVATION_CHANNEL}")
+            except psycopg.Error:
+                self._conn = None
+        return self._conn
+
+    def wait(self, timeout: float) -> None:
+        conn = self._connect() if self.url is not None else None
+        if conn is None:
+            self.stop.wait(timeout)
+            return
+        try:
+            for _ in conn.notifies(timeout=timeout, stop_after=1):
+                pass
+        except psycopg.Error:  # the connection dropped: reconnect at the next wait
+            conn.close()
 
 
 @dataclass

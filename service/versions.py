@@ -19,6 +19,7 @@ from .store import Store
 
 INITIAL_CHECKPOINT = Store.version_key("initial")
 ACTIVATION_LOCK = 0x5045455241  # any constant shared by every process of the service ("PEERA")
+ACTIVATION_CHANNEL = "peer_activation"  # PostgreSQL NOTIFY channel of activations
 
 
 def active_version_id(session: Session) -> int | None:
@@ -61,10 +62,16 @@ def lock_activations(session: Session) -> None:
 
 
 def activate(session: Session, version_id: int, reason: str, actor: str) -> Activation:
+    """Record ``version_id`` as the active version. On PostgreSQL every API replica that listens on
+    ACTIVATION_CHANNEL hears of it when the transaction commits (NOTIFY is transactional) and swaps at once;
+    the others see it at their next poll."""
     live_version(session, version_id, "activated")
     activation = Activation(version_id=version_id, reason=reason, actor=actor)
     session.add(activation)
     session.flush()
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, :payload)"),
+                        {"channel": ACTIVATION_CHANNEL, "payload": str(version_id)})
     return activation
 
 
