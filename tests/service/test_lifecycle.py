@@ -13,14 +13,18 @@ from sqlalchemy import select
 from peer_model.model import PEERTransformer
 from service.chunkstore import manifest_chunks
 from service.context import ServiceContext
-from service.db.models import Corpus, PoolVersion, Stream, StreamDocument
+from service.cli import main
+from service.db.models import Corpus, ExpertUsage, PoolVersion, Stream, StreamDocument
 from service.db.session import transaction
 from service.errors import Conflict
 from service.ingest import parse_upload
 from service.jobs import create_job, request_cancel
 from service.migrate import upgrade
-from service.retention import apply_retention, collect_garbage, delete_corpus, delete_version, set_pinned
+from service.retention import (
+    Housekeeping, apply_retention, collect_garbage, delete_corpus, delete_version, set_pinned,
+)
 from service.uploads import accept_corpus
+from service.usage import usage_total
 from service.versions import activate, describe_pools, ensure_initial_version, live_version
 
 from .conftest import PG_HOST, create_pg_database, drop_pg_database, tiny_settings
@@ -199,8 +203,6 @@ def test_a_corpus_is_deleted_only_when_no_live_job_uses_it(ctx):
 
 
 def test_the_gc_command_lists_with_dry_run_and_then_removes(tmp_path, monkeypatch, capsys):
-    from service.cli import main
-
     settings = tiny_settings(tmp_path / "home", keep_versions=1, gc_grace_seconds=HOUR)
     upgrade(settings.resolved_database_url)
     ctx = ServiceContext.from_settings(settings)
@@ -225,3 +227,25 @@ def test_the_gc_command_lists_with_dry_run_and_then_removes(tmp_path, monkeypatc
     assert not ctx.store.has(first_key) and not ctx.store.has("versions/job-5-0123456789ab")
     assert row(ctx, PoolVersion, first).deleted_at is not None
     ctx.close()
+
+
+def test_housekeeping_folds_usage_applies_retention_and_collects_garbage(ctx):
+    active, old, newer, newest = (publish(ctx, grow=g) for g in (0, 16, 32, 48))
+    ctx.store.save_model("versions/job-7-0123456789ab", PEERTransformer(ctx.settings.fresh_model_config()))
+    age(ctx.store.root / "versions/job-7-0123456789ab")
+    with transaction(ctx.sessions) as session:
+        now = row(ctx, PoolVersion, active).created_at
+        session.add(ExpertUsage(version_id=active, layer=1, window_start=now, window_end=now, tokens=3,
+                                counts=bytes(16)))
+    housekeeping = Housekeeping(ctx)
+    housekeeping.run_due()
+    assert row(ctx, PoolVersion, old).deleted_at is not None  # keep_versions = 2: newer and newest stay
+    assert all(row(ctx, PoolVersion, v).deleted_at is None for v in (active, newer, newest))
+    assert not ctx.store.has("versions/job-7-0123456789ab")
+    with ctx.sessions() as session:
+        assert session.scalars(select(ExpertUsage.folded)).all() == [True]
+        assert usage_total(session, active, 1).tokens == 3
+    publish(ctx, grow=64)
+    housekeeping.run_due()  # not due again before PEER_HOUSEKEEPING_SECONDS
+    assert row(ctx, PoolVersion, newer).deleted_at is None
+    assert housekeeping.run()["versions_deleted"] == [newer]
