@@ -58,12 +58,22 @@ def test_app_points_at_postgres_and_redis(name):
     assert env["PEER_BROKER_URL"].startswith("redis://redis:6379")
 
 
-def test_api_publishes_8000_on_the_hosts_loopback_only_and_runs_api():
+def test_the_front_publishes_8000_on_the_hosts_loopback_only_and_the_api_scales():
     # without PEER_API_KEYS every mutating route is open: only this machine may reach the published port
-    assert [str(p) for p in SERVICES["api"]["ports"]] == ["127.0.0.1:8000:8000"]
-    assert _env("api")["PEER_ALLOW_OPEN"] == "true"  # the container's 0.0.0.0 is reached through that port only
+    assert [str(p) for p in SERVICES["front"]["ports"]] == ["127.0.0.1:8000:8000"]
+    assert "ports" not in SERVICES["api"]  # nothing fixed on the host: `--scale api=N` starts N replicas
+    assert _env("api")["PEER_ALLOW_OPEN"] == "true"  # the containers' 0.0.0.0 is reached through the front only
     assert _command("api")[:2] == ["peer-service", "api"]
     assert "/healthz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
+
+
+def test_the_front_proxies_to_every_api_replica_and_streams():
+    mount = SERVICES["front"]["volumes"][0].split(":")
+    conf = (ROOT / mount[0]).read_text()
+    assert mount[1] == "/etc/nginx/nginx.conf"
+    assert "resolver 127.0.0.11" in conf and "set $api http://api:8000;" in conf  # re-resolved: new replicas join
+    assert "proxy_buffering off;" in conf and "proxy_request_buffering off;" in conf
+    assert SERVICES["front"]["depends_on"]["api"]["condition"] == "service_healthy"
 
 
 def test_worker_runs_worker():
