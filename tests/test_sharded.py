@@ -131,6 +131,10 @@ def check_layer(shards):
     _assert_same_step(shards, layer, reference, seed=5)
     ids = layer.route(x)[1]
     assert bool((ids >= 16 * 16).any()), "the grown experts must be selected"
+    twin = copy.deepcopy(layer)  # e.g. a distillation teacher: sharded over the same processes
+    assert twin.shards is shards and twin.expert_down.column_shards is shards
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), layer(x), atol=0, rtol=0)
 
 
 # ---- data-parallel training and checkpoints ------------------------------------------------------
@@ -225,3 +229,23 @@ def test_a_checkpoint_saved_on_2_processes_loads_on_1(root):
 def test_on_4_processes_the_layer_equals_and_the_2_process_checkpoint_loads(root):
     run_processes(root, 4, on_four_processes, str(root))
     torch.testing.assert_close(logits(load_checkpoint(root / "on4")), torch.load(f"{root / 'on2'}.logits"), **TOL)
+
+
+def test_peer_train_nproc_runs_itself_under_torchrun(monkeypatch):
+    """`peer train --nproc N` starts torchrun with the same arguments but --nproc (torchrun would take it for
+    its own --nproc-per-node); each process it starts finds torchrun's environment instead."""
+    from types import SimpleNamespace
+
+    from peer_model import cli
+    from peer_model.distributed import launch
+
+    commands = []
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(launch.subprocess, "run",
+                        lambda command, check: commands.append(command) or SimpleNamespace(returncode=0))
+    argv = ["train", "--text-file", "t.txt", "--nproc", "2", "--steps", "3", "--out", "runs/x"]
+    assert cli.main(argv) == 0
+    assert commands[0][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                               "peer_model.cli", "train", "--text-file", "t.txt", "--steps", "3", "--out", "runs/x"]
+    monkeypatch.setattr(launch.subprocess, "run", lambda command, check: SimpleNamespace(returncode=1))
+    assert cli.main(argv) == 2  # a failed process fails the command

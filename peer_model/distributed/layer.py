@@ -39,6 +39,10 @@ class ShardedPEER(PEER):
         super().init_buffers(device)
         self._tag_tables()  # a checkpoint load assigns new parameter objects, then calls this
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._tag_tables()  # a deep copy's tables are new parameters, without the tag
+
     def _tag_tables(self) -> None:
         """Mark both tables as column shards: SparseRowAdam then takes each row's second moment over all
         columns and gradient clipping sums their norms over the group (peer_model/optim.py, train.py)."""

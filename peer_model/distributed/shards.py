@@ -45,6 +45,10 @@ class ColumnShards:
         self.size = dist.get_world_size(group)
         self.traffic = Traffic()
 
+    def __deepcopy__(self, memo: dict) -> "ColumnShards":
+        """A copy of a sharded model (a teacher, a child to grow) is sharded over the same processes."""
+        return self
+
     def columns(self, width: int, rank: int | None = None) -> tuple[int, int]:
         return column_range(width, self.size, self.rank if rank is None else rank)
 
