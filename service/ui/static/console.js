@@ -110,9 +110,9 @@
     try {
       const version = await api("POST", `/v1/versions/${button.dataset.version}/activate`,
                                 {reason: "activated from the console"});
-      flash(`v${version.id} is active and served`, "ok");
       await refreshFragment("#version-tree");
       await refreshStatus();
+      flash(`v${version.id} is active and served`, "ok");  // once the page shows it
     } catch (error) {
       flash(error.message);
       button.disabled = false;
