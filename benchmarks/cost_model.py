@@ -107,7 +107,8 @@ def deployment_table(tokens: int, memory_gb_s: float, links: dict[int, float], g
                 t = tokens_per_s(layer, gpus, tokens, link, memory_gb_s)
                 bound = "network" if t["network_s"] > t["memory_s"] else "memory"
                 lines.append(f"| {side}² | {d} | {gpus} | {mem:.1f} GB | {'yes' if mem < gpu_memory_gb else 'no'} "
-                             f"| {sent:.2f} GB | {1e3 * t['network_s']:.0f} ms | {1e3 * t['memory_s']:.0f} ms | {bound} "
+                             f"| {sent:.2f} GB | {1e3 * t['network_s']:.0f} ms | {1e3 * t['memory_s']:.0f} ms "
+                             f"| {bound} "
                              f"| {t['tokens_per_s'] / 1e6:.2f} M | {gpus * t['tokens_per_s'] / 1e6:.1f} M |")
     return "\n".join(lines)
 
@@ -165,10 +166,12 @@ def check(path: Path) -> str:
         # the activations travel by all-to-all, the rest (routes, partial sums, optimizer) by all-gather/all-reduce
         activations = m * (r - 1) * 4 * layer.d * 4 / r
         rates = bandwidth[r]
-        seconds = activations / (rates["all_to_all_gb_s"] * GB) + (model - activations) / (rates["all_reduce_gb_s"] * GB)
+        seconds = (activations / (rates["all_to_all_gb_s"] * GB)
+                   + (model - activations) / (rates["all_reduce_gb_s"] * GB))
         one = unsharded[result["tokens"]]
         lines.append(f"| {r} | {model / 2**20:.2f} | {result['mib_sent_per_step']:.2f} | {1e3 * seconds:.0f} ms "
-                     f"| {result['step_ms']:.0f} / {result['best_step_ms']:.0f} ms | {result['cpu_ms_per_step']:.0f} ms "
+                     f"| {result['step_ms']:.0f} / {result['best_step_ms']:.0f} ms "
+                     f"| {result['cpu_ms_per_step']:.0f} ms "
                      f"| {one['step_ms']:.0f} / {one['best_step_ms']:.0f} ms | {one['cpu_ms_per_step']:.0f} ms |")
     return "\n".join(lines)
 

@@ -199,7 +199,8 @@ def _worker(rank, size, store, args, out_file):
         total = torch.tensor([float(sent), cpu])
         dist.all_reduce(total)
         results.append({"scheme": scheme, "processes": size, "tokens": size * args.tokens, **_times(times),
-                        "cpu_ms_per_step": 1e3 * float(total[1]) / args.steps, "mib_sent_per_step": float(total[0]) / size / args.steps / 2**20, "first_out": first})
+                        "cpu_ms_per_step": 1e3 * float(total[1]) / args.steps,
+                        "mib_sent_per_step": float(total[0]) / size / args.steps / 2**20, "first_out": first})
     if rank == 0:
         torch.save(results, out_file)
     dist.destroy_process_group()
@@ -238,7 +239,8 @@ def table(paths: list[str]) -> str:
             sent = f"{r['mib_sent_per_step']:.2f}" if "mib_sent_per_step" in r else "–"
             diff = f"{r['max_diff_vs_unsharded']:.0e}" if r["scheme"] != "unsharded" else "–"
             lines.append(f"| {run['args']['d']} | {r['processes']} | {r['scheme']} ({r['tokens']} tokens) | {sent} "
-                         f"| {r['step_ms']:.0f} / {r['best_step_ms']:.0f} ms | {r['cpu_ms_per_step']:.0f} ms | {diff} |")
+                         f"| {r['step_ms']:.0f} / {r['best_step_ms']:.0f} ms | {r['cpu_ms_per_step']:.0f} ms "
+                         f"| {diff} |")
     return "\n".join(lines)
 
 

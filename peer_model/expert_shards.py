@@ -88,7 +88,8 @@ def _read_columns(root: Path, shards: list[dict], key: str, start: int, stop: in
         if lo != covered:
             break
         with safe_open(str(root / shard["file"]), framework="pt", device=str(device)) as f:
-            parts.append(f.get_tensor(key) if (lo, hi) == (first, last) else f.get_slice(key)[:, lo - first : hi - first])
+            whole = (lo, hi) == (first, last)
+            parts.append(f.get_tensor(key) if whole else f.get_slice(key)[:, lo - first : hi - first])
         covered = hi
     if covered != stop:
         raise RuntimeError(f"{key}: the shard files hold columns [{start}, {covered}) of [{start}, {stop})")
