@@ -25,8 +25,9 @@ from .context import ServiceContext
 from .db.models import Job, PoolVersion
 from .errors import Conflict, InvalidInput
 from .jobs import Dispatch, JobCancelled, heartbeat
-from .training import JobProgress, job_train_config, parse_options, publish_version, run_owned_job, token_data
-from .versions import active_version_id, live_version
+from .training import (JobProgress, claim_base, corpus_available, job_train_config, parse_options, publish_version,
+                       run_owned_job, token_data)
+from .versions import get_version
 
 
 class ForgetOptions(BaseModel):
@@ -75,36 +76,38 @@ def run_forget_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch | None =
 
 def _forget_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     settings = ctx.settings
+    base_id, follows_active = claim_base(ctx, job_id, lease, "forgotten from")
     with ctx.sessions() as session:
         job = session.get(Job, job_id)
         options = parse_forget_options(dict(job.options), settings.max_train_steps)
-        base_id = job.base_version_id or active_version_id(session)
-        if base_id is None:
-            raise InvalidInput("no version to forget from")
-        base = live_version(session, base_id, "forgotten from")
+        base = get_version(session, base_id)
         corpus_id = job.corpus_ids[0]
         plan = segments_to_mask(base, corpus_id)
         remaining = [c for c in base.corpus_ids if c != corpus_id]
         parent_segments, base_checkpoint = base.segments, base.checkpoint
     repair_steps = settings.forget_repair_steps if options.repair_steps is None else options.repair_steps
-    if repair_steps and not remaining:
+    # a corpus deleted since (its text gone from the store) is neither repaired towards nor evaluated
+    repair_on = [c for c in remaining if corpus_available(ctx, c, "train")]
+    if repair_steps and not repair_on:
         repair_steps = 0  # nothing left to repair towards
     parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
     cfg = job_train_config(settings, max(1, repair_steps), options.seed)
-    progress = JobProgress(ctx, job_id, lease, max(1, repair_steps), {"strategy": "forget", "masked_segments": plan})
+    progress = JobProgress(ctx, job_id, lease, max(1, repair_steps), {"strategy": "forget", "masked_segments": plan,
+                                                                      "base_follows_active": follows_active})
     heartbeat(ctx.sessions, job_id, lease, metrics=progress.metrics())
-    remaining_train = [token_data(ctx, [c], "train", parent.tokenizer) for c in remaining] if repair_steps else []
+    remaining_train = [token_data(ctx, [c], "train", parent.tokenizer) for c in repair_on] if repair_steps else []
     child, repair = forget_segments(parent, plan, remaining_train, repair_steps, cfg, settings.distill_weight,
                                     should_stop=progress.should_stop)
     if repair is not None and repair.stopped_early and progress.cancelled:
         raise JobCancelled()
 
-    val_sets = {c: token_data(ctx, [c], "val", parent.tokenizer) for c in [*remaining, corpus_id]}
+    val_sets = {c: token_data(ctx, [c], "val", parent.tokenizer) for c in [*remaining, corpus_id]
+                if corpus_available(ctx, c, "val")}
     child_bpb = evaluate_all(child, val_sets, cfg.seq_len, settings.train_batch_size, settings.eval_max_batches)
     parent_bpb = evaluate_all(parent, val_sets, cfg.seq_len, settings.train_batch_size, settings.eval_max_batches)
     gate = forget_gate(child_bpb, parent_bpb, remaining, corpus_id, settings.activation_tolerance)
     publish_version(ctx, job_id, lease, base_id, child, parent_segments, [], remaining, "forget",
-                    {c: child_bpb[c] for c in remaining}, gate, options.activate, {
+                    {c: child_bpb[c] for c in remaining if c in child_bpb}, gate, options.activate, {
                         "strategy": "forget", "forgotten_corpus_id": corpus_id, "masked_segments": plan,
                         "repair_steps": repair.steps_done if repair is not None else 0,
                         "bpb": {str(c): v for c, v in child_bpb.items()},
@@ -116,8 +119,9 @@ def forget_gate(child: dict[int, float], parent: dict[int, float], remaining: li
                 tolerance: float) -> tuple[bool, str]:
     """Pass when every remaining corpus' bpb is within ``tolerance`` (relative) of the parent's; the
     reason also says how far the forgotten corpus' bpb moved."""
-    moved = f"corpus {forgotten}: {parent[forgotten]:.3f} → {child[forgotten]:.3f} bpb"
-    worse = [c for c in remaining if child[c] > parent[c] * (1 + tolerance)]
+    moved = (f"corpus {forgotten}: {parent[forgotten]:.3f} → {child[forgotten]:.3f} bpb" if forgotten in child
+             else f"corpus {forgotten}: its text is deleted, not measured")
+    worse = [c for c in remaining if c in child and child[c] > parent[c] * (1 + tolerance)]
     if worse:
         details = ", ".join(f"corpus {c}: {parent[c]:.3f} → {child[c]:.3f}" for c in worse)
         return False, f"forgetting hurt other corpora by more than {tolerance:.0%}: {details} ({moved})"

@@ -38,7 +38,8 @@ from .jobs import (Dispatch, JobCancelled, LeaseLost, claim_job, create_job, dis
                    heartbeat, owned_job)
 from .retention import retain_after_publish
 from .settings import Settings
-from .versions import activate, active_version_id, describe_pools, is_pretrained, live_version, lock_activations
+from .versions import (activate, active_version_id, describe_pools, get_version, is_pretrained, live_version,
+                       lock_activations)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -346,14 +347,34 @@ def token_data(ctx: ServiceContext, corpus_ids: list[int], part: str, tokenizer:
     return TokenData.from_text("".join(ctx.store.read_corpus(c, part) for c in corpus_ids), tokenizer)
 
 
+def claim_base(ctx: ServiceContext, job_id: int, lease: str, use: str) -> tuple[int, bool]:
+    """The version this attempt starts from, recorded on the job at once (retention keeps a running job's
+    base): the pinned ``base_version_id``, or for an unpinned job the version active now. Returns it and
+    whether it follows the active version (a retried attempt then takes the version active at its own start:
+    ``metrics.base_follows_active``). ``use`` names the use in the error for a deleted version."""
+    with transaction(ctx.sessions) as session:
+        job = owned_job(session, job_id, lease)
+        follows = job.base_version_id is None or bool(job.metrics.get("base_follows_active"))
+        base_id = active_version_id(session) if follows else job.base_version_id
+        if base_id is None:
+            raise InvalidInput(f"no version to be {use}: activate one first")
+        live_version(session, base_id, use)  # locked against a concurrent deletion until this commits
+        job.base_version_id = base_id
+        job.metrics = {**job.metrics, "base_follows_active": follows}
+        return base_id, follows
+
+
+def corpus_available(ctx: ServiceContext, corpus_id: int, part: str) -> bool:
+    """The corpus' text is in the store (a deleted corpus' is not)."""
+    return ctx.store.corpus_path(corpus_id, part).is_file()
+
+
 def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     settings = ctx.settings
+    base_id, follows_active = claim_base(ctx, job_id, lease, "trained from")
     with ctx.sessions() as session:
         job = session.get(Job, job_id)
-        base_id = job.base_version_id or active_version_id(session)  # unpinned: the active version now
-        if base_id is None:
-            raise InvalidInput("no version to train from: activate one first")
-        base = live_version(session, base_id, "trained from")
+        base = get_version(session, base_id)
         new_ids = list(job.corpus_ids)
         corpora = {c.id: c for c in session.scalars(select(Corpus).where(Corpus.id.in_(new_ids)))}
         not_ready = [c for c in new_ids if c not in corpora or corpora[c].state != "ready"]
@@ -375,7 +396,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     if len(new_train) < stage_options.train.seq_len:
         raise InvalidInput(f"the new corpora hold {len(new_train)} tokens of training text; "
                            f"at least {stage_options.train.seq_len} (PEER_TRAIN_SEQ_LEN) are needed")
-    gone = [c for c in old_ids if not ctx.store.corpus_path(c, "train").is_file()]
+    gone = [c for c in old_ids if not corpus_available(ctx, c, "train")]
     needs_old = stage_options.replay_fraction > 0 or stage_options.review_steps > 0
     if (gone and stage_options.replay_fraction > 0) or (needs_old and not old_ids):
         # earlier text is not in the store (a corpus deleted since, or the pretrained base's own corpus):
@@ -383,7 +404,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         stage_options = replace(stage_options, replay_source="parent")
     old_train = [token_data(ctx, [c], "train", tokenizer) for c in old_ids if c not in gone]
     progress = JobProgress(ctx, job_id, lease, stage_options.train.steps,
-                           {"strategy": stage_options.strategy, "base_version_id": base_id})
+                           {"strategy": stage_options.strategy, "base_follows_active": follows_active})
     heartbeat(ctx.sessions, job_id, lease, metrics=progress.metrics())
 
     stage = continual_stage(parent, new_train, old_train, stage_options, tag=f"job:{job_id}",
@@ -392,7 +413,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         raise JobCancelled()
     all_ids = old_ids + new_ids
     val_sets = {c: token_data(ctx, [c], "val", tokenizer) for c in all_ids
-                if ctx.store.corpus_path(c, "val").is_file()}
+                if corpus_available(ctx, c, "val")}
     old_ids_evaluated = [c for c in old_ids if c in val_sets]
     seq_len, batch = stage_options.train.seq_len, settings.train_batch_size
     child_bpb = evaluate_all(stage.child, val_sets, seq_len, batch, settings.eval_max_batches)

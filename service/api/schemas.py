@@ -133,7 +133,7 @@ class JobOut(BaseModel):
     corpus_ids: list[int]
     options: dict[str, Any]
     base_version_id: int | None = Field(description="the version trained from: the pinned one, or once the job "
-                                                    "published, the one that was active when it started")
+                                                    "started, the one that was active then")
     result_version_id: int | None
     next_job_id: int | None
     progress: float

@@ -304,3 +304,23 @@ def test_serve_gives_its_training_worker_the_cores_the_api_leaves(tmp_path, monk
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert training_threads(tiny_settings(tmp_path, api_torch_threads=2)) == 14
     assert training_threads(tiny_settings(tmp_path, worker_torch_threads=3)) == 3  # an explicit setting wins
+
+
+def test_an_unpinned_job_records_its_base_when_it_starts_and_a_retry_follows_the_active_version(ctx):
+    """The base of an unpinned job was known only at publication, so retention could delete it under the job."""
+    from service.retention import delete_version
+    from service.training import claim_base
+
+    with transaction(ctx.sessions) as session:
+        job_id = create_job(session, "train", []).id
+    lease = claim_job(ctx.sessions, job_id, 3, 60)
+    assert claim_base(ctx, job_id, lease, "trained from") == (1, True)
+    with ctx.sessions() as session:
+        assert session.get(Job, job_id).base_version_id == 1
+    newer = add_version(ctx, seed=1, activate_it=True)
+    with pytest.raises(Exception, match="job"):
+        delete_version(ctx, 1)  # the running job's base is kept
+    with transaction(ctx.sessions) as session:  # the attempt is lost; the next one starts from what is active then
+        session.get(Job, job_id).heartbeat_at = session.get(Job, job_id).heartbeat_at.replace(year=2000)
+    retry = claim_job(ctx.sessions, job_id, 3, 60)
+    assert claim_base(ctx, job_id, retry, "trained from") == (newer, True)

@@ -12,7 +12,7 @@ from service.context import ServiceContext
 from service.db.models import Evaluation, Job, PoolVersion
 from service.db.session import transaction
 from service.forgetting import run_forget_job
-from service.jobs import create_job
+from service.jobs import create_job, request_cancel
 from service.training import run_train_job
 from service.versions import active_version_id, ensure_initial_version
 
@@ -131,3 +131,25 @@ def test_forgetting_with_repair_trains_on_the_remaining_corpora(ctx, learnt):
     child = ctx.store.load_model(row(ctx, PoolVersion, repaired.result_version_id).checkpoint)
     start = parent.peer_layers()[1].segments[1].start
     assert torch.equal(child.peer_layers()[1].expert_up[start:], parent.peer_layers()[1].expert_up[start:])
+
+
+def test_forgetting_goes_on_when_the_corpora_were_deleted(ctx, learnt):
+    """Deleting a corpus removes its text; a forget job read it unconditionally and failed on the missing file.
+    (Runs last: it deletes the module's corpora.)"""
+    from service.retention import delete_corpus
+
+    english, code, learnt_id = learnt
+    with transaction(ctx.sessions) as session:  # jobs an earlier test submitted and never ran
+        for waiting in session.scalars(select(Job.id).where(Job.state == "queued")).all():
+            request_cancel(session, waiting)
+    for corpus_id in (english, code):
+        delete_corpus(ctx, corpus_id)
+    with transaction(ctx.sessions) as session:
+        job_id = create_job(session, "forget", [code], {"repair_steps": 10, "activate": "never"},
+                            base_version_id=learnt_id).id
+    run_forget_job(ctx, job_id)
+    job = row(ctx, Job, job_id)
+    assert job.state == "succeeded", job.error
+    assert job.metrics["repair_steps"] == 0 and job.metrics["bpb"] == {}  # nothing left to repair on or measure
+    assert "its text is deleted" in job.metrics["gate"]
+    assert [s["status"] for s in row(ctx, PoolVersion, job.result_version_id).segments["1"]] == ["active", "masked"]
