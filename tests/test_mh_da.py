@@ -39,9 +39,9 @@ def top_k_mixture(layer, x_t, k):
     return sum(g * moe_expert(layer, e, x_t) for g, e in zip(gates, top))
 
 
-def hand_k(importance, mean_importance, mean_k, max_k):
+def hand_k(importance, scale, max_k):
     """DA-MoE's allocation, one token at a time."""
-    return [min(max_k, max(1, round(mean_k * float(s) / mean_importance))) for s in importance]
+    return [min(max_k, max(1, round(float(scale) * float(s)))) for s in importance]
 
 
 def test_mh_moe_matches_a_loop_over_sub_tokens():
@@ -61,19 +61,20 @@ def test_mh_moe_matches_a_loop_over_sub_tokens():
 @pytest.mark.parametrize("training", [False, True])
 def test_da_moe_matches_a_loop_with_each_tokens_k(training):
     layer = moe_layer(dynamic_k=True, max_k=3, noisy_gating=False)
-    layer.allocator.mean_importance.fill_(1.3)
+    layer.allocator.scale.fill_(1.6)
     x = torch.randn(11, D)
     importance = torch.rand(11) * 3
     layer.train(training)
     out = layer(x, importance=importance)
-    mean = float(importance.mean()) if training else 1.3
-    ks = hand_k(importance, mean, 2, 3)
+    scale = float(layer.allocator.calibrate(importance)) if training else 1.6
+    ks = hand_k(importance, scale, 3)
     assert layer.allocator.last_k.tolist() == ks and len(set(ks)) > 1
     ref = torch.stack([top_k_mixture(layer, x_t, k) for x_t, k in zip(x, ks)])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert layer.last_stats["experts_per_token"] == pytest.approx(sum(ks) / len(ks))
-    if training:  # the running mean moved a tenth of the way to the batch's
-        assert float(layer.allocator.mean_importance) == pytest.approx(1.3 + 0.1 * (mean - 1.3))
+    if training:  # the batch's mean k is the budget; the running scale moved a tenth of the way to its c
+        assert sum(ks) / len(ks) == pytest.approx(2, abs=1 / 11)
+        assert float(layer.allocator.scale) == pytest.approx(1.6 + 0.1 * (scale - 1.6))
 
 
 def test_da_moe_load_estimator_with_equal_ks_is_the_fixed_one():
@@ -141,11 +142,11 @@ def test_mh_peer_matches_a_loop_over_head_slices():
 
 def test_da_peer_matches_a_loop_with_each_tokens_k():
     layer = peer_layer(dynamic_k=True, max_k=6)
-    layer.allocator.mean_importance.fill_(0.8)
+    layer.allocator.scale.fill_(3.75)
     x, importance = torch.randn(7, D), torch.rand(7) * 2
     with torch.no_grad():
         out = layer(x, importance=importance)
-        ks = hand_k(importance, 0.8, 3, 6)
+        ks = hand_k(importance, 3.75, 6)
         assert len(set(ks)) > 1
         ref = []
         for x_t, k in zip(x, ks):
@@ -172,9 +173,23 @@ def test_da_peer_counts_and_trains_only_the_kept_experts():
 
 
 def test_allocation_clamps_to_one_and_max_k():
-    allocator = DynamicK(4, 6).eval()
+    allocator = DynamicK(4, 6).eval()  # the scale starts at the mean k: importance 1 gets 4 experts
     k = allocator(torch.tensor([0.0, 0.1, 1.0, 1.3, 10.0]))
     assert k.tolist() == [1, 1, 4, 5, 6]
+
+
+@pytest.mark.parametrize("mean_k,max_k", [(2, 4), (16, 32), (3, 3), (1, 4)])
+def test_calibrated_scale_is_the_smallest_that_spends_the_budget(mean_k, max_k):
+    torch.manual_seed(0)
+    allocator = DynamicK(mean_k, max_k)
+    importance = torch.randn(3000).exp() ** 2  # heavy-tailed, as attention shares are
+    importance[:100] = 0.0
+    c = allocator.calibrate(importance)
+    reachable = torch.where(importance > 0, max_k, 1).float().mean()  # zero importance: one expert at any c
+    assert allocator.allocate(importance, c).float().mean() >= min(mean_k, reachable) - 1e-6
+    below = allocator.allocate(importance, c * 0.97).float().mean()
+    assert below < mean_k or mean_k == 1 or mean_k == max_k
+    assert float(allocator.calibrate(torch.zeros(5))) == mean_k  # nothing to allocate by: one expert each
 
 
 # ---- importance, the model, cached decoding -----------------------------------------------------
