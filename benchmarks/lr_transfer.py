@@ -7,8 +7,11 @@ multipliers of peer_model/parameterization.py apply on top, relative to width ``
 reports bits per byte on the same held-out text. The optimum holds still when every curve of a panel
 bottoms out at the same η.
 
-    .venv/bin/python benchmarks/lr_transfer.py                  # default grid, ~45 min on one core
+    .venv/bin/python benchmarks/lr_transfer.py --threads 1 --steps 150 --lrs 1e-3,2e-3,4e-3,8e-3,1.6e-2  # 29 min*
+    .venv/bin/python benchmarks/lr_transfer.py --threads 1 --sides 128     # 300 steps, 6 rates, one pool
     .venv/bin/python benchmarks/lr_transfer.py --size tiny      # a 1-minute check
+
+(* on 2 cores shared with other work; BENCHMARKS.md 8 has both sweeps.)
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +47,7 @@ class Grid:
 
 GRIDS = {
     "tiny": Grid((32, 64), (16,), (3e-3, 1e-2), 20, 8, 64, 2, 200_000),
-    "small": Grid((32, 64, 128), (128, 32), (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2), 150, 8, 128, 8, 1_000_000),
+    "small": Grid((32, 64, 128), (128, 32), (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), 300, 8, 128, 8, 1_000_000),
 }
 
 
@@ -103,6 +106,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     pools = sorted({r["experts"] for r in results})
     fig, axes = plt.subplots(len(PARAMETERIZATIONS), len(pools), figsize=(5 * len(pools), 7), squeeze=False,
@@ -118,6 +122,9 @@ def plot(results: list[dict], path: Path) -> None:
                     best = min(rows, key=lambda r: r["val_bpb"])
                     ax.plot([best["lr"]], [best["val_bpb"]], marker="*", markersize=14, color=line.get_color())
             ax.set_xscale("log", base=2)
+            lrs = sorted({r["lr"] for r in results})
+            ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
             ax.set_title(f"{p}, {n:,} experts")
             ax.set_xlabel("learning rate η (lr = expert_lr)")
             ax.set_ylabel("validation bits per byte")
@@ -132,13 +139,25 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(GRIDS), default="small")
     parser.add_argument("--base-width", type=int, default=128, help="mssp's base width d0 (ModelConfig.mssp_base_width)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: the size's)")
+    parser.add_argument("--lrs", help="comma-separated learning rates (default: the size's)")
+    parser.add_argument("--sides", help="comma-separated PEER grid sides, pools of side² (default: the size's)")
     parser.add_argument("--json", default="runs/lr_transfer.json")
     parser.add_argument("--plot", default="docs/lr-transfer.png")
+    parser.add_argument("--report", metavar="JSON", help="only print the tables and draw the plot of a saved sweep "
+                        "(--json is written after every run, so a sweep cut short keeps its runs)")
     args = parser.parse_args()
+    if args.report:
+        runs = json.loads(Path(args.report).read_text())["runs"]
+        print_tables(runs)
+        plot(runs, Path(args.plot))
+        return
     tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
-    grid = GRIDS[args.size]
+    grid = replace(GRIDS[args.size], **{name: value for name, value in (
+        ("steps", args.steps), ("lrs", args.lrs and tuple(float(v) for v in args.lrs.split(","))),
+        ("sides", args.sides and tuple(int(v) for v in args.sides.split(",")))) if value})
     started = time.perf_counter()
     train_text, val_text = split_train_val(load_corpus("shakespeare", max_bytes=grid.max_bytes))
     data, val = TokenData.from_text(train_text), TokenData.from_text(val_text)
