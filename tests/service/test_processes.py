@@ -109,7 +109,8 @@ def pg_database():
 
 
 def test_distributed_processes_train_serve_and_survive_a_killed_worker(pg_database, redis_url, processes, tmp_path):
-    env = service_env(tmp_path, database_url=pg_database, broker_url=redis_url, job_stale_seconds=3)
+    env = service_env(tmp_path, database_url=pg_database, broker_url=redis_url, job_stale_seconds=3,
+                      job_watchdog_seconds=1)
     assert subprocess.run([sys.executable, "-m", "service.cli", "migrate"], env=env, capture_output=True).returncode == 0
     port = free_port()
     api = start(processes, ["api", "--port", str(port)], env, tmp_path / "api.log")
@@ -125,7 +126,7 @@ def test_distributed_processes_train_serve_and_survive_a_killed_worker(pg_databa
 
         # SIGKILL the worker in the middle of a training job
         corpus_id = train["corpus_ids"][0]
-        submitted = client.post("/v1/jobs", json={"corpus_ids": [corpus_id], "options": {"steps": 1500}})
+        submitted = client.post("/v1/jobs", json={"corpus_ids": [corpus_id], "options": {"steps": 400}})
         assert submitted.status_code == 202, submitted.text
         job_id = submitted.json()["id"]
         running = wait_for(lambda: (lambda j: j if j["metrics"].get("step") or j["state"] != "running" and
