@@ -47,7 +47,8 @@ def cmd_api(args, settings: Settings) -> None:
     from .api.app import create_app
 
     uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-                log_level=args.log_level.lower(), log_config=None)  # uvicorn's lines go through our root handler
+                log_level=args.log_level.lower(), log_config=None,  # uvicorn's lines go through our root handler
+                timeout_keep_alive=settings.http_keep_alive_seconds)
 
 
 def worker_argv(queues: str, concurrency: int, pool: str, log_level: str, embedded: bool) -> list[str]:

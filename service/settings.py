@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     # ---- observability -------------------------------------------------------------------------------
     log_format: str = "json"  # json: one JSON object per line with request_id / job_id; text: plain lines
     worker_metrics_port: int = Field(0, ge=0, le=65535)  # a worker's Prometheus endpoint (0: off; serve: +1 per worker)
+    # an idle client connection is kept this long: above the 5 s after which httpx-based clients drop
+    # theirs, so a client never sends on a connection the server is closing (uvicorn's 5 s default raced them)
+    http_keep_alive_seconds: float = Field(65.0, gt=0)
 
     # ---- data lifecycle (README "Data lifecycle": service/retention.py, usage.py, chunkstore.py) ------------
     keep_versions: int = Field(10, ge=1)  # retention keeps the active, the pinned, the newest N and those jobs need
