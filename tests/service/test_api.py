@@ -220,7 +220,7 @@ def test_expert_usage_while_serving_is_stored_per_version(client, trained):
     assert client.get("/v1/experts/1/100000").status_code == 422
 
 
-def test_health_readiness_and_metrics(client):
+def test_health_readiness_and_metrics(client, trained):  # trained: a train job for the job gauges
     assert ok(client.get("/healthz")) == {"status": "ok"}
     ready = ok(client.get("/readyz"))
     assert ready["ready"] and ready["checks"]["database"] == "ok" and ready["checks"]["model"].startswith("ok")
