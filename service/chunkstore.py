@@ -12,18 +12,16 @@ as they were (grow_freeze_protect) rewrites only the blocks that hold new rows (
 trained); every other block already exists and is only referenced again. Loading reads every chunk and
 checks its hash: a missing or corrupted chunk is a :class:`CheckpointError`, never silently wrong weights.
 
-Writes are crash-safe: a chunk is written to a temporary name, fsynced and renamed into place (the
-manifest's directory is installed the same way by :func:`peer_model.checkpoint.save_checkpoint`). A chunk
-that already exists gets its modification time renewed, so garbage collection (service/retention.py,
-which spares files younger than its grace period) cannot take it while a version that reuses it is
-still being written.
+Chunks live wherever the store does (service/storage.py: a local directory, crash-safe by temporary
+names and renames; or an object store, each chunk one PUT, read straight into the tensor). The manifest
+is written after every chunk it names. A chunk that already exists gets its modification time renewed,
+so garbage collection (service/retention.py, which spares files younger than its grace period) cannot
+take it while a version that reuses it is still being written.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +31,8 @@ from safetensors.torch import load_file
 from peer_model.checkpoint import WEIGHTS, CheckpointError
 from peer_model.model import PEERTransformer
 
-MANIFEST = "manifest.json"
+from .storage import MANIFEST, LocalFiles, ObjectFiles
+
 FORMAT = "peer-chunks-1"
 
 
@@ -69,47 +68,36 @@ def _unique_tensors(model: PEERTransformer) -> dict[str, torch.Tensor]:
 
 
 class ChunkStore:
-    def __init__(self, root: Path, chunk_bytes: int):
+    def __init__(self, files: LocalFiles | ObjectFiles, chunk_bytes: int):
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be >= 1")
-        self.root = Path(root)
+        self.files = files
         self.chunk_bytes = chunk_bytes
 
+    @staticmethod
+    def key(digest: str) -> str:
+        return f"chunks/{digest[:2]}/{digest}"
+
     def path(self, digest: str) -> Path:
-        return self.root / digest[:2] / digest
+        """The chunk's file in a local store."""
+        return self.files.path(self.key(digest))
 
     # ---- chunks ----------------------------------------------------------------------------------
 
-    def put(self, data: bytes, touched_dirs: set[Path]) -> tuple[str, bool]:
+    def put(self, data: bytes, written: set[str]) -> tuple[str, bool]:
         """Store ``data`` under its hash; returns (hash, whether it was new)."""
         digest = hashlib.sha256(data).hexdigest()
-        path = self.path(digest)
-        try:
-            os.utime(path)  # in use again: young for the garbage collector's grace period
+        key = self.key(digest)
+        if self.files.renew(key):  # in use again: young for the garbage collector's grace period
             return digest, False
-        except FileNotFoundError:  # new, or just collected: written (again)
-            pass
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{digest}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        touched_dirs.add(path.parent)
+        self.files.write(key, data)  # new, or just collected: written (again)
+        written.add(key)
         return digest, True
 
     def get(self, digest: str) -> bytearray:
         """The chunk's bytes, checked against its hash (CheckpointError when missing or corrupted)."""
-        path = self.path(digest)
         try:
-            with open(path, "rb") as f:
-                data = bytearray(os.fstat(f.fileno()).st_size)
-                f.readinto(data)
+            data = self.files.read(self.key(digest))
         except OSError as exc:
             raise CheckpointError(f"chunk {digest} is missing from the store: {exc}") from exc
         if hashlib.sha256(data).hexdigest() != digest:
@@ -125,7 +113,7 @@ class ChunkStore:
             return max(rows, 1)
         return max(1, self.chunk_bytes // (nbytes // rows))
 
-    def put_tensor(self, tensor: torch.Tensor, stats: WriteStats, touched_dirs: set[Path]) -> dict:
+    def put_tensor(self, tensor: torch.Tensor, stats: WriteStats, written: set[str]) -> dict:
         tensor = tensor.detach().cpu().contiguous()
         flat = tensor.reshape(-1).view(torch.uint8)
         row_bytes = flat.numel() // tensor.shape[0] if tensor.dim() and tensor.shape[0] else flat.numel()
@@ -133,7 +121,7 @@ class ChunkStore:
         digests = []
         for start in range(0, flat.numel(), max(step, 1)):
             data = flat[start:start + step].numpy().tobytes()
-            digest, new = self.put(data, touched_dirs)
+            digest, new = self.put(data, written)
             digests.append(digest)
             stats.chunks += 1
             stats.bytes += len(data)
@@ -167,14 +155,9 @@ class ChunkStore:
         """A ``write_weights`` for :func:`peer_model.checkpoint.save_checkpoint`: chunks, then the manifest."""
 
         def write(model: PEERTransformer, directory: Path) -> None:
-            touched: set[Path] = set()
-            tensors = {name: self.put_tensor(t, stats, touched) for name, t in _unique_tensors(model).items()}
-            for folder in touched:  # the new chunks' directory entries reach the disk before the manifest does
-                fd = os.open(folder, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            written: set[str] = set()
+            tensors = {name: self.put_tensor(t, stats, written) for name, t in _unique_tensors(model).items()}
+            self.files.sync_parents(written)  # the new chunks are durable before the manifest names them
             (directory / MANIFEST).write_text(json.dumps({"format": FORMAT, "tensors": tensors}), encoding="utf-8")
 
         return write
@@ -190,16 +173,27 @@ class ChunkStore:
 
 def read_manifest(directory: Path) -> dict:
     try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return parse_manifest((directory / MANIFEST).read_bytes(), directory / MANIFEST)
+    except OSError as exc:
         raise CheckpointError(f"{directory / MANIFEST}: unreadable: {exc}") from exc
+
+
+def parse_manifest(data: bytes, where: object) -> dict:
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{where}: unreadable: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("tensors"), dict):
-        raise CheckpointError(f"{directory / MANIFEST}: not a {FORMAT} manifest")
+        raise CheckpointError(f"{where}: not a {FORMAT} manifest")
     return manifest
 
 
+def chunks_named(manifest: dict) -> set[str]:
+    return {digest for entry in manifest["tensors"].values() for digest in entry["chunks"]}
+
+
 def manifest_chunks(directory: Path) -> set[str]:
-    """The hashes a checkpoint directory's manifest refers to (none for a plain checkpoint)."""
+    """The hashes a local checkpoint directory's manifest refers to (none for a plain checkpoint)."""
     if not (directory / MANIFEST).is_file():
         return set()
-    return {digest for entry in read_manifest(directory)["tensors"].values() for digest in entry["chunks"]}
+    return chunks_named(read_manifest(directory))

@@ -24,7 +24,7 @@ class ServiceContext:
     def from_settings(cls, settings: Settings | None = None) -> "ServiceContext":
         settings = settings or Settings()
         engine = make_engine(settings.resolved_database_url)
-        store = Store(settings.resolved_store_dir, settings.chunk_bytes)
+        store = Store(settings.store_root, settings.chunk_bytes, settings.store_options)
         return cls(settings, engine, make_session_factory(engine), store)
 
     def close(self) -> None:

@@ -22,20 +22,16 @@ anything a crash leaves behind is garbage for the next collection.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sqlalchemy import delete, select, update
 
-from .chunkstore import manifest_chunks
 from .context import ServiceContext
 from .db.models import Corpus, Job, PoolVersion, StreamDocument, utcnow
 from .db.session import transaction
 from .errors import Conflict, NotFound
+from .store import Store
 from .usage import fold_usage, prune_raw_usage
 from .versions import active_version_id, get_version, live_version, lock_activations
 
@@ -162,102 +158,65 @@ def apply_retention(ctx: ServiceContext, dry_run: bool = False) -> list[int]:
 
 @dataclass
 class Garbage:
-    """What a collection removed (or, dry, would remove): store paths and their bytes."""
+    """What a collection removed (or, dry, would remove): store keys and their bytes."""
 
     paths: list[str] = field(default_factory=list)
     bytes: int = 0
 
-    def add(self, root: Path, path: Path) -> None:
-        self.paths.append(str(path.relative_to(root)))
-        self.bytes += _size(path)
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _newest_mtime(path: Path) -> float:
-    """A directory's age is its youngest entry's (a checkpoint is written inside, then renamed into place)."""
-    times = [path.stat().st_mtime]
-    if path.is_dir():
-        times += [child.stat().st_mtime for child in path.iterdir()]
-    return max(times)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _children(folder: Path) -> list[Path]:
-    return sorted(folder.iterdir()) if folder.is_dir() else []
+    def add(self, store: Store, key: str) -> None:
+        self.paths.append(key)
+        self.bytes += store.files.size(key)
 
 
 def collect_garbage(ctx: ServiceContext, dry_run: bool = False) -> Garbage:
     """Remove what nothing refers to and is older than PEER_GC_GRACE_SECONDS: checkpoint directories of
     no live version (and leftover temporary or backup ones), chunks no remaining manifest names,
-    directories of deleted or unknown corpora and temporary files. ``dry_run``: only report them."""
-    root, cutoff = ctx.store.root, time.time() - ctx.settings.gc_grace_seconds
+    directories of deleted or unknown corpora and temporary files. ``dry_run``: only report them. The
+    store is walked through its files (service/storage.py): a local directory or an object store."""
+    store, cutoff = ctx.store, time.time() - ctx.settings.gc_grace_seconds
+    files = store.files
     with ctx.sessions() as session:
         live_keys = set(session.scalars(select(PoolVersion.checkpoint).where(PoolVersion.deleted_at.is_(None))))
         live_corpora = {str(i) for i in session.scalars(select(Corpus.id).where(Corpus.deleted_at.is_(None)))}
     garbage = Garbage()
 
     kept_checkpoints = []
-    for folder in _children(root / "versions"):
-        name = folder.name
+    for name in files.children("versions"):
+        key = f"versions/{name}"
         if name.startswith(".") and name.endswith(".old"):  # a backup: the checkpoint itself if a swap crashed
             target = f"versions/{name[1:-4]}"
-            unreferenced = target not in live_keys or (root / target).is_dir()
+            unreferenced = target not in live_keys or store.has(target)
         else:
-            unreferenced = name.startswith(".") or f"versions/{name}" not in live_keys
-        if unreferenced and _newest_mtime(folder) < cutoff:
-            garbage.add(root, folder)
+            unreferenced = name.startswith(".") or key not in live_keys
+        if unreferenced and files.age(key) < cutoff:
+            garbage.add(store, key)
         else:
-            kept_checkpoints.append(folder)
+            kept_checkpoints.append(key)
 
-    referenced = set().union(*(manifest_chunks(folder) for folder in kept_checkpoints if folder.is_dir()))
-    for prefix in _children(root / "chunks"):
-        for chunk in _children(prefix):
-            if chunk.name not in referenced and chunk.stat().st_mtime < cutoff:
-                garbage.add(root, chunk)
+    referenced = set().union(*(store.checkpoint_chunks(key) for key in kept_checkpoints))
+    for prefix in files.children("chunks"):
+        for name, mtime in files.file_ages(f"chunks/{prefix}").items():
+            if name not in referenced and mtime < cutoff:
+                garbage.add(store, f"chunks/{prefix}/{name}")
 
-    for folder in _children(root / "corpora"):
-        if folder.name not in live_corpora and _newest_mtime(folder) < cutoff:
-            garbage.add(root, folder)
+    for name in files.children("corpora"):
+        folder = f"corpora/{name}"
+        if name not in live_corpora and files.age(folder) < cutoff:
+            garbage.add(store, folder)
         else:
-            for stale in folder.glob(".*.tmp"):
-                if stale.stat().st_mtime < cutoff:
-                    garbage.add(root, stale)
+            for stale in files.children(folder):
+                if stale.startswith(".") and stale.endswith(".tmp") and files.age(f"{folder}/{stale}") < cutoff:
+                    garbage.add(store, f"{folder}/{stale}")
 
     if not dry_run:
-        for relative in garbage.paths:
-            path = root / relative
-            if path.parent.parent == root / "chunks":
-                _collect_chunk(path, cutoff)
+        for key in garbage.paths:
+            if key.startswith("chunks/"):
+                files.collect(key, cutoff)
             else:
-                _remove(path)
+                files.remove(key)
         if garbage.paths:
             log.info("garbage collection removed %d paths (%d bytes)", len(garbage.paths), garbage.bytes)
     return garbage
-
-
-def _collect_chunk(path: Path, cutoff: float) -> None:
-    """Remove a chunk unless a writer reused it since it was judged garbage: the chunk is moved aside first,
-    so a writer either renews it before the move (then it is put back) or finds it gone and writes it again."""
-    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.gc")
-    try:
-        os.replace(path, aside)
-    except FileNotFoundError:
-        return
-    if aside.stat().st_mtime >= cutoff:
-        os.replace(aside, path)
-    else:
-        aside.unlink(missing_ok=True)
 
 
 # ---- housekeeping --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
+import fsspec
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -21,6 +22,7 @@ from peer_model.train import PARAM_DTYPES
 
 from .keys import parse_api_keys
 from .logs import LOG_FORMATS
+from .storage import is_local
 
 
 class InvalidSetting(ValueError):
@@ -149,6 +151,14 @@ class Settings(BaseSettings):
     usage_raw_retention_seconds: float = Field(7 * 86400.0, ge=0)  # raw usage windows kept this long after folding
     housekeeping_seconds: float = Field(600.0, ge=1)  # a worker folds usage, applies retention and collects garbage
 
+    # ---- object storage (README "Object storage": service/storage.py) -----------------------------------
+    # s3://bucket/prefix (any fsspec URL; s3fs for S3-compatible services): checkpoints and corpora go there
+    # instead of PEER_STORE_DIR. None, a plain path or file://...: a local directory
+    store_url: str | None = None
+    # JSON object of fsspec/s3fs options, e.g. {"endpoint_url": "http://minio:9000", "key": ..., "secret": ...,
+    # "client_kwargs": {"region_name": ...}}; without keys s3fs reads the standard AWS_* variables and files
+    store_options: dict = Field(default_factory=dict)
+
     # ---- first start ---------------------------------------------------------------------------------
     bootstrap_corpus: str = "shakespeare"  # packaged corpus trained into version 1; "" = none
     bootstrap_max_bytes: int = 1_000_000
@@ -180,6 +190,18 @@ class Settings(BaseSettings):
         if self.require_key_for == "all" and not self.api_keys:
             raise ValueError("PEER_REQUIRE_KEY_FOR=all needs PEER_API_KEYS")
         return self
+
+    @field_validator("store_url", mode="before")
+    @classmethod
+    def _store_url(cls, value):
+        if value in ("", None):
+            return None
+        if not is_local(value):
+            try:
+                fsspec.get_filesystem_class(fsspec.utils.get_protocol(value))
+            except (ValueError, ImportError) as exc:
+                raise ValueError(f"no filesystem for this URL's scheme: {exc}") from None
+        return value
 
     @field_validator("base_model", mode="before")
     @classmethod
@@ -253,7 +275,15 @@ class Settings(BaseSettings):
 
     @property
     def resolved_store_dir(self) -> Path:
+        """The local store's directory: PEER_STORE_URL's when that is a path or file:// URL."""
+        if self.store_url and is_local(self.store_url):
+            return Path(self.store_url.removeprefix("file://")).resolve()
         return (self.store_dir or self.home / "store").resolve()
+
+    @property
+    def store_root(self) -> Path | str:
+        """What :class:`service.store.Store` opens: the object store URL, else the local directory."""
+        return self.store_url if self.store_url and not is_local(self.store_url) else self.resolved_store_dir
 
     @property
     def resolved_corpora_cache_dir(self) -> Path:

@@ -1,6 +1,6 @@
-"""The file store: corpus text and version checkpoints under one root directory.
+"""The store: corpus text and version checkpoints under one root, a local directory or an object store.
 
-Layout (paths relative to the root are what the database records)::
+Layout (keys relative to the root are what the database records)::
 
     corpora/<id>/raw.txt            the upload as received (validated UTF-8)
     corpora/<id>/train.txt, val.txt the ingested splits
@@ -9,45 +9,63 @@ Layout (paths relative to the root are what the database records)::
                                     before chunking hold a plain ``model.safetensors`` and still load
     chunks/<hash[:2]>/<hash>        tensor bytes, shared by every version whose manifest names them
 
-Every file is written to a temporary name and renamed into place, so a reader (or a crash) never sees
-half a file. The root may be a shared volume (docker-compose mounts one into the api and the workers).
+The root is ``PEER_STORE_DIR`` (a shared volume: docker-compose mounts one into the api and the workers)
+or ``PEER_STORE_URL`` (``s3://bucket/prefix``); service/storage.py holds what differs between the two and
+how each keeps readers from seeing half a file. The rest of the service uses only this class's methods.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
-from peer_model.checkpoint import load_checkpoint, save_checkpoint
 from peer_model.model import PEERTransformer
 
-from .chunkstore import ChunkStore, WriteStats
+from .chunkstore import MANIFEST, ChunkStore, WriteStats, chunks_named, parse_manifest
+from .storage import LocalFiles, open_files
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
 
 class Store:
-    def __init__(self, root: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.chunks = ChunkStore(self.root / "chunks", chunk_bytes)
+    """``root``: a local directory (a path or ``file://`` URL) or an fsspec URL such as ``s3://bucket/prefix``,
+    reached with ``options`` (PEER_STORE_OPTIONS)."""
+
+    def __init__(self, root: Path | str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, options: dict | None = None):
+        self.files = open_files(root, options)
+        self.root = self.files.root  # a Path for a local store, the URL of an object store
+        self.chunks = ChunkStore(self.files, chunk_bytes)
 
     # ---- corpora -------------------------------------------------------------------------------
 
-    def corpus_path(self, corpus_id: int, part: str) -> Path:
+    @staticmethod
+    def corpus_key(corpus_id: int, part: str) -> str:
         if part not in ("raw", "train", "val"):
             raise ValueError(f"unknown corpus part {part!r}")
-        return self.root / "corpora" / str(corpus_id) / f"{part}.txt"
+        return f"corpora/{corpus_id}/{part}.txt"
 
-    def write_corpus(self, corpus_id: int, part: str, text: str) -> Path:
-        return self._write_text(self.corpus_path(corpus_id, part), text)
+    def corpus_path(self, corpus_id: int, part: str) -> Path:
+        """The part's file in a local store."""
+        if not isinstance(self.files, LocalFiles):
+            raise TypeError(f"{self.root} is an object store: corpus parts have no local path")
+        return self.files.path(self.corpus_key(corpus_id, part))
+
+    def write_corpus(self, corpus_id: int, part: str, text: str) -> str:
+        key = self.corpus_key(corpus_id, part)
+        self.files.write(key, text.encode("utf-8"))
+        return key
+
+    def read_corpus_bytes(self, corpus_id: int, part: str) -> bytes:
+        return bytes(self.files.read(self.corpus_key(corpus_id, part)))
 
     def read_corpus(self, corpus_id: int, part: str) -> str:
-        return self.corpus_path(corpus_id, part).read_text(encoding="utf-8")
+        """The part's text, its line ends read as a text-mode file reads them (\\r\\n and \\r become \\n)."""
+        text = self.read_corpus_bytes(corpus_id, part).decode("utf-8")
+        return text.replace("\r\n", "\n").replace("\r", "\n")
+
+    def has_corpus(self, corpus_id: int, part: str) -> bool:
+        return self.files.exists(self.corpus_key(corpus_id, part))
 
     def remove_corpus(self, corpus_id: int) -> None:
-        shutil.rmtree(self.root / "corpora" / str(corpus_id), ignore_errors=True)
+        self.files.remove(f"corpora/{corpus_id}")
 
     # ---- versions ------------------------------------------------------------------------------
 
@@ -58,36 +76,28 @@ class Store:
     def save_model(self, key: str, model: PEERTransformer, extra: dict | None = None) -> WriteStats:
         """Write the model as a chunked checkpoint; returns the bytes it references and the bytes it added."""
         stats = WriteStats()
-        save_checkpoint(model, self.root / key, extra, write_weights=self.chunks.weight_writer(stats))
+        self.files.save_checkpoint(key, model, extra, self.chunks.weight_writer(stats))
         return stats
 
     def load_model(self, key: str, device: str = "cpu") -> PEERTransformer:
         """Load a chunked (hashes checked) or plain checkpoint; CheckpointError when it is missing or damaged."""
-        return load_checkpoint(self.root / key, device, read_weights=self.chunks.read_weights)
+        return self.files.load_checkpoint(key, device, self.chunks.read_weights)
 
     def has(self, key: str) -> bool:
-        return (self.root / key).exists()
+        return self.files.has_checkpoint(key)
 
     def remove(self, key: str) -> None:
-        """Delete a checkpoint directory (and the backup an interrupted overwrite may have left); the chunks
-        it referenced stay until garbage collection finds them unreferenced."""
-        path = self.root / key
-        for folder in (path, path.with_name(f".{path.name}.old")):
-            shutil.rmtree(folder, ignore_errors=True)
+        """Delete a checkpoint (and the backup an interrupted local overwrite may have left); the chunks it
+        referenced stay until garbage collection finds them unreferenced."""
+        folder, name = key.rsplit("/", 1)
+        for stored in (key, f"{folder}/.{name}.old"):
+            self.files.remove(stored)
 
-    # ---- helpers -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _write_text(path: Path, text: str) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    def checkpoint_chunks(self, key: str) -> set[str]:
+        """The hashes a checkpoint's manifest names (none for a plain checkpoint)."""
+        manifest = f"{key}/{MANIFEST}"
         try:
-            with open(tmp, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+            data = self.files.read(manifest)
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
+        return chunks_named(parse_manifest(bytes(data), f"{self.root}/{manifest}"))

@@ -184,7 +184,7 @@ def run_ingest_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch) -> None
             corpus_id, train_after = job.corpus_ids[0], bool(job.options.get("train", False))
             train_options = dict(job.options.get("train_options", {}))
             fmt = job.options.get("format", "text")
-        raw = ctx.store.corpus_path(corpus_id, "raw").read_bytes()
+        raw = ctx.store.read_corpus_bytes(corpus_id, "raw")
         upload = parse_upload(raw, fmt, max(settings.max_corpus_bytes, len(raw)))
         result = ingest_documents(upload.documents, settings.val_fraction)
         ctx.store.write_corpus(corpus_id, "train", result.train)
@@ -366,7 +366,7 @@ def claim_base(ctx: ServiceContext, job_id: int, lease: str, use: str) -> tuple[
 
 def corpus_available(ctx: ServiceContext, corpus_id: int, part: str) -> bool:
     """The corpus' text is in the store (a deleted corpus' is not)."""
-    return ctx.store.corpus_path(corpus_id, part).is_file()
+    return ctx.store.has_corpus(corpus_id, part)
 
 
 def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
