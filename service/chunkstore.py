@@ -67,6 +67,11 @@ def _unique_tensors(model: PEERTransformer) -> dict[str, torch.Tensor]:
     return state
 
 
+def _batches(items, size: int) -> list:
+    """``items`` (a list or range) in consecutive groups of ``size``: the chunks a store moves at once."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 class ChunkStore:
     def __init__(self, files: LocalFiles | ObjectFiles, chunk_bytes: int):
         if chunk_bytes < 1:
@@ -119,15 +124,15 @@ class ChunkStore:
         row_bytes = flat.numel() // tensor.shape[0] if tensor.dim() and tensor.shape[0] else flat.numel()
         step = self._rows_per_chunk(tensor) * row_bytes
         digests = []
-        for start in range(0, flat.numel(), max(step, 1)):
-            data = flat[start:start + step].numpy().tobytes()
-            digest, new = self.put(data, written)
-            digests.append(digest)
-            stats.chunks += 1
-            stats.bytes += len(data)
-            if new:
-                stats.new_chunks += 1
-                stats.new_bytes += len(data)
+        for group in _batches(range(0, flat.numel(), max(step, 1)), self.files.parallel):
+            blocks = [flat[start:start + step].numpy().tobytes() for start in group]
+            for data, (digest, new) in zip(blocks, self.files.map(lambda data: self.put(data, written), blocks)):
+                digests.append(digest)
+                stats.chunks += 1
+                stats.bytes += len(data)
+                if new:
+                    stats.new_chunks += 1
+                    stats.new_bytes += len(data)
         return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), "chunks": digests}
 
     def get_tensor(self, name: str, entry: dict) -> torch.Tensor:
@@ -138,12 +143,12 @@ class ChunkStore:
         tensor = torch.empty(shape, dtype=dtype)
         flat = tensor.reshape(-1).view(torch.uint8)
         offset = 0
-        for digest in digests:
-            data = self.get(digest)
-            if offset + len(data) > flat.numel():
-                raise CheckpointError(f"tensor {name}: its chunks hold more bytes than its shape {shape}")
-            flat[offset:offset + len(data)] = torch.frombuffer(data, dtype=torch.uint8)
-            offset += len(data)
+        for group in _batches(digests, self.files.parallel):
+            for data in self.files.map(self.get, group):
+                if offset + len(data) > flat.numel():
+                    raise CheckpointError(f"tensor {name}: its chunks hold more bytes than its shape {shape}")
+                flat[offset:offset + len(data)] = torch.frombuffer(data, dtype=torch.uint8)
+                offset += len(data)
         if offset != flat.numel():
             raise CheckpointError(f"tensor {name}: its chunks hold {offset} bytes, its shape {shape} needs "
                                   f"{flat.numel()}")

@@ -24,7 +24,7 @@ class ServiceContext:
     def from_settings(cls, settings: Settings | None = None) -> "ServiceContext":
         settings = settings or Settings()
         engine = make_engine(settings.resolved_database_url)
-        store = Store(settings.store_root, settings.chunk_bytes, settings.store_options)
+        store = Store(settings.store_root, settings.chunk_bytes, settings.store_options, settings.store_concurrency)
         return cls(settings, engine, make_session_factory(engine), store)
 
     def close(self) -> None:

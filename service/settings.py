@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     # JSON object of fsspec/s3fs options, e.g. {"endpoint_url": "http://minio:9000", "key": ..., "secret": ...,
     # "client_kwargs": {"region_name": ...}}; without keys s3fs reads the standard AWS_* variables and files
     store_options: dict = Field(default_factory=dict)
+    # chunk PUTs / GETs an object store gets at once from one process (a checkpoint holds this many chunks in
+    # memory beyond its tensors while it moves); a local store reads and writes one chunk at a time
+    store_concurrency: int = Field(16, ge=1, le=256)
 
     # ---- first start ---------------------------------------------------------------------------------
     bootstrap_corpus: str = "shakespeare"  # packaged corpus trained into version 1; "" = none

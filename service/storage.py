@@ -28,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
@@ -44,16 +45,23 @@ def is_local(root: str | os.PathLike[str]) -> bool:
     return isinstance(root, os.PathLike) or "://" not in root or root.startswith("file://")
 
 
-def open_files(root: str | os.PathLike[str], options: dict | None = None) -> "LocalFiles | ObjectFiles":
+def open_files(root: str | os.PathLike[str], options: dict | None = None,
+               concurrency: int = 16) -> "LocalFiles | ObjectFiles":
     if is_local(root):
         return LocalFiles(Path(str(root).removeprefix("file://")))
-    return ObjectFiles(str(root), options or {})
+    return ObjectFiles(str(root), options or {}, concurrency)
 
 
 class LocalFiles:
+    parallel = 1  # chunks are read and written one after the other
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def map(fn: Callable, items: Iterable) -> Iterable:
+        return map(fn, items)
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -166,20 +174,33 @@ class ObjectFiles:
     """An fsspec filesystem under ``url``. ``options`` go to it as keyword arguments (s3fs: ``endpoint_url``,
     ``key``, ``secret``, ``client_kwargs``...); without them s3fs takes the standard ``AWS_*`` variables."""
 
-    def __init__(self, url: str, options: dict):
+    def __init__(self, url: str, options: dict, concurrency: int):
         self.root = url.rstrip("/")
         self.protocol = fsspec.utils.get_protocol(url)
         self.options = {"use_listings_cache": False, **options}  # other processes write: never list from a cache
+        if self.protocol in ("s3", "s3a"):  # botocore's pool holds 10 connections: room for every chunk in flight
+            config = {"max_pool_connections": concurrency, **self.options.get("config_kwargs", {})}
+            self.options["config_kwargs"] = config
         self.base = fsspec.core.url_to_fs(url, **self.options)[1].rstrip("/")
-        self._fs, self._pid = None, None
+        self.parallel = concurrency  # chunks in flight at once: one request's latency per group, not per chunk
+        self._fs, self._pool, self._pid = None, None, None
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         """The filesystem of this process: an async one (s3fs) is not fork-safe, so a forked worker makes its own."""
+        self._own()
+        return self._fs
+
+    def map(self, fn: Callable, items: Iterable) -> list:
+        """``fn`` over ``items`` with up to ``parallel`` calls (requests) at once, results in order."""
+        self._own()
+        return list(self._pool.map(fn, items))
+
+    def _own(self) -> None:
         if self._pid != os.getpid():
             self._fs = fsspec.filesystem(self.protocol, skip_instance_cache=True, **self.options)
+            self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="peer-store")
             self._pid = os.getpid()
-        return self._fs
 
     def _path(self, key: str) -> str:
         return f"{self.base}/{key}"

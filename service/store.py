@@ -27,10 +27,11 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 
 class Store:
     """``root``: a local directory (a path or ``file://`` URL) or an fsspec URL such as ``s3://bucket/prefix``,
-    reached with ``options`` (PEER_STORE_OPTIONS)."""
+    reached with ``options`` (PEER_STORE_OPTIONS), ``concurrency`` chunk requests at once (PEER_STORE_CONCURRENCY)."""
 
-    def __init__(self, root: Path | str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, options: dict | None = None):
-        self.files = open_files(root, options)
+    def __init__(self, root: Path | str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, options: dict | None = None,
+                 concurrency: int = 16):
+        self.files = open_files(root, options, concurrency)
         self.root = self.files.root  # a Path for a local store, the URL of an object store
         self.chunks = ChunkStore(self.files, chunk_bytes)
 
