@@ -22,6 +22,8 @@ because peer_model writes and reads them there.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import shutil
 import tempfile
@@ -170,6 +172,31 @@ class LocalFiles:
         return load_checkpoint(self.path(key), device, read_weights=read_weights)
 
 
+class _Reported:
+    """An fsspec filesystem whose failures are all OSErrors: s3fs turns S3's answers into them, but an
+    unreachable endpoint raises botocore's or aiohttp's own errors, which the service would report as a 500
+    where a full disk is a 507 (service/uploads.py) and a job failure with the reason."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem):
+        self._fs = fs
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a transport failure: the store is unreachable
+                raise OSError(errno.EIO, f"the object store failed: {type(exc).__name__}: {exc}") from exc
+
+        return call
+
+
 class ObjectFiles:
     """An fsspec filesystem under ``url``. ``options`` go to it as keyword arguments (s3fs: ``endpoint_url``,
     ``key``, ``secret``, ``client_kwargs``...); without them s3fs takes the standard ``AWS_*`` variables."""
@@ -186,7 +213,7 @@ class ObjectFiles:
         self._fs, self._pool, self._pid = None, None, None
 
     @property
-    def fs(self) -> fsspec.AbstractFileSystem:
+    def fs(self) -> _Reported:
         """The filesystem of this process: an async one (s3fs) is not fork-safe, so a forked worker makes its own."""
         self._own()
         return self._fs
@@ -198,7 +225,7 @@ class ObjectFiles:
 
     def _own(self) -> None:
         if self._pid != os.getpid():
-            self._fs = fsspec.filesystem(self.protocol, skip_instance_cache=True, **self.options)
+            self._fs = _Reported(fsspec.filesystem(self.protocol, skip_instance_cache=True, **self.options))
             self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="peer-store")
             self._pid = os.getpid()
 
@@ -299,10 +326,13 @@ class ObjectFiles:
     def load_checkpoint(self, key: str, device: str, read_weights: Callable) -> PEERTransformer:
         """The checkpoint's files (config, tokenizer, manifest: no tensors) are fetched into a temporary
         directory; ``read_weights`` reads the chunks from the store."""
-        names = self.children(key)
-        if MANIFEST not in names:
-            raise CheckpointError(f"no checkpoint at {self.root}/{key}")
         with tempfile.TemporaryDirectory(prefix="peer-checkpoint-") as tmp:
-            for name in names:
-                self.fs.get_file(self._path(f"{key}/{name}"), os.path.join(tmp, name))
+            try:
+                names = self.children(key)
+                if MANIFEST not in names:
+                    raise CheckpointError(f"no checkpoint at {self.root}/{key}")
+                for name in names:
+                    self.fs.get_file(self._path(f"{key}/{name}"), os.path.join(tmp, name))
+            except OSError as exc:
+                raise CheckpointError(f"{self.root}/{key}: cannot read the checkpoint: {exc}") from exc
             return load_checkpoint(tmp, torch.device(device), read_weights=read_weights)

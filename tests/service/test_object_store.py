@@ -105,6 +105,17 @@ def test_a_corpus_round_trips(s3_store):
     assert not s3_store.has_corpus(1, "raw") and s3_store.read_corpus(10, "raw") == "another corpus"
 
 
+def test_an_unreachable_object_store_is_an_os_error(tmp_path):
+    """What a full disk is locally: an upload answers 507, a job fails with the reason (not a 500)."""
+    dead = Store(f"s3://{BUCKET}/x", options={"endpoint_url": f"http://127.0.0.1:{free_port()}", "key": "k",
+                                              "secret": "s", "config_kwargs": {"retries": {"max_attempts": 1}},
+                                              "client_kwargs": {"region_name": "us-east-1"}})
+    with pytest.raises(OSError, match="the object store failed: EndpointConnectionError"):
+        dead.write_corpus(1, "raw", "text")
+    with pytest.raises(CheckpointError, match="cannot read the checkpoint"):
+        dead.load_model("versions/a")
+
+
 def s3_settings(tmp_path, store_url, s3_options, **overrides) -> Settings:
     return tiny_settings(tmp_path / "home", store_url=store_url, store_options=s3_options, **overrides)
 
