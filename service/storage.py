@@ -17,7 +17,7 @@ How each keeps a reader (or a crash) from seeing half of anything:
   and S3 offers nothing to close.
 
 Tensors never go through a local file on an object store: chunks are PUT from memory and read into the
-tensor. The config, tokenizer and manifest files of a checkpoint (small) pass through a temporary directory,
+tensor, PEER_STORE_CONCURRENCY of them in flight at once (one request's latency per group, not per chunk). The config, tokenizer and manifest files of a checkpoint (small) pass through a temporary directory,
 because peer_model writes and reads them there.
 """
 from __future__ import annotations
@@ -208,7 +208,7 @@ class ObjectFiles:
         if self.protocol in ("s3", "s3a"):  # botocore's pool holds 10 connections: room for every chunk in flight
             config = {"max_pool_connections": concurrency, **self.options.get("config_kwargs", {})}
             self.options["config_kwargs"] = config
-        self.base = fsspec.core.url_to_fs(url, **self.options)[1].rstrip("/")
+        self.base = fsspec.get_filesystem_class(self.protocol)._strip_protocol(url).rstrip("/")  # no client yet
         self.parallel = concurrency  # chunks in flight at once: one request's latency per group, not per chunk
         self._fs, self._pool, self._pid = None, None, None
 

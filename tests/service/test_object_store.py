@@ -116,6 +116,22 @@ def test_an_unreachable_object_store_is_an_os_error(tmp_path):
         dead.load_model("versions/a")
 
 
+def _write_in_child(store: Store) -> None:
+    store.write_corpus(2, "raw", "from the child")
+
+
+def test_a_store_opened_before_a_fork_works_in_the_child(s3_store):
+    """A prefork worker inherits the parent's store: s3fs's event loop and our thread pool are not fork-safe,
+    so the child makes its own."""
+    import multiprocessing
+
+    s3_store.write_corpus(1, "raw", "from the parent")  # the parent's client and pool exist now
+    child = multiprocessing.get_context("fork").Process(target=_write_in_child, args=(s3_store,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0 and s3_store.read_corpus(2, "raw") == "from the child"
+
+
 def s3_settings(tmp_path, store_url, s3_options, **overrides) -> Settings:
     return tiny_settings(tmp_path / "home", store_url=store_url, store_options=s3_options, **overrides)
 
