@@ -19,7 +19,7 @@ from service.context import ServiceContext
 from service.db.models import Corpus
 from service.db.session import transaction
 from service.migrate import upgrade
-from service.retention import collect_garbage
+from service.retention import apply_retention, collect_garbage
 from service.settings import Settings
 from service.store import Store
 from service.storage import LocalFiles
@@ -183,7 +183,8 @@ def test_a_chunk_reused_after_it_was_judged_garbage_survives_the_collection(s3_s
 
 
 def test_a_job_runs_end_to_end_on_the_object_store(tmp_path, store_url, s3_options):
-    """Upload → ingest → train → publish → the API loads and serves the new version, all through S3."""
+    """Upload → ingest → train → publish → the API loads and serves the new version, then retention and garbage
+    collection, all through S3."""
     from service.worker.inline import InlineWorker
 
     settings = s3_settings(tmp_path, store_url, s3_options)
@@ -209,6 +210,13 @@ def test_a_job_runs_end_to_end_on_the_object_store(tmp_path, store_url, s3_optio
                 break
             time.sleep(0.2)
         assert generated.json()["version"] == version["id"]
+    # the lifecycle on the same store: retention deletes version 1, garbage collection its chunks alone
+    policy = dataclasses.replace(ctx, settings=settings.model_copy(update={"keep_versions": 1,
+                                                                           "gc_grace_seconds": 0.0}))
+    assert apply_retention(policy) == [1] and not ctx.store.has("versions/initial")
+    collected = collect_garbage(policy).paths
+    assert collected and all(path.startswith("chunks/") for path in collected)
+    ctx.store.load_model(version["checkpoint"])
     assert not settings.resolved_store_dir.exists()  # nothing went to the local disk
     ctx.close()
 
