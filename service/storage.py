@@ -239,10 +239,10 @@ class ObjectFiles:
         except FileNotFoundError:
             return {}
 
-    @staticmethod
-    def _mtime(info: dict) -> float:
-        stamp = info.get("LastModified") or info.get("mtime") or info.get("last_modified") or info.get("updated")
-        return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+    def _mtime(self, info: dict) -> float:
+        """An object's modification time from its listing (S3: LastModified), else fsspec's ``modified``."""
+        stamp = info.get("LastModified") or self.fs.modified(info["name"])
+        return stamp.timestamp()
 
     # ---- objects -------------------------------------------------------------------------------
 
