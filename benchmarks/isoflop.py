@@ -243,15 +243,18 @@ def plot(results: list[dict], path: Path) -> None:
         for arch in ARCHITECTURES:
             rows = sorted((r for r in results if r["arch"] == arch and r["budget"] == budget),
                           key=lambda r: r["params"])
-            if rows:
-                ax.plot([r["params"] / 1e6 for r in rows], [r["val_bpb"] for r in rows], marker="o", label=arch)
+            if rows:  # one colour per architecture in every panel: tab20's dark shades, then its light ones
+                i = ARCHITECTURES.index(arch)
+                ax.plot([r["params"] / 1e6 for r in rows], [r["val_bpb"] for r in rows], marker="o", label=arch,
+                        color=plt.get_cmap("tab20")(2 * i % 20 + 2 * i // 20))
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.legend(fontsize=8)
         ax.set_title(f"{budget:.1e} training FLOPs")
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel("validation bits per byte")
-    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -271,13 +274,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--json", default="runs/isoflop.json")
     parser.add_argument("--plot", default="runs/isoflop.png")
-    parser.add_argument("--report", metavar="JSON", help="only print the tables and draw the plot of a saved run "
-                        "(e.g. of a sweep cut short: --json is written after every run)")
+    parser.add_argument("--widths", help="comma-separated subset of the size's widths, e.g. 160")
+    parser.add_argument("--report", metavar="JSON", nargs="+", help="only print the tables and draw the plot of "
+                        "saved runs, merged (sweeps cut short or split by --widths: --json is written after every run)")
     args = parser.parse_args()
     if args.report:
-        saved = json.loads(Path(args.report).read_text())
-        print_tables(saved["runs"], saved["layers"])
-        plot(saved["runs"], Path(args.plot))
+        saved = [json.loads(Path(path).read_text()) for path in args.report]
+        runs = [r for s in saved for r in s["runs"]]
+        print_tables(runs, [row for s in saved for row in s["layers"]])
+        plot(runs, Path(args.plot))
         return
     tune_allocator()
     size = SIZES[args.size]
@@ -288,6 +293,11 @@ def main() -> None:
         budgets = tuple(float(b) for b in args.budgets.split(","))
         if not set(budgets) <= set(size.budgets):
             parser.error(f"--budgets must be among {size.budgets}")
+    widths = size.widths
+    if args.widths:
+        widths = tuple(int(w) for w in args.widths.split(","))
+        if not set(widths) <= set(size.widths):
+            parser.error(f"--widths must be among {size.widths}")
     archs = args.archs.split(",")
     unknown = set(archs) - set(ARCHITECTURES)
     if unknown:
@@ -297,7 +307,7 @@ def main() -> None:
     data, val = TokenData.from_text(train_text), TokenData.from_text(val_text)
     results = []
     for budget in budgets:
-        for d in size.widths:
+        for d in widths:
             for arch in archs:
                 row = run(arch, d, budget, size, data, val, args.device)
                 results.append(row)

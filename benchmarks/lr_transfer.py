@@ -7,11 +7,11 @@ multipliers of peer_model/parameterization.py apply on top, relative to width ``
 reports bits per byte on the same held-out text. The optimum holds still when every curve of a panel
 bottoms out at the same η.
 
+    .venv/bin/python benchmarks/lr_transfer.py --threads 1      # 3 widths × 2 pools × 6 rates × 300 steps: 45 min*
     .venv/bin/python benchmarks/lr_transfer.py --threads 1 --steps 150 --lrs 1e-3,2e-3,4e-3,8e-3,1.6e-2  # 29 min*
-    .venv/bin/python benchmarks/lr_transfer.py --threads 1 --sides 128     # 300 steps, 6 rates, one pool
     .venv/bin/python benchmarks/lr_transfer.py --size tiny      # a 1-minute check
 
-(* on 2 cores shared with other work; BENCHMARKS.md 8 has both sweeps.)
+(* one thread on 2 cores shared with other work; BENCHMARKS.md 8 has both sweeps.)
 """
 from __future__ import annotations
 

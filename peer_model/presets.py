@@ -10,6 +10,14 @@ trains it with room for long batches and serves it with hundreds of concurrent s
 ``gpu-large`` (d 2048, 24 blocks, PEER in blocks 6, 12 and 18) holds 12.9 G expert parameters (25.8 GB
 in bf16, 51.5 GB of optimizer state) and 1.1 G dense ones (15.6 GB): ~93 GB, one H200 with a smaller
 batch.
+
+The GPU shapes use the ``mssp`` parameterization (peer_model/parameterization.py) with the base width
+of ``cpu-small`` (192), where the service's learning rates were tuned: on the CPU sweep of BENCHMARKS.md
+8 the best learning rate moved at most one grid step (2×) across a 4× width range under mssp, and fell
+by 1 to 3 grid steps as the width grew under ``standard``, so the same rates at d 1024 would likely be
+several times too high (an extrapolation from d ≤ 128: no GPU has measured it).
+``cpu-small`` itself is its own base (m = 1): standard and mssp are the same model there, and it stays
+``standard``.
 """
 from __future__ import annotations
 
@@ -22,10 +30,12 @@ PRESETS: dict[str, ModelConfig] = {
     "cpu-small": ModelConfig(d_model=192, n_layers=4, n_heads=4, d_ff=768, max_seq_len=256,
                              peer=PEERConfig(num_experts=128 * 128, heads=4, top_k=16, d_key=64)),
     "gpu-base": ModelConfig(d_model=1024, n_layers=12, n_heads=16, d_ff=4096, max_seq_len=2048,
-                            peer=PEERConfig(num_experts=1024 * 1024, heads=8, top_k=16, d_key=128)),
+                            peer=PEERConfig(num_experts=1024 * 1024, heads=8, top_k=16, d_key=128),
+                            parameterization="mssp", mssp_base_width=192),
     "gpu-large": ModelConfig(d_model=2048, n_layers=24, n_heads=16, d_ff=8192, max_seq_len=2048,
                              peer_layers=[6, 12, 18],
-                             peer=PEERConfig(num_experts=1024 * 1024, heads=8, top_k=16, d_key=128)),
+                             peer=PEERConfig(num_experts=1024 * 1024, heads=8, top_k=16, d_key=128),
+                             parameterization="mssp", mssp_base_width=192),
 }
 
 

@@ -97,3 +97,13 @@ def test_mssp_covers_moe_experts_and_multiplies_callers_scales():
     assert lr_of[id(layer.w_up)] == pytest.approx(1e-3 * 0.5 / 2)
     assert lr_of[id(layer.w_down)] == pytest.approx(1e-3 / 2)
     assert scales == {id(layer.w_up): 0.5}  # the caller's mapping is not modified
+
+
+def test_gpu_presets_scale_from_the_cpu_small_width():
+    from peer_model.presets import PRESETS
+
+    base = PRESETS["cpu-small"]
+    assert base.parameterization == "standard"
+    for name in ("gpu-base", "gpu-large"):
+        config = PRESETS[name]
+        assert (config.parameterization, config.mssp_base_width) == ("mssp", base.d_model)
