@@ -9,7 +9,7 @@ lost 15-30% of the budget to the clamps, since importance is heavy-tailed). In e
 mean of the training values, as BatchNorm does with its statistics: a token's k then depends on the
 token alone, so a KV-cached decode allocates exactly as a full forward does (the batch's c would make
 it depend on the other tokens), and the mean k is k̄ only as far as the text resembles the training
-batches; ``last_k`` keeps the last allocation so callers can report it (BENCHMARKS.md 5 does). The FLOP
+batches; ``last_k`` keeps the last allocation so callers can report it (BENCHMARKS.md 5b does). The FLOP
 counter counts k̄.
 
 s_t is :func:`peer_model.attention.self_attention_share` (why that and not the paper's column sums:
