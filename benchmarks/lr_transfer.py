@@ -11,7 +11,7 @@ bottoms out at the same η.
     .venv/bin/python benchmarks/lr_transfer.py --threads 1 --steps 150 --lrs 1e-3,2e-3,4e-3,8e-3,1.6e-2  # 29 min*
     .venv/bin/python benchmarks/lr_transfer.py --size tiny      # a 1-minute check
 
-(* one thread on 2 cores shared with other work; BENCHMARKS.md 8 has both sweeps.)
+(* one thread on 2 cores shared with other work; BENCHMARKS.md 13 has both sweeps.)
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ width ``d0 = ModelConfig.mssp_base_width``, where it coincides with ``standard``
 
 Pool size and sparsity: SparseRowAdam normalises each selected row's update by that row's own second
 moment, so a step moves a token's expert output by ~h·k·lr whatever the pool size N; no N multiplier
-is applied, and whether the optimum holds across N is measured (BENCHMARKS.md 8), not assumed.
+is applied, and whether the optimum holds across N is measured (BENCHMARKS.md 13), not assumed.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ batch.
 
 The GPU shapes use the ``mssp`` parameterization (peer_model/parameterization.py) with the base width
 of ``cpu-small`` (192), where the service's learning rates were tuned: on the CPU sweep of BENCHMARKS.md
-8 the best learning rate moved at most one grid step (2×) across a 4× width range under mssp, and fell
+13 the best learning rate moved at most one grid step (2×) across a 4× width range under mssp, and fell
 by 1 to 3 grid steps as the width grew under ``standard``, so the same rates at d 1024 would likely be
 several times too high (an extrapolation from d ≤ 128: no GPU has measured it).
 ``cpu-small`` itself is its own base (m = 1): standard and mssp are the same model there, and it stays
