@@ -468,17 +468,21 @@ def test_forget_segments_rejects_the_initial_segment_and_unknown_layers(parent):
 
 
 def test_data_keyed_growth_sends_the_new_corpus_to_the_new_experts(parent):
-    """With random new sub-keys the trained old ones keep winning; keyed on the new corpus' queries,
-    the new segment gets a real share of it (dense layers frozen, so routing is the only way to learn)."""
-    def share(key_init):
+    """With random new sub-keys the trained old ones mostly keep winning; keyed on the new corpus' queries,
+    the new segment gets a real share of it (dense layers frozen, so routing is the only way to learn).
+    One stage's share swings with its seed (random keys won 0-38% over seeds and parents), so the claim
+    is checked on every one of four seeds and on their mean."""
+    def share(key_init, seed):
         options = ContinualOptions("grow_freeze", new_experts=64, key_init=key_init, freeze_old_sub_keys=True,
                                    freeze_query_batchnorm_stats=True, train=stage_cfg(30))
-        torch.manual_seed(5)
+        torch.manual_seed(seed)
         child = continual_stage(parent, DATA_B, [DATA], options, tag="B").child
         first = {1: parent.peer_layers()[1].num_experts}
         return selection_share(child, VAL_B, first, batches=2, batch_size=8, seq_len=32)
-    random_share, data_share = share("random"), share("data")
-    assert data_share > max(0.1, 3 * random_share), (random_share, data_share)
+    pairs = [(share("random", seed), share("data", seed)) for seed in range(5, 9)]
+    assert all(data > random for random, data in pairs), pairs
+    mean_random, mean_data = (sum(column) / len(pairs) for column in zip(*pairs))
+    assert mean_data > max(0.2, 2 * mean_random), pairs
 
 
 # ---- generative replay ---------------------------------------------------------------------------

@@ -20,6 +20,16 @@ def tokens_served(client: httpx.Client, version: int) -> int:
     return client.get("/v1/experts/utilization", params={"version": version}).json()["layers"]["1"]["tokens"]
 
 
+def settled_usage(client: httpx.Client, version: int) -> int:
+    """``tokens_served`` once it holds still for a second (five usage flushes): a flush can land while a
+    request is half decoded, so the first change seen may be part of one request's tokens."""
+    while True:
+        before = tokens_served(client, version)
+        time.sleep(1.0)
+        if tokens_served(client, version) == before:
+            return before
+
+
 def stream_versions(url: str) -> set[int]:
     """The versions named by one SSE generation's token and done events."""
     versions = set()
@@ -70,7 +80,7 @@ def test_replicas_and_workers_share_one_service(pg_database, redis_url, processe
     # usage counted on either replica adds up in the database
     base = tokens_served(clients[0], first)
     assert clients[0].post("/v1/generate", json=PROMPT).status_code == 200
-    per_request = wait_for(lambda: tokens_served(clients[0], first) - base, 10, what="one request's usage")
+    per_request = wait_for(lambda: settled_usage(clients[0], first) - base, 10, what="one request's usage")
     for client in clients * 3:
         assert client.post("/v1/generate", json=PROMPT).status_code == 200
     wait_for(lambda: tokens_served(clients[0], first) - base == 7 * per_request, 10, what="usage of both replicas")
