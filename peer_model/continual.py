@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed.data_parallel import DataParallel
+from .distributed.shards import ColumnShards
 from .generate import SamplingParams, decode_one_token, make_generator, prefill, sample_next
 from .model import PEERTransformer
 from .optim import coalesced
@@ -356,11 +358,14 @@ class BatchSparseSelection:
     the layer's usage counts of the step, IDF: ``idf`` from :func:`background_frequency`), and of any
     expert grown after ``idf`` was taken; the optimizer then touches no other row, so the rest stay
     bit-identical. Needs usage tracking on during training (``TrainConfig.track_usage``).
-    ``trained``: per layer, every expert that was kept at least once."""
+    ``trained``: per layer, every expert that was kept at least once. With ``shards`` (a model sharded over
+    processes, each training on its rows of the batch) the counts are summed over the processes first, so
+    that every process keeps the same rows."""
 
-    def __init__(self, model: PEERTransformer, idf: Mapping[int, torch.Tensor], top: int):
+    def __init__(self, model: PEERTransformer, idf: Mapping[int, torch.Tensor], top: int,
+                 shards: ColumnShards | None = None):
         self.layers = model.peer_layers()
-        self.idf, self.top = dict(idf), top
+        self.idf, self.top, self.shards = dict(idf), top, shards
         self.kept = {i: torch.zeros(layer.num_experts, dtype=torch.bool) for i, layer in self.layers.items()}
         for layer in self.layers.values():
             layer.reset_usage()
@@ -372,7 +377,8 @@ class BatchSparseSelection:
     @torch.no_grad()
     def __call__(self) -> None:
         for i, layer in self.layers.items():
-            counts = layer.usage_counts.cpu()
+            counts = layer.usage_counts if self.shards is None else self.shards.all_reduce_(layer.usage_counts.clone())
+            counts = counts.cpu()
             old = self.idf[i].numel()
             keep = torch.zeros(layer.num_experts, dtype=torch.bool)
             keep[select_experts(counts[:old].double() / max(1, int(counts.sum())) * self.idf[i], self.top)] = True
@@ -417,12 +423,20 @@ def selection_share(model: PEERTransformer, data: TokenData, first_id: Mapping[i
 
 def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Sequence[TokenData],
                     options: ContinualOptions, tag: str = "", on_log: Callable[[dict], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> StageResult:
+                    should_stop: Callable[[], bool] | None = None,
+                    shards: ColumnShards | None = None) -> StageResult:
     """Grow, freeze per ``options.strategy``, fine-tune on ``new_train`` (+ replay); the parent is unchanged.
 
     The child comes back with every expert trainable again and its parameters as its config says (the
     freezing is this stage's; a frozen base stays frozen).
     ``on_log`` and ``should_stop`` are passed to :func:`peer_model.train.train` (progress, cancellation).
+
+    ``shards`` (peer_model/distributed): this process is one of several that run the stage together on a
+    parent whose PEER layers are sharded over them. Every process calls it with the same arguments, the
+    same torch seed and its shard of the same parent; each trains on its rows of every global batch
+    (``cfg.batch_size``), and everything sampled before training (usage, data-keyed sub-keys, growth) is
+    drawn alike on every process, so the replicated parts stay equal. ``should_stop`` must answer the same
+    on every process.
     """
     cfg = options.train
     if cfg.seq_len > parent.config.max_seq_len:
@@ -444,7 +458,7 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
     if per_batch:
         selection = BatchSparseSelection(child, background_frequency(child, new_train, old_train, options.usage_batches,
                                                                      cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1),
-                                         options.sparse_top_experts)
+                                         options.sparse_top_experts, shards)
     elif options.strategy == "sparse_finetune":
         scores = expert_scores(child, new_train, old_train, options.usage_batches, cfg.batch_size, cfg.seq_len,
                                seed=cfg.seed + 1)
@@ -482,21 +496,24 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
                   if options.freeze_query_batchnorm_stats and isinstance(layer.query_norm, nn.modules.batchnorm._BatchNorm)]
 
     data = MixedData(new_train, old_train, options.replay_fraction) if options.replay_fraction > 0 else new_train
+    parallel = None if shards is None else DataParallel(child, shards)
+    if parallel is not None:
+        data = parallel.batches(data)
     teacher = copy.deepcopy(parent).to(resolve_device(cfg.device)).eval() if options.distill_weight > 0 else None
     loss_fn = None
     if teacher is not None:
-        loss_fn = distillation_loss(teacher, options.distill_weight, options.distill_on == "old")
+        loss_fn = distillation_loss(teacher, options.distill_weight, options.distill_on == "old", shards)
     place_model(child, cfg)
     optimizers = build_optimizers(child, cfg, _chill_scales(child, before, options.old_lr_scale))
     try:
         result = train(child, data, None, replace(cfg, track_usage=True) if per_batch else cfg, on_log=on_log,
                        should_stop=should_stop, loss_fn=loss_fn, eval_modules=batchnorms, optimizers=optimizers,
-                       after_backward=selection if per_batch else None)
+                       after_backward=selection if per_batch else None, parallel=parallel)
         if per_batch:
             trained = selection.trained
         if options.review_steps and not result.stopped_early:
             review = _review_routing(child, MixedData(new_train, old_train, 0.5), cfg, options.review_steps, teacher,
-                                     options.distill_weight, batchnorms, should_stop)
+                                     options.distill_weight, batchnorms, should_stop, parallel)
             result.history.extend({**record, "review": True} for record in review.history)
             result.stopped_early = review.stopped_early
     finally:
@@ -524,16 +541,22 @@ def _chill_scales(model: PEERTransformer, before: Mapping[int, tuple[int, int, i
 
 def _review_routing(model: PEERTransformer, data, cfg: TrainConfig, steps: int, teacher: PEERTransformer | None,
                     distill_weight: float, eval_modules: Sequence[nn.Module],
-                    should_stop: Callable[[], bool] | None) -> TrainResult:
+                    should_stop: Callable[[], bool] | None, parallel: DataParallel | None = None) -> TrainResult:
     """Train only the routing of every PEER layer (query projection, query BatchNorm, sub-keys) for
-    ``steps`` steps on ``data``, with ``distill_weight`` × KL to ``teacher`` on its replayed windows."""
+    ``steps`` steps on ``data``, with ``distill_weight`` × KL to ``teacher`` on its replayed windows
+    (on several processes with ``parallel``: see :func:`continual_stage`)."""
     routing = {id(p) for layer in model.peer_layers().values() for p in _routing_params(layer)}
     for param in model.parameters():
         param.requires_grad_(id(param) in routing)
     review_cfg = replace(cfg, steps=steps, warmup_steps=max(1, steps // 10), log_every=max(1, steps // 4),
                          eval_every=10**9, seed=cfg.seed + 7)
-    loss_fn = distillation_loss(teacher, distill_weight, True) if teacher is not None and distill_weight else None
-    return train(model, data, None, review_cfg, should_stop=should_stop, loss_fn=loss_fn, eval_modules=eval_modules)
+    loss_fn = None
+    if teacher is not None and distill_weight:
+        loss_fn = distillation_loss(teacher, distill_weight, True, None if parallel is None else parallel.shards)
+    if parallel is not None:
+        data = parallel.batches(data)
+    return train(model, data, None, review_cfg, should_stop=should_stop, loss_fn=loss_fn, eval_modules=eval_modules,
+                 parallel=parallel)
 
 
 # ---- forgetting on request -----------------------------------------------------------------------
@@ -574,9 +597,16 @@ def forget_segments(parent: PEERTransformer, segments: Mapping[int, Sequence[int
     return child, result
 
 
-def distillation_loss(teacher: PEERTransformer, weight: float, old_rows_only: bool) -> LossFn:
+def distillation_loss(teacher: PEERTransformer, weight: float, old_rows_only: bool,
+                      shards: ColumnShards | None = None) -> LossFn:
     """Next-byte cross-entropy + ``weight`` · KL(teacher ‖ model) on the windows from earlier corpora
-    (``old_rows_only``: rows whose MixedData source is >= 0) or on every window (Lifelong-MoE style)."""
+    (``old_rows_only``: rows whose MixedData source is >= 0) or on every window (Lifelong-MoE style), the KL
+    averaged over the positions of those windows.
+
+    With ``shards`` this process holds its rows of a batch split over several (see :func:`continual_stage`):
+    the KL is averaged over the distilled positions of the whole batch (the processes' gradients are then
+    averaged, as one process' on the whole batch would be), and the sharded teacher runs on every process,
+    also one with no such window in its rows, since its forward exchanges columns with the others."""
 
     def loss_fn(logits, inputs, targets, extras):
         loss = next_byte_loss(logits, inputs, targets, extras)
@@ -586,13 +616,16 @@ def distillation_loss(teacher: PEERTransformer, weight: float, old_rows_only: bo
             rows = extras[0] >= 0
         else:
             return loss  # plain TokenData: no replayed windows
-        if not bool(rows.any()):
+        windows, processes = rows.sum().reshape(1).float(), 1
+        if shards is not None:
+            windows, processes = shards.all_reduce_(windows), shards.size
+        if not bool(windows):
             return loss
         with torch.no_grad(), autocast_for(inputs.device):
             teacher_logits = teacher(inputs[rows])
         kl = F.kl_div(F.log_softmax(logits[rows].float(), -1).flatten(0, 1),
-                      F.log_softmax(teacher_logits.float(), -1).flatten(0, 1), reduction="batchmean", log_target=True)
-        return loss + weight * kl
+                      F.log_softmax(teacher_logits.float(), -1).flatten(0, 1), reduction="sum", log_target=True)
+        return loss + weight * kl * processes / (windows[0] * logits.shape[1])
 
     return loss_fn
 

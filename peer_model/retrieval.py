@@ -90,10 +90,10 @@ def multihead_retrieve(
     exact top-k over the shared product keys, its k scores softmaxed (weights sum to 1 within a head).
     ``reference``: the brute-force search; ``offsets``: per-sub-key score offsets (rows,), (cols,).
     Shared by the PEER layer and product-key memory."""
-    m = queries.shape[0]
+    m, heads = queries.shape[0], queries.shape[1] // d_key
     q = queries.reshape(-1, d_key)  # (M * heads, d_key)
     half = d_key // 2
     retrieve = brute_force_topk if reference else product_key_topk
     scores, ids = retrieve(q[:, :half], q[:, half:], keys1, keys2, grid, k, offsets)
     weights = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
-    return weights.view(m, -1), ids.view(m, -1)
+    return weights.view(m, heads * k), ids.view(m, heads * k)  # M may be 0 (a process with no tokens)

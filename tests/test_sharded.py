@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from peer_model.checkpoint import load_checkpoint, save_checkpoint
 from peer_model.config import ModelConfig, PEERConfig
+from peer_model.continual import ContinualOptions, continual_stage
 from peer_model.distributed import (
     ColumnShards, DataParallel, load_sharded_checkpoint, save_sharded_checkpoint, shard_peer_layers,
 )
@@ -188,6 +189,35 @@ def load_and_resave(shards, path, again):
     save_sharded_checkpoint(model, again, shards)
 
 
+NEW_DATA = TokenData.from_text("def f(x):\n    return x + 1\n\nprint(f(2))\n" * 40)
+STAGES = {  # the service's default (replay, distillation, growth) with a routing review and data-keyed sub-keys;
+    # per-batch sparse fine-tuning (its expert selection counts every process' tokens); replay of generated text
+    "replay": ContinualOptions("replay", new_experts=40, replay_fraction=0.5, distill_weight=1.0, review_steps=2,
+                               key_init="data", usage_batches=2, train=_train_cfg()),
+    "sparse": ContinualOptions("sparse_finetune", sparse_top_experts=8, usage_batches=2, train=_train_cfg()),
+    # the earlier text gone: the sharded parent generates what is replayed, the same windows on every process
+    "generated": ContinualOptions("replay", new_experts=20, replay_fraction=0.5, replay_source="parent",
+                                  generated_windows=4, train=_train_cfg()),
+}
+
+
+def stage_equals_one_process(shards, name):
+    """A continual stage on sharded processes gives the child one process gives on the same global batches."""
+    parent = _model()
+    torch.manual_seed(7)
+    expected = continual_stage(parent, NEW_DATA, [DATA], STAGES[name], tag="new")
+    sharded = copy.deepcopy(parent)
+    shard_peer_layers(sharded, shards)
+    torch.manual_seed(7)
+    stage = continual_stage(sharded, NEW_DATA, [DATA], STAGES[name], tag="new", shards=shards)
+    losses = [r["loss"] for r in stage.train_result.history]
+    assert losses == pytest.approx([r["loss"] for r in expected.train_result.history], abs=1e-5), name
+    torch.testing.assert_close(logits(stage.child), logits(expected.child), **TOL, msg=name)
+    assert name != "sparse" or all(len(t) for t in expected.trained_experts.values())
+    assert {i: t.tolist() for i, t in stage.trained_experts.items()} == {
+        i: t.tolist() for i, t in expected.trained_experts.items()}, name
+
+
 # ---- the tests: one group of processes per size (starting processes is what takes time here) ----------
 
 
@@ -195,6 +225,8 @@ def on_two_processes(shards, root):
     check_layer(shards)
     train_and_save(shards, f"{root}/on2")
     load_and_resave(shards, f"{root}/one", f"{root}/one-on2")  # an unsharded checkpoint loads sharded
+    for name in STAGES:
+        stage_equals_one_process(shards, name)
 
 
 def on_four_processes(shards, root):
