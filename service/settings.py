@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     api_torch_threads: int = 1  # one decode thread; more threads slow small-batch decoding down on CPU
     cuda_graphs: bool = False  # replay the batched decode step as CUDA graphs (GPU only; see peer_model/batching.py)
     worker_torch_threads: int = 0  # 0: torch's default (all cores)
+    # processes one training job runs on, the expert tables split over them by columns (service/sharded_stage.py);
+    # each gets a GPU of its own when there are as many, else they share the CPU cores (gloo)
+    train_nproc: int = Field(1, ge=1)
 
     # ---- limits ------------------------------------------------------------------------------------
     max_corpus_bytes: int = 50_000_000
@@ -192,6 +195,13 @@ class Settings(BaseSettings):
     def _keys_for_all(self):
         if self.require_key_for == "all" and not self.api_keys:
             raise ValueError("PEER_REQUIRE_KEY_FOR=all needs PEER_API_KEYS")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self):
+        if self.train_batch_size % self.train_nproc:
+            raise ValueError(f"PEER_TRAIN_BATCH_SIZE ({self.train_batch_size}) must be a multiple of "
+                             f"PEER_TRAIN_NPROC ({self.train_nproc}): each process trains on its share of a batch")
         return self
 
     @field_validator("store_url", mode="before")

@@ -21,13 +21,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal, TypeVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from peer_model.continual import ContinualOptions, Strategy, continual_stage, evaluate_all
+from peer_model.model import PEERTransformer
 from peer_model.tokenizer import Tokenizer
-from peer_model.train import TokenData, TrainConfig, resolve_device
+from peer_model.train import TokenData, TrainConfig, TrainResult, resolve_device
 
 from .context import ServiceContext
 from .db.models import Corpus, Evaluation, Job, PoolVersion, utcnow
@@ -38,6 +40,7 @@ from .jobs import (Dispatch, JobCancelled, LeaseLost, claim_job, create_job, dis
                    heartbeat, owned_job)
 from .retention import retain_after_publish
 from .settings import Settings
+from .sharded_stage import run_sharded_stage
 from .versions import (activate, active_version_id, describe_pools, get_version, is_pretrained, live_version,
                        lock_activations)
 
@@ -407,28 +410,46 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
                            {"strategy": stage_options.strategy, "base_follows_active": follows_active})
     heartbeat(ctx.sessions, job_id, lease, metrics=progress.metrics())
 
-    stage = continual_stage(parent, new_train, old_train, stage_options, tag=f"job:{job_id}",
-                            on_log=progress.on_log, should_stop=progress.should_stop)
-    if stage.train_result.stopped_early and progress.cancelled:
-        raise JobCancelled()
+    child, train_result, processes = train_stage(ctx, parent, new_train, old_train, stage_options, f"job:{job_id}",
+                                                 progress)
     all_ids = old_ids + new_ids
     val_sets = {c: token_data(ctx, [c], "val", tokenizer) for c in all_ids
                 if corpus_available(ctx, c, "val")}
     old_ids_evaluated = [c for c in old_ids if c in val_sets]
     seq_len, batch = stage_options.train.seq_len, settings.train_batch_size
-    child_bpb = evaluate_all(stage.child, val_sets, seq_len, batch, settings.eval_max_batches)
+    child_bpb = evaluate_all(child, val_sets, seq_len, batch, settings.eval_max_batches)
     parent_bpb = evaluate_all(parent, val_sets, seq_len, batch, settings.eval_max_batches)
     gate = activation_gate(child_bpb, parent_bpb, old_ids_evaluated, new_ids, settings.activation_tolerance)
-    publish_version(ctx, job_id, lease, base_id, stage.child, parent_segments, new_ids, all_ids, stage_options.strategy,
+    publish_version(ctx, job_id, lease, base_id, child, parent_segments, new_ids, all_ids, stage_options.strategy,
                     child_bpb, gate, job_options.activate, {
-                        "strategy": stage_options.strategy, "steps": stage.train_result.steps_done,
-                        "tokens": stage.train_result.tokens_seen,
-                        "train_seconds": round(stage.train_result.elapsed_s, 2),
+                        "strategy": stage_options.strategy, "steps": train_result.steps_done,
+                        "tokens": train_result.tokens_seen, "processes": processes,
+                        "train_seconds": round(train_result.elapsed_s, 2),
                         "bpb": {str(c): v for c, v in child_bpb.items()},
                         "parent_bpb": {str(c): v for c, v in parent_bpb.items()},
                         "replay_source": stage_options.replay_source, "corpora_gone": gone,
                         "loss_history": progress.loss_history,
                     })
+
+
+def train_stage(ctx: ServiceContext, parent: PEERTransformer, new_train: TokenData, old_train: list[TokenData],
+                options: ContinualOptions, tag: str, progress: JobProgress) -> tuple[PEERTransformer, TrainResult, int]:
+    """The continual stage in this process, or with PEER_TRAIN_NPROC > 1 on that many processes sharing out
+    the expert tables (service/sharded_stage.py; a model without PEER layers trains here). Returns the child,
+    the training result and the number of processes; raises JobCancelled when the job was cancelled."""
+    processes = ctx.settings.train_nproc if parent.peer_layers() else 1
+    if processes > 1:
+        threads = max(1, torch.get_num_threads() // processes)
+        outcome = run_sharded_stage(parent, new_train, old_train, options, tag, processes, threads, ctx.settings.device,
+                                    progress.on_log, progress.should_stop)
+        child, result = outcome.child, outcome.train_result
+    else:
+        stage = continual_stage(parent, new_train, old_train, options, tag=tag, on_log=progress.on_log,
+                                should_stop=progress.should_stop)
+        child, result = stage.child, stage.train_result
+    if result.stopped_early and progress.cancelled:
+        raise JobCancelled()
+    return child, result, processes
 
 
 def publish_version(ctx: ServiceContext, job_id: int, lease: str, base_id: int, child, parent_segments: dict,
