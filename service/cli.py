@@ -48,7 +48,13 @@ def cmd_api(args, settings: Settings) -> None:
 
     uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
                 log_level=args.log_level.lower(), log_config=None,  # uvicorn's lines go through our root handler
-                timeout_keep_alive=settings.http_keep_alive_seconds)
+                **http_options(settings))
+
+
+def http_options(settings: Settings) -> dict:
+    """uvicorn's options from the settings: idle keep-alive, and which proxies may name the client."""
+    return {"timeout_keep_alive": settings.http_keep_alive_seconds, "proxy_headers": True,
+            "forwarded_allow_ips": settings.forwarded_allow_ips}
 
 
 def worker_argv(queues: str, concurrency: int, pool: str, log_level: str, embedded: bool) -> list[str]:

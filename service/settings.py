@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     require_key_for: Literal["write", "all"] = "write"  # write: train/admin routes need a key; all: every /v1 route
     allow_open: bool = False  # let api/serve bind a non-loopback host without PEER_API_KEYS
+    # proxies trusted to name the client in X-Forwarded-For (rate limits and logs go by that address): addresses
+    # or networks, comma-separated, "*" for any (the compose front, the only way in to the api there)
+    forwarded_allow_ips: str = "127.0.0.1,::1"
     # origins (scheme://host[:port]) besides the service's own whose browsers may call mutating routes
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_request_bytes: int = 1_048_576  # any request body but a corpus upload's (413 past it)

@@ -42,6 +42,11 @@ def _keys(entries: tuple[str, ...]) -> list[ApiKey]:
     return parse_api_keys(list(entries))
 
 
+def configured_key(settings: Settings, token: str) -> ApiKey | None:
+    """The key of PEER_API_KEYS whose secret is ``token``, or None."""
+    return find_key(_keys(tuple(settings.api_keys)), token.strip())
+
+
 def key_required(settings: Settings, scope: str) -> bool:
     return bool(settings.api_keys) and (scope in WRITE_SCOPES or settings.require_key_for == "all")
 
@@ -50,7 +55,7 @@ def identify(request: Request, settings: Settings, scope: str) -> Caller:
     """The caller, checked for ``scope``: 401 without a valid key where one is needed, 403 when the key
     lacks the scope."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    key = find_key(_keys(tuple(settings.api_keys)), token.strip()) if scheme.lower() == "bearer" else None
+    key = configured_key(settings, token) if scheme.lower() == "bearer" else None
     address = request.client.host if request.client else "unknown"
     if key_required(settings, scope):
         if key is None:

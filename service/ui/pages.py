@@ -21,13 +21,11 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -38,36 +36,17 @@ from ..api.routes.versions import version_view
 from ..db.models import Corpus, Job, PoolVersion, Stream
 from ..status import service_status
 from ..versions import active_version_id, get_version
+from . import access
+from .access import console_reader
+from .rendering import HERE, templates
 
-HERE = Path(__file__).resolve().parent
-templates = Jinja2Templates(directory=HERE / "templates")
-router = APIRouter(prefix="/ui", include_in_schema=False)
+router = APIRouter(prefix="/ui", include_in_schema=False, dependencies=[Depends(console_reader)])
 FULL_GRID_CELLS = 256 * 256  # up to this many experts the heat map has one cell per expert, else binned
 HEATMAP_BINS = 128
 
 
-def when(value) -> str:
-    """A datetime or ISO string as 'YYYY-MM-DD HH:MM:SS' (UTC)."""
-    if value is None:
-        return ""
-    text = value if isinstance(value, str) else value.isoformat()
-    return text[:19].replace("T", " ")
-
-
-def size(value: int | None) -> str:
-    if value is None:
-        return ""
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return ""
-
-
-templates.env.filters.update(when=when, size=size)
-
-
 def mount(app) -> None:
+    app.include_router(access.router)
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
 
@@ -76,6 +55,7 @@ def render(request: Request, session: Session, name: str, title: str, **context)
     state = request.app.state
     status = service_status(session, state.host.version_id, bool(state.ctx.settings.api_keys))
     return templates.TemplateResponse(request, f"{name}.html", {"page": name, "title": title, "status": status,
+                                                                 "signed_in": access.COOKIE in request.cookies,
                                                                  **context})
 
 

@@ -97,6 +97,49 @@ def test_require_key_for_all_guards_reading_and_generation(home):
         assert client.get("/healthz").status_code == 200
 
 
+def test_with_require_key_for_all_the_console_pages_need_a_reading_key_too(home):
+    """The pages are rendered from the database: a caller without a reading key is sent to sign in and sees
+    nothing; a key with the read scope signs in (an HttpOnly, SameSite=Strict cookie for /ui) and reads."""
+    with service(home, api_keys=KEYS, require_key_for="all") as client:
+        refused = client.get("/ui/versions?x=1", follow_redirects=False)
+        assert refused.status_code == 303 and refused.headers["location"] == "/ui/login?next=%2Fui%2Fversions%3Fx%3D1"
+        assert "v1" not in refused.text and "fresh model" not in refused.text
+        for page in ("/ui", "/ui/jobs", "/ui/experts", "/ui/corpora", "/ui/evaluation", "/ui/playground"):
+            assert client.get(page, follow_redirects=False).status_code in (303, 307), page
+        login_page = client.get("/ui/login?next=/ui/jobs")
+        assert login_page.status_code == 200 and 'value="/ui/jobs"' in login_page.text
+        assert client.get("/ui/static/console.css").status_code == 200  # the login page's style
+
+        wrong = client.post("/ui/login", data={"key": "g-secret", "next": "/ui/jobs"}, follow_redirects=False)
+        assert wrong.status_code == 401 and "lacks the &#39;read&#39; scope" in wrong.text and "set-cookie" not in wrong.headers
+        unknown = client.post("/ui/login", data={"key": "nope"}, follow_redirects=False)
+        assert unknown.status_code == 401 and "unknown API key" in unknown.text
+
+        signed_in = client.post("/ui/login", data={"key": "r-secret", "next": "/ui/jobs"}, follow_redirects=False)
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/ui/jobs"
+        cookie = signed_in.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+        page = client.get("/ui/versions")
+        assert page.status_code == 200 and "Sign out" in page.text and "v1" in page.text
+
+        client.post("/ui/logout", headers={"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"})
+        assert client.get("/ui/versions", follow_redirects=False).status_code == 303
+        assert client.get("/ui/versions", headers=bearer("r-secret")).status_code == 200  # a proxy, curl
+
+
+def test_signing_in_never_redirects_off_the_console(home):
+    with service(home, api_keys=KEYS, require_key_for="all") as client:
+        for target in ("https://evil.example/", "//evil.example/ui/", "/v1/versions", "/ui\\evil"):
+            answer = client.post("/ui/login", data={"key": "r-secret", "next": target}, follow_redirects=False)
+            assert answer.headers["location"] == "/ui/versions", target
+
+
+def test_by_default_the_console_pages_are_open_like_reading(home):
+    with service(home, api_keys=KEYS) as client:
+        page = client.get("/ui/versions")
+        assert page.status_code == 200 and "Sign out" not in page.text
+
+
 def test_malformed_key_settings_stop_the_start_without_echoing_the_secret():
     from pydantic import ValidationError
 
@@ -412,3 +455,22 @@ def test_generated_tokens_are_limited_per_minute(home):
         assert retry_after(client.post("/v1/generate", json={"prompt": "a", "max_tokens": 8})) >= 1
         too_many = client.post("/v1/completions", json={"model": "peer", "prompt": "a", "max_tokens": 11})
         assert too_many.status_code == 422 and "PEER_RATE_LIMIT_TOKENS_PER_MINUTE" in too_many.json()["detail"]
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(home):
+    """The compose front names the client in X-Forwarded-For; the api trusts it from PEER_FORWARDED_ALLOW_IPS
+    only (here loopback, where the test connects from), so one client behind the front cannot spend another's
+    budget, and a client that is not a trusted proxy cannot choose its own address."""
+    import httpx
+
+    from service.cli import http_options
+
+    def tokenize(url: str, client: str) -> int:
+        return httpx.post(f"{url}/v1/tokenize", json={"text": "a"}, headers={"X-Forwarded-For": client}).status_code
+
+    for trusted, second_client in (("127.0.0.1,::1", 200), ("10.9.9.9", 429)):
+        settings = tiny_settings(home, rate_limit_generations_per_minute=1, forwarded_allow_ips=trusted)
+        with ServerThread(create_app(settings, dispatch=lambda job: None), **http_options(settings)) as server:
+            assert tokenize(server.url, "203.0.113.1") == 200
+            assert tokenize(server.url, "203.0.113.1") == 429
+            assert tokenize(server.url, "203.0.113.2") == second_client, trusted
