@@ -14,6 +14,7 @@ import threading
 from ..context import ServiceContext
 from ..db.models import Job
 from ..forgetting import run_forget_job
+from ..logs import job_context
 from ..settings import Settings
 from ..training import run_ingest_job, run_train_job
 
@@ -35,12 +36,13 @@ class InlineWorker:
         while (item := self._queue.get()) is not None:
             kind, job_id = item
             try:
-                if kind == "ingest":
-                    run_ingest_job(ctx, job_id, self.dispatch)
-                elif kind == "train":
-                    run_train_job(ctx, job_id)
-                elif kind == "forget":
-                    run_forget_job(ctx, job_id)
+                with job_context(job_id):  # its log lines carry job_id, as a Celery worker's do
+                    if kind == "ingest":
+                        run_ingest_job(ctx, job_id, self.dispatch)
+                    elif kind == "train":
+                        run_train_job(ctx, job_id)
+                    elif kind == "forget":
+                        run_forget_job(ctx, job_id)
             except Exception:  # noqa: BLE001 - the job functions record failures; keep serving the queue
                 log.exception("inline worker: %s job %s", kind, job_id)
             finally:

@@ -180,3 +180,29 @@ def test_serve_logs_json_with_request_and_job_ids_and_workers_serve_their_metric
     job_messages = [e["message"] for e in entries if e.get("job_id") == job_id]
     assert f"ingest job {job_id}: delivered" in job_messages
     assert any(m.startswith(f"ingest job {job_id}: succeeded after") for m in job_messages)
+
+
+def test_the_inline_workers_log_lines_carry_the_job_id(tmp_path, json_log):
+    """serve's embedded tests and demos run jobs in a thread (InlineWorker): a failing job's lines name it too."""
+    from service.context import ServiceContext
+    from service.db.models import Corpus
+    from service.versions import ensure_initial_version
+    from service.worker.inline import InlineWorker
+
+    settings = tiny_settings(tmp_path)
+    upgrade(settings.resolved_database_url)
+    ctx = ServiceContext.from_settings(settings)
+    try:
+        ensure_initial_version(ctx)
+        with transaction(ctx.sessions) as session:  # ready, but its text is not in the store: the job fails
+            corpus = Corpus(name="gone", source="upload", state="ready", sha256="0" * 64, raw_bytes=1, documents=1)
+            session.add(corpus)
+            session.flush()
+            job = create_job(session, "train", [corpus.id], {})
+        with InlineWorker(settings) as worker:
+            worker.dispatch(job)
+            worker.join()
+    finally:
+        ctx.close()
+    failures = [e for e in json_log() if e["message"] == f"job {job.id} failed"]
+    assert failures and all(e["job_id"] == job.id for e in failures)
