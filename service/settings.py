@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     rate_limit_generations_per_minute: int = Field(0, ge=0)
     rate_limit_writes_per_minute: int = Field(0, ge=0)  # train and admin routes
     rate_limit_tokens_per_minute: int = Field(0, ge=0)  # generated tokens, charged max_tokens at admission
+    rate_limit_auth_failures_per_minute: int = Field(30, ge=0)  # wrong or missing keys per client address
     # what one job may ask for (checked at submission, and again when the job runs)
     max_new_experts: int = Field(65_536, ge=0)  # experts one job grows per PEER layer
     max_pool_experts: int = Field(4 * 1024 * 1024, ge=1)  # experts per PEER layer: every API process holds them all

@@ -1,7 +1,9 @@
 """Rate limits: in-process token buckets per caller (an API key's name, else the client's address).
 
-Three budgets, each a setting per minute (0: off): generation requests (generate scope), mutating
-requests (train and admin scopes) and generated tokens. A generation is charged its ``max_tokens`` when it
+Four budgets, each a setting per minute (0: off): generation requests (generate scope), mutating
+requests (train and admin scopes), generated tokens, and failed key checks per client address (a caller
+that spent it gets 429 on every route needing a key, before its key is compared: guessing keys is as slow
+as the budget, whatever the guesses). A generation is charged its ``max_tokens`` when it
 is admitted (the most it can produce), as OpenAI-style gateways count tokens-per-minute quotas. The
 buckets live in one API process: with N API replicas a caller gets up to N times the budget.
 """
@@ -26,13 +28,17 @@ class Bucket:
 
     def take(self, amount: float, now: float) -> float:
         """Take ``amount``; 0.0 if it was there, else the seconds until it will be (nothing taken)."""
+        wait = self.wait(amount, now)
+        if not wait:
+            self.level -= amount
+        return wait
+
+    def wait(self, amount: float, now: float) -> float:
+        """Seconds until ``amount`` is there (0.0: it is); takes nothing."""
         rate = self.capacity / 60.0
         self.level = min(self.capacity, self.level + (now - self.updated) * rate)
         self.updated = now
-        if self.level >= amount:
-            self.level -= amount
-            return 0.0
-        return (amount - self.level) / rate
+        return 0.0 if self.level >= amount else (amount - self.level) / rate
 
 
 class RateLimiter:
@@ -45,6 +51,13 @@ class RateLimiter:
 
     def take(self, client: str, per_minute: int, amount: float = 1.0) -> None:
         """Charge ``client``; 429 with the wait in Retry-After when its bucket is short. Off at 0."""
+        self._charge(client, per_minute, amount, take=True)
+
+    def refuse_if_spent(self, client: str, per_minute: int) -> None:
+        """429 when ``client``'s bucket holds less than one; takes nothing. Off at 0."""
+        self._charge(client, per_minute, 1.0, take=False)
+
+    def _charge(self, client: str, per_minute: int, amount: float, take: bool) -> None:
         if per_minute <= 0:
             return
         if amount > per_minute:
@@ -57,7 +70,7 @@ class RateLimiter:
                 if len(self._buckets) >= MAX_IDLE_BUCKETS:
                     self._drop_idle(now)
                 bucket = self._buckets[client] = Bucket(float(per_minute), float(per_minute), now)
-            wait = bucket.take(amount, now)
+            wait = bucket.take(amount, now) if take else bucket.wait(amount, now)
         if wait:
             raise Overloaded(f"rate limit: {per_minute} {self.what} per minute ({self.setting}) spent; retry in "
                              f"{wait:.1f} s", retry_after=wait)
@@ -75,6 +88,7 @@ class RateLimits:
         self.generations = RateLimiter("generation requests", "PEER_RATE_LIMIT_GENERATIONS_PER_MINUTE")
         self.writes = RateLimiter("mutating requests", "PEER_RATE_LIMIT_WRITES_PER_MINUTE")
         self.tokens = RateLimiter("generated tokens", "PEER_RATE_LIMIT_TOKENS_PER_MINUTE")
+        self.auth_failures = RateLimiter("failed key checks", "PEER_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE")
 
 
 def limit_request(app, client: str, scope: str) -> None:

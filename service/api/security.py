@@ -51,19 +51,39 @@ def key_required(settings: Settings, scope: str) -> bool:
     return bool(settings.api_keys) and (scope in WRITE_SCOPES or settings.require_key_for == "all")
 
 
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def checked_key(request: Request, settings: Settings, token: str) -> ApiKey | None:
+    """The key whose secret is ``token`` where a key is needed: compared only while the caller's address has
+    failed checks left (PEER_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE; else 429, whatever the token), and a
+    failure (no key, or an unknown one) is charged to the address."""
+    failures = request.app.state.rate_limits.auth_failures
+    address, per_minute = client_address(request), settings.rate_limit_auth_failures_per_minute
+    failures.refuse_if_spent(address, per_minute)
+    key = configured_key(settings, token) if token else None
+    if key is None:
+        failures.take(address, per_minute)
+    return key
+
+
 def identify(request: Request, settings: Settings, scope: str) -> Caller:
     """The caller, checked for ``scope``: 401 without a valid key where one is needed, 403 when the key
     lacks the scope."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    key = configured_key(settings, token) if scheme.lower() == "bearer" else None
-    address = request.client.host if request.client else "unknown"
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    address = client_address(request)
     if key_required(settings, scope):
+        key = checked_key(request, settings, token)
         if key is None:
             raise Unauthorized(f"this endpoint needs an API key with the {scope!r} scope: "
                                f"send 'Authorization: Bearer <key>'")
         if scope not in key.scopes:
             raise Forbidden(f"API key {key.name!r} lacks the {scope!r} scope (it has: "
                             f"{', '.join(sorted(key.scopes))})")
+    else:
+        key = configured_key(settings, token) if token else None  # names the caller; an unknown one is ignored
     if key is not None:
         return Caller(f"api-key:{key.name}", f"key:{key.name}", key)
     return Caller(OPEN_ACTOR, f"address:{address}", None)

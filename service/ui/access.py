@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, quote
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import RedirectResponse
 
-from ..api.security import configured_key, key_required
+from ..api.security import checked_key, key_required
 from .rendering import templates
 
 COOKIE = "peer_console_key"
@@ -33,7 +33,7 @@ def console_reader(request: Request) -> None:
         return
     scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
     token = bearer if scheme.lower() == "bearer" else request.cookies.get(COOKIE, "")
-    key = configured_key(settings, token) if token else None
+    key = checked_key(request, settings, token) if token else None  # a wrong key is a guess: charged
     if key is None or "read" not in key.scopes:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise HTTPException(303, "sign in with an API key that has the 'read' scope",
@@ -57,7 +57,7 @@ async def login(request: Request):
     body = await request.body()
     form = parse_qs(body[:MAX_FORM_BYTES].decode("utf-8", errors="replace"))
     token, target = form.get("key", [""])[0].strip(), safe_next(form.get("next", [None])[0])
-    key = configured_key(request.app.state.ctx.settings, token) if token else None
+    key = checked_key(request, request.app.state.ctx.settings, token)
     if key is None or "read" not in key.scopes:
         error = "unknown API key" if key is None else f"API key {key.name!r} lacks the 'read' scope"
         return templates.TemplateResponse(request, "login.html", {"next": target, "error": error}, status_code=401)

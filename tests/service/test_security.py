@@ -442,6 +442,22 @@ def test_generation_requests_are_limited_per_key_with_retry_after(home):
         assert client.get("/v1/versions").status_code == 200  # reading is not limited
 
 
+def test_failed_key_checks_are_limited_per_address_before_any_key_is_compared(home):
+    """Guessing keys: after the budget of failed checks, every route needing a key answers 429 to that address,
+    the right key included (so a guess that would have passed cannot be told from one that would not);
+    routes needing no key are not affected. The budget is per API process, like every rate limit."""
+    with service(home, api_keys=KEYS, rate_limit_auth_failures_per_minute=3) as client:
+        assert client.post("/v1/versions/1/activate", headers=bearer("o-secret")).status_code == 200  # no charge
+        for guess in ("a", "b"):
+            assert client.post("/v1/versions/1/activate", headers=bearer(guess)).status_code == 401
+        assert client.post("/v1/versions/1/activate").status_code == 401  # no key at all is a failure too
+        spent = client.post("/v1/versions/1/activate", headers=bearer("o-secret"))
+        assert 1 <= retry_after(spent) <= 20 and "PEER_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE" in spent.json()["detail"]
+        assert retry_after(client.post("/ui/login", data={"key": "r-secret"}))
+        assert client.get("/v1/versions").status_code == 200  # reading needs no key here: nothing compared
+        assert client.post("/v1/tokenize", json={"text": "a"}, headers=bearer("wrong")).status_code == 200
+
+
 def test_mutating_requests_are_limited(home):
     with service(home, rate_limit_writes_per_minute=1) as client:
         assert client.post("/v1/versions/1/activate").status_code == 200
