@@ -86,12 +86,18 @@ def log_tail(log_path: Path, lines: int = 40) -> str:
 
 @contextmanager
 def running_service(home: Path, port: int, shape: dict[str, int], log_path: Path):
-    """The service as a subprocess (its own process group, so its workers can be killed with it);
-    stdout and stderr go to ``log_path``. Stopped with SIGTERM, killed after STOP_TIMEOUT_S."""
-    argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    """``peer-service serve`` as a subprocess; see :func:`service_process`."""
+    with service_process(["serve", "--port", str(port)], service_env(home, shape), log_path) as proc:
+        yield proc
+
+
+@contextmanager
+def service_process(args: list[str], env: dict[str, str], log_path: Path):
+    """``peer-service *args`` as a subprocess in its own process group (so that workers it starts can be killed
+    with it); stdout and stderr go to ``log_path``. Stopped with SIGTERM, its group killed after STOP_TIMEOUT_S."""
+    argv = [sys.executable, "-m", "service.cli", "--log-level", "WARNING", *args]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=service_env(home, shape), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc
     finally:
@@ -100,8 +106,8 @@ def running_service(home: Path, port: int, shape: dict[str, int], log_path: Path
             try:
                 proc.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                print(f"service did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM: killing it", file=sys.stderr)
-                os.killpg(proc.pid, signal.SIGKILL)  # the group we started: serve and its two workers
+                print(f"{args[0]} did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM: killing it", file=sys.stderr)
+                os.killpg(proc.pid, signal.SIGKILL)  # the group we started: the process and its workers
                 proc.wait()
         stop_leftovers(proc.pid)
 

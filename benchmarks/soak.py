@@ -30,7 +30,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from serve_load import free_port, percentile, training_text
+from serve_load import free_port, percentile, service_process, training_text
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("PEER_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -94,23 +93,6 @@ def private_database():
 
 
 @contextmanager
-def process(args: list[str], env: dict, log: Path):
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--log-level", "WARNING", *args], env=env,
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-@contextmanager
 def distributed_service(home: Path, port: int):
     """migrate, api and one worker on a private database and redis; yields the api process."""
     with ExitStack() as stack:
@@ -120,8 +102,8 @@ def distributed_service(home: Path, port: int):
                                                             "database_url": database, "broker_url": broker}.items()})
         subprocess.run([sys.executable, "-m", "service.cli", "migrate"], env=env, cwd=ROOT, check=True,
                        capture_output=True)
-        api = stack.enter_context(process(["api", "--port", str(port)], env, home / "api.log"))
-        stack.enter_context(process(["worker"], env, home / "worker.log"))
+        api = stack.enter_context(service_process(["api", "--port", str(port)], env, home / "api.log"))
+        stack.enter_context(service_process(["worker"], env, home / "worker.log"))
         yield api
 
 
