@@ -132,6 +132,21 @@ def cmd_serve(args, settings: Settings) -> None:
                 worker.kill()
 
 
+def schema_refusal(settings: Settings) -> str | None:
+    """Why api or worker must not start on this database (not migrated to this code's schema), or None. A
+    database that cannot be reached now is not refused here: the processes wait for it as they do mid-run."""
+    from sqlalchemy.exc import OperationalError
+
+    from .migrate import schema_problem
+
+    try:
+        return schema_problem(settings.resolved_database_url)
+    except OperationalError as exc:
+        logging.getLogger(__name__).warning("could not check the database schema (%s): starting anyway",
+                                            str(exc).splitlines()[0])
+        return None
+
+
 def main(argv: list[str] | None = None) -> int | None:
     parser = argparse.ArgumentParser(prog="peer-service", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -165,6 +180,10 @@ def main(argv: list[str] | None = None) -> int | None:
     except Exception as exc:  # pydantic ValidationError: a bad PEER_* variable
         parser.exit(2, f"peer-service: invalid settings: {exc}\n")
     setup_logging(settings.log_format, args.log_level)
+    if args.command in ("api", "worker"):
+        refusal = schema_refusal(settings)
+        if refusal:
+            parser.exit(2, f"peer-service: {refusal}\n")
     if args.command in ("api", "serve"):
         from .api.security import open_bind_refusal
 
