@@ -119,9 +119,13 @@ def _follow(work: Path, children: list[subprocess.Popen], on_log, should_stop) -
         codes = [child.poll() for child in children]
         failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
-            rank, code = failed[0]
+            # a process killed by a signal is the cause; the others then fail on the lost connection to it
+            failed.sort(key=lambda failure: (failure[1] >= 0, failure[0]))
+            statuses = ", ".join(f"process {rank} exit status {code}" for rank, code in failed)
+            rank = failed[0][0]
             tail = (work / f"rank-{rank}.log").read_text(errors="replace")[-LOG_TAIL_CHARS:]
-            raise StageFailed(f"sharded training process {rank} of {len(children)} failed (exit status {code}):\n{tail}")
+            raise StageFailed(f"sharded training failed on {len(failed)} of {len(children)} processes ({statuses}); "
+                              f"process {rank}'s output:\n{tail}")
         if all(code == 0 for code in codes):
             _read_progress(progress, offset, on_log)
             return

@@ -130,7 +130,7 @@ def test_a_killed_stage_process_fails_the_job_with_its_reason(ctx, versions):
     worker.join(timeout=120)
     job = row(ctx, Job, job_id)
     assert job.state == "failed" and no_version(ctx, job_id)
-    assert "sharded training process" in job.error and "exit status -9" in job.error
+    assert "sharded training failed" in job.error and "exit status -9" in job.error
     assert not stage_processes() and work_directories() <= before
 
 
