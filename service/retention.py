@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, select, update
@@ -32,6 +33,7 @@ from .db.models import Corpus, Job, PoolVersion, StreamDocument, utcnow
 from .db.session import transaction
 from .errors import Conflict, NotFound
 from .store import Store
+from .store_lock import store_lock
 from .usage import fold_usage, prune_raw_usage
 from .versions import active_version_id, get_version, live_version, lock_activations
 
@@ -173,6 +175,11 @@ def collect_garbage(ctx: ServiceContext, dry_run: bool = False) -> Garbage:
     no live version (and leftover temporary or backup ones), chunks no remaining manifest names,
     directories of deleted or unknown corpora and temporary files. ``dry_run``: only report them. The
     store is walked through its files (service/storage.py): a local directory or an object store."""
+    with nullcontext() if dry_run else store_lock(ctx, exclusive=True):  # no checkpoint is written meanwhile
+        return _collect_garbage(ctx, dry_run)
+
+
+def _collect_garbage(ctx: ServiceContext, dry_run: bool) -> Garbage:
     store, cutoff = ctx.store, time.time() - ctx.settings.gc_grace_seconds
     files = store.files
     with ctx.sessions() as session:

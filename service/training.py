@@ -41,6 +41,7 @@ from .jobs import (Dispatch, JobCancelled, LeaseLost, claim_job, create_job, dis
 from .retention import retain_after_publish
 from .settings import Settings
 from .sharded_stage import run_sharded_stage
+from .store_lock import save_model_locked
 from .versions import (activate, active_version_id, describe_pools, get_version, is_pretrained, live_version,
                        lock_activations)
 
@@ -465,7 +466,8 @@ def publish_version(ctx: ServiceContext, job_id: int, lease: str, base_id: int, 
     Returns the version id."""
     gate_passed, gate_reason = gate
     key = ctx.store.version_key(f"job-{job_id}-{lease[:12]}")
-    ctx.store.save_model(key, child, extra={"job_id": job_id, "parent_id": base_id})
+    retry_transient(lambda: save_model_locked(ctx, key, child, extra={"job_id": job_id, "parent_id": base_id}),
+                    ctx.settings.job_db_outage_seconds, f"job {job_id}: writing the checkpoint")
     experts, segments = describe_pools(child, parent_segments, new_ids)
 
     def commit() -> int:

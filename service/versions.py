@@ -16,6 +16,7 @@ from .db.session import transaction
 from .errors import Conflict, NotFound
 from .settings import InvalidSetting, Settings
 from .store import Store
+from .store_lock import save_model_locked
 
 INITIAL_CHECKPOINT = Store.version_key("initial")
 ACTIVATION_LOCK = 0x5045455241  # any constant shared by every process of the service ("PEERA")
@@ -127,7 +128,7 @@ def ensure_initial_version(ctx: ServiceContext) -> int | None:
             model = PEERTransformer(settings.fresh_model_config())
         gate_reason, reason = "fresh model", "first start: fresh model of the configured shape"
     if not ctx.store.has(INITIAL_CHECKPOINT):
-        ctx.store.save_model(INITIAL_CHECKPOINT, model, extra={"version": "initial"})
+        save_model_locked(ctx, INITIAL_CHECKPOINT, model, extra={"version": "initial"})
     experts, segments = describe_pools(model, None, [])
     try:
         with transaction(ctx.sessions) as session:

@@ -4,6 +4,7 @@ directories, chunks, corpus files and temporary files."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -23,6 +24,7 @@ from service.migrate import upgrade
 from service.retention import (
     Housekeeping, apply_retention, collect_garbage, delete_corpus, delete_version, set_pinned,
 )
+from service.store_lock import save_model_locked
 from service.uploads import accept_corpus
 from service.usage import usage_total
 from service.versions import activate, describe_pools, ensure_initial_version, live_version
@@ -249,3 +251,41 @@ def test_housekeeping_folds_usage_applies_retention_and_collects_garbage(ctx):
     housekeeping.run_due()  # not due again before PEER_HOUSEKEEPING_SECONDS
     assert row(ctx, PoolVersion, newer).deleted_at is None
     assert housekeeping.run()["versions_deleted"] == [newer]
+
+
+def test_a_chunk_reused_while_garbage_is_collected_is_kept(ctx, monkeypatch):
+    """The race service/store_lock.py closes: a checkpoint writer reuses (renews) a chunk only an unreferenced
+    checkpoint named, and a collector that read the manifests before the writer's existed would delete it.
+    The collector runs here, with no grace period, while the writer is paused after its first renewal: it
+    waits for the writer's manifest, collects the unreferenced checkpoint, and the new one loads whole."""
+    ctx.settings = ctx.settings.model_copy(update={"gc_grace_seconds": 0.0})
+    torch.manual_seed(0)
+    model = PEERTransformer(ctx.settings.fresh_model_config())
+    ctx.store.save_model("versions/gone", model)  # what a deleted version left: chunks nothing else names
+    experts, segments = describe_pools(model, None, [])
+    with transaction(ctx.sessions) as session:  # the version whose checkpoint the writer is writing
+        session.add(PoolVersion(checkpoint="versions/reused", model_config_json=model.config.to_dict(),
+                                experts=experts, segments=segments, corpus_ids=[]))
+    renewed, resume, renew = threading.Event(), threading.Event(), ctx.store.files.renew
+
+    def paused_renew(key):
+        found = renew(key)
+        renewed.set()
+        resume.wait(30)
+        return found
+
+    monkeypatch.setattr(ctx.store.files, "renew", paused_renew)
+    writer = threading.Thread(target=save_model_locked, args=(ctx, "versions/reused", model))
+    writer.start()
+    assert renewed.wait(30)
+    collected = []
+    collector = threading.Thread(target=lambda: collected.append(collect_garbage(ctx)))
+    collector.start()
+    collector.join(1.0)
+    assert collector.is_alive(), "the collector must wait for the writer"
+    resume.set()
+    writer.join(30)
+    collector.join(30)
+    assert "versions/gone" in collected[0].paths and not ctx.store.has("versions/gone")
+    loaded = ctx.store.load_model("versions/reused")  # CheckpointError if a chunk had been deleted
+    assert loaded.config == model.config

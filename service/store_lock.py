@@ -1,0 +1,75 @@
+"""Checkpoint writes against garbage collection: a reader-writer lock over the store's chunks.
+
+A checkpoint writer reuses every chunk that already exists, renewing its age (service/chunkstore.py), and
+names it in a manifest written last; the collector deletes chunks that no manifest names and that are older
+than PEER_GC_GRACE_SECONDS, reading their age again just before (service/retention.py). On a local store the
+check and the deletion are one step (the file is moved aside first), but on an object store a writer can
+renew a chunk between the collector's check and its DELETE and then publish a manifest naming a chunk that
+is gone. So writers hold this lock shared from their first chunk to their manifest, and the collector holds
+it exclusively from reading the manifests to its last deletion: every manifest it reads is whole, and no
+chunk is reused while it deletes.
+
+PostgreSQL: a session-level advisory lock on a connection of its own, so it holds across hosts (a lost
+connection releases it). SQLite, one host by nature: ``flock`` on ``<PEER_HOME>/store.lock``.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from peer_model.model import PEERTransformer
+
+from .chunkstore import WriteStats
+from .context import ServiceContext
+
+log = logging.getLogger(__name__)
+
+STORE_LOCK = 0x50454552_53544F52  # "PEERSTOR": this lock's advisory key
+
+
+@contextmanager
+def store_lock(ctx: ServiceContext, exclusive: bool) -> Iterator[None]:
+    """Held shared by checkpoint writers, exclusive by garbage collection (see the module's docstring)."""
+    if ctx.engine.dialect.name == "postgresql":
+        with _advisory_lock(ctx, exclusive):
+            yield
+    else:
+        with _file_lock(ctx, exclusive):
+            yield
+
+
+@contextmanager
+def _advisory_lock(ctx: ServiceContext, exclusive: bool) -> Iterator[None]:
+    kind = "" if exclusive else "_shared"
+    with ctx.engine.connect() as connection:
+        connection.execute(text(f"SELECT pg_advisory_lock{kind}(:key)"), {"key": STORE_LOCK})
+        try:
+            yield
+        finally:
+            try:
+                connection.execute(text(f"SELECT pg_advisory_unlock{kind}(:key)"), {"key": STORE_LOCK})
+            except DBAPIError:  # the connection is gone, and the lock with it
+                log.warning("could not release the store lock: its connection was lost (so was the lock)")
+
+
+@contextmanager
+def _file_lock(ctx: ServiceContext, exclusive: bool) -> Iterator[None]:
+    path = ctx.settings.home / "store.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def save_model_locked(ctx: ServiceContext, key: str, model: PEERTransformer, extra: dict | None = None) -> WriteStats:
+    """``ctx.store.save_model`` under the lock, shared: how the service writes every checkpoint."""
+    with store_lock(ctx, exclusive=False):
+        return ctx.store.save_model(key, model, extra)
