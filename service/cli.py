@@ -180,14 +180,14 @@ def main(argv: list[str] | None = None) -> int | None:
     except Exception as exc:  # pydantic ValidationError: a bad PEER_* variable
         parser.exit(2, f"peer-service: invalid settings: {exc}\n")
     setup_logging(settings.log_format, args.log_level)
-    if args.command in ("api", "worker"):
-        refusal = schema_refusal(settings)
-        if refusal:
-            parser.exit(2, f"peer-service: {refusal}\n")
     if args.command in ("api", "serve"):
         from .api.security import open_bind_refusal
 
         refusal = open_bind_refusal(args.host or settings.host, settings)
+        if refusal:
+            parser.exit(2, f"peer-service: {refusal}\n")
+    if args.command in ("api", "worker"):
+        refusal = schema_refusal(settings)
         if refusal:
             parser.exit(2, f"peer-service: {refusal}\n")
     args.func(args, settings)
