@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     rate_limit_writes_per_minute: int = Field(0, ge=0)  # train and admin routes
     rate_limit_tokens_per_minute: int = Field(0, ge=0)  # generated tokens, charged max_tokens at admission
     rate_limit_auth_failures_per_minute: int = Field(30, ge=0)  # wrong or missing keys per client address
+    # where the buckets live: a Redis shared by every API replica; None: the broker when it is Redis; "": in-process
+    rate_limit_redis_url: str | None = None
     # what one job may ask for (checked at submission, and again when the job runs)
     max_new_experts: int = Field(65_536, ge=0)  # experts one job grows per PEER layer
     max_pool_experts: int = Field(4 * 1024 * 1024, ge=1)  # experts per PEER layer: every API process holds them all
@@ -285,6 +287,15 @@ class Settings(BaseSettings):
     @property
     def broker_folder(self) -> Path:
         return (self.home / "broker").resolve()
+
+    @property
+    def resolved_rate_limit_redis_url(self) -> str | None:
+        """The Redis holding the rate-limit buckets (shared by API replicas), or None: in-process buckets."""
+        if self.rate_limit_redis_url is not None:
+            return self.rate_limit_redis_url or None
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
 
     @property
     def resolved_broker_url(self) -> str:

@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
     app = FastAPI(title="peer-service", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="A lifelong-learning language model on a growing pool of PEER experts.")
     app.state.metrics = Metrics()
-    app.state.rate_limits = RateLimits()
+    app.state.rate_limits = RateLimits(settings)
     app.state.started_at = time.time()
     for module in (generate, openai, corpora, streams, jobs, versions, experts, status, health):
         app.include_router(module.router)

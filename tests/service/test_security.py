@@ -458,6 +458,31 @@ def test_failed_key_checks_are_limited_per_address_before_any_key_is_compared(ho
         assert client.post("/v1/tokenize", json={"text": "a"}, headers=bearer("wrong")).status_code == 200
 
 
+def test_replicas_charge_one_shared_budget_in_redis(home, redis_url):
+    """With Redis (the distributed form's broker) two API processes draw on the same buckets: a caller gets
+    the budget once, not once per replica."""
+    settings = dict(api_keys=KEYS, rate_limit_generations_per_minute=3, broker_url=redis_url)
+    with service(home, **settings) as first, service(home, **settings) as second:
+        assert first.app.state.rate_limits.shared
+        for client in (first, second, first):
+            assert client.post("/v1/tokenize", json={"text": "a"}, headers=bearer("g-secret")).status_code == 200
+        assert retry_after(second.post("/v1/tokenize", json={"text": "a"}, headers=bearer("g-secret"))) >= 1
+        assert second.post("/v1/tokenize", json={"text": "a"}, headers=bearer("legacy-secret")).status_code == 200
+
+
+def test_an_unreachable_redis_lets_requests_through_uncounted(home, caplog):
+    """Rate limiting must not take the API down with Redis: requests pass, with one warning, and the next
+    calls skip Redis for a while instead of each waiting for its timeout."""
+    from .conftest import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with service(home, api_keys=KEYS, rate_limit_generations_per_minute=1, rate_limit_redis_url=dead) as client:
+        for _ in range(3):
+            assert client.post("/v1/tokenize", json={"text": "a"}, headers=bearer("g-secret")).status_code == 200
+    warnings = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+    assert len(warnings) == 1
+
+
 def test_mutating_requests_are_limited(home):
     with service(home, rate_limit_writes_per_minute=1) as client:
         assert client.post("/v1/versions/1/activate").status_code == 200

@@ -29,7 +29,7 @@ async def generate(body: GenerateRequest, request: Request, response: Response, 
     check_prompt_chars(settings, body.prompt)
     params = sampling_params(settings, max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
                              top_p=body.top_p, stop=body.stop, seed=body.seed)
-    charge_tokens(request, caller.client, params.max_tokens)
+    await charge_tokens(request, caller.client, params.max_tokens)
     generation = start_generation(host, request.app.state.metrics, lambda tokenizer: tokenizer.encode(body.prompt),
                                   params)
     version = generation.ticket.version_id

@@ -49,7 +49,7 @@ async def completions(body: CompletionRequest, request: Request, http_response: 
     params = sampling_params(settings, max_tokens=body.max_tokens or 16, temperature=body.temperature
                              if body.temperature is not None else 1.0, top_p=body.top_p or 1.0,
                              stop=body.stop, seed=body.seed)
-    charge_tokens(request, caller.client, params.max_tokens)
+    await charge_tokens(request, caller.client, params.max_tokens)
     generation = start_generation(host, request.app.state.metrics, lambda tokenizer: tokenizer.encode(prompts[0]),
                                   params)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
@@ -81,7 +81,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, http_r
     params = sampling_params(settings, max_tokens=body.max_completion_tokens or body.max_tokens,
                              temperature=body.temperature if body.temperature is not None else 1.0,
                              top_p=body.top_p or 1.0, stop=body.stop, seed=body.seed)
-    charge_tokens(request, caller.client, params.max_tokens)
+    await charge_tokens(request, caller.client, params.max_tokens)
     generation = start_generation(host, request.app.state.metrics,
                                   lambda tokenizer: chat_prompt_ids(tokenizer, body.messages), params)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
