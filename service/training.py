@@ -450,6 +450,8 @@ def train_stage(ctx: ServiceContext, parent: PEERTransformer, new_train: TokenDa
         child, result = stage.child, stage.train_result
     if result.stopped_early and progress.cancelled:
         raise JobCancelled()
+    if child is None:  # the stage processes stop early only when told to, and then the job was cancelled
+        raise RuntimeError("the sharded stage stopped before its end, and the job was not cancelled")
     return child, result, processes
 
 
