@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 from peer_model.checkpoint import load_checkpoint, save_checkpoint
 from peer_model.config import ModelConfig, PEERConfig
 from peer_model.continual import ContinualOptions, continual_stage
+from peer_model.dynamic_k import DynamicK
 from peer_model.distributed import (
     ColumnShards, DataParallel, load_sharded_checkpoint, save_sharded_checkpoint, shard_peer_layers,
 )
@@ -218,6 +220,30 @@ def stage_equals_one_process(shards, name):
         i: t.tolist() for i, t in expected.trained_experts.items()}, name
 
 
+def variants_train_sharded(shards):
+    """MH-MoE's head slices (experts d / heads wide) train sharded as on one process; DA-MoE's running scale is
+    averaged over the processes like BatchNorm's statistics, so the replicas stay equal (its calibration on
+    the batch sees each process' rows, so this run is not one process')."""
+    for name, option in (("head_slices", dict(head_slices=True)), ("dynamic_k", dict(dynamic_k=True))):
+        torch.manual_seed(0)
+        model = PEERTransformer(replace(CONFIG, peer=replace(CONFIG.peer, **option)))
+        single = copy.deepcopy(model)
+        shard_peer_layers(model, shards)
+        parallel = DataParallel(model, shards)
+        history = train(model, parallel.batches(DATA), None, _train_cfg(), parallel=parallel).history
+        if name == "head_slices":
+            expected = train(single, DATA, None, _train_cfg()).history
+            assert [r["loss"] for r in history] == pytest.approx([r["loss"] for r in expected], abs=1e-5)
+            torch.testing.assert_close(logits(model), logits(single), **TOL)
+        scales = [module.scale for module in model.modules() if isinstance(module, DynamicK)]
+        assert bool(scales) == (name == "dynamic_k")
+        replicated = [t for t in model.parameters() if getattr(t, "column_shards", None) is None] + scales
+        mine = torch.cat([t.detach().float().reshape(-1) for t in replicated])
+        everyone = [torch.empty_like(mine) for _ in range(shards.size)]
+        dist.all_gather(everyone, mine)
+        assert all(torch.equal(theirs, mine) for theirs in everyone), name
+
+
 # ---- the tests: one group of processes per size (starting processes is what takes time here) ----------
 
 
@@ -227,6 +253,7 @@ def on_two_processes(shards, root):
     load_and_resave(shards, f"{root}/one", f"{root}/one-on2")  # an unsharded checkpoint loads sharded
     for name in STAGES:
         stage_equals_one_process(shards, name)
+    variants_train_sharded(shards)
 
 
 def on_four_processes(shards, root):

@@ -2,14 +2,16 @@
 
 Every process holds a replica of the dense part (attention, norms, embeddings, the PEER routers) and
 trains on its share of each global batch. After the backward the replicas' gradients are all-reduced
-(one flat buffer) and averaged, the BatchNorm running statistics with them, so the replicas stay equal
-step after step. The expert-table shards need no reduction: the column-sharded mix already summed every
-process' tokens into each shard's gradient (peer_model/distributed/expert_mix.py); they are only divided
-by the number of processes, so that every gradient is that of the mean loss over the global batch.
+(one flat buffer) and averaged, the BatchNorm running statistics and DA-MoE's running scale with them, so
+the replicas stay equal step after step. The expert-table shards need no reduction: the column-sharded mix
+already summed every process' tokens into each shard's gradient (peer_model/distributed/expert_mix.py);
+they are only divided by the number of processes, so that every gradient is that of the mean loss over the
+global batch.
 
 With ``batches``, every process samples the same global batch (same generator) and keeps its slice:
 a run on R processes takes the optimisation steps a run on one process with the same global batch size
-takes (up to BatchNorm, whose batch statistics are each process' own, as under DistributedDataParallel).
+takes (up to what is computed from each process' own rows, as under DistributedDataParallel: BatchNorm's
+batch statistics, and DA-MoE's scale calibrated on the batch).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ..dynamic_k import DynamicK
 from .shards import ColumnShards
 
 
@@ -55,8 +58,15 @@ class DataParallel:
         return [p for p in self.model.parameters() if getattr(p, "column_shards", None) is None]
 
     def _running_stats(self) -> list[torch.Tensor]:
-        return [stat for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                for stat in (m.running_mean, m.running_var) if stat is not None]
+        """Buffers each process updates from its own rows of a batch: BatchNorm's running statistics and
+        DA-MoE's running scale (peer_model/dynamic_k.py)."""
+        stats = []
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                stats += [stat for stat in (module.running_mean, module.running_var) if stat is not None]
+            elif isinstance(module, DynamicK):
+                stats.append(module.scale)
+        return stats
 
     @torch.no_grad()
     def broadcast_replicas(self) -> None:
