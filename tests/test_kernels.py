@@ -7,7 +7,9 @@ E ∈ {4, 8}, M ∈ {1, 7, 33}, gelu/relu, fp32/bf16.
 import pytest
 import torch
 
+from peer_model.config import PEERConfig
 from peer_model.experts import expert_mix, expert_mix_reference
+from peer_model.peer import PEER
 from peer_model.pool import ExpertGrid
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]')")
@@ -184,3 +186,33 @@ def test_forward_bytes(kernels):
     # one token, E = 2 rows of u and of v at d = 4 in bf16, x and out in bf16, ids, bf16 gates, fp32 pre
     expected = 2 * 2 * 4 * 2 + 2 * 4 * 2 + 2 * (8 + 2 + 4)
     assert kernels.forward_bytes(1, 2, 4, table_bytes=2, act_bytes=2, gate_bytes=2) == expected
+
+
+@pytest.mark.parametrize("option", ["head_slices", "dynamic_k"])
+def test_the_mh_and_da_layers_mixes_match_the_reference(kernels, option):
+    """What an MH-MoE layer hands the expert mix (sub-tokens d / heads wide, experts as wide) and a DA-MoE
+    layer (dropped slots: gate 0 and the head's first id repeated), the kernels mix as the reference does."""
+    torch.manual_seed(0)
+    layer = PEER(32, PEERConfig(num_experts=16 * 16, heads=2, top_k=4, d_key=16, **{option: True}))
+    handed = {}
+
+    def capture(x, ids, gates):
+        handed.update(x=x, ids=ids, gates=gates)
+        return expert_mix_reference(x, ids, gates, layer.expert_down, layer.expert_up, layer.config.activation)
+
+    layer.mix = capture
+    tokens = torch.randn(24, 32)
+    layer(tokens, importance=torch.rand(24) if option == "dynamic_k" else None)
+    if option == "dynamic_k":
+        assert bool((handed["gates"] == 0).any()), "some slots must be dropped"
+    else:
+        assert handed["x"].shape == (48, 16)
+    x, gates = (handed[name].detach().to(DEVICE).requires_grad_() for name in ("x", "gates"))
+    down, up = (t.detach().to(DEVICE).requires_grad_() for t in (layer.expert_down, layer.expert_up))
+    ids = handed["ids"].to(DEVICE)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = run(kernels.expert_mix_triton, x, ids, gates, down, up, grad, layer.config.activation)
+    want = run(expert_mix_reference, *detached_fp32((x,)), ids, *detached_fp32((gates, down, up)), grad,
+               layer.config.activation)
+    for name, g, w in zip(("out", "grad x", "grad gates", "grad down", "grad up"), got, want):
+        torch.testing.assert_close(g.to_dense() if g.is_sparse else g, w, atol=1e-5, rtol=1e-5, msg=name)
