@@ -105,8 +105,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         if getattr(sender, "app", None) is not app:
             return
         if settings.worker_metrics_port:  # the solo pool (the default) runs the tasks in this very process
-            start_http_server(settings.worker_metrics_port, registry=metrics.registry)
-            log.info("worker metrics on port %s", settings.worker_metrics_port)
+            try:
+                start_http_server(settings.worker_metrics_port, registry=metrics.registry)
+                log.info("worker metrics on port %s", settings.worker_metrics_port)
+            except OSError as exc:  # metrics are not worth a worker without its watchdog
+                log.error("worker metrics not served: port %s: %s", settings.worker_metrics_port, exc)
         interval = settings.job_watchdog_seconds
 
         def loop() -> None:

@@ -146,9 +146,24 @@ def test_metrics_reads_the_oldest_queued_job_and_answers_with_the_database_down(
         assert metric(down.text, "peer_http_requests_total", method="GET", route="/metrics", status="200") >= 1
 
 
+def free_port_pair() -> int:
+    """A free port whose successor is free too."""
+    import socket
+
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
 def test_serve_logs_json_with_request_and_job_ids_and_workers_serve_their_metrics(processes, tmp_path):
     """The real processes: ``peer-service serve`` (API + two workers) logging JSON by default."""
-    port, metrics_port = free_port(), free_port()
+    metrics_port = free_port_pair()  # the ingest worker's, and the train worker's one above
+    port = next(p for p in iter(free_port, None) if p not in (metrics_port, metrics_port + 1))
     env = service_env(tmp_path / "home", worker_metrics_port=metrics_port)
     serve = start(processes, ["--log-level", "INFO", "serve", "--port", str(port)], env, tmp_path / "serve.log")
     with http(port) as client:
@@ -206,3 +221,39 @@ def test_the_inline_workers_log_lines_carry_the_job_id(tmp_path, json_log):
         ctx.close()
     failures = [e for e in json_log() if e["message"] == f"job {job.id} failed"]
     assert failures and all(e["job_id"] == job.id for e in failures)
+
+
+def test_a_worker_whose_metrics_port_is_taken_still_runs_its_watchdog(processes, tmp_path):
+    """The metrics server failing to bind must not take the watchdog with it (it did: the handler raised
+    before starting it, and jobs never sent waited for ever): a job recorded but never sent is sent by the
+    watchdog's first pass and runs."""
+    import socket
+
+    from service.context import ServiceContext
+    from service.db.models import Corpus, Job
+    from service.ingest import parse_upload
+    from service.uploads import accept_corpus
+
+    home = tmp_path / "home"
+    settings = tiny_settings(home)
+    upgrade(settings.resolved_database_url)
+    ctx = ServiceContext.from_settings(settings)
+    text = domain_text("english")
+    with transaction(ctx.sessions) as session:  # recorded, never dispatched (as with the broker down)
+        corpus, job = accept_corpus(ctx, session, "english", parse_upload(text.encode(), "text", len(text.encode())),
+                                    text, "text", False, {})
+        corpus_id, job_id = corpus.id, job.id
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = service_env(home, worker_metrics_port=taken.getsockname()[1])
+        worker = start(processes, ["worker", "--queues", "ingest"], env, tmp_path / "worker.log")
+
+        def ingested():
+            assert worker.popen.poll() is None, worker.tail()
+            with ctx.sessions() as session:
+                return session.get(Job, job_id).state == "succeeded" and session.get(Corpus, corpus_id).state == "ready"
+
+        wait_for(ingested, 60, interval=0.3, what="the never-sent ingest job to run")
+    ctx.close()
+    assert "worker metrics not served" in worker.tail()
