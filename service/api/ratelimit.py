@@ -1,4 +1,4 @@
-"""Rate limits: in-process token buckets per caller (an API key's name, else the client's address).
+"""Rate limits: token buckets per caller (an API key's name, else the client's address).
 
 Four budgets, each a setting per minute (0: off): generation requests (generate scope), mutating
 requests (train and admin scopes), generated tokens, and failed key checks per client address (a caller
@@ -8,9 +8,10 @@ as the budget, whatever the guesses).
 The buckets live in Redis when there is one (PEER_RATE_LIMIT_REDIS_URL, by default the broker when it is
 Redis): every API replica then charges the same buckets, and a restart keeps them. Without Redis (the
 embedded default) they live in the API process, so N replicas would allow N times the budget. A Redis that
-cannot be reached does not take the API down with it: requests pass uncounted, with a warning, until it is back. A generation is charged its ``max_tokens`` when it
-is admitted (the most it can produce), as OpenAI-style gateways count tokens-per-minute quotas. The
-buckets live in one API process: with N API replicas a caller gets up to N times the budget.
+cannot be reached does not take the API down with it: requests pass uncounted, with a warning, until it is back.
+
+A generation is charged its ``max_tokens`` when it is admitted (the most it can produce), as OpenAI-style
+gateways count tokens-per-minute quotas.
 """
 from __future__ import annotations
 
