@@ -7,7 +7,7 @@ row at its own position, see ``KVCache.lengths``). Finished or cancelled sequenc
 once and the last row moves into the hole, so the running rows are always ``0 .. n-1`` and the decode
 batch is a view, never a copy of the cache.
 
-Special ids (the BOS every prompt starts with, the EOS ids, the ids never sampled) and the text of sampled
+Special ids (the BOS a prompt starts with when the tokenizer adds one, the EOS ids, the ids never sampled) and the text of sampled
 ids are the model tokenizer's (``model.tokenizer``).
 
 Each sequence keeps its own sampling parameters, seeded generator, stop strings and budget, and goes
@@ -26,7 +26,7 @@ from .generate import (
     CompletionStream, GenerationStep, SamplingParams, check_prompt, make_generator, next_step, prefill, sample_next,
 )
 from .model import KVCache
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, context_ids
 
 
 @dataclass(eq=False)
@@ -83,7 +83,7 @@ class BatchDecoder:
         row = KVCache(cache.keys[:, slot : slot + 1], cache.values[:, slot : slot + 1])  # a view: writes land in place
         generator = make_generator(params.seed, self.device)
         with torch.inference_mode():
-            tokens = torch.tensor([[self.tokenizer.bos_id, *prompt_ids]], dtype=torch.long, device=self.device)
+            tokens = torch.tensor([context_ids(self.tokenizer, prompt_ids)], dtype=torch.long, device=self.device)
             first = int(sample_next(prefill(self.model, tokens, row), params, generator, self.tokenizer.never_sampled))
         cache.lengths[slot] = tokens.shape[1]
         stream = CompletionStream(params.stop, self.tokenizer.stream_decoder())

@@ -7,6 +7,7 @@
     peer grow runs/shakespeare --experts 4096 --tag jargon --out runs/grown
     peer info runs/grown
     peer retrofit path/to/hf-model --out runs/retrofit     # PEER beside a pretrained model's middle feed-forward
+    peer retrofit path/to/model.gguf --out runs/retrofit   # the same from a GGUF file (llama.cpp's format)
     peer export runs/retrofit --hf exported/                # back to Hugging Face format (+ the expert tensors)
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .corpora import CORPORA, CorpusUnavailable, load_corpus, split_train_val
 from .distributed import DataParallel, load_sharded_checkpoint, save_sharded_checkpoint, shard_peer_layers
 from .distributed.launch import join_process_group, launched_by_torchrun, run_processes
 from .generate import SamplingParams, generate
-from .hf import UnsupportedModel, export_hf, is_hf_dir, load_hf, retrofit
+from .hf import UnsupportedModel, export_hf, is_pretrained, load_hf, retrofit
 from .flops import count_flops
 from .model import PEERTransformer
 from .presets import PRESETS, preset_config
@@ -41,8 +42,9 @@ class CLIError(Exception):
 
 
 def load_model(path: str, device: str = "cpu") -> PEERTransformer:
-    """One of our checkpoints, or a Hugging Face model directory (loaded as it is, no expert layer added)."""
-    if is_hf_dir(path):
+    """One of our checkpoints, or a pretrained model (a Hugging Face directory or a GGUF file, loaded as it
+    is, no expert layer added)."""
+    if is_pretrained(path):
         return load_hf(path, device=device)
     return load_checkpoint(path, device)
 
@@ -97,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     text = _read_texts(args)
     train_text, val_text = split_train_val(text, args.val_fraction)
     shards, device = join_process_group(args.device) if launched_by_torchrun() else (None, args.device)
-    if args.init and shards is not None and not is_hf_dir(args.init):
+    if args.init and shards is not None and not is_pretrained(args.init):
         model = load_sharded_checkpoint(args.init, shards)  # only this process' columns are read
     elif args.init:
         model = load_model(args.init)
@@ -304,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write here instead of over the checkpoint")
     p.set_defaults(func=cmd_grow)
 
-    p = sub.add_parser("retrofit", help="insert PEER layers into a pretrained Hugging Face-format model")
-    p.add_argument("hf_dir", help="a local model directory: config.json, *.safetensors, tokenizer.json")
+    p = sub.add_parser("retrofit", help="insert PEER layers into a pretrained model (Hugging Face directory or GGUF)")
+    p.add_argument("hf_dir", help="a local model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--layers", default="middle", help="middle, all, or comma-separated block indices")
     p.add_argument("--branch", default="parallel", choices=["parallel", "replace"],

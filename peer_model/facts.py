@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .generate import SamplingParams, generate_text, mask_unsampleable
-from .tokenizer import ByteTokenizer, Tokenizer
+from .tokenizer import ByteTokenizer, Tokenizer, context_ids
 from .train import id_dtype
 
 MAX_FACTS_PER_STAGE = 50_000
@@ -122,20 +122,20 @@ def facts_text(facts: Sequence[Fact], repeats: int = 1, seed: int = 0) -> str:
 
 def facts_tokens(facts: Sequence[Fact], repeats: int = 1, seed: int = 0,
                  tokenizer: Tokenizer | None = None) -> torch.Tensor:
-    """The sentences of :func:`facts_text` as ids of ``tokenizer`` (default bytes), each one preceded by
-    its BOS (1-D, int16 unless the vocabulary needs int32).
+    """The sentences of :func:`facts_text` as ids of ``tokenizer`` (default bytes), each one a context of
+    its own (:func:`~peer_model.tokenizer.context_ids`: after its BOS when the tokenizer adds one; 1-D,
+    int16 unless the vocabulary needs int32).
 
-    Recall prompts start with BOS (generation adds it). Training windows start with BOS too, but a
-    fact sentence mostly sits mid-window; a BOS before each sentence lets the model see the probe's
-    exact context. (Before training windows started with BOS, a model trained on plain sentences was
+    Recall prompts start with BOS when the tokenizer adds one (generation does). Training windows start
+    with it too, but a fact sentence mostly sits mid-window; a BOS before each sentence lets the model
+    see the probe's exact context. (Before training windows started with BOS, a model trained on plain sentences was
     measured to complete "<BOS>The capital of X is" with garbage bytes.) Append these to a stage's
     corpus tokens.
     """
     tokenizer = tokenizer or ByteTokenizer()
     ids: list[int] = []
     for line in facts_text(facts, repeats, seed).splitlines(keepends=True):
-        ids.append(tokenizer.bos_id)
-        ids.extend(tokenizer.encode(line))
+        ids.extend(context_ids(tokenizer, tokenizer.encode(line)))
     return torch.tensor(ids, dtype=id_dtype(tokenizer.vocab_size))
 
 
@@ -173,7 +173,7 @@ def recalled(model: nn.Module, facts: Sequence[Fact], tokenizer: Tokenizer | Non
 
 def answer_bits(model: nn.Module, facts: Sequence[Fact], tokenizer: Tokenizer | None = None,
                 batch_size: int = 64) -> list[float]:
-    """Per fact: bits per byte of the answer given ``BOS + prompt`` (teacher-forced, the full softmax): the
+    """Per fact: bits per byte of the answer given the prompt's context (teacher-forced, the full softmax): the
     answer tokens' bits over its UTF-8 bytes.
 
     Greedy recall is all or nothing: a fact whose answer became ten times likelier but is still not
@@ -206,7 +206,7 @@ def _answer_logits(model: nn.Module, facts: Sequence[Fact], tokenizer: Tokenizer
                 group = facts[start : start + batch_size]
                 prompts = [tokenizer.encode(f.prompt) for f in group]
                 answers = [tokenizer.encode(f.answer) for f in group]
-                rows = [[tokenizer.bos_id, *p, *a] for p, a in zip(prompts, answers)]
+                rows = [[*context_ids(tokenizer, p), *a] for p, a in zip(prompts, answers)]
                 width = max(len(r) for r in rows)
                 if width - 1 > max_len:  # the last answer token is predicted, never fed
                     raise ValueError(f"a fact needs {width - 1} positions; the model has {max_len}")
@@ -216,8 +216,8 @@ def _answer_logits(model: nn.Module, facts: Sequence[Fact], tokenizer: Tokenizer
                 logits = model(tokens.to(device)).float().cpu()
                 if mask:
                     logits = mask_unsampleable(logits, tokenizer.never_sampled)
-                for i, (p, a) in enumerate(zip(prompts, answers)):
-                    first = len(p)  # position of the last prompt token (BOS shifts by one)
+                for i, (row, a) in enumerate(zip(rows, answers)):
+                    first = len(row) - len(a) - 1  # position of the last prompt token
                     yield logits[i, first : first + len(a)], a
     finally:
         model.train(was_training)

@@ -14,7 +14,7 @@ Three layers, each usable on its own:
 * :func:`generate` streams :class:`GenerationStep` objects for one prompt, :func:`generate_text`
   collects them into a :class:`GenerationResult`.
 
-The special ids (the BOS that starts the context, the EOS ids that end a completion, the ids never
+The special ids (the BOS that starts a context when the tokenizer adds one, the EOS ids that end a completion, the ids never
 sampled) and the text of sampled ids come from the model's own tokenizer, ``model.tokenizer``.
 
 Single prompt only: the model has one cache length and no padding mask, so prompts of different
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .model import KVCache
-from .tokenizer import ByteTokenizer, IncrementalDecoder, StreamDecoder, Tokenizer
+from .tokenizer import ByteTokenizer, IncrementalDecoder, StreamDecoder, Tokenizer, context_ids
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters; bounds the per-token cost of looking for a stop string
@@ -222,24 +222,27 @@ class GenerationStep:
 @dataclass(frozen=True)
 class GenerationResult:
     text: str
-    prompt_tokens: int  # the prompt's own tokens, without the BOS generation adds
+    prompt_tokens: int  # the prompt's own tokens, without a BOS generation adds
     completion_tokens: int  # tokens sampled, including an EOS and the tokens of a stop string
     finish_reason: FinishReason
     token_ids: tuple[int, ...] = ()  # the sampled ids
 
 
-def completion_budget(model: nn.Module, num_prompt_tokens: int, max_tokens: int) -> int:
-    """How many tokens can be sampled after BOS + prompt within ``model.config.max_seq_len``.
+def completion_budget(model: nn.Module, prompt_ids: list[int], max_tokens: int) -> int:
+    """How many tokens can be sampled after the context of ``prompt_ids`` (:func:`context_ids`: the
+    prompt, after a BOS when the tokenizer adds one) within ``model.config.max_seq_len``.
 
-    Sampling n tokens feeds BOS, the prompt and the first n - 1 sampled tokens through the model.
+    Sampling n tokens feeds the context and the first n - 1 sampled tokens through the model.
     """
     max_len = model.config.max_seq_len
-    if num_prompt_tokens + 1 > max_len:
+    context = len(context_ids(model.tokenizer, prompt_ids))
+    if context > max_len:
+        extra = context - len(prompt_ids)
         raise ValueError(
-            f"prompt of {num_prompt_tokens} tokens (+1 BOS) does not fit the context window of "
-            f"{max_len} tokens; shorten it to at most {max_len - 1} tokens"
+            f"prompt of {len(prompt_ids)} tokens{f' (+{extra} BOS)' if extra else ''} does not fit the context "
+            f"window of {max_len} tokens; shorten it to at most {max_len - extra} tokens"
         )
-    return min(max_tokens, max_len - num_prompt_tokens)
+    return min(max_tokens, max_len - context + 1)
 
 
 def prefill(model: nn.Module, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -253,8 +256,8 @@ def decode_one_token(model: nn.Module, token: torch.Tensor, cache: KVCache) -> t
 
 
 def sample_tokens(model: nn.Module, prompt_ids: list[int], params: SamplingParams, budget: int) -> Iterator[int]:
-    """Lazily sample up to ``budget`` ids after BOS + prompt, ending early with an EOS id (both of
-    ``model.tokenizer``); each forward runs only when asked for.
+    """Lazily sample up to ``budget`` ids after the prompt's context (:func:`context_ids`), ending early
+    with an EOS id (both of ``model.tokenizer``); each forward runs only when asked for.
 
     Grad mode is thread-local, so inference mode is entered around each model call rather than
     across a ``yield`` (the consumer may resume this generator from another thread).
@@ -263,8 +266,9 @@ def sample_tokens(model: nn.Module, prompt_ids: list[int], params: SamplingParam
     tokenizer: Tokenizer = model.tokenizer
     generator = make_generator(params.seed, device)
     with torch.inference_mode():
-        cache = model.new_cache(1, len(prompt_ids) + budget)
-        tokens = torch.tensor([[tokenizer.bos_id, *prompt_ids]], dtype=torch.long, device=device)
+        context = context_ids(tokenizer, prompt_ids)
+        cache = model.new_cache(1, len(context) + budget - 1)
+        tokens = torch.tensor([context], dtype=torch.long, device=device)
         next_id = sample_next(prefill(model, tokens, cache), params, generator, tokenizer.never_sampled)  # (1,)
     for produced in range(1, budget + 1):
         token = int(next_id)
@@ -281,9 +285,10 @@ def check_prompt(model: nn.Module, prompt_ids: list[int], params: SamplingParams
     vocab, never = model.config.vocab_size, model.tokenizer.never_sampled
     bad = [t for t in prompt_ids if not 0 <= t < vocab or t in never]
     if bad:
-        raise ValueError(f"prompt ids must be in [0, {vocab}) and none of {sorted(never)} (BOS/PAD: generation "
-                         f"adds the BOS itself), got {bad[:5]}")
-    return completion_budget(model, len(prompt_ids), params.max_tokens)
+        raise ValueError(f"prompt ids must be in [0, {vocab})" + (f" and none of {sorted(never)} (ids the model "
+                         "never reads inside a text: generation adds a BOS itself)" if never else "")
+                         + f", got {bad[:5]}")
+    return completion_budget(model, prompt_ids, params.max_tokens)
 
 
 def next_step(stream: CompletionStream, token: int, produced: int, budget: int,
@@ -305,7 +310,7 @@ def next_step(stream: CompletionStream, token: int, produced: int, budget: int,
 
 
 def generate(model: nn.Module, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationStep]:
-    """Stream the completion of ``prompt_ids`` (ids of ``model.tokenizer``; its BOS is added), one step per
+    """Stream the completion of ``prompt_ids`` (ids of ``model.tokenizer``, in its context), one step per
     sampled token.
 
     Raises ValueError (before anything is computed) if the prompt does not fit the context window;

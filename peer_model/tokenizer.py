@@ -40,15 +40,18 @@ class IncrementalDecoder(Protocol):
 class Tokenizer(Protocol):
     """What the library needs of a model's tokenizer.
 
-    ``bos_id`` starts every context (training windows, generation prompts); generation stops on any
-    of ``eos_ids`` and never samples ``never_sampled``; ``pad_id`` (None: the model has none) may fill
-    positions a causal model never reads. ``encode`` adds no special ids; ``decode`` skips them and
-    never raises. ``save`` writes what :func:`load_tokenizer` needs to rebuild the tokenizer.
+    ``add_bos``: the tokenizer's own rule, whether ``bos_id`` starts every context (training windows,
+    evaluation windows, generation prompts: :func:`context_ids`); a context with nothing in it starts
+    with ``bos_id`` either way. Generation stops on any of ``eos_ids`` and never samples
+    ``never_sampled``; ``pad_id`` (None: the model has none) may fill positions a causal model never
+    reads. ``encode`` adds no special ids; ``decode`` skips them and never raises. ``save`` writes what
+    :func:`load_tokenizer` needs to rebuild the tokenizer.
     """
 
     kind: str
     vocab_size: int
     bos_id: int
+    add_bos: bool
     eos_ids: frozenset[int]
     never_sampled: frozenset[int]
     pad_id: int | None
@@ -71,6 +74,7 @@ class ByteTokenizer:
     kind = "byte"
     vocab_size = VOCAB_SIZE
     bos_id = BOS
+    add_bos = True
     eos_ids = frozenset({EOS})
     never_sampled = frozenset({BOS, PAD})
     pad_id = PAD
@@ -116,6 +120,19 @@ class StreamDecoder:
     def flush(self) -> str:
         """End the stream: an incomplete trailing sequence becomes U+FFFD. Resets the decoder."""
         return self._decoder.decode(b"", final=True)
+
+
+def context_ids(tokenizer: Tokenizer, ids: Iterable[int]) -> list[int]:
+    """``ids`` as the tokenizer starts a context: after its BOS when it adds one (``add_bos``), as they
+    are otherwise; ``[bos_id]`` when there is nothing else to condition on."""
+    ids = [int(i) for i in ids]
+    return [tokenizer.bos_id, *ids] if tokenizer.add_bos or not ids else ids
+
+
+def window_start(tokenizer: Tokenizer) -> int | None:
+    """The id every training or evaluation window of this tokenizer's text starts with (its BOS), or
+    None when its contexts start with the text itself (:class:`peer_model.train.TokenData`)."""
+    return tokenizer.bos_id if tokenizer.add_bos else None
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:

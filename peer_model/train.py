@@ -32,7 +32,7 @@ from .config import ModelConfig
 from .optim import SparseRowAdam, coalesced
 from .parameterization import combine, lr_multipliers
 from .peer import PEER
-from .tokenizer import BOS, Tokenizer
+from .tokenizer import BOS, Tokenizer, window_start
 
 if TYPE_CHECKING:
     from .distributed import DataParallel
@@ -128,14 +128,17 @@ def id_dtype(vocab_size: int) -> torch.dtype:
 class TokenData:
     """A 1-D sequence of token ids of one tokenizer cut into windows.
 
-    Every window is a fresh context that starts with ``bos`` (the tokenizer's ``bos_id``), exactly as
-    generation does (``BOS + prompt``): inputs ``[BOS, w0 .. w(T-2)]``, targets ``[w0 .. w(T-1)]``. A
-    model trained on windows that start mid-text never sees BOS and reads it as noise at generation time.
+    Every window is a fresh context that starts as the tokenizer starts one, exactly as generation does
+    (:func:`~peer_model.tokenizer.context_ids`). With a ``bos`` (the tokenizer adds its BOS): inputs
+    ``[BOS, w0 .. w(T-2)]``, targets ``[w0 .. w(T-1)]`` (a model trained on windows that start mid-text
+    never sees BOS and reads it as noise at generation time). With ``bos`` None (the tokenizer adds none,
+    as GPT-2's, Qwen's and SmolLM2's): inputs ``[w0 .. w(T-1)]``, targets ``[w1 .. wT]``, so the text's
+    first token is never a target.
     ``bytes_per_token``: UTF-8 bytes of text per token, so that :func:`evaluate_bpb` reports bits per
     byte for any tokenizer (1 for bytes).
     """
 
-    def __init__(self, tokens: torch.Tensor, bos: int = BOS, bytes_per_token: float = 1.0):
+    def __init__(self, tokens: torch.Tensor, bos: int | None = BOS, bytes_per_token: float = 1.0):
         if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex():
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tokens.dtype} {tuple(tokens.shape)}")
         if not bytes_per_token > 0:
@@ -153,7 +156,7 @@ class TokenData:
         if tokenizer is None or tokenizer.kind == "byte":
             return cls(torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))
         ids = tokenizer.encode(text)
-        return cls(torch.tensor(ids, dtype=torch.int32), tokenizer.bos_id, len(data) / len(ids) if ids else 1.0)
+        return cls(torch.tensor(ids, dtype=torch.int32), window_start(tokenizer), len(data) / len(ids) if ids else 1.0)
 
     def __len__(self) -> int:
         return self.tokens.numel()
@@ -162,34 +165,40 @@ class TokenData:
         self, batch_size: int, seq_len: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch_size`` windows of ``seq_len`` tokens at uniform random offsets: (inputs, targets),
-        both (B, T) int64, inputs = BOS + targets shifted right by one."""
-        if len(self) < seq_len:
+        both (B, T) int64, inputs = targets shifted right by one (after BOS, or the text's previous token)."""
+        span = seq_len + (self.bos is None)
+        if len(self) < span:
             raise ValueError(f"{len(self)} tokens cannot fill a window of seq_len = {seq_len}")
-        starts = torch.randint(0, len(self) - seq_len + 1, (batch_size, 1), generator=generator)
-        return _with_bos(self.tokens[starts + torch.arange(seq_len)].long(), self.bos)
+        starts = torch.randint(0, len(self) - span + 1, (batch_size, 1), generator=generator)
+        return _shifted(self.tokens[starts + torch.arange(span)].long(), self.bos)
 
     def iter_eval_batches(
         self, batch_size: int, seq_len: int, max_batches: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Deterministic windows from the start: window w predicts tokens ``w*T .. (w+1)*T - 1``, so
-        every token is a target exactly once. Full windows come ``batch_size`` at a time; a shorter
+        every token is a target exactly once (without a BOS: tokens ``1 + w*T ..``, every token but the
+        first, which has no context). Full windows come ``batch_size`` at a time; a shorter
         last window, if any, is a batch of its own. At most ``max_batches`` batches.
         """
-        n = len(self)
+        context = self.bos is None  # without a BOS, a window also reads the token before its first target
+        n = len(self) - context
         starts = list(range(0, n, seq_len))
         full = [s for s in starts if s + seq_len <= n]
         batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
         if len(full) < len(starts):
             batches.append(starts[len(full) :])  # the tail window, shorter than seq_len
         for group in batches[:max_batches]:
-            length = min(seq_len, n - group[0])
-            yield _with_bos(self.tokens[torch.tensor(group).unsqueeze(1) + torch.arange(length)].long(), self.bos)
+            length = min(seq_len, n - group[0]) + context
+            yield _shifted(self.tokens[torch.tensor(group).unsqueeze(1) + torch.arange(length)].long(), self.bos)
 
 
-def _with_bos(targets: torch.Tensor, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) target windows → (inputs, targets) with inputs = [bos, targets[:, :-1]]."""
-    inputs = torch.cat([torch.full_like(targets[:, :1], bos), targets[:, :-1]], dim=1)
-    return inputs, targets
+def _shifted(windows: torch.Tensor, bos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) windows → (inputs, targets): with a ``bos``, inputs = [bos, windows[:, :-1]] and targets the
+    windows; without, inputs = windows[:, :-1] and targets = windows[:, 1:]."""
+    if bos is None:
+        return windows[:, :-1], windows[:, 1:]
+    inputs = torch.cat([torch.full_like(windows[:, :1], bos), windows[:, :-1]], dim=1)
+    return inputs, windows
 
 
 # ---- optimizers ----------------------------------------------------------------------------------

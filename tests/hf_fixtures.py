@@ -11,7 +11,7 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 STYLES = ("chatml", "llama3", "gpt2")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|end_of_text|>",
@@ -81,8 +81,8 @@ def build_bpe_tokenizer_dir(path: str | Path, *, style: str = "chatml") -> Path:
 
     * ``"chatml"`` (Qwen): no BOS anywhere (config.json's bos_token_id is null), eos ``<|im_end|>`` and, in
       generation_config.json, also ``<|endoftext|>``, which is the pad token; a ChatML template;
-    * ``"llama3"``: BOS ``<|begin_of_text|>``, eos ``<|eot_id|>`` and ``<|end_of_text|>``, no pad; a
-      template that starts with ``{{ bos_token }}``;
+    * ``"llama3"``: BOS ``<|begin_of_text|>``, which the post-processor puts before every text, eos
+      ``<|eot_id|>`` and ``<|end_of_text|>``, no pad; a template that starts with ``{{ bos_token }}``;
     * ``"gpt2"``: ``<|endoftext|>`` is BOS, EOS and UNK at once; no pad, no template.
     """
     from transformers import PreTrainedTokenizerFast
@@ -100,6 +100,9 @@ def build_bpe_tokenizer_dir(path: str | Path, *, style: str = "chatml") -> Path:
         generation = {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]}
     elif style == "llama3":
         special = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+        bos = ("<|begin_of_text|>", ids["<|begin_of_text|>"])  # Llama 3's post-processor starts every text with it
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
+                                                               special_tokens=[bos])
         template = LLAMA3_TEMPLATE
         config = {"bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": ids["<|end_of_text|>"]}
         generation = {"bos_token_id": ids["<|begin_of_text|>"],

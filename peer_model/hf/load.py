@@ -7,11 +7,15 @@ fetched from a hub, and no code of ``transformers`` runs: the family's options b
 
 A directory written by :func:`peer_model.hf.export.export_hf` also carries its expert layers (their
 tensors under ``...peer.*`` and a ``peer_retrofit`` section in config.json); they are loaded too.
+
+A GGUF file (or a directory holding one) loads the same way: :mod:`peer_model.hf.gguf` gives its
+config, its tensors under the Hugging Face names and its tokenizer.
 """
 from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,12 +26,17 @@ from ..model import PEERTransformer
 from ..pool import ExpertGrid
 from ..tokenizer import load_tokenizer
 from .families import GPT2_TYPES, Source, UnsupportedModel, config_fields, expert_prefix, model_type, weight_map
+from .gguf import GGUFModel, find_gguf
 
 CONFIG = "config.json"
 RETROFIT_KEY = "peer_retrofit"  # config.json section written by export_hf
 
 
 def read_hf_config(path: str | os.PathLike[str]) -> dict:
+    """The Hugging Face config of a model directory, or the one a GGUF file's metadata implies."""
+    gguf = find_gguf(path)
+    if gguf is not None:
+        return GGUFModel(gguf).hf_config
     file = Path(path) / CONFIG
     try:
         hf = json.loads(file.read_text(encoding="utf-8"))
@@ -36,6 +45,14 @@ def read_hf_config(path: str | os.PathLike[str]) -> dict:
     if not isinstance(hf, dict) or "model_type" not in hf:
         raise UnsupportedModel(f"{file}: no model_type (is this a Hugging Face model directory?)")
     return hf
+
+
+def is_pretrained(path: str | os.PathLike[str]) -> bool:
+    """A pretrained model to load with :func:`load_hf`: a Hugging Face directory or a GGUF file."""
+    try:
+        return is_hf_dir(path) or find_gguf(path) is not None
+    except UnsupportedModel:  # a directory of several GGUF files: loading it says which to name
+        return True
 
 
 def is_hf_dir(path: str | os.PathLike[str]) -> bool:
@@ -96,11 +113,20 @@ def gather(source: Source, read) -> torch.Tensor:
 
 def load_hf(path: str | os.PathLike[str], *, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32,
             device: str | torch.device = "cpu") -> PEERTransformer:
-    """The model of a Hugging Face directory with its own tokenizer, in eval mode. ``max_seq_len`` caps
-    the context (default: the model's, at most 4096, since the KV cache grows with it)."""
+    """The model of a Hugging Face directory or a GGUF file with its own tokenizer, in eval mode.
+    ``max_seq_len`` caps the context (default: the model's, at most 4096, since the KV cache grows with it)."""
     root = Path(path)
-    hf = read_hf_config(root)
-    kind = model_type(hf)
+    gguf_file = find_gguf(root)
+    if gguf_file is not None:
+        gguf = GGUFModel(gguf_file)
+        hf, stored, reader, tokenizer = gguf.hf_config, gguf.hf_names(), gguf.read, gguf.tokenizer
+        kind = model_type(hf)
+    else:
+        hf = read_hf_config(root)
+        kind = model_type(hf)
+        weights = HFWeights(root)
+        stored, reader = _normalised(weights, kind), weights.get
+        tokenizer = partial(load_tokenizer, root)
     retrofit = hf.get(RETROFIT_KEY)
     fields = config_fields(hf, max_seq_len)
     grids: dict[int, ExpertGrid] = {}
@@ -111,13 +137,11 @@ def load_hf(path: str | os.PathLike[str], *, max_seq_len: int | None = None, dty
     config = ModelConfig(**fields, hf_config={k: v for k, v in hf.items() if k != RETROFIT_KEY})
     with torch.device(device):
         model = PEERTransformer(config, grids).to(dtype)
-    weights = HFWeights(root)
-    stored = _normalised(weights, kind)
 
     def read(key: str) -> torch.Tensor:
         if key not in stored:
             raise UnsupportedModel(f"{root}: the checkpoint has no tensor {key!r}")
-        return weights.get(stored[key])
+        return reader(stored[key])
 
     sources = {ours: (lambda source=source: gather(source, read)) for ours, source in weight_map(config, kind).items()}
     for block, layer in model.expert_layers().items():
@@ -126,7 +150,7 @@ def load_hf(path: str | os.PathLike[str], *, max_seq_len: int | None = None, dty
             key = f"{expert_prefix(kind, block)}.{name}"
             sources[f"blocks.{block}.{ours}.{name}"] = lambda key=key: read(key)
     _load_state(model, sources, root)
-    model.tokenizer = load_tokenizer(root)
+    model.tokenizer = tokenizer()
     if model.tokenizer.vocab_size > config.vocab_size:
         raise UnsupportedModel(f"{root}: the tokenizer has {model.tokenizer.vocab_size} ids, the model's "
                                f"embedding only {config.vocab_size}")

@@ -2,8 +2,10 @@
 
 :meth:`HFTokenizer.from_dir` reads what a Hugging Face model directory says about its special ids:
 ``tokenizer_config.json`` (special token strings, chat template), ``config.json`` and
-``generation_config.json`` (bos/eos ids). Llama 3 has a BOS of its own; GPT-2's BOS is its EOS
-(``<|endoftext|>`` separates documents); Qwen has none, and a context then starts with the first EOS id.
+``generation_config.json`` (bos/eos ids). The tokenizer's own rule decides whether a context starts with
+BOS (``add_bos``: ``add_bos_token``, else what its post-processor adds): Llama's do, GPT-2's, Qwen's and
+SmolLM2's do not. A model without a BOS id uses its first EOS id where one is needed (an empty prompt).
+Generation stops at every EOS id and at the chat template's end-of-turn token.
 
 Chat templates are Jinja code from the Hub, so they run in jinja2's immutable sandbox with the
 globals and filters ``transformers`` gives them (``raise_exception``, ``strftime_now``, a ``tojson``
@@ -42,7 +44,7 @@ class HFTokenizer:
     kind = "hf"
 
     def __init__(self, tokenizer: Tokenizer, *, bos_id: int, eos_ids: Sequence[int], pad_id: int | None = None,
-                 chat_template: str | None = None, tokenizer_config: Mapping | None = None,
+                 add_bos: bool = False, chat_template: str | None = None, tokenizer_config: Mapping | None = None,
                  generation_config: Mapping | None = None):
         self._tokenizer = tokenizer
         self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
@@ -53,12 +55,14 @@ class HFTokenizer:
             if value is not None and not (_is_id(value) and value < self.vocab_size):
                 raise ValueError(f"{name} id {value!r} is not an id of the tokenizer (0 .. {self.vocab_size - 1})")
         self.bos_id = bos_id
-        self.eos_ids = frozenset(self._eos_order)
+        self.add_bos = add_bos
         self.pad_id = pad_id
-        self.never_sampled = frozenset(i for i in (bos_id, pad_id) if i is not None) - self.eos_ids
         self.chat_template = chat_template
         self._config = dict(tokenizer_config or {})
         self._generation_config = dict(generation_config or {})
+        self._eos_order = tuple(dict.fromkeys((*self._eos_order, *self._end_of_turn())))
+        self.eos_ids = frozenset(self._eos_order)
+        self.never_sampled = frozenset(i for i in (bos_id if add_bos else None, pad_id) if i is not None) - self.eos_ids
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> HFTokenizer:
@@ -98,8 +102,11 @@ class HFTokenizer:
         pad = token_id("pad_token")
         if pad is None:
             pad = (config_ids("pad_token_id") or [None])[0]
+        add_bos = config.get("add_bos_token")
+        if not isinstance(add_bos, bool):  # no flag: what the post-processor puts before a text
+            add_bos = bos is not None and tokenizer.encode("", add_special_tokens=True).ids[:1] == [bos]
         try:
-            return cls(tokenizer, bos_id=eos[0] if bos is None else bos, eos_ids=eos, pad_id=pad,
+            return cls(tokenizer, bos_id=eos[0] if bos is None else bos, eos_ids=eos, pad_id=pad, add_bos=add_bos,
                        chat_template=_chat_template(root, config), tokenizer_config=config,
                        generation_config=generation)
         except ValueError as exc:
@@ -126,6 +133,7 @@ class HFTokenizer:
         directory = Path(directory)
         self._tokenizer.save(str(directory / TOKENIZER_FILE))
         config = {key: value for key, value in self._config.items() if key != "chat_template"}
+        config["add_bos_token"] = self.add_bos
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         generation = {**self._generation_config, "bos_token_id": self.bos_id, "eos_token_id": list(self._eos_order),
@@ -153,6 +161,23 @@ class HFTokenizer:
                                          add_generation_prompt=add_generation_prompt, **special)
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template: {exc}") from None
+
+    def _end_of_turn(self) -> tuple[int, ...]:
+        """The special id the chat template writes right after an assistant's message (ChatML's
+        ``<|im_end|>``, Llama 3's ``<|eot_id|>``): a reply ends there. () without a template, or when the
+        template writes no special token there."""
+        if self.chat_template is None:
+            return ()
+        sentinel = "PEER-REPLY-SENTINEL"
+        try:
+            chat = self.apply_chat_template([{"role": "user", "content": "question"},
+                                             {"role": "assistant", "content": sentinel}], add_generation_prompt=False)
+        except ValueError:
+            return ()
+        after = chat.partition(sentinel)[2]
+        ids = self._tokenizer.encode(after, add_special_tokens=False).ids[:1] if after else []
+        special = {i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special}
+        return tuple(i for i in ids if i in special)
 
     @cached_property
     def _template(self) -> jinja2.Template:
