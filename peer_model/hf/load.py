@@ -9,7 +9,8 @@ A directory written by :func:`peer_model.hf.export.export_hf` also carries its e
 tensors under ``...peer.*`` and a ``peer_retrofit`` section in config.json); they are loaded too.
 
 A GGUF file (or a directory holding one) loads the same way: :mod:`peer_model.hf.gguf` gives its
-config, its tensors under the Hugging Face names and its tokenizer.
+config, its tensors under the Hugging Face names and its tokenizer. So does the name of a base that a
+package ships (:mod:`peer_model.hf.bases`, e.g. ``smollm2``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..config import ModelConfig, PEERConfig
 from ..model import PEERTransformer
 from ..pool import ExpertGrid
 from ..tokenizer import load_tokenizer
+from .bases import PACKAGED_BASES, resolve_base
 from .families import GPT2_TYPES, Source, UnsupportedModel, config_fields, expert_prefix, model_type, weight_map
 from .gguf import GGUFModel, find_gguf
 
@@ -34,6 +36,7 @@ RETROFIT_KEY = "peer_retrofit"  # config.json section written by export_hf
 
 def read_hf_config(path: str | os.PathLike[str]) -> dict:
     """The Hugging Face config of a model directory, or the one a GGUF file's metadata implies."""
+    path = resolve_base(path)
     gguf = find_gguf(path)
     if gguf is not None:
         return GGUFModel(gguf).hf_config
@@ -48,7 +51,10 @@ def read_hf_config(path: str | os.PathLike[str]) -> dict:
 
 
 def is_pretrained(path: str | os.PathLike[str]) -> bool:
-    """A pretrained model to load with :func:`load_hf`: a Hugging Face directory or a GGUF file."""
+    """A pretrained model to load with :func:`load_hf`: a Hugging Face directory, a GGUF file or the name
+    of a packaged base."""
+    if str(path) in PACKAGED_BASES:
+        return True
     try:
         return is_hf_dir(path) or find_gguf(path) is not None
     except UnsupportedModel:  # a directory of several GGUF files: loading it says which to name
@@ -113,9 +119,10 @@ def gather(source: Source, read) -> torch.Tensor:
 
 def load_hf(path: str | os.PathLike[str], *, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32,
             device: str | torch.device = "cpu") -> PEERTransformer:
-    """The model of a Hugging Face directory or a GGUF file with its own tokenizer, in eval mode.
-    ``max_seq_len`` caps the context (default: the model's, at most 4096, since the KV cache grows with it)."""
-    root = Path(path)
+    """The model of a Hugging Face directory, a GGUF file or a packaged base (by name) with its own
+    tokenizer, in eval mode; its config's ``hf_config["_name_or_path"]`` says which. ``max_seq_len`` caps
+    the context (default: the model's, at most 4096, since the KV cache grows with it)."""
+    root = resolve_base(path)
     gguf_file = find_gguf(root)
     if gguf_file is not None:
         gguf = GGUFModel(gguf_file)
@@ -134,7 +141,8 @@ def load_hf(path: str | os.PathLike[str], *, max_seq_len: int | None = None, dty
         fields.update(peer_layers=[int(i) for i in retrofit["pools"]], peer=PEERConfig(**retrofit["peer"]),
                       ffw="peer", peer_branch=retrofit["branch"], base_trains=retrofit["base_trains"])
         grids = {int(i): ExpertGrid.from_list(segments) for i, segments in retrofit["pools"].items()}
-    config = ModelConfig(**fields, hf_config={k: v for k, v in hf.items() if k != RETROFIT_KEY})
+    hf_config = {k: v for k, v in hf.items() if k != RETROFIT_KEY}
+    config = ModelConfig(**fields, hf_config={**hf_config, "_name_or_path": str(path)})
     with torch.device(device):
         model = PEERTransformer(config, grids).to(dtype)
 
