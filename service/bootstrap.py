@@ -11,8 +11,8 @@ from .context import ServiceContext
 from .db.session import transaction
 from .ingest import parse_upload
 from .jobs import Dispatch, dispatch_job
+from .store.versions import ensure_initial_version
 from .uploads import accept_corpus
-from .versions import ensure_initial_version
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ def cmd_migrate(args, settings: Settings) -> None:
 def cmd_gc(args, settings: Settings) -> None:
     """The retention policy and garbage collection, once (the workers' housekeeping also runs them)."""
     from .context import ServiceContext
-    from .retention import apply_retention, collect_garbage
+    from .store.retention import apply_retention, collect_garbage
 
     ctx = ServiceContext.from_settings(settings)
     try:

@@ -25,9 +25,9 @@ from .context import ServiceContext
 from .db.models import Job, PoolVersion
 from .errors import Conflict, InvalidInput
 from .jobs import Dispatch, JobCancelled, heartbeat
+from .store.versions import get_version
 from .training import (JobProgress, claim_base, corpus_available, job_train_config, parse_options, publish_version,
                        run_owned_job, token_data)
-from .versions import get_version
 
 
 class ForgetOptions(BaseModel):

@@ -38,12 +38,12 @@ from .errors import Conflict, InvalidInput
 from .ingest import ingest_documents, parse_upload
 from .jobs import (Dispatch, JobCancelled, LeaseLost, claim_job, create_job, dispatch_job, finish_job, hand_back_job,
                    heartbeat, owned_job)
-from .retention import retain_after_publish
 from .settings import Settings
 from .sharded_stage import run_sharded_stage
-from .store_lock import save_model_locked
-from .versions import (activate, active_version_id, describe_pools, get_version, is_pretrained, live_version,
-                       lock_activations)
+from .store.lock import save_model_locked
+from .store.retention import retain_after_publish
+from .store.versions import (activate, active_version_id, describe_pools, get_version, is_pretrained, live_version,
+                             lock_activations)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -35,7 +35,7 @@ from ..api.routes.streams import stream_view
 from ..api.routes.versions import version_view
 from ..db.models import Corpus, Job, PoolVersion, Stream
 from ..status import service_status
-from ..versions import active_version_id, get_version
+from ..store.versions import active_version_id, get_version
 from . import access
 from .access import console_reader
 from .rendering import HERE, templates

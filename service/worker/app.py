@@ -26,13 +26,13 @@ from prometheus_client import start_http_server
 
 from ..context import ServiceContext
 from ..db.models import Job
+from ..forgetting import run_forget_job
 from ..jobs import QUEUES, Dispatch, recover_stale_jobs
 from ..logs import job_context
 from ..metrics import WorkerMetrics
-from ..retention import Housekeeping
 from ..settings import Settings
-from ..forgetting import run_forget_job
 from ..training import run_ingest_job, run_train_job
+from .housekeeping import Housekeeping
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
         def loop() -> None:
             ctx = ServiceContext.from_settings(settings)
-            housekeeping = Housekeeping(ctx)  # usage roll-ups, retention, garbage collection (service/retention.py)
+            housekeeping = Housekeeping(ctx)  # usage roll-ups, retention, garbage collection (housekeeping.py)
             while True:  # a first pass at once: jobs handed back or never sent go without waiting
                 try:
                     recovered = recover_stale_jobs(ctx.sessions, dispatch, settings.job_stale_seconds)

@@ -10,9 +10,9 @@ from service.db.models import Corpus, Job, PoolVersion
 from service.db.session import transaction
 from service.ingest import parse_upload
 from service.migrate import upgrade
+from service.store.versions import active_version_id, ensure_initial_version
 from service.training import run_ingest_job, run_train_job
 from service.uploads import accept_corpus
-from service.versions import active_version_id, ensure_initial_version
 
 from .conftest import domain_text, tiny_settings
 

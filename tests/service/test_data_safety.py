@@ -22,9 +22,9 @@ from service.context import ServiceContext
 from service.db.models import Corpus, ExpertUsage, Job, PoolVersion
 from service.db.session import make_engine, transaction
 from service.jobs import claim_job, create_job
-from service.store import Store
+from service.store.store import Store
+from service.store.versions import activate, active_version_id, describe_pools, ensure_initial_version
 from service.training import JobProgress, publish_version
-from service.versions import activate, active_version_id, describe_pools, ensure_initial_version
 
 from .conftest import ServerThread, domain_text, free_port, tiny_settings, wait_for
 
@@ -308,7 +308,7 @@ def test_serve_gives_its_training_worker_the_cores_the_api_leaves(tmp_path, monk
 
 def test_an_unpinned_job_records_its_base_when_it_starts_and_a_retry_follows_the_active_version(ctx):
     """The base of an unpinned job was known only at publication, so retention could delete it under the job."""
-    from service.retention import delete_version
+    from service.store.retention import delete_version
     from service.training import claim_base
 
     with transaction(ctx.sessions) as session:

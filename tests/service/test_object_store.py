@@ -19,11 +19,11 @@ from service.context import ServiceContext
 from service.db.models import Corpus
 from service.db.session import transaction
 from service.migrate import upgrade
-from service.retention import apply_retention, collect_garbage
 from service.settings import Settings
-from service.store import Store
-from service.storage import LocalFiles
-from service.versions import ensure_initial_version
+from service.store.files import LocalFiles
+from service.store.retention import apply_retention, collect_garbage
+from service.store.store import Store
+from service.store.versions import ensure_initial_version
 
 from .conftest import domain_text, free_port, tiny_settings
 

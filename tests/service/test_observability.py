@@ -201,7 +201,7 @@ def test_the_inline_workers_log_lines_carry_the_job_id(tmp_path, json_log):
     """serve's embedded tests and demos run jobs in a thread (InlineWorker): a failing job's lines name it too."""
     from service.context import ServiceContext
     from service.db.models import Corpus
-    from service.versions import ensure_initial_version
+    from service.store.versions import ensure_initial_version
     from service.worker.inline import InlineWorker
 
     settings = tiny_settings(tmp_path)

@@ -19,8 +19,8 @@ from service.db.models import Job, PoolVersion
 from service.db.session import transaction
 from service.jobs import create_job, request_cancel
 from service.settings import Settings
+from service.store.versions import ensure_initial_version
 from service.training import run_train_job
-from service.versions import ensure_initial_version
 
 from .conftest import TINY_MODEL, domain_text, tiny_settings, wait_for
 from .test_training_job import ingest, row, upload

@@ -12,8 +12,8 @@ from peer_model.usage import grid_heatmap, segment_usage, usage_stats
 from ...db.models import PoolVersion
 from ...engine import decode_usage
 from ...errors import InvalidInput, NotFound
+from ...store.versions import active_version_id, get_version
 from ...usage import usage_buckets, usage_total
-from ...versions import active_version_id, get_version
 from ..deps import get_ctx, get_session
 from ..schemas import IdQuery
 from ..security import require_scope

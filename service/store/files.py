@@ -1,6 +1,6 @@
 """Where the store's bytes live: a local directory (:class:`LocalFiles`, the default) or an object store
 reached through fsspec (:class:`ObjectFiles`: ``s3://bucket/prefix`` on any S3-compatible service, or any
-other fsspec URL). :class:`service.store.Store` and :class:`service.chunkstore.ChunkStore` speak only to
+other fsspec URL). :class:`service.store.store.Store` and :class:`service.store.chunks.ChunkStore` speak only to
 this interface; keys are ``/``-separated paths relative to the root (``chunks/ab/ab12...``).
 
 How each keeps a reader (or a crash) from seeing half of anything:
@@ -39,12 +39,9 @@ import torch
 from peer_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from peer_model.model import PEERTransformer
 
-MANIFEST = "manifest.json"  # a chunked checkpoint's last file (service/chunkstore.py)
+from ..settings import is_local
 
-
-def is_local(root: str | os.PathLike[str]) -> bool:
-    """A plain path or a ``file://`` URL (a local directory), rather than an object store URL."""
-    return isinstance(root, os.PathLike) or "://" not in root or root.startswith("file://")
+MANIFEST = "manifest.json"  # a chunked checkpoint's last file (service/store/chunks.py)
 
 
 def open_files(root: str | os.PathLike[str], options: dict | None = None,
