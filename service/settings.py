@@ -157,7 +157,7 @@ class Settings(BaseSettings):
     # theirs, so a client never sends on a connection the server is closing (uvicorn's 5 s default raced them)
     http_keep_alive_seconds: float = Field(65.0, gt=0)
 
-    # ---- data lifecycle (README "Data lifecycle": service/store/retention.py and chunks.py, service/usage.py) ----
+    # ---- data lifecycle (README "Data lifecycle": service/store/retention.py, chunks.py; serving/usage.py) -------
     keep_versions: int = Field(10, ge=1)  # retention keeps the active, the pinned, the newest N and those jobs need
     gc_grace_seconds: float = Field(3600.0, ge=0)  # unreferenced store files younger than this stay (writes in flight)
     chunk_bytes: int = Field(1 << 20, ge=64)  # checkpoint tensors are stored in blocks of whole rows of about this size

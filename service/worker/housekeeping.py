@@ -1,4 +1,4 @@
-"""The periodic lifecycle work of a worker's watchdog: expert usage roll-ups (service/usage.py), the
+"""The periodic lifecycle work of a worker's watchdog: expert usage roll-ups (service/serving/usage.py), the
 retention policy and garbage collection (service/store/retention.py)."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import logging
 import time
 
 from ..context import ServiceContext
+from ..serving.usage import fold_usage, prune_raw_usage
 from ..store.retention import apply_retention, collect_garbage
-from ..usage import fold_usage, prune_raw_usage
 
 log = logging.getLogger(__name__)
 
