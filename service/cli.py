@@ -95,7 +95,7 @@ def recover_orphaned_jobs(settings: Settings) -> None:
     the last serve (killed, or stopped mid-bootstrap); it is queued again now, not after PEER_JOB_STALE_SECONDS."""
     from .context import ServiceContext
     from .db.session import transaction
-    from .jobs import requeue_running_jobs
+    from .jobs.lease import requeue_running_jobs
 
     ctx = ServiceContext.from_settings(settings)
     try:

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     api_torch_threads: int = 1  # one decode thread; more threads slow small-batch decoding down on CPU
     cuda_graphs: bool = False  # replay the batched decode step as CUDA graphs (GPU only; see peer_model/batching.py)
     worker_torch_threads: int = 0  # 0: torch's default (all cores)
-    # processes one training job runs on, the expert tables split over them by columns (service/sharded_stage.py);
+    # processes one training job runs on, the expert tables split over them by columns (service/jobs/sharded_stage.py);
     # each gets a GPU of its own when there are as many, else they share the CPU cores (gloo)
     train_nproc: int = Field(1, ge=1)
 

@@ -19,10 +19,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import logs
-from ..bootstrap import bootstrap
 from ..context import ServiceContext
 from ..errors import ServiceError, error_body
-from ..jobs import Dispatch
+from ..jobs.bootstrap import bootstrap
+from ..jobs.lease import Dispatch
 from ..metrics import Metrics
 from ..serving.engine import ModelHost
 from ..settings import Settings

@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from ..context import ServiceContext
-from ..jobs import Dispatch
+from ..jobs.lease import Dispatch
 from ..serving.engine import ModelHost
 
 

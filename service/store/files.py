@@ -172,7 +172,7 @@ class LocalFiles:
 class _Reported:
     """An fsspec filesystem whose failures are all OSErrors: s3fs turns S3's answers into them, but an
     unreachable endpoint raises botocore's or aiohttp's own errors, which the service would report as a 500
-    where a full disk is a 507 (service/uploads.py) and a job failure with the reason."""
+    where a full disk is a 507 (service/jobs/uploads.py) and a job failure with the reason."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem):
         self._fs = fs

@@ -6,7 +6,7 @@
   running job (its base, or its result).
 - A corpus is deleted by marking its row (state ``deleted``), removing its files and the stream documents
   it was made of; refused while a queued or running job uses it. Versions trained on it keep what they
-  learnt; later jobs replay the parent's own samples in place of its text (service/training.py).
+  learnt; later jobs replay the parent's own samples in place of its text (service/jobs/train.py).
 - Retention (:func:`apply_retention`, after each publish and in the worker's housekeeping) deletes every
   version but the active one, the pinned ones, the newest PEER_KEEP_VERSIONS and those jobs need.
 - Garbage collection (:func:`collect_garbage`): checkpoint directories no live version row refers to (a

@@ -1,12 +1,12 @@
 """The Celery app: two queues (``ingest``, ``train``: training and forget jobs), tasks that only call
-service.training and service.forgetting.
+service/jobs/ (ingest, train, forget).
 
 Reliability settings (DESIGN.md): ``acks_late`` + ``reject_on_worker_lost`` (a task whose worker
 process dies is redelivered), prefetch 1, a Redis visibility timeout above the longest job, no result
 backend (job state lives in the database). Every worker also runs a watchdog thread (every
 ``job_watchdog_seconds``) that sends jobs whose message never reached the broker (it was down when the
 API stored them) or was lost, re-queues jobs whose heartbeat stopped (a whole worker killed) and fails
-them after ``job_max_attempts`` claims: see service/jobs.py. A warm shutdown (SIGTERM, Ctrl-C) hands
+them after ``job_max_attempts`` claims: see service/jobs/lease.py. A warm shutdown (SIGTERM, Ctrl-C) hands
 the running job back to the queue at once instead of finishing it.
 
 Embedded default: Celery's filesystem transport in ``<home>/broker`` needs no server; the API
@@ -26,12 +26,12 @@ from prometheus_client import start_http_server
 
 from ..context import ServiceContext
 from ..db.models import Job
-from ..forgetting import run_forget_job
-from ..jobs import QUEUES, Dispatch, recover_stale_jobs
+from ..jobs.forget import run_forget_job
+from ..jobs.lease import QUEUES, Dispatch, recover_stale_jobs
+from ..jobs.train import run_ingest_job, run_train_job
 from ..logs import job_context
 from ..metrics import WorkerMetrics
 from ..settings import Settings
-from ..training import run_ingest_job, run_train_job
 from .housekeeping import Housekeeping
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ from service.api.app import create_app
 from service.context import ServiceContext
 from service.db.models import Evaluation, Job, PoolVersion
 from service.db.session import transaction
-from service.forgetting import run_forget_job
-from service.jobs import create_job, request_cancel
+from service.jobs.forget import run_forget_job
+from service.jobs.lease import create_job, request_cancel
+from service.jobs.train import run_train_job
 from service.store.versions import active_version_id, ensure_initial_version
-from service.training import run_train_job
 
 from .conftest import domain_text, tiny_settings
 from .test_training_job import ingest, row, upload

@@ -17,15 +17,15 @@ from service.context import ServiceContext
 from service.db.models import Corpus, ExpertUsage, PoolVersion, Stream, StreamDocument
 from service.db.session import transaction
 from service.errors import Conflict
-from service.ingest import parse_upload
-from service.jobs import create_job, request_cancel
+from service.jobs.ingest import parse_upload
+from service.jobs.lease import create_job, request_cancel
+from service.jobs.uploads import accept_corpus
 from service.migrate import upgrade
 from service.serving.usage import usage_total
 from service.store.chunks import manifest_chunks
 from service.store.lock import save_model_locked
 from service.store.retention import apply_retention, collect_garbage, delete_corpus, delete_version, set_pinned
 from service.store.versions import activate, describe_pools, ensure_initial_version, live_version
-from service.uploads import accept_corpus
 from service.worker.housekeeping import Housekeeping
 
 from .conftest import PG_HOST, create_pg_database, drop_pg_database, tiny_settings

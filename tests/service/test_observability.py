@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.db.models import utcnow
 from service.db.session import transaction
-from service.jobs import create_job
+from service.jobs.lease import create_job
 from service.logs import make_handler
 from service.migrate import upgrade
 
@@ -231,8 +231,8 @@ def test_a_worker_whose_metrics_port_is_taken_still_runs_its_watchdog(processes,
 
     from service.context import ServiceContext
     from service.db.models import Corpus, Job
-    from service.ingest import parse_upload
-    from service.uploads import accept_corpus
+    from service.jobs.ingest import parse_upload
+    from service.jobs.uploads import accept_corpus
 
     home = tmp_path / "home"
     settings = tiny_settings(home)

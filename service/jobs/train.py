@@ -31,19 +31,19 @@ from peer_model.model import PEERTransformer
 from peer_model.tokenizer import Tokenizer
 from peer_model.train import TokenData, TrainConfig, TrainResult, resolve_device
 
-from .context import ServiceContext
-from .db.models import Corpus, Evaluation, Job, PoolVersion, utcnow
-from .db.session import transaction
-from .errors import Conflict, InvalidInput
+from ..context import ServiceContext
+from ..db.models import Corpus, Evaluation, Job, PoolVersion, utcnow
+from ..db.session import transaction
+from ..errors import Conflict, InvalidInput
+from ..settings import Settings
+from ..store.lock import save_model_locked
+from ..store.retention import retain_after_publish
+from ..store.versions import (activate, active_version_id, describe_pools, get_version, is_pretrained, live_version,
+                              lock_activations)
 from .ingest import ingest_documents, parse_upload
-from .jobs import (Dispatch, JobCancelled, LeaseLost, claim_job, create_job, dispatch_job, finish_job, hand_back_job,
-                   heartbeat, owned_job)
-from .settings import Settings
+from .lease import (Dispatch, JobCancelled, LeaseLost, claim_job, create_job, dispatch_job, finish_job, hand_back_job,
+                    heartbeat, owned_job)
 from .sharded_stage import run_sharded_stage
-from .store.lock import save_model_locked
-from .store.retention import retain_after_publish
-from .store.versions import (activate, active_version_id, describe_pools, get_version, is_pretrained, live_version,
-                             lock_activations)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -436,7 +436,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
 def train_stage(ctx: ServiceContext, parent: PEERTransformer, new_train: TokenData, old_train: list[TokenData],
                 options: ContinualOptions, tag: str, progress: JobProgress) -> tuple[PEERTransformer, TrainResult, int]:
     """The continual stage in this process, or with PEER_TRAIN_NPROC > 1 on that many processes sharing out
-    the expert tables (service/sharded_stage.py; a model without PEER layers trains here). Returns the child,
+    the expert tables (service/jobs/sharded_stage.py; a model without PEER layers trains here). Returns the child,
     the training result and the number of processes; raises JobCancelled when the job was cancelled."""
     processes = ctx.settings.train_nproc if parent.peer_layers() else 1
     if processes > 1:

@@ -21,13 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from peer_model.continual import evaluate_all, forget_segments
 from peer_model.train import resolve_device
 
-from .context import ServiceContext
-from .db.models import Job, PoolVersion
-from .errors import Conflict, InvalidInput
-from .jobs import Dispatch, JobCancelled, heartbeat
-from .store.versions import get_version
-from .training import (JobProgress, claim_base, corpus_available, job_train_config, parse_options, publish_version,
-                       run_owned_job, token_data)
+from ..context import ServiceContext
+from ..db.models import Job, PoolVersion
+from ..errors import Conflict, InvalidInput
+from ..store.versions import get_version
+from .lease import Dispatch, JobCancelled, heartbeat
+from .train import (JobProgress, claim_base, corpus_available, job_train_config, parse_options, publish_version,
+                    run_owned_job, token_data)
 
 
 class ForgetOptions(BaseModel):

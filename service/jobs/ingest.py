@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from peer_model.corpora import split_train_val
 
-from .errors import InvalidInput, PayloadTooLarge
+from ..errors import InvalidInput, PayloadTooLarge
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n+")
