@@ -27,8 +27,9 @@ from prometheus_client import start_http_server
 from ..context import ServiceContext
 from ..db.models import Job
 from ..jobs.forget import run_forget_job
+from ..jobs.ingest import run_ingest_job
 from ..jobs.lease import QUEUES, Dispatch, recover_stale_jobs
-from ..jobs.train import run_ingest_job, run_train_job
+from ..jobs.train import run_train_job
 from ..logs import job_context
 from ..metrics import WorkerMetrics
 from ..settings import Settings
@@ -131,7 +132,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     @worker_shutting_down.connect(weak=False)
     def hand_back(sender=None, **_):
         """Warm shutdown (SIGTERM, Ctrl-C) begins: the running job stops at its next step and goes back to
-        the queue (service.training.WorkerStopping) instead of holding the worker until it ends."""
+        the queue (service.jobs.progress.WorkerStopping) instead of holding the worker until it ends."""
         if "ctx" in state:
             state["ctx"].stopping.set()
 

@@ -22,7 +22,8 @@ from service.api.chat import chat_prompt_ids
 from service.api.schemas import ChatMessage
 from service.context import ServiceContext
 from service.db.models import Job
-from service.jobs.train import run_ingest_job, run_train_job
+from service.jobs.ingest import run_ingest_job
+from service.jobs.train import run_train_job
 from service.migrate import upgrade
 from service.settings import InvalidSetting
 

@@ -8,8 +8,8 @@ from service.context import ServiceContext
 from service.db.models import Corpus, Job, PoolVersion
 from service.db.session import transaction
 from service.jobs.bootstrap import bootstrap
-from service.jobs.ingest import parse_upload
-from service.jobs.train import run_ingest_job, run_train_job
+from service.jobs.ingest import parse_upload, run_ingest_job
+from service.jobs.train import run_train_job
 from service.jobs.uploads import accept_corpus
 from service.migrate import upgrade
 from service.store.versions import active_version_id, ensure_initial_version

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from service.errors import InvalidInput
-from service.jobs.train import continual_options, parse_job_options
+from service.jobs.options import continual_options, parse_job_options
 from service.settings import Settings
 
 DEFAULTS = dict(strategy="replay", replay_fraction=0.5, distill_weight=1.0, new_experts=4096)

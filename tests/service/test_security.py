@@ -292,7 +292,7 @@ def test_a_chunked_multipart_upload_without_length_is_cut_and_stores_nothing(liv
 
 def ingested_corpus(client, name: str) -> int:
     """A corpus uploaded and ingested in process (the app dispatches nothing): its id."""
-    from service.jobs.train import run_ingest_job
+    from service.jobs.ingest import run_ingest_job
 
     accepted = client.post("/v1/corpora", json={"name": name, "text": "text to learn " * 50, "train": False})
     assert accepted.status_code == 202, accepted.text

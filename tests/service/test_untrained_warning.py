@@ -12,8 +12,9 @@ from service.api.app import create_app
 from service.context import ServiceContext
 from service.db.models import Job
 from service.db.session import transaction
+from service.jobs.ingest import run_ingest_job
 from service.jobs.lease import claim_job, heartbeat
-from service.jobs.train import run_ingest_job, run_train_job
+from service.jobs.train import run_train_job
 from service.migrate import upgrade
 
 from .conftest import ServerThread, domain_text, tiny_settings, wait_for

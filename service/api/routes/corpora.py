@@ -14,10 +14,10 @@ from starlette.datastructures import UploadFile
 
 from ...db.models import Corpus
 from ...errors import Conflict, InvalidInput, NotFound
-from ...jobs.forget import parse_forget_options, segments_to_mask
+from ...jobs.forget import segments_to_mask
 from ...jobs.ingest import parse_upload
 from ...jobs.lease import create_job, dispatch_job
-from ...jobs.train import validate_job_options
+from ...jobs.options import parse_forget_options, validate_job_options
 from ...jobs.uploads import accept_corpus
 from ...store.retention import delete_corpus
 from ...store.versions import active_version_id, get_version, live_version
