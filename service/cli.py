@@ -14,7 +14,7 @@ from .settings import Settings
 
 
 def cmd_migrate(args, settings: Settings) -> None:
-    from .migrate import upgrade
+    from .db.migrate import upgrade
 
     upgrade(settings.resolved_database_url)
     print(f"database at head: {settings.resolved_database_url}")
@@ -137,7 +137,7 @@ def schema_refusal(settings: Settings) -> str | None:
     database that cannot be reached now is not refused here: the processes wait for it as they do mid-run."""
     from sqlalchemy.exc import OperationalError
 
-    from .migrate import schema_problem
+    from .db.migrate import schema_problem
 
     try:
         return schema_problem(settings.resolved_database_url)

@@ -21,10 +21,10 @@ from service.api.app import create_app
 from service.api.chat import chat_prompt_ids
 from service.api.schemas import ChatMessage
 from service.context import ServiceContext
+from service.db.migrate import upgrade
 from service.db.models import Job
 from service.jobs.ingest import run_ingest_job
 from service.jobs.train import run_train_job
-from service.migrate import upgrade
 from service.settings import InvalidSetting
 
 from .conftest import ServerThread, tiny_settings, wait_for

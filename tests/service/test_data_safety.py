@@ -61,7 +61,7 @@ def settings(tmp_path):
 @pytest.fixture()
 def ctx(settings):
     ctx = ServiceContext.from_settings(settings)
-    from service.migrate import upgrade
+    from service.db.migrate import upgrade
 
     upgrade(settings.resolved_database_url)
     ensure_initial_version(ctx)

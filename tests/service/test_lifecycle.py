@@ -14,13 +14,13 @@ from sqlalchemy import select
 from peer_model.model import PEERTransformer
 from service.cli import main
 from service.context import ServiceContext
+from service.db.migrate import upgrade
 from service.db.models import Corpus, ExpertUsage, PoolVersion, Stream, StreamDocument
 from service.db.session import transaction
 from service.errors import Conflict
 from service.jobs.ingest import parse_upload
 from service.jobs.lease import create_job, request_cancel
 from service.jobs.uploads import accept_corpus
-from service.migrate import upgrade
 from service.serving.usage import usage_total
 from service.store.chunks import manifest_chunks
 from service.store.lock import save_model_locked

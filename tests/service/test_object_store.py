@@ -16,9 +16,9 @@ from peer_model.checkpoint import CheckpointError
 from peer_model.model import PEERTransformer
 from service.api.app import create_app
 from service.context import ServiceContext
+from service.db.migrate import upgrade
 from service.db.models import Corpus
 from service.db.session import transaction
-from service.migrate import upgrade
 from service.settings import Settings
 from service.store.files import LocalFiles
 from service.store.retention import apply_retention, collect_garbage

@@ -14,11 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from service.db.migrate import upgrade
 from service.db.models import utcnow
 from service.db.session import transaction
 from service.jobs.lease import create_job
 from service.logs import make_handler
-from service.migrate import upgrade
 
 from .conftest import PG_HOST, create_pg_database, domain_text, drop_pg_database, free_port, tiny_settings, wait_for
 from .test_processes import http, processes, service_env, start, wait_ready  # noqa: F401 - processes: a fixture

@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.migrate import upgrade
+from service.db.migrate import upgrade
 
 from .conftest import ServerThread, tiny_settings
 
