@@ -56,14 +56,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed.data_parallel import DataParallel
-from .distributed.shards import ColumnShards
-from .generate import SamplingParams, decode_one_token, make_generator, prefill, sample_next
-from .model import PEERTransformer
-from .optim import coalesced
-from .peer import PEER
-from .pool import Segment
-from .train import (
+from ..distributed.data_parallel import DataParallel
+from ..distributed.shards import ColumnShards
+from ..generate import SamplingParams, decode_one_token, make_generator, prefill, sample_next
+from ..model import PEERTransformer
+from ..optim import coalesced
+from ..peer import PEER
+from ..pool import Segment
+from ..train import (
     LossFn, TokenData, TrainConfig, TrainResult, autocast_for, build_optimizers, evaluate_bpb, id_dtype,
     next_byte_loss, place_model, resolve_device, train,
 )
