@@ -1,6 +1,6 @@
 """Lifelong learning that does not forget: every continual strategy on the same stream of corpora.
 
-A base model is trained on the first corpus; then each strategy (peer_model/continual.py) runs the
+A base model is trained on the first corpus; then each strategy (peer_model/continual/) runs the
 same stages (one per further corpus, equal steps) from that same base. Every stage's training text
 also carries its own invented facts (peer_model/facts.py, BOS before each sentence; at --size small 24
 facts, each sentence 1,200 times, so naive fine-tuning recalls nearly all of them). After
@@ -27,7 +27,6 @@ block; --base-dir keeps the pre-trained bases for later runs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, replace
@@ -44,8 +43,10 @@ from peer_model.continual import (
 from peer_model.corpora import load_corpus, split_train_val
 from peer_model.facts import answer_bits, fact_recall, facts_tokens, make_facts
 from peer_model.model import PEERTransformer
-from peer_model.runtime import tune_allocator
 from peer_model.train import TokenData, TrainConfig, train
+
+from common import (add_stream_arguments, add_threads_argument, parse_stream_run, parser_for, save_figure,
+                    stage_config)
 
 
 @dataclass
@@ -189,11 +190,10 @@ def table(names: list[str], rows: list[list[float | None]], row_label: str) -> s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--corpora", default=",".join(CORPORA), help="comma-separated, in stream order")
+    parser = parser_for(__doc__)
+    add_stream_arguments(parser, SIZES, CORPORA)
     parser.add_argument("--strategies", help="comma-separated subset of the strategy names")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    add_threads_argument(parser)
     parser.add_argument("--stage-steps", type=int, help="training steps per continual stage (default: the size's)")
     parser.add_argument("--peer-layers", choices=["middle", "all"], default="middle",
                         help="blocks with a PEER layer in the PEER models (the dense reference has none)")
@@ -203,11 +203,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="runs/continual.json")
     parser.add_argument("--plot", default="runs/continual.png")
-    args = parser.parse_args()
-    tune_allocator()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    size = SIZES[args.size]
+    args, size = parse_stream_run(parser, SIZES)
     if args.stage_steps is not None:
         if args.stage_steps < 1:
             parser.error("--stage-steps must be >= 1")
@@ -227,9 +223,7 @@ def main() -> None:
         val_sets[name] = TokenData.from_text(text_val)
         facts.append(stage_facts)
     control = make_facts(len(names), size.facts, seed=args.seed)  # never trained on: the bits of an unknown fact
-    cfg = TrainConfig(steps=size.stage_steps, batch_size=size.batch_size, seq_len=size.seq_len, lr=3e-3,
-                      expert_lr=1e-2, warmup_steps=max(1, size.stage_steps // 10), eval_every=10**9,
-                      log_every=max(1, size.stage_steps // 4), device="cpu", seed=args.seed)
+    cfg = stage_config(size, args.seed)
 
     def measure(model, stage):
         """bpb per corpus, fact recall per stage's facts, and answer bits per stage's facts + control's."""
@@ -395,10 +389,7 @@ def main() -> None:
     axes[2].set(title="stage-0 facts: answer bits saved against unseen facts", xlabel="stage",
                 ylabel="bits per byte (higher: known better)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=110)
-    print(f"wrote {args.plot}")
+    save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ box (forgetting <= 10% of naive's, plasticity gap <= 5%) is drawn.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from common import parser_for, save_figure
 
 
 def points(path: Path) -> list[tuple[str, float, float]]:
@@ -21,7 +22,7 @@ def points(path: Path) -> list[tuple[str, float, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = parser_for(__doc__)
     parser.add_argument("runs", nargs="+", help="PATH.json or PATH.json:label")
     parser.add_argument("--plot", default="runs/frontier.png")
     args = parser.parse_args()
@@ -48,10 +49,7 @@ def main() -> None:
            ylabel="average forgetting, % of naive fine-tuning's (log)",
            title="continual benchmark: forgetting vs plasticity (lower-left is better)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=110)
-    print(f"wrote {args.plot}")
+    save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ from peer_model.presets import preset_config  # noqa: E402
 from peer_model.tokenizer import BOS, EOS, PAD, ByteTokenizer  # noqa: E402
 from peer_model.train import TokenData, TrainConfig, build_optimizers, place_model, train  # noqa: E402
 
+from common import stats, sync, timed  # noqa: E402  (benchmarks/common.py, beside this script)
+
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s, NVIDIA's H200 SXM datasheet (1,979 with sparsity)
 GiB = 2**30
 
@@ -141,39 +143,6 @@ class Budget:
 
     def expired(self) -> bool:
         return self.elapsed() > self.seconds
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, iters: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` calls: CUDA events on a GPU,
-    time.perf_counter around a synchronised call on CPU."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type == "cuda":
-        events = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) / 1e3 for start, end in events]
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def stats(times: list[float]) -> dict:
-    return {"best_s": min(times), "median_s": statistics.median(times), "n": len(times)}
 
 
 def free(device: torch.device) -> None:

@@ -34,7 +34,6 @@ training tokens/s and peak memory (resident-set growth of a fresh process per la
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
@@ -50,8 +49,9 @@ from peer_model.dynamic_k import DynamicK
 from peer_model.flops import count_flops
 from peer_model.baselines import make_ffw
 from peer_model.model import PEERTransformer
-from peer_model.runtime import tune_allocator
 from peer_model.train import TokenData, TrainConfig, build_optimizers, evaluate_bpb, train
+
+from common import add_threads_argument, parser_for, setup_torch
 
 ARCHITECTURES = ("dense", "moe", "switch", "expert_choice", "pkm", "peer", "peer-all", "switchhead+peer",
                  "mh-moe", "da-moe", "mh-peer", "da-peer")
@@ -265,13 +265,13 @@ def write_json(path: str, size: str, results: list[dict], layers: list[dict]) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = parser_for(__doc__)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-layer-table", action="store_true", help="skip the one-layer table (e.g. with --archs)")
     parser.add_argument("--budgets", help="comma-separated subset of the size's budgets, e.g. 1.5e12")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    add_threads_argument(parser)
     parser.add_argument("--json", default="runs/isoflop.json")
     parser.add_argument("--plot", default="runs/isoflop.png")
     parser.add_argument("--widths", help="comma-separated subset of the size's widths, e.g. 160")
@@ -284,10 +284,8 @@ def main() -> None:
         print_tables(runs, [row for s in saved for row in s["layers"]])
         plot(runs, Path(args.plot))
         return
-    tune_allocator()
+    setup_torch(args.threads)
     size = SIZES[args.size]
-    if args.threads:
-        torch.set_num_threads(args.threads)
     budgets = size.budgets
     if args.budgets:
         budgets = tuple(float(b) for b in args.budgets.split(","))

@@ -35,16 +35,16 @@ from sqlalchemy import select
 from peer_model.checkpoint import save_checkpoint
 from peer_model.corpora import load_corpus
 from service.context import ServiceContext
+from service.db.migrate import upgrade
 from service.db.models import ExpertUsage, Job, PoolVersion, utcnow
 from service.db.session import transaction
-from service.engine import decode_usage, encode_usage
-from service.ingest import parse_upload
-from service.migrate import upgrade
+from service.jobs.ingest import parse_upload, run_ingest_job
+from service.jobs.train import run_train_job
+from service.jobs.uploads import accept_corpus
+from service.serving.engine import decode_usage, encode_usage
+from service.serving.usage import fold_usage, usage_total
 from service.settings import Settings
-from service.training import run_ingest_job, run_train_job
-from service.uploads import accept_corpus
-from service.usage import fold_usage, usage_total
-from service.versions import ensure_initial_version
+from service.store.versions import ensure_initial_version
 
 JOBS = {  # name → training options of the job (the first one pre-trains the fresh version 1)
     "pre-train version 1 (naive)": {"activate": "always"},

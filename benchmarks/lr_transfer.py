@@ -15,7 +15,6 @@ bottoms out at the same η.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -27,8 +26,9 @@ import torch
 from peer_model.config import ModelConfig, PEERConfig
 from peer_model.corpora import load_corpus, split_train_val
 from peer_model.model import PEERTransformer
-from peer_model.runtime import tune_allocator
 from peer_model.train import TokenData, TrainConfig, evaluate_bpb, train
+
+from common import add_threads_argument, parser_for, setup_torch
 
 PARAMETERIZATIONS = ("standard", "mssp")
 
@@ -135,10 +135,10 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = parser_for(__doc__)
     parser.add_argument("--size", choices=sorted(GRIDS), default="small")
     parser.add_argument("--base-width", type=int, default=128, help="mssp's base width d0 (ModelConfig.mssp_base_width)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    add_threads_argument(parser)
     parser.add_argument("--steps", type=int, help="training steps per run (default: the size's)")
     parser.add_argument("--lrs", help="comma-separated learning rates (default: the size's)")
     parser.add_argument("--sides", help="comma-separated PEER grid sides, pools of side² (default: the size's)")
@@ -152,9 +152,7 @@ def main() -> None:
         print_tables(runs)
         plot(runs, Path(args.plot))
         return
-    tune_allocator()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup_torch(args.threads)
     grid = replace(GRIDS[args.size], **{name: value for name, value in (
         ("steps", args.steps), ("lrs", args.lrs and tuple(float(v) for v in args.lrs.split(","))),
         ("sides", args.sides and tuple(int(v) for v in args.sides.split(",")))) if value})

@@ -27,7 +27,7 @@ import torch
 
 from peer_model.model import PEERTransformer
 from service.settings import Settings
-from service.store import Store
+from service.store.store import Store
 
 BUCKET = "peer-bench"
 

@@ -31,6 +31,8 @@ from peer_model.optim import SparseRowAdam
 from peer_model.peer import PEER
 from peer_model.runtime import tune_allocator
 
+from common import timed
+
 D_MODEL, HEADS, TOP_K, D_KEY, TOKENS = 256, 8, 16, 128, 2048
 
 
@@ -60,12 +62,8 @@ def train_step(layer, optimizers, x, target) -> None:
 def time_steps(impl: str, side: int, steps: int) -> list[float]:
     layer, optimizers = build(impl, side)
     x, target = torch.randn(1, TOKENS, D_MODEL), torch.randn(1, TOKENS, D_MODEL)
-    train_step(layer, optimizers, x, target)  # warm-up: optimizer state, allocator
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        train_step(layer, optimizers, x, target)
-        times.append(time.perf_counter() - start)
+    # one warm-up step (optimizer state, allocator), then ``steps`` timed ones
+    times = timed(lambda: train_step(layer, optimizers, x, target), torch.device("cpu"), steps, warmup=1)
     del layer, optimizers
     gc.collect()
     return times

@@ -27,7 +27,6 @@ byte are per UTF-8 byte, so they compare with the byte-level model's in benchmar
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -42,9 +41,10 @@ from peer_model.corpora import load_corpus, split_train_val
 from peer_model.hf import export_hf, load_hf, retrofit
 from peer_model.hf.families import llama_config
 from peer_model.model import PEERTransformer
-from peer_model.runtime import tune_allocator
 from peer_model.tokenizer import load_tokenizer
 from peer_model.train import TokenData, TrainConfig, train
+
+from common import add_stream_arguments, add_threads_argument, parse_stream_run, parser_for, stage_config
 
 CORPORA = ["shakespeare", "kjv", "gcide", "python-docs"]
 END = "<|endoftext|>"
@@ -112,24 +112,17 @@ def pretrained_base(size: Size, texts: list[str], base_train: str, workdir: Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--corpora", default=",".join(CORPORA), help="comma-separated, in stream order")
-    parser.add_argument("--threads", type=int, default=0)
+    parser = parser_for(__doc__)
+    add_stream_arguments(parser, SIZES, CORPORA)
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", help="comma-separated subset of the arms (naive fine-tuning always runs)")
     parser.add_argument("--json", default="runs/retrofit.json")
-    args = parser.parse_args()
-    tune_allocator()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    size = SIZES[args.size]
+    args, size = parse_stream_run(parser, SIZES)
     names = args.corpora.split(",")
     started = time.perf_counter()
     texts = {n: split_train_val(load_corpus(n, max_bytes=size.max_bytes), 0.05, seed=args.seed) for n in names}
-    cfg = TrainConfig(steps=size.stage_steps, batch_size=size.batch_size, seq_len=size.seq_len, lr=3e-3,
-                      expert_lr=1e-2, warmup_steps=max(1, size.stage_steps // 10), eval_every=10**9,
-                      log_every=max(1, size.stage_steps // 4), device="cpu", seed=args.seed)
+    cfg = stage_config(size, args.seed)
     base_cfg = replace(cfg, steps=size.base_steps, warmup_steps=max(1, size.base_steps // 10),
                        log_every=max(1, size.base_steps // 4))
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,7 @@ new corpus) of the service's default fresh model (d 192, 4 blocks, 128² experts
 the earlier corpus, runs the same steps and global batch:
 
 * in process, as PEER_TRAIN_NPROC=1 runs it, on ``--threads`` torch threads (a worker's cores);
-* through service/sharded_stage.py on N processes sharing those cores (``threads // N`` threads each):
+* through service/jobs/sharded_stage.py on N processes sharing those cores (``threads // N`` threads each):
   what a job pays on top of the training itself (starting the processes, handing the parent over as a
   checkpoint, taking the child back) is in the wall time.
 
@@ -27,8 +27,8 @@ from peer_model.continual import ContinualOptions, continual_stage
 from peer_model.corpora import load_corpus
 from peer_model.model import PEERTransformer
 from peer_model.train import TokenData, TrainConfig, train
+from service.jobs.sharded_stage import run_sharded_stage
 from service.settings import Settings
-from service.sharded_stage import run_sharded_stage
 
 
 def steady_tokens_per_s(history: list[dict]) -> float:

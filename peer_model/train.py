@@ -448,7 +448,7 @@ def train(
 
     ``train_data.sample_batch`` returns ``(inputs, targets, *extras)``; ``loss_fn(logits, inputs,
     targets, extras)`` replaces the next-byte cross-entropy (e.g. to add distillation on some rows,
-    see continual.py). ``eval_modules`` stay in eval mode throughout (e.g. a BatchNorm whose running
+    see continual/distillation.py). ``eval_modules`` stay in eval mode throughout (e.g. a BatchNorm whose running
     statistics must not move). ``after_backward()`` runs between the backward and the gradient
     clipping of every step (e.g. to drop gradient rows, see continual.BatchSparseSelection).
 

@@ -24,7 +24,7 @@ from playwright.sync_api import sync_playwright
 
 from peer_model.corpora import load_corpus
 from service.api.app import create_app
-from service.migrate import upgrade
+from service.db.migrate import upgrade
 from service.settings import Settings
 from service.worker.inline import InlineWorker
 

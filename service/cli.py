@@ -14,7 +14,7 @@ from .settings import Settings
 
 
 def cmd_migrate(args, settings: Settings) -> None:
-    from .migrate import upgrade
+    from .db.migrate import upgrade
 
     upgrade(settings.resolved_database_url)
     print(f"database at head: {settings.resolved_database_url}")
@@ -23,7 +23,7 @@ def cmd_migrate(args, settings: Settings) -> None:
 def cmd_gc(args, settings: Settings) -> None:
     """The retention policy and garbage collection, once (the workers' housekeeping also runs them)."""
     from .context import ServiceContext
-    from .retention import apply_retention, collect_garbage
+    from .store.retention import apply_retention, collect_garbage
 
     ctx = ServiceContext.from_settings(settings)
     try:
@@ -95,7 +95,7 @@ def recover_orphaned_jobs(settings: Settings) -> None:
     the last serve (killed, or stopped mid-bootstrap); it is queued again now, not after PEER_JOB_STALE_SECONDS."""
     from .context import ServiceContext
     from .db.session import transaction
-    from .jobs import requeue_running_jobs
+    from .jobs.lease import requeue_running_jobs
 
     ctx = ServiceContext.from_settings(settings)
     try:
@@ -137,7 +137,7 @@ def schema_refusal(settings: Settings) -> str | None:
     database that cannot be reached now is not refused here: the processes wait for it as they do mid-run."""
     from sqlalchemy.exc import OperationalError
 
-    from .migrate import schema_problem
+    from .db.migrate import schema_problem
 
     try:
         return schema_problem(settings.resolved_database_url)

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .db.session import make_engine, make_session_factory
 from .settings import Settings
-from .store import Store
+from .store.store import Store
 
 
 @dataclass

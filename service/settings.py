@@ -8,6 +8,7 @@ model instead of a fresh one (version 1 = that model with PEER layers retrofitte
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,7 +23,11 @@ from peer_model.train import PARAM_DTYPES
 
 from .keys import parse_api_keys
 from .logs import LOG_FORMATS
-from .storage import is_local
+
+
+def is_local(root: str | os.PathLike[str]) -> bool:
+    """A plain path or a ``file://`` URL (a local directory), rather than an object store URL."""
+    return isinstance(root, os.PathLike) or "://" not in root or root.startswith("file://")
 
 
 class InvalidSetting(ValueError):
@@ -75,7 +80,7 @@ class Settings(BaseSettings):
     api_torch_threads: int = 1  # one decode thread; more threads slow small-batch decoding down on CPU
     cuda_graphs: bool = False  # replay the batched decode step as CUDA graphs (GPU only; see peer_model/batching.py)
     worker_torch_threads: int = 0  # 0: torch's default (all cores)
-    # processes one training job runs on, the expert tables split over them by columns (service/sharded_stage.py);
+    # processes one training job runs on, the expert tables split over them by columns (service/jobs/sharded_stage.py);
     # each gets a GPU of its own when there are as many, else they share the CPU cores (gloo)
     train_nproc: int = Field(1, ge=1)
 
@@ -152,7 +157,7 @@ class Settings(BaseSettings):
     # theirs, so a client never sends on a connection the server is closing (uvicorn's 5 s default raced them)
     http_keep_alive_seconds: float = Field(65.0, gt=0)
 
-    # ---- data lifecycle (README "Data lifecycle": service/retention.py, usage.py, chunkstore.py) ------------
+    # ---- data lifecycle (README "Data lifecycle": service/store/retention.py, chunks.py; serving/usage.py) -------
     keep_versions: int = Field(10, ge=1)  # retention keeps the active, the pinned, the newest N and those jobs need
     gc_grace_seconds: float = Field(3600.0, ge=0)  # unreferenced store files younger than this stay (writes in flight)
     chunk_bytes: int = Field(1 << 20, ge=64)  # checkpoint tensors are stored in blocks of whole rows of about this size
@@ -160,7 +165,7 @@ class Settings(BaseSettings):
     usage_raw_retention_seconds: float = Field(7 * 86400.0, ge=0)  # raw usage windows kept this long after folding
     housekeeping_seconds: float = Field(600.0, ge=1)  # a worker folds usage, applies retention and collects garbage
 
-    # ---- object storage (README "Object storage": service/storage.py) -----------------------------------
+    # ---- object storage (README "Object storage": service/store/files.py) -----------------------------------
     # s3://bucket/prefix (any fsspec URL; s3fs for S3-compatible services): checkpoints and corpora go there
     # instead of PEER_STORE_DIR. None, a plain path or file://...: a local directory
     store_url: str | None = None
@@ -310,7 +315,7 @@ class Settings(BaseSettings):
 
     @property
     def store_root(self) -> Path | str:
-        """What :class:`service.store.Store` opens: the object store URL, else the local directory."""
+        """What :class:`service.store.store.Store` opens: the object store URL, else the local directory."""
         return self.store_url if self.store_url and not is_local(self.store_url) else self.resolved_store_dir
 
     @property

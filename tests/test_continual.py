@@ -281,7 +281,8 @@ def test_per_batch_selection_keeps_only_the_gradient_rows_of_the_batchs_best_tf_
 
 def test_tf_idf_scores_favour_experts_the_old_data_does_not_use(parent):
     scores = expert_scores(parent, DATA_B, [DATA], batches=4, batch_size=8, seq_len=32)[1]
-    from peer_model.continual import MixedData, _count_usage
+    from peer_model.continual import MixedData
+    from peer_model.continual.sparse import _count_usage
     # the old batches the IDF was taken on (expert_scores(seed=0) → background_frequency(seed=1))
     df = _count_usage(parent, MixedData(DATA_B, [DATA], 1.0), 4, 8, 32, torch.Generator().manual_seed(1),
                       per_batch=True)[1]

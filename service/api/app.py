@@ -19,17 +19,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import logs
-from ..bootstrap import bootstrap
 from ..context import ServiceContext
-from ..engine import ModelHost
 from ..errors import ServiceError, error_body
-from ..jobs import Dispatch
+from ..jobs.bootstrap import bootstrap
+from ..jobs.lease import Dispatch
 from ..metrics import Metrics
+from ..serving.engine import ModelHost
 from ..settings import Settings
 from ..ui import pages as console
 from .ratelimit import RateLimits
-from .schemas import ERROR_RESPONSES
 from .routes import corpora, experts, generate, health, jobs, openai, status, streams, versions
+from .schemas import ERROR_RESPONSES
 from .security import protect
 
 log = logging.getLogger(__name__)

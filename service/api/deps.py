@@ -8,8 +8,8 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from ..context import ServiceContext
-from ..engine import ModelHost
-from ..jobs import Dispatch
+from ..jobs.lease import Dispatch
+from ..serving.engine import ModelHost
 
 
 def get_ctx(request: Request) -> ServiceContext:

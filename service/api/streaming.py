@@ -13,9 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from peer_model.generate import GenerationStep, SamplingParams
 
 from ..context import ServiceContext
-from ..engine import Encoder, ModelHost, Ticket
 from ..metrics import Metrics
-from ..status import untrained_warning
+from ..serving.engine import Encoder, ModelHost, Ticket
+from ..serving.status import untrained_warning
 
 WARNING_HEADER = "X-PEER-Warning"
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def start_generation(host: ModelHost, metrics: Metrics, encode: Encoder, params:
 
 
 async def served_warning(ctx: ServiceContext, generation: Generation) -> str | None:
-    """The untrained-model warning for the version serving ``generation`` (see service/status.py); a
+    """The untrained-model warning for the version serving ``generation`` (see service/serving/status.py); a
     trained version costs no database read. A failed read loses the warning, not the request."""
     if generation.ticket.version.trained:
         return None

@@ -124,7 +124,7 @@ class PoolVersion(Base):
     gate_passed: Mapped[bool | None] = mapped_column(Boolean)
     gate_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # lifecycle (service/retention.py): a pinned version outlives the retention policy; a deleted one has no
+    # lifecycle (service/store/retention.py): a pinned version outlives the retention policy; a deleted one has no
     # checkpoint any more (its row stays: lineage, evaluations, activations and usage refer to it)
     pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     deleted_at: Mapped[datetime | None] = mapped_column()

@@ -1,12 +1,12 @@
 """The Celery app: two queues (``ingest``, ``train``: training and forget jobs), tasks that only call
-service.training and service.forgetting.
+service/jobs/ (ingest, train, forget).
 
 Reliability settings (DESIGN.md): ``acks_late`` + ``reject_on_worker_lost`` (a task whose worker
 process dies is redelivered), prefetch 1, a Redis visibility timeout above the longest job, no result
 backend (job state lives in the database). Every worker also runs a watchdog thread (every
 ``job_watchdog_seconds``) that sends jobs whose message never reached the broker (it was down when the
 API stored them) or was lost, re-queues jobs whose heartbeat stopped (a whole worker killed) and fails
-them after ``job_max_attempts`` claims: see service/jobs.py. A warm shutdown (SIGTERM, Ctrl-C) hands
+them after ``job_max_attempts`` claims: see service/jobs/lease.py. A warm shutdown (SIGTERM, Ctrl-C) hands
 the running job back to the queue at once instead of finishing it.
 
 Embedded default: Celery's filesystem transport in ``<home>/broker`` needs no server; the API
@@ -26,13 +26,14 @@ from prometheus_client import start_http_server
 
 from ..context import ServiceContext
 from ..db.models import Job
-from ..jobs import QUEUES, Dispatch, recover_stale_jobs
+from ..jobs.forget import run_forget_job
+from ..jobs.ingest import run_ingest_job
+from ..jobs.lease import QUEUES, Dispatch, recover_stale_jobs
+from ..jobs.train import run_train_job
 from ..logs import job_context
 from ..metrics import WorkerMetrics
-from ..retention import Housekeeping
 from ..settings import Settings
-from ..forgetting import run_forget_job
-from ..training import run_ingest_job, run_train_job
+from .housekeeping import Housekeeping
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
         def loop() -> None:
             ctx = ServiceContext.from_settings(settings)
-            housekeeping = Housekeeping(ctx)  # usage roll-ups, retention, garbage collection (service/retention.py)
+            housekeeping = Housekeeping(ctx)  # usage roll-ups, retention, garbage collection (housekeeping.py)
             while True:  # a first pass at once: jobs handed back or never sent go without waiting
                 try:
                     recovered = recover_stale_jobs(ctx.sessions, dispatch, settings.job_stale_seconds)
@@ -131,7 +132,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     @worker_shutting_down.connect(weak=False)
     def hand_back(sender=None, **_):
         """Warm shutdown (SIGTERM, Ctrl-C) begins: the running job stops at its next step and goes back to
-        the queue (service.training.WorkerStopping) instead of holding the worker until it ends."""
+        the queue (service.jobs.progress.WorkerStopping) instead of holding the worker until it ends."""
         if "ctx" in state:
             state["ctx"].stopping.set()
 

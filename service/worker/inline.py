@@ -13,10 +13,11 @@ import threading
 
 from ..context import ServiceContext
 from ..db.models import Job
-from ..forgetting import run_forget_job
+from ..jobs.forget import run_forget_job
+from ..jobs.ingest import run_ingest_job
+from ..jobs.train import run_train_job
 from ..logs import job_context
 from ..settings import Settings
-from ..training import run_ingest_job, run_train_job
 
 log = logging.getLogger(__name__)
 

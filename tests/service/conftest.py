@@ -17,7 +17,7 @@ import psycopg
 import pytest
 import redis
 
-from service.migrate import upgrade
+from service.db.migrate import upgrade
 from service.settings import Settings
 
 PG_ADMIN = os.environ.get("PEER_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from peer_model.generate import SamplingParams, generate_text
 from peer_model.tokenizer import ByteTokenizer
 from service.api.app import create_app
+from service.store.store import Store
 from service.worker.app import dispatcher, make_celery
-from service.store import Store
 
 from .conftest import REDIS_URL, domain_text, tiny_settings, wait_for
 

@@ -21,10 +21,11 @@ from service.api.app import create_app
 from service.api.chat import chat_prompt_ids
 from service.api.schemas import ChatMessage
 from service.context import ServiceContext
+from service.db.migrate import upgrade
 from service.db.models import Job
-from service.migrate import upgrade
+from service.jobs.ingest import run_ingest_job
+from service.jobs.train import run_train_job
 from service.settings import InvalidSetting
-from service.training import run_ingest_job, run_train_job
 
 from .conftest import ServerThread, tiny_settings, wait_for
 

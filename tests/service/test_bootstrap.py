@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from service.bootstrap import bootstrap
 from service.context import ServiceContext
+from service.db.migrate import upgrade
 from service.db.models import Corpus, Job, PoolVersion
 from service.db.session import transaction
-from service.ingest import parse_upload
-from service.migrate import upgrade
-from service.training import run_ingest_job, run_train_job
-from service.uploads import accept_corpus
-from service.versions import active_version_id, ensure_initial_version
+from service.jobs.bootstrap import bootstrap
+from service.jobs.ingest import parse_upload, run_ingest_job
+from service.jobs.train import run_train_job
+from service.jobs.uploads import accept_corpus
+from service.store.versions import active_version_id, ensure_initial_version
 
 from .conftest import domain_text, tiny_settings
 

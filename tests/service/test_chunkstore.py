@@ -9,8 +9,8 @@ import torch
 
 from peer_model.checkpoint import CheckpointError, save_checkpoint
 from peer_model.model import PEERTransformer
-from service.chunkstore import MANIFEST, manifest_chunks
-from service.store import Store
+from service.store.chunks import MANIFEST, manifest_chunks
+from service.store.store import Store
 
 from .conftest import TINY_MODEL, tiny_settings
 

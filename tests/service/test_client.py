@@ -16,9 +16,10 @@ import pytest
 from service import cli, client
 from service.api.app import create_app
 from service.context import ServiceContext
-from service.forgetting import run_forget_job
-from service.migrate import upgrade
-from service.training import run_ingest_job, run_train_job
+from service.db.migrate import upgrade
+from service.jobs.forget import run_forget_job
+from service.jobs.ingest import run_ingest_job
+from service.jobs.train import run_train_job
 
 from .conftest import ServerThread, domain_text, free_port, tiny_settings, wait_for
 

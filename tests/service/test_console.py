@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from service.api.app import create_app
-from service.migrate import upgrade
+from service.db.migrate import upgrade
 from service.worker.inline import InlineWorker
 
 from .conftest import ServerThread, domain_text, tiny_settings, wait_for

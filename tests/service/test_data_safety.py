@@ -21,10 +21,11 @@ from service.api.app import create_app
 from service.context import ServiceContext
 from service.db.models import Corpus, ExpertUsage, Job, PoolVersion
 from service.db.session import make_engine, transaction
-from service.jobs import claim_job, create_job
-from service.store import Store
-from service.training import JobProgress, publish_version
-from service.versions import activate, active_version_id, describe_pools, ensure_initial_version
+from service.jobs.lease import claim_job, create_job
+from service.jobs.progress import JobProgress
+from service.jobs.publish import publish_version
+from service.store.store import Store
+from service.store.versions import activate, active_version_id, describe_pools, ensure_initial_version
 
 from .conftest import ServerThread, domain_text, free_port, tiny_settings, wait_for
 
@@ -60,7 +61,7 @@ def settings(tmp_path):
 @pytest.fixture()
 def ctx(settings):
     ctx = ServiceContext.from_settings(settings)
-    from service.migrate import upgrade
+    from service.db.migrate import upgrade
 
     upgrade(settings.resolved_database_url)
     ensure_initial_version(ctx)
@@ -223,9 +224,10 @@ def test_a_full_store_refuses_uploads_with_507_and_stores_nothing(settings, ctx)
 
 
 def test_a_job_that_cannot_write_its_checkpoint_fails_and_publishes_nothing(ctx):
-    from service.training import run_ingest_job, run_train_job
-    from service.uploads import accept_corpus
-    from service.ingest import parse_upload
+    from service.jobs.ingest import run_ingest_job
+    from service.jobs.train import run_train_job
+    from service.jobs.uploads import accept_corpus
+    from service.jobs.ingest import parse_upload
 
     text = domain_text("english", 200)
     with transaction(ctx.sessions) as session:
@@ -308,8 +310,8 @@ def test_serve_gives_its_training_worker_the_cores_the_api_leaves(tmp_path, monk
 
 def test_an_unpinned_job_records_its_base_when_it_starts_and_a_retry_follows_the_active_version(ctx):
     """The base of an unpinned job was known only at publication, so retention could delete it under the job."""
-    from service.retention import delete_version
-    from service.training import claim_base
+    from service.store.retention import delete_version
+    from service.jobs.runner import claim_base
 
     with transaction(ctx.sessions) as session:
         job_id = create_job(session, "train", []).id

@@ -11,10 +11,10 @@ from service.api.app import create_app
 from service.context import ServiceContext
 from service.db.models import Evaluation, Job, PoolVersion
 from service.db.session import transaction
-from service.forgetting import run_forget_job
-from service.jobs import create_job, request_cancel
-from service.training import run_train_job
-from service.versions import active_version_id, ensure_initial_version
+from service.jobs.forget import run_forget_job
+from service.jobs.lease import create_job, request_cancel
+from service.jobs.train import run_train_job
+from service.store.versions import active_version_id, ensure_initial_version
 
 from .conftest import domain_text, tiny_settings
 from .test_training_job import ingest, row, upload
@@ -136,7 +136,7 @@ def test_forgetting_with_repair_trains_on_the_remaining_corpora(ctx, learnt):
 def test_forgetting_goes_on_when_the_corpora_were_deleted(ctx, learnt):
     """Deleting a corpus removes its text; a forget job read it unconditionally and failed on the missing file.
     (Runs last: it deletes the module's corpora.)"""
-    from service.retention import delete_corpus
+    from service.store.retention import delete_corpus
 
     english, code, learnt_id = learnt
     with transaction(ctx.sessions) as session:  # jobs an earlier test submitted and never ran

@@ -21,7 +21,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from service.api.app import create_app
-from service.migrate import upgrade
+from service.db.migrate import upgrade
 
 from .conftest import ServerThread, tiny_settings
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from service.errors import InvalidInput, PayloadTooLarge
-from service.ingest import ingest_documents, normalise, parse_upload
+from service.jobs.ingest import ingest_documents, normalise, parse_upload
 
 
 def test_valid_text_and_jsonl_uploads_keep_their_documents():

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from service.errors import InvalidInput
+from service.jobs.options import continual_options, parse_job_options
 from service.settings import Settings
-from service.training import continual_options, parse_job_options
 
 DEFAULTS = dict(strategy="replay", replay_fraction=0.5, distill_weight=1.0, new_experts=4096)
 

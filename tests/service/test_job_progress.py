@@ -1,7 +1,7 @@
 """A training job's loss history (what the console's loss curve draws) stays bounded over any length of run."""
 from __future__ import annotations
 
-from service.training import JobProgress
+from service.jobs.progress import JobProgress
 
 
 def test_the_loss_history_covers_the_whole_run_in_at_most_200_points_ending_at_the_latest_record():

@@ -12,8 +12,8 @@ from sqlalchemy.orm import sessionmaker
 from service.db.models import Corpus, Job, utcnow
 from service.db.session import make_engine
 from service.errors import Conflict
-from service.jobs import (LeaseLost, claim_job, create_job, dispatch_job, finish_job, hand_back_job, heartbeat,
-                          recover_stale_jobs, request_cancel, requeue_running_jobs)
+from service.jobs.lease import (LeaseLost, claim_job, create_job, dispatch_job, finish_job, hand_back_job, heartbeat,
+                                recover_stale_jobs, request_cancel, requeue_running_jobs)
 
 STALE = 60.0
 

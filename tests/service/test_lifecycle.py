@@ -12,22 +12,21 @@ import torch
 from sqlalchemy import select
 
 from peer_model.model import PEERTransformer
-from service.chunkstore import manifest_chunks
-from service.context import ServiceContext
 from service.cli import main
+from service.context import ServiceContext
+from service.db.migrate import upgrade
 from service.db.models import Corpus, ExpertUsage, PoolVersion, Stream, StreamDocument
 from service.db.session import transaction
 from service.errors import Conflict
-from service.ingest import parse_upload
-from service.jobs import create_job, request_cancel
-from service.migrate import upgrade
-from service.retention import (
-    Housekeeping, apply_retention, collect_garbage, delete_corpus, delete_version, set_pinned,
-)
-from service.store_lock import save_model_locked
-from service.uploads import accept_corpus
-from service.usage import usage_total
-from service.versions import activate, describe_pools, ensure_initial_version, live_version
+from service.jobs.ingest import parse_upload
+from service.jobs.lease import create_job, request_cancel
+from service.jobs.uploads import accept_corpus
+from service.serving.usage import usage_total
+from service.store.chunks import manifest_chunks
+from service.store.lock import save_model_locked
+from service.store.retention import apply_retention, collect_garbage, delete_corpus, delete_version, set_pinned
+from service.store.versions import activate, describe_pools, ensure_initial_version, live_version
+from service.worker.housekeeping import Housekeeping
 
 from .conftest import PG_HOST, create_pg_database, drop_pg_database, tiny_settings
 
@@ -254,7 +253,7 @@ def test_housekeeping_folds_usage_applies_retention_and_collects_garbage(ctx):
 
 
 def test_a_chunk_reused_while_garbage_is_collected_is_kept(ctx, monkeypatch):
-    """The race service/store_lock.py closes: a checkpoint writer reuses (renews) a chunk only an unreferenced
+    """The race service/store/lock.py closes: a checkpoint writer reuses (renews) a chunk only an unreferenced
     checkpoint named, and a collector that read the manifests before the writer's existed would delete it.
     The collector runs here, with no grace period, while the writer is paused after its first renewal: it
     waits for the writer's manifest, collects the unreferenced checkpoint, and the new one loads whole."""

@@ -8,9 +8,9 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.context import ServiceContext
+from service.db.migrate import upgrade
 from service.db.models import Corpus
 from service.db.session import transaction
-from service.migrate import upgrade
 from service.worker.inline import InlineWorker
 
 from .conftest import PG_HOST, create_pg_database, domain_text, drop_pg_database, tiny_settings, wait_for

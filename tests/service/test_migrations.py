@@ -7,9 +7,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
+from service.db.migrate import downgrade, schema_problem, upgrade
 from service.db.models import Base
 from service.db.session import make_engine
-from service.migrate import downgrade, schema_problem, upgrade
 
 from .conftest import PG_HOST, create_pg_database, drop_pg_database
 

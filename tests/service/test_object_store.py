@@ -16,14 +16,14 @@ from peer_model.checkpoint import CheckpointError
 from peer_model.model import PEERTransformer
 from service.api.app import create_app
 from service.context import ServiceContext
+from service.db.migrate import upgrade
 from service.db.models import Corpus
 from service.db.session import transaction
-from service.migrate import upgrade
-from service.retention import apply_retention, collect_garbage
 from service.settings import Settings
-from service.store import Store
-from service.storage import LocalFiles
-from service.versions import ensure_initial_version
+from service.store.files import LocalFiles
+from service.store.retention import apply_retention, collect_garbage
+from service.store.store import Store
+from service.store.versions import ensure_initial_version
 
 from .conftest import domain_text, free_port, tiny_settings
 

@@ -14,11 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from service.db.migrate import upgrade
 from service.db.models import utcnow
 from service.db.session import transaction
-from service.jobs import create_job
+from service.jobs.lease import create_job
 from service.logs import make_handler
-from service.migrate import upgrade
 
 from .conftest import PG_HOST, create_pg_database, domain_text, drop_pg_database, free_port, tiny_settings, wait_for
 from .test_processes import http, processes, service_env, start, wait_ready  # noqa: F401 - processes: a fixture
@@ -201,7 +201,7 @@ def test_the_inline_workers_log_lines_carry_the_job_id(tmp_path, json_log):
     """serve's embedded tests and demos run jobs in a thread (InlineWorker): a failing job's lines name it too."""
     from service.context import ServiceContext
     from service.db.models import Corpus
-    from service.versions import ensure_initial_version
+    from service.store.versions import ensure_initial_version
     from service.worker.inline import InlineWorker
 
     settings = tiny_settings(tmp_path)
@@ -231,8 +231,8 @@ def test_a_worker_whose_metrics_port_is_taken_still_runs_its_watchdog(processes,
 
     from service.context import ServiceContext
     from service.db.models import Corpus, Job
-    from service.ingest import parse_upload
-    from service.uploads import accept_corpus
+    from service.jobs.ingest import parse_upload
+    from service.jobs.uploads import accept_corpus
 
     home = tmp_path / "home"
     settings = tiny_settings(home)

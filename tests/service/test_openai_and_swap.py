@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from peer_model.config import ModelConfig
-from peer_model.model import PEERTransformer
 from peer_model.generate import SamplingParams, generate_text
+from peer_model.model import PEERTransformer
 from peer_model.tokenizer import ByteTokenizer
 from service.api.app import create_app
 from service.context import ServiceContext
 from service.db.models import PoolVersion
 from service.db.session import transaction
-from service.versions import describe_pools
-from service.store import Store
+from service.store.store import Store
+from service.store.versions import describe_pools
 
 from .conftest import ServerThread, tiny_settings
 

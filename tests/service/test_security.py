@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.migrate import upgrade
+from service.db.migrate import upgrade
 
 from .conftest import ServerThread, tiny_settings
 
@@ -292,7 +292,7 @@ def test_a_chunked_multipart_upload_without_length_is_cut_and_stores_nothing(liv
 
 def ingested_corpus(client, name: str) -> int:
     """A corpus uploaded and ingested in process (the app dispatches nothing): its id."""
-    from service.training import run_ingest_job
+    from service.jobs.ingest import run_ingest_job
 
     accepted = client.post("/v1/corpora", json={"name": name, "text": "text to learn " * 50, "train": False})
     assert accepted.status_code == 202, accepted.text
@@ -330,8 +330,8 @@ def test_forget_options_over_the_step_cap_are_refused(capped):
 
 def test_the_pool_cap_is_checked_again_when_the_job_runs(capped):
     """A job queued while the pool had room (here: created without the API's check) fails with the reason."""
-    from service.jobs import create_job
-    from service.training import run_train_job
+    from service.jobs.lease import create_job
+    from service.jobs.train import run_train_job
 
     ctx = capped.app.state.ctx
     corpus_id = ingested_corpus(capped, "late")

@@ -17,10 +17,10 @@ from sqlalchemy import select
 from service.context import ServiceContext
 from service.db.models import Job, PoolVersion
 from service.db.session import transaction
-from service.jobs import create_job, request_cancel
+from service.jobs.lease import create_job, request_cancel
+from service.jobs.train import run_train_job
 from service.settings import Settings
-from service.training import run_train_job
-from service.versions import ensure_initial_version
+from service.store.versions import ensure_initial_version
 
 from .conftest import TINY_MODEL, domain_text, tiny_settings, wait_for
 from .test_training_job import ingest, row, upload
@@ -37,7 +37,7 @@ def ctx(pg_url, tmp_path_factory):
 
 
 def stage_processes() -> list[int]:
-    """This test process' running stage processes (service/sharded_stage.py)."""
+    """This test process' running stage processes (service/jobs/sharded_stage.py)."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
@@ -45,7 +45,7 @@ def stage_processes() -> list[int]:
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if b"service.sharded_stage" in cmdline and ppid == os.getpid():
+        if b"service.jobs.sharded_stage" in cmdline and ppid == os.getpid():
             pids.append(int(entry.name))
     return pids
 

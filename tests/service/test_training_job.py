@@ -11,11 +11,12 @@ from sqlalchemy import select
 from service.context import ServiceContext
 from service.db.models import Corpus, Evaluation, Job, PoolVersion
 from service.db.session import transaction
-from service.ingest import parse_upload
-from service.jobs import create_job, request_cancel
-from service.training import activation_gate, run_ingest_job, run_train_job
-from service.uploads import accept_corpus
-from service.versions import active_version_id, ensure_initial_version
+from service.jobs.ingest import parse_upload, run_ingest_job
+from service.jobs.lease import create_job, request_cancel
+from service.jobs.publish import activation_gate
+from service.jobs.train import run_train_job
+from service.jobs.uploads import accept_corpus
+from service.store.versions import active_version_id, ensure_initial_version
 
 from .conftest import domain_text, tiny_settings, wait_for
 

@@ -10,11 +10,12 @@ from sqlalchemy import update
 
 from service.api.app import create_app
 from service.context import ServiceContext
+from service.db.migrate import upgrade
 from service.db.models import Job
 from service.db.session import transaction
-from service.jobs import claim_job, heartbeat
-from service.migrate import upgrade
-from service.training import run_ingest_job, run_train_job
+from service.jobs.ingest import run_ingest_job
+from service.jobs.lease import claim_job, heartbeat
+from service.jobs.train import run_train_job
 
 from .conftest import ServerThread, domain_text, tiny_settings, wait_for
 from .test_api import sse_events

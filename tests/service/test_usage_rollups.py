@@ -11,11 +11,11 @@ from sqlalchemy import func, select
 
 from peer_model.usage import usage_stats
 from service.api.routes.experts import layer_utilization, utilization_history
+from service.db.migrate import upgrade
 from service.db.models import ExpertUsage, ExpertUsageBucket, ExpertUsageTotal, PoolVersion
 from service.db.session import make_engine, make_session_factory, transaction
-from service.engine import decode_usage, encode_usage
-from service.migrate import upgrade
-from service.usage import fold_usage, prune_raw_usage
+from service.serving.engine import decode_usage, encode_usage
+from service.serving.usage import fold_usage, prune_raw_usage
 
 EXPERTS = 64
 BUCKET = 3600

@@ -14,13 +14,13 @@ from starlette.datastructures import UploadFile
 
 from ...db.models import Corpus
 from ...errors import Conflict, InvalidInput, NotFound
-from ...forgetting import parse_forget_options, segments_to_mask
-from ...ingest import parse_upload
-from ...jobs import create_job, dispatch_job
-from ...retention import delete_corpus
-from ...training import validate_job_options
-from ...uploads import accept_corpus
-from ...versions import active_version_id, get_version, live_version
+from ...jobs.forget import segments_to_mask
+from ...jobs.ingest import parse_upload
+from ...jobs.lease import create_job, dispatch_job
+from ...jobs.options import parse_forget_options, validate_job_options
+from ...jobs.uploads import accept_corpus
+from ...store.retention import delete_corpus
+from ...store.versions import active_version_id, get_version, live_version
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, IdPath, JobOut, Offset, TextCorpusRequest
 from ..security import Caller, require_scope

@@ -1,5 +1,5 @@
 """Expert utilization observed while serving, per version and PEER layer (stored by the engine, read from the
-roll-ups of service/usage.py)."""
+roll-ups of service/serving/usage.py)."""
 from __future__ import annotations
 
 import torch
@@ -10,10 +10,10 @@ from peer_model.pool import ExpertGrid, Segment
 from peer_model.usage import grid_heatmap, segment_usage, usage_stats
 
 from ...db.models import PoolVersion
-from ...engine import decode_usage
 from ...errors import InvalidInput, NotFound
-from ...usage import usage_buckets, usage_total
-from ...versions import active_version_id, get_version
+from ...serving.engine import decode_usage
+from ...serving.usage import usage_buckets, usage_total
+from ...store.versions import active_version_id, get_version
 from ..deps import get_ctx, get_session
 from ..schemas import IdQuery
 from ..security import require_scope
@@ -43,7 +43,8 @@ def _grid(version: PoolVersion, layer: str) -> ExpertGrid:
 
 
 def _counts(session: Session, version: PoolVersion, layer: str) -> tuple[torch.Tensor, int, int]:
-    """Summed counters over every stored window: (counts, tokens, windows), from the roll-up (service/usage.py)."""
+    """Summed counters over every stored window: (counts, tokens, windows), from the roll-up
+    (service/serving/usage.py)."""
     usage = usage_total(session, version.id, int(layer))
     return decode_usage(usage.counts, version.experts[layer]), usage.tokens, usage.windows
 

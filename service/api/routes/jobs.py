@@ -8,9 +8,9 @@ from sqlalchemy.orm import Session
 
 from ...db.models import JOB_KINDS, JOB_STATES, Corpus, Job
 from ...errors import Conflict, InvalidInput, NotFound
-from ...jobs import create_job, dispatch_job, get_job, request_cancel
-from ...training import validate_job_options
-from ...versions import active_version_id, is_pretrained, live_version
+from ...jobs.lease import create_job, dispatch_job, get_job, request_cancel
+from ...jobs.options import validate_job_options
+from ...store.versions import active_version_id, is_pretrained, live_version
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import IdPath, JobOut, JobRequest, Offset
 from ..security import Caller, require_scope

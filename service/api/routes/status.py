@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from sqlalchemy.orm import Session
 
-from ...status import service_status
+from ...serving.status import service_status
 from ..deps import get_ctx, get_host, get_session
 from ..security import require_scope
 

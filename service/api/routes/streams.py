@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session
 
 from ...db.models import Corpus, Stream, StreamDocument
 from ...errors import Conflict
-from ...jobs import dispatch_job
-from ...uploads import append_documents, flush_stream, pending_bytes, stream_by_name
+from ...jobs.lease import dispatch_job
+from ...jobs.uploads import append_documents, flush_stream, pending_bytes, stream_by_name
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import CorpusOut, DocumentsRequest, JobOut
 from ..security import Caller, require_scope

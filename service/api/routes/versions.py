@@ -7,8 +7,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ...db.models import Activation, Evaluation, PoolVersion
-from ...retention import delete_version, set_pinned
-from ...versions import activate, active_version_id, get_version, live_version, lock_activations
+from ...store.retention import delete_version, set_pinned
+from ...store.versions import activate, active_version_id, get_version, live_version, lock_activations
 from ..deps import get_ctx, get_host, get_session
 from ..schemas import ActivateRequest, IdPath, Offset
 from ..security import Caller, require_scope

@@ -6,7 +6,7 @@
   running job (its base, or its result).
 - A corpus is deleted by marking its row (state ``deleted``), removing its files and the stream documents
   it was made of; refused while a queued or running job uses it. Versions trained on it keep what they
-  learnt; later jobs replay the parent's own samples in place of its text (service/training.py).
+  learnt; later jobs replay the parent's own samples in place of its text (service/jobs/train.py).
 - Retention (:func:`apply_retention`, after each publish and in the worker's housekeeping) deletes every
   version but the active one, the pinned ones, the newest PEER_KEEP_VERSIONS and those jobs need.
 - Garbage collection (:func:`collect_garbage`): checkpoint directories no live version row refers to (a
@@ -25,17 +25,19 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select, update
 
-from .context import ServiceContext
-from .db.models import Corpus, Job, PoolVersion, StreamDocument, utcnow
-from .db.session import transaction
-from .errors import Conflict, NotFound
+from ..db.models import Corpus, Job, PoolVersion, StreamDocument, utcnow
+from ..db.session import transaction
+from ..errors import Conflict, NotFound
+from .lock import store_lock
 from .store import Store
-from .store_lock import store_lock
-from .usage import fold_usage, prune_raw_usage
 from .versions import active_version_id, get_version, live_version, lock_activations
+
+if TYPE_CHECKING:  # the context holds the store: store/ names it in annotations only
+    from ..context import ServiceContext
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,7 @@ def collect_garbage(ctx: ServiceContext, dry_run: bool = False) -> Garbage:
     """Remove what nothing refers to and is older than PEER_GC_GRACE_SECONDS: checkpoint directories of
     no live version (and leftover temporary or backup ones), chunks no remaining manifest names,
     directories of deleted or unknown corpora and temporary files. ``dry_run``: only report them. The
-    store is walked through its files (service/storage.py): a local directory or an object store."""
+    store is walked through its files (service/store/files.py): a local directory or an object store."""
     with nullcontext() if dry_run else store_lock(ctx, exclusive=True):  # no checkpoint is written meanwhile
         return _collect_garbage(ctx, dry_run)
 
@@ -224,40 +226,6 @@ def _collect_garbage(ctx: ServiceContext, dry_run: bool) -> Garbage:
         if garbage.paths:
             log.info("garbage collection removed %d paths (%d bytes)", len(garbage.paths), garbage.bytes)
     return garbage
-
-
-# ---- housekeeping --------------------------------------------------------------------------------------
-
-
-class Housekeeping:
-    """The periodic lifecycle work a worker's watchdog runs: fold expert usage into its roll-ups and prune
-    folded raw rows, apply the retention policy, collect garbage. :meth:`run_due` does it at most every
-    PEER_HOUSEKEEPING_SECONDS; each part's failure is logged and the others still run."""
-
-    def __init__(self, ctx: ServiceContext):
-        self.ctx = ctx
-        self.last_run: float | None = None
-
-    def run_due(self) -> None:
-        now = time.monotonic()
-        if self.last_run is None or now - self.last_run >= self.ctx.settings.housekeeping_seconds:
-            self.last_run = now
-            self.run()
-
-    def run(self) -> dict:
-        settings, done = self.ctx.settings, {}
-        parts = {
-            "usage_folded": lambda: fold_usage(self.ctx.sessions, settings.usage_bucket_seconds),
-            "usage_pruned": lambda: prune_raw_usage(self.ctx.sessions, settings.usage_raw_retention_seconds),
-            "versions_deleted": lambda: apply_retention(self.ctx),
-            "garbage_bytes": lambda: collect_garbage(self.ctx).bytes,
-        }
-        for name, part in parts.items():
-            try:
-                done[name] = part()
-            except Exception:  # noqa: BLE001 - the rest of the housekeeping still runs; retried next time
-                log.exception("housekeeping: %s failed", name)
-        return done
 
 
 def retain_after_publish(ctx: ServiceContext) -> None:

@@ -10,11 +10,11 @@ import json
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .context import ServiceContext
-from .db.models import Corpus, Job, Stream, StreamDocument
-from .errors import InvalidInput, NotFound, PayloadTooLarge, StorageUnavailable
+from ..context import ServiceContext
+from ..db.models import Corpus, Job, Stream, StreamDocument
+from ..errors import InvalidInput, NotFound, PayloadTooLarge, StorageUnavailable
 from .ingest import Upload, check_size, parse_upload
-from .jobs import create_job
+from .lease import create_job
 
 
 def accept_corpus(ctx: ServiceContext, session: Session, name: str, upload: Upload, raw_text: str, fmt: str,

@@ -7,12 +7,12 @@ import logging
 
 from peer_model.corpora import CorpusUnavailable, load_corpus
 
-from .context import ServiceContext
-from .db.session import transaction
+from ..context import ServiceContext
+from ..db.session import transaction
+from ..store.versions import ensure_initial_version
 from .ingest import parse_upload
-from .jobs import Dispatch, dispatch_job
+from .lease import Dispatch, dispatch_job
 from .uploads import accept_corpus
-from .versions import ensure_initial_version
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from .db.models import Corpus, Job, utcnow
-from .db.session import transaction
-from .errors import Conflict, NotFound
+from ..db.models import Corpus, Job, utcnow
+from ..db.session import transaction
+from ..errors import Conflict, NotFound
 
 Dispatch = Callable[[Job], None]  # sends a job's task to its queue
 QUEUES = {"ingest": "ingest", "train": "train", "forget": "train"}  # job kind → queue (forgetting loads a model)

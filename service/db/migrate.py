@@ -8,7 +8,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]  # what holds service/ (service/db/migrate.py)
 
 
 def alembic_config(url: str) -> Config:
@@ -39,7 +39,7 @@ def schema_problem(url: str) -> str | None:
     config = alembic_config(url)
     script = ScriptDirectory.from_config(config)
     heads = set(script.get_heads())
-    from .db.session import make_engine
+    from .session import make_engine
 
     engine = make_engine(url)
     try:

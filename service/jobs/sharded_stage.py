@@ -2,7 +2,7 @@
 
 The job's own process (a worker, or serve's inline worker) stays out of the process group: it owns the job
 (lease, heartbeat, cancellation, evaluation, publishing) and starts ``PEER_TRAIN_NPROC`` stage processes
-(``python -m service.sharded_stage DIR RANK SIZE``) that join a group of their own, each loading only its
+(``python -m service.jobs.sharded_stage DIR RANK SIZE``) that join a group of their own, each loading only its
 columns of the parent's expert tables (peer_model/distributed), and run
 :func:`peer_model.continual.continual_stage` together, each on its rows of every batch. They talk to the job's
 process through a private work directory:
@@ -104,7 +104,7 @@ def _start(work: Path, rank: int, size: int) -> subprocess.Popen:
     output = open(work / f"rank-{rank}.log", "wb")
     try:
         # a session of their own: a Ctrl-C meant for the worker reaches the worker, which stops them in step
-        return subprocess.Popen([sys.executable, "-m", "service.sharded_stage", str(work), str(rank), str(size)],
+        return subprocess.Popen([sys.executable, "-m", "service.jobs.sharded_stage", str(work), str(rank), str(size)],
                                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         output.close()

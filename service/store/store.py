@@ -5,12 +5,12 @@ Layout (keys relative to the root are what the database records)::
     corpora/<id>/raw.txt            the upload as received (validated UTF-8)
     corpora/<id>/train.txt, val.txt the ingested splits
     versions/<name>/                a checkpoint: peer_model's config and tokenizer files, and a manifest
-                                    of content-addressed chunks (service/chunkstore.py); versions written
+                                    of content-addressed chunks (service/store/chunks.py); versions written
                                     before chunking hold a plain ``model.safetensors`` and still load
     chunks/<hash[:2]>/<hash>        tensor bytes, shared by every version whose manifest names them
 
 The root is ``PEER_STORE_DIR`` (a shared volume: docker-compose mounts one into the api and the workers)
-or ``PEER_STORE_URL`` (``s3://bucket/prefix``); service/storage.py holds what differs between the two and
+or ``PEER_STORE_URL`` (``s3://bucket/prefix``); service/store/files.py holds what differs between the two and
 how each keeps readers from seeing half a file. The rest of the service uses only this class's methods.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from peer_model.model import PEERTransformer
 
-from .chunkstore import MANIFEST, ChunkStore, WriteStats, chunks_named, parse_manifest
-from .storage import LocalFiles, open_files
+from .chunks import MANIFEST, ChunkStore, WriteStats, chunks_named, parse_manifest
+from .files import LocalFiles, open_files
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 

@@ -14,38 +14,18 @@ cannot take back; BENCHMARKS.md section 3c measures this per strategy.
 """
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-
 from peer_model.continual import evaluate_all, forget_segments
 from peer_model.train import resolve_device
 
-from .context import ServiceContext
-from .db.models import Job, PoolVersion
-from .errors import Conflict, InvalidInput
-from .jobs import Dispatch, JobCancelled, heartbeat
-from .training import (JobProgress, claim_base, corpus_available, job_train_config, parse_options, publish_version,
-                       run_owned_job, token_data)
-from .versions import get_version
-
-
-class ForgetOptions(BaseModel):
-    """Options of a forget job; ``repair_steps`` None takes PEER_FORGET_REPAIR_STEPS."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    repair_steps: int | None = Field(None, ge=0)
-    activate: Literal["auto", "always", "never"] = "auto"
-    seed: int = Field(0, ge=0)
-
-
-def parse_forget_options(options: dict, max_steps: int) -> ForgetOptions:
-    parsed = parse_options(ForgetOptions, options, "forget")
-    if parsed.repair_steps is not None and parsed.repair_steps > max_steps:
-        raise InvalidInput(f"invalid forget options: repair_steps {parsed.repair_steps} is over "
-                           f"PEER_MAX_TRAIN_STEPS ({max_steps})")
-    return parsed
+from ..context import ServiceContext
+from ..db.models import Job, PoolVersion
+from ..errors import Conflict
+from ..store.versions import get_version
+from .lease import Dispatch, JobCancelled, heartbeat
+from .options import job_train_config, parse_forget_options
+from .progress import JobProgress
+from .publish import forget_gate, publish_version
+from .runner import claim_base, corpus_available, run_owned_job, token_data
 
 
 def segments_to_mask(version: PoolVersion, corpus_id: int) -> dict[int, list[int]]:
@@ -113,16 +93,3 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
                         "bpb": {str(c): v for c, v in child_bpb.items()},
                         "parent_bpb": {str(c): v for c, v in parent_bpb.items()},
                     })
-
-
-def forget_gate(child: dict[int, float], parent: dict[int, float], remaining: list[int], forgotten: int,
-                tolerance: float) -> tuple[bool, str]:
-    """Pass when every remaining corpus' bpb is within ``tolerance`` (relative) of the parent's; the
-    reason also says how far the forgotten corpus' bpb moved."""
-    moved = (f"corpus {forgotten}: {parent[forgotten]:.3f} → {child[forgotten]:.3f} bpb" if forgotten in child
-             else f"corpus {forgotten}: its text is deleted, not measured")
-    worse = [c for c in remaining if c in child and child[c] > parent[c] * (1 + tolerance)]
-    if worse:
-        details = ", ".join(f"corpus {c}: {parent[c]:.3f} → {child[c]:.3f}" for c in worse)
-        return False, f"forgetting hurt other corpora by more than {tolerance:.0%}: {details} ({moved})"
-    return True, f"forgot {moved}; remaining corpora within {tolerance:.0%}"

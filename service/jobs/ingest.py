@@ -3,18 +3,29 @@
 Validation rejects what a user must fix: not UTF-8, empty, over the size limit. Ingestion normalises
 (Unicode NFC, ``\\n`` line ends, no NUL or other C0 controls but tab and newline), drops exact duplicate
 documents (paragraphs for plain text), and splits train/validation by whole blocks of lines.
+
+The ingest job (:func:`run_ingest_job`): the validated upload in the store → normalised, de-duplicated
+train/validation splits → the corpus is ready; optionally a training job follows.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import unicodedata
 from dataclasses import dataclass
 
 from peer_model.corpora import split_train_val
 
-from .errors import InvalidInput, PayloadTooLarge
+from ..context import ServiceContext
+from ..db.models import Corpus, Job, utcnow
+from ..db.session import transaction
+from ..errors import InvalidInput, PayloadTooLarge
+from .lease import Dispatch, LeaseLost, claim_job, create_job, dispatch_job, owned_job
+from .runner import finish_quietly
+
+log = logging.getLogger(__name__)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n+")
@@ -108,3 +119,52 @@ def ingest_documents(documents: list[str], val_fraction: float, seed: int = 0) -
     if not val:  # a text too short to split: evaluate on what we have rather than on nothing
         val = train
     return Ingested(train, val, len(kept), duplicates)
+
+
+# ---- the ingest job ------------------------------------------------------------------------------
+
+
+def run_ingest_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch) -> None:
+    settings = ctx.settings
+    lease = claim_job(ctx.sessions, job_id, settings.job_max_attempts, settings.job_stale_seconds)
+    if lease is None:
+        return
+    follow_up: Job | None = None
+    try:
+        with ctx.sessions() as session:
+            job = session.get(Job, job_id)
+            corpus_id, train_after = job.corpus_ids[0], bool(job.options.get("train", False))
+            train_options = dict(job.options.get("train_options", {}))
+            fmt = job.options.get("format", "text")
+        raw = ctx.store.read_corpus_bytes(corpus_id, "raw")
+        upload = parse_upload(raw, fmt, max(settings.max_corpus_bytes, len(raw)))
+        result = ingest_documents(upload.documents, settings.val_fraction)
+        ctx.store.write_corpus(corpus_id, "train", result.train)
+        ctx.store.write_corpus(corpus_id, "val", result.val)
+        with transaction(ctx.sessions) as session:
+            job = owned_job(session, job_id, lease)
+            corpus = session.get(Corpus, corpus_id)
+            corpus.state, corpus.ingested_at = "ready", utcnow()
+            corpus.duplicates_removed = result.duplicates_removed
+            corpus.train_bytes, corpus.val_bytes = len(result.train.encode()), len(result.val.encode())
+            job.state, job.progress, job.finished_at, job.lease = "succeeded", 1.0, utcnow(), None
+            job.metrics = {"documents": len(upload.documents), "paragraphs": result.paragraphs,
+                           "duplicates_removed": result.duplicates_removed}
+            if train_after:
+                follow_up = create_job(session, "train", [corpus_id], train_options)
+                job.next_job_id = follow_up.id
+    except LeaseLost:
+        return
+    except InvalidInput as exc:
+        _fail_ingest(ctx, job_id, lease, exc.message)
+        return
+    except Exception as exc:  # noqa: BLE001 - recorded on the job, never lost in a log only
+        log.exception("ingest job %s failed", job_id)
+        _fail_ingest(ctx, job_id, lease, f"{type(exc).__name__}: {exc}")
+        return
+    if follow_up is not None:
+        dispatch_job(ctx.sessions, dispatch, follow_up)
+
+
+def _fail_ingest(ctx: ServiceContext, job_id: int, lease: str, error: str) -> None:
+    finish_quietly(ctx, job_id, lease, "failed", error)  # the corpus fails with it (lease.close_job)

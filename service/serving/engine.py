@@ -44,19 +44,19 @@ import psycopg
 import torch
 from sqlalchemy import Engine, select
 
-from peer_model.checkpoint import CheckpointError
 from peer_model.batching import BatchDecoder, Sequence
+from peer_model.checkpoint import CheckpointError
 from peer_model.generate import GenerationStep, SamplingParams, check_prompt
 from peer_model.model import PEERTransformer
 from peer_model.tokenizer import Tokenizer
 from peer_model.train import resolve_device
 
-from .context import ServiceContext
-from .db.models import Activation, ExpertUsage, PoolVersion, utcnow
-from .db.session import transaction
-from .errors import InvalidInput, NotFound, NotReady, Overloaded
+from ..context import ServiceContext
+from ..db.models import Activation, ExpertUsage, PoolVersion, utcnow
+from ..db.session import transaction
+from ..errors import InvalidInput, NotFound, NotReady, Overloaded
+from ..store.versions import ACTIVATION_CHANNEL, active_version_id
 from .status import is_trained
-from .versions import ACTIVATION_CHANNEL, active_version_id
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from .db.models import FINAL_JOB_STATES, Corpus, Job, PoolVersion
-from .versions import active_version_id, is_pretrained
+from ..db.models import FINAL_JOB_STATES, Corpus, Job, PoolVersion
+from ..store.versions import active_version_id, is_pretrained
 
 
 def is_trained(version: PoolVersion) -> bool:

@@ -12,10 +12,10 @@ as they were (grow_freeze_protect) rewrites only the blocks that hold new rows (
 trained); every other block already exists and is only referenced again. Loading reads every chunk and
 checks its hash: a missing or corrupted chunk is a :class:`CheckpointError`, never silently wrong weights.
 
-Chunks live wherever the store does (service/storage.py: a local directory, crash-safe by temporary
+Chunks live wherever the store does (service/store/files.py: a local directory, crash-safe by temporary
 names and renames; or an object store, each chunk one PUT, read straight into the tensor). The manifest
 is written after every chunk it names. A chunk that already exists gets its modification time renewed,
-so garbage collection (service/retention.py, which spares files younger than its grace period) cannot
+so garbage collection (service/store/retention.py, which spares files younger than its grace period) cannot
 take it while a version that reuses it is still being written.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from peer_model.checkpoint import WEIGHTS, CheckpointError
 from peer_model.model import PEERTransformer
 
-from .storage import MANIFEST, LocalFiles, ObjectFiles
+from .files import MANIFEST, LocalFiles, ObjectFiles
 
 FORMAT = "peer-chunks-1"
 

@@ -1,8 +1,8 @@
 """Checkpoint writes against garbage collection: a reader-writer lock over the store's chunks.
 
-A checkpoint writer reuses every chunk that already exists, renewing its age (service/chunkstore.py), and
+A checkpoint writer reuses every chunk that already exists, renewing its age (service/store/chunks.py), and
 names it in a manifest written last; the collector deletes chunks that no manifest names and that are older
-than PEER_GC_GRACE_SECONDS, reading their age again just before (service/retention.py). On a local store the
+than PEER_GC_GRACE_SECONDS, reading their age again just before (service/store/retention.py). On a local store the
 check and the deletion are one step (the file is moved aside first), but on an object store a writer can
 renew a chunk between the collector's check and its DELETE and then publish a manifest naming a chunk that
 is gone. So writers hold this lock shared from their first chunk to their manifest, and the collector holds
@@ -18,14 +18,17 @@ import fcntl
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from peer_model.model import PEERTransformer
 
-from .chunkstore import WriteStats
-from .context import ServiceContext
+from .chunks import WriteStats
+
+if TYPE_CHECKING:  # the context holds the store: store/ names it in annotations only
+    from ..context import ServiceContext
 
 log = logging.getLogger(__name__)
 

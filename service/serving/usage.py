@@ -23,8 +23,8 @@ import numpy as np
 from sqlalchemy import cast, delete, false, literal, null, select, true, union_all, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from .db.models import ExpertUsage, ExpertUsageBucket, ExpertUsageTotal, utcnow
-from .db.session import transaction
+from ..db.models import ExpertUsage, ExpertUsageBucket, ExpertUsageTotal, utcnow
+from ..db.session import transaction
 
 FOLD_BATCH = 1000  # raw rows per fold transaction
 

@@ -1,6 +1,8 @@
 """Pool versions: the active one, activation (and rollback), describing a model's pools, version 1."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -10,13 +12,15 @@ from peer_model.hf import load_hf, read_hf_config, retrofit
 from peer_model.hf.families import config_fields
 from peer_model.model import PEERTransformer
 
-from .context import ServiceContext
-from .db.models import Activation, PoolVersion
-from .db.session import transaction
-from .errors import Conflict, NotFound
-from .settings import InvalidSetting, Settings
+from ..db.models import Activation, PoolVersion
+from ..db.session import transaction
+from ..errors import Conflict, NotFound
+from ..settings import InvalidSetting, Settings
+from .lock import save_model_locked
 from .store import Store
-from .store_lock import save_model_locked
+
+if TYPE_CHECKING:  # the context holds the store: store/ names it in annotations only
+    from ..context import ServiceContext
 
 INITIAL_CHECKPOINT = Store.version_key("initial")
 ACTIVATION_LOCK = 0x5045455241  # any constant shared by every process of the service ("PEERA")

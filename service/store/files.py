@@ -1,6 +1,6 @@
 """Where the store's bytes live: a local directory (:class:`LocalFiles`, the default) or an object store
 reached through fsspec (:class:`ObjectFiles`: ``s3://bucket/prefix`` on any S3-compatible service, or any
-other fsspec URL). :class:`service.store.Store` and :class:`service.chunkstore.ChunkStore` speak only to
+other fsspec URL). :class:`service.store.store.Store` and :class:`service.store.chunks.ChunkStore` speak only to
 this interface; keys are ``/``-separated paths relative to the root (``chunks/ab/ab12...``).
 
 How each keeps a reader (or a crash) from seeing half of anything:
@@ -39,12 +39,9 @@ import torch
 from peer_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from peer_model.model import PEERTransformer
 
-MANIFEST = "manifest.json"  # a chunked checkpoint's last file (service/chunkstore.py)
+from ..settings import is_local
 
-
-def is_local(root: str | os.PathLike[str]) -> bool:
-    """A plain path or a ``file://`` URL (a local directory), rather than an object store URL."""
-    return isinstance(root, os.PathLike) or "://" not in root or root.startswith("file://")
+MANIFEST = "manifest.json"  # a chunked checkpoint's last file (service/store/chunks.py)
 
 
 def open_files(root: str | os.PathLike[str], options: dict | None = None,
@@ -175,7 +172,7 @@ class LocalFiles:
 class _Reported:
     """An fsspec filesystem whose failures are all OSErrors: s3fs turns S3's answers into them, but an
     unreachable endpoint raises botocore's or aiohttp's own errors, which the service would report as a 500
-    where a full disk is a 507 (service/uploads.py) and a job failure with the reason."""
+    where a full disk is a 507 (service/jobs/uploads.py) and a job failure with the reason."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem):
         self._fs = fs
