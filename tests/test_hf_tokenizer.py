@@ -389,6 +389,9 @@ def test_replay_and_fact_tokens_use_the_model_tokenizer(ours):
     tokens = facts_tokens(facts, tokenizer=hf).tolist()
     assert tokens[0] == hf.bos_id and tokens.count(hf.bos_id) == 3
     assert hf.decode(tokens) == facts_text(facts)
+    chatml = ours["chatml"]  # no BOS rule: replay windows are shifted text, fact sentences plain text
+    assert sample_replay(tiny_model(chatml), windows=2, seq_len=10, seed=0).bos is None
+    assert facts_tokens(facts, tokenizer=chatml).tolist() == chatml.encode(facts_text(facts))
 
 
 def test_deepcopy_and_checkpoint_keep_the_hf_tokenizer(ours, tmp_path):

@@ -8,6 +8,7 @@ import torch
 
 from ..generate import SamplingParams, decode_one_token, make_generator, prefill, sample_next
 from ..model import PEERTransformer
+from ..tokenizer import window_start
 from ..train import TokenData, id_dtype
 
 
@@ -16,7 +17,7 @@ class MixedData:
     (chosen uniformly, so every earlier corpus is replayed alike). ``sample_batch`` returns TokenData's
     ``(inputs, targets)`` plus ``source`` (B,): -1 for the new corpus, else the index in ``old``;
     train() hands it to the loss function. Each window comes from its own source's ``sample_batch``, with
-    that source's BOS; all sources must share one (one tokenizer)."""
+    that source's BOS (or none); all sources must share one rule (one tokenizer)."""
 
     def __init__(self, new: TokenData, old: Sequence[TokenData], replay_fraction: float):
         if not 0.0 <= replay_fraction <= 1.0:
@@ -25,7 +26,8 @@ class MixedData:
             raise ValueError("replay needs at least one earlier corpus")
         if any(data.bos != new.bos for data in old):
             raise ValueError(f"the corpora start windows with different BOS ids ({new.bos}, "
-                             f"{sorted({data.bos for data in old})}): they were encoded by different tokenizers")
+                             f"{sorted({data.bos for data in old}, key=str)}): they were encoded by different "
+                             "tokenizers")
         self.new, self.old, self.replay_fraction = new, list(old), replay_fraction
 
     def __len__(self) -> int:
@@ -54,7 +56,8 @@ class MixedData:
 def sample_replay(model: PEERTransformer, windows: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
                   batch_size: int = 64) -> TokenData:
     """Generative replay: ``windows`` texts of ``seq_len`` tokens sampled from ``model`` after its
-    tokenizer's BOS, one after another in one TokenData (with that BOS). For when the earlier corpora's
+    tokenizer's BOS (an empty context), one after another in one TokenData whose windows start as the
+    tokenizer starts a context (:func:`~peer_model.tokenizer.window_start`). For when the earlier corpora's
     text is gone (deleted, or never stored): replaying a version's own generations, distilled against it,
     keeps what it knew in the spirit of SPIN's training on a previous version's samples. ``model`` is left
     in its mode."""
@@ -79,4 +82,4 @@ def sample_replay(model: PEERTransformer, windows: int, seq_len: int, seed: int 
             rows.append(torch.stack(sampled, dim=1).cpu())
     finally:
         model.train(was_training)
-    return TokenData(torch.cat(rows).flatten().to(id_dtype(model.config.vocab_size)), tokenizer.bos_id)
+    return TokenData(torch.cat(rows).flatten().to(id_dtype(model.config.vocab_size)), window_start(tokenizer))

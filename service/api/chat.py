@@ -7,6 +7,8 @@ message, ending with the cue for the answer::
     System: You are terse.
     User: Hello!
     Assistant:
+
+and the answer ends where the model starts the user's next line (``TRANSCRIPT_STOP``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from peer_model.tokenizer import Tokenizer
 from .schemas import ChatMessage
 
 TRANSCRIPT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+TRANSCRIPT_STOP = "\nUser:"
 
 
 def transcript(messages: list[ChatMessage]) -> str:
@@ -22,11 +25,16 @@ def transcript(messages: list[ChatMessage]) -> str:
     return "\n".join([*lines, f"{TRANSCRIPT_ROLES['assistant']}:"])
 
 
+def has_chat_template(tokenizer: Tokenizer) -> bool:
+    return getattr(tokenizer, "has_chat_template", False)  # byte-level tokenizers have none
+
+
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """The chat's prompt ids for ``tokenizer``'s model. Generation prepends BOS itself, so a BOS that the
-    template writes first (Llama's ``{{ bos_token }}``) is dropped: the prompt never starts with two.
-    ValueError when the template rejects the chat (e.g. roles that do not alternate)."""
-    if not getattr(tokenizer, "has_chat_template", False):  # byte-level tokenizers have no chat template
+    """The chat's prompt ids for ``tokenizer``'s model. The special tokens the template renders (ChatML's
+    ``<|im_start|>``) are the prompt's own. Generation adds the BOS itself when the tokenizer adds one,
+    so a BOS that the template writes first (Llama's ``{{ bos_token }}``) is dropped then: the context
+    never starts with two. ValueError when the template rejects the chat (e.g. roles that do not alternate)."""
+    if not has_chat_template(tokenizer):
         return tokenizer.encode(transcript(messages))
     ids = tokenizer.encode(tokenizer.apply_chat_template([m.model_dump() for m in messages]))
-    return ids[1:] if ids[:1] == [tokenizer.bos_id] else ids
+    return ids[1:] if tokenizer.add_bos and ids[:1] == [tokenizer.bos_id] else ids

@@ -79,7 +79,7 @@ def test_tokenize_gives_the_models_bpe_ids(service, reference):
     body = ok(http.post("/v1/tokenize", json={"text": "Привет мир, the cat"}))
     ids = reference.tokenizer.encode("Привет мир, the cat")
     assert body == {"tokens": ids, "count": len(ids), "version": 1, "tokenizer": "hf",
-                    "bos": reference.tokenizer.bos_id}
+                    "bos": reference.tokenizer.bos_id, "add_bos": reference.tokenizer.add_bos}
     assert len(ids) < len("Привет мир, the cat".encode())  # merged, not bytes
 
 

@@ -65,9 +65,9 @@ class TokenizeRequest(BaseModel):
 @router.post("/v1/tokenize", dependencies=[Depends(require_scope("generate"))])
 async def tokenize(body: TokenizeRequest, request: Request, host=Depends(get_host)):
     """The ids of the served version's tokenizer (``tokenizer``: "byte" or "hf"), as a prompt is encoded;
-    generation prepends that tokenizer's BOS (``bos``) itself."""
+    generation puts that tokenizer's BOS (``bos``) before them when the tokenizer adds one (``add_bos``)."""
     check_prompt_chars(request.app.state.ctx.settings, body.text)
     version, tokenizer = host.active_tokenizer()
     ids = tokenizer.encode(body.text)
     return {"tokens": ids, "count": len(ids), "version": version, "tokenizer": tokenizer.kind,
-            "bos": tokenizer.bos_id}
+            "bos": tokenizer.bos_id, "add_bos": tokenizer.add_bos}

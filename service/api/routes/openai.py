@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from ...errors import InvalidInput, NotFound
 from ...settings import Settings
-from ..chat import chat_prompt_ids
+from ..chat import TRANSCRIPT_STOP, chat_prompt_ids, has_chat_template
 from ..deps import get_host
 from ..ratelimit import charge_tokens
 from ..sampling import check_prompt_chars, sampling_params
@@ -72,15 +72,19 @@ async def completions(body: CompletionRequest, request: Request, http_response: 
 async def chat_completions(body: ChatCompletionRequest, request: Request, http_response: Response,
                            host=Depends(get_host), caller: Caller = Depends(require_scope("generate"))):
     """The chat is rendered by the serving model's chat template (a plain "System: / User: / Assistant:"
-    transcript when it has none, see service/api/chat.py); the answer ends at the model's end of turn."""
+    transcript when it has none, see service/api/chat.py); the answer ends at the model's end of turn (the
+    transcript's: the start of a "User:" line, which then counts as one of the stop strings)."""
     settings = request.app.state.ctx.settings
     check_model(settings, body.model)
     if body.logprobs:
         raise InvalidInput("logprobs are not supported")
     check_prompt_chars(settings, *(message.content for message in body.messages))
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if not has_chat_template(host.active_tokenizer()[1]):  # a swap in between changes only where it stops
+        stop.append(TRANSCRIPT_STOP)
     params = sampling_params(settings, max_tokens=body.max_completion_tokens or body.max_tokens,
                              temperature=body.temperature if body.temperature is not None else 1.0,
-                             top_p=body.top_p or 1.0, stop=body.stop, seed=body.seed)
+                             top_p=body.top_p or 1.0, stop=stop, seed=body.seed)
     await charge_tokens(request, caller.client, params.max_tokens)
     generation = start_generation(host, request.app.state.metrics,
                                   lambda tokenizer: chat_prompt_ids(tokenizer, body.messages), params)
