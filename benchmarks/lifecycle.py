@@ -78,7 +78,7 @@ def run_job(ctx: ServiceContext, name: str, text: str, options: dict) -> int:
 
 def storage(args) -> list[dict]:
     home = Path(tempfile.mkdtemp(prefix="peer-lifecycle-"))
-    settings = Settings(home=home, bootstrap_corpus="", train_steps=args.steps, train_batch_size=8,
+    settings = Settings(home=home, base_model="fresh", bootstrap_corpus="", train_steps=args.steps, train_batch_size=8,
                         eval_max_batches=2, keep_versions=100)
     upgrade(settings.resolved_database_url)
     ctx = ServiceContext.from_settings(settings)
@@ -119,7 +119,7 @@ def measure(ctx: ServiceContext, version: PoolVersion, read) -> tuple[torch.Tens
 
 def usage(args) -> dict:
     home = Path(tempfile.mkdtemp(prefix="peer-usage-"))
-    settings = Settings(home=home, database_url=args.database_url, bootstrap_corpus="")
+    settings = Settings(home=home, database_url=args.database_url, base_model="fresh", bootstrap_corpus="")
     upgrade(settings.resolved_database_url)
     ctx = ServiceContext.from_settings(settings)
     ensure_initial_version(ctx)

@@ -2,7 +2,7 @@
 
 Starts the real service (``python -m service.cli serve``) on loopback in its embedded default (SQLite,
 Celery's filesystem broker, no other service) under a temporary PEER_HOME, without bootstrap training
-(PEER_BOOTSTRAP_CORPUS=""), so it serves a fresh, untrained version 1 of the configured shape. Then, for
+(PEER_BASE_MODEL=fresh, PEER_BOOTSTRAP_CORPUS=""), so it serves a fresh, untrained version 1 of the configured shape. Then, for
 each concurrency level C, C clients loop POST /v1/generate for a fixed duration (after 2 warm-up
 requests). Client 0 (at 1 client the only one) streams (``"stream": true``, server-sent events) to
 measure the time to the first token; the others ask for JSON. Per level it reports requests, errors
@@ -71,7 +71,7 @@ def free_port() -> int:
 
 def service_env(home: Path, shape: dict[str, int]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
-    env.update(PEER_HOME=str(home), PEER_BOOTSTRAP_CORPUS="")
+    env.update(PEER_HOME=str(home), PEER_BASE_MODEL="fresh", PEER_BOOTSTRAP_CORPUS="")
     env.update({f"PEER_{name.upper()}": str(value) for name, value in shape.items()})
     return env
 

@@ -49,7 +49,7 @@ PG_ADMIN = os.environ.get("PEER_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1
 PG_HOST = os.environ.get("PEER_TEST_PG_HOST", "postgres@127.0.0.1:5432")
 MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 2, "d_ff": 128, "max_seq_len": 128, "peer_experts": 32 * 32,
          "peer_heads": 2, "peer_top_k": 8, "peer_d_key": 32}
-SERVICE = {"bootstrap_corpus": "", "train_steps": 60, "train_batch_size": 8, "train_seq_len": 64, "new_experts": 64,
+SERVICE = {"base_model": "fresh", "bootstrap_corpus": "", "train_steps": 60, "train_batch_size": 8, "train_seq_len": 64, "new_experts": 64,
            "eval_max_batches": 2, "api_torch_threads": 1, "worker_torch_threads": 1, "log_format": "json",
            "usage_flush_seconds": 5, "swap_poll_seconds": 1, "job_heartbeat_seconds": 1}
 MIX = (("generate", 30), ("generate_sse", 15), ("completions", 15), ("chat", 15), ("get", 25))

