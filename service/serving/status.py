@@ -10,6 +10,8 @@ from __future__ import annotations
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from peer_model.hf.bases import PACKAGED_BASES
+
 from ..db.models import FINAL_JOB_STATES, Corpus, Job, PoolVersion
 from ..store.versions import active_version_id, is_pretrained
 
@@ -50,12 +52,26 @@ def untrained_warning(session: Session, version_id: int | None) -> str | None:
     return f"the model is untrained: {label} {job.id} is at {int(job.progress * 100)}%"
 
 
+def base_of(version: PoolVersion) -> dict:
+    """The base model a version descends from: ``name`` (a packaged base's title, or the PEER_BASE_MODEL it
+    was loaded from), ``family`` (its model_type) and ``pretrained``; a fresh model is byte-level."""
+    hf = version.model_config_json.get("hf_config")
+    if hf is None:
+        return {"name": "fresh byte-level model", "family": "peer", "pretrained": False}
+    source = hf.get("_name_or_path")
+    packaged = PACKAGED_BASES.get(source)
+    return {"name": packaged.title if packaged else source or hf.get("model_type"), "family": hf.get("model_type"),
+            "pretrained": True}
+
+
 def service_status(session: Session, served_version_id: int | None, api_keys_required: bool) -> dict:
-    """GET /v1/status: the active and the served version, the warning, unfinished jobs, whether
-    mutating requests need a key."""
+    """GET /v1/status: the active and the served version, the base model served, the warning, unfinished
+    jobs, whether mutating requests need a key."""
     active_id = active_version_id(session)
     counts = dict(session.execute(select(Job.state, func.count(Job.id))
                                   .where(Job.state.not_in(FINAL_JOB_STATES)).group_by(Job.state)).all())
+    served = session.get(PoolVersion, served_version_id) if served_version_id is not None else None
     return {"active_version": active_id, "served_version": served_version_id,
+            "base": base_of(served) if served is not None else None,
             "warning": untrained_warning(session, active_id), "api_keys_required": api_keys_required,
             "jobs": {state: int(counts.get(state, 0)) for state in ("queued", "running", "cancelling")}}

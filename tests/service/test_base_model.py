@@ -61,8 +61,10 @@ def ok(response, status: int = 200) -> dict:
     return response.json()
 
 
-def test_version_1_is_the_retrofit_and_generates_what_the_pretrained_model_does(service, reference):
+def test_version_1_is_the_retrofit_and_generates_what_the_pretrained_model_does(service, reference, base_dir):
     _, http, _, sent = service
+    assert ok(http.get("/v1/status"))["base"] == {"name": str(base_dir), "family": "llama", "pretrained": True}
+    assert f'id="served-base">{base_dir}</b>' in http.get("/ui/versions").text  # the console says it too
     version = ok(http.get("/v1/versions/1"))
     assert version["active"] and sent == []  # no bootstrap training on a pretrained base
     assert version["model_config"]["peer_layers"] == [1] and version["model_config"]["peer_branch"] == "parallel"

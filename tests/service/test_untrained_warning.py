@@ -62,6 +62,8 @@ def test_an_untrained_model_says_so_with_the_bootstrap_jobs_progress_until_versi
         (ingest,) = sent
         expected = f"the model is untrained: bootstrap job {ingest.id} is queued; training follows"
         assert set(warnings_seen(http).values()) == {expected}
+        assert http.get("/v1/status").json()["base"] == {"name": "fresh byte-level model", "family": "peer",
+                                                         "pretrained": False}
 
         run_ingest_job(ctx, ingest.id, sent.append)
         train_id = sent[-1].id

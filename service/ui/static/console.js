@@ -64,6 +64,7 @@
     banner.hidden = !status.warning;
     $("#active-version").textContent = status.active_version ? `v${status.active_version}` : "none";
     $("#served-version").textContent = status.served_version ? `v${status.served_version}` : "none";
+    if (status.base && $("#served-base")) $("#served-base").textContent = status.base.name;
     $("#job-counts").textContent = `${status.jobs.running + status.jobs.cancelling} running, ${status.jobs.queued} queued`;
   }
 
