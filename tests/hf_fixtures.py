@@ -121,8 +121,9 @@ def build_bpe_tokenizer_dir(path: str | Path, *, style: str = "chatml") -> Path:
 
 
 def build_tiny_model_dir(path: str | Path, *, family: str = "llama", style: str = "chatml", seed: int = 0) -> Path:
-    """A tiny random model directory as ``save_pretrained`` writes it (``family`` llama or gpt2), with the
-    tokenizer of :func:`build_bpe_tokenizer_dir` and that style's special ids and chat template."""
+    """A tiny random model directory as ``save_pretrained`` writes it (``family`` llama, mistral, qwen2, qwen3
+    or gpt2), with the tokenizer of :func:`build_bpe_tokenizer_dir` and that style's special ids and chat
+    template."""
     import torch
     import transformers
 
@@ -130,14 +131,16 @@ def build_tiny_model_dir(path: str | Path, *, family: str = "llama", style: str 
     special = json.loads((path / "config.json").read_text(encoding="utf-8"))
     generation = (path / "generation_config.json").read_text(encoding="utf-8")
     vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
-    if family == "llama":
-        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                                          **special)
+    llama_shape = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, **special)
+    configs = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+    if family in configs:
+        config = configs[family](**llama_shape)
     elif family == "gpt2":
         config = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=256, **special)
     else:
-        raise ValueError(f"family must be llama or gpt2, got {family!r}")
+        raise ValueError(f"family must be one of {sorted(configs)} or gpt2, got {family!r}")
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
     (path / "generation_config.json").write_text(generation, encoding="utf-8")  # the family's eos list
