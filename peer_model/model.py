@@ -140,10 +140,10 @@ class PEERTransformer(nn.Module):
     def peer_layers(self) -> dict[int, PEER]:
         return {i: layer for i, layer in self.expert_layers().items() if isinstance(layer, PEER)}
 
-    def grow(self, num_experts: int, tag: str = "") -> dict[int, Segment]:
-        """Append ``num_experts`` (rounded up to the grid) to every PEER layer; see :meth:`PEER.grow`.
-        Optimizers hold the old parameter objects: build new ones after growing."""
-        return {i: layer.grow(num_experts, tag=tag) for i, layer in self.peer_layers().items()}
+    def grow(self, num_experts: int, tag: str = "", generator: torch.Generator | None = None) -> dict[int, Segment]:
+        """Append ``num_experts`` (rounded up to the grid) to every PEER layer, drawn by ``generator``; see
+        :meth:`PEER.grow`. Optimizers hold the old parameter objects: build new ones after growing."""
+        return {i: layer.grow(num_experts, tag=tag, generator=generator) for i, layer in self.peer_layers().items()}
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         cfg = self.config

@@ -145,14 +145,18 @@ class PEER(nn.Module):
     def _status_offsets(self) -> torch.Tensor:
         return torch.tensor([0.0 if s.status == "active" else float("-inf") for s in self.grid.segments])
 
+    def sub_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d) → what queries the pool: the tokens (M, d), or with head_slices their sub-tokens
+        (M · heads, d / heads)."""
+        x = x.reshape(-1, self.d_model)
+        return x if self.split is None else self.split(x).reshape(-1, self.d_expert)
+
     def forward(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., d) → (..., d). ``importance`` (the tokens' attention importance, x's shape without d):
         required with dynamic_k, ignored otherwise."""
         shape = x.shape
-        x = x.reshape(-1, self.d_model)  # (M, d)
-        m = x.shape[0]
-        if self.split is not None:
-            x = self.split(x).reshape(-1, self.d_expert)  # (M · heads, d / heads): the sub-tokens
+        m = x.numel() // self.d_model
+        x = self.sub_tokens(x)
         gates, ids = self.route(x)
         counted = None
         if self.allocator is not None:
@@ -180,7 +184,7 @@ class PEER(nn.Module):
 
     @torch.no_grad()
     def grow(self, num_experts: int | None = None, *, rows: int | None = None, cols: int | None = None,
-             tag: str = "", key_scale: float = 0.5) -> Segment:
+             tag: str = "", key_scale: float = 0.5, generator: torch.Generator | None = None) -> Segment:
         """Append experts; returns their segment, status ``new``: out of retrieval's reach until
         training opens it, so the layer's output does not change. Give ``num_experts`` (rounded up to
         fill the grid) or the new grid shape ``rows``/``cols``.
@@ -189,23 +193,25 @@ class PEER(nn.Module):
         drawn at ``key_scale`` × the RMS of the existing ones, so once open they win only part of the
         selections at first (at 1.0, on a trained model whose pool was doubled, they won 30% and the
         held-out loss rose by 11%; at 0.5, 5% and < 1%: tests/test_growth.py's setting).
+        ``generator`` draws the new sub-keys and down-vectors (default: torch's global generator), so a
+        caller that seeds it grows the same experts whatever ran before.
         """
         if num_experts is not None:
             rows, cols = self.grid.plan_growth(num_experts)
         rows = self.grid.rows if rows is None else rows
         cols = self.grid.cols if cols is None else cols
         segment = self.grid.grow(rows, cols, tag, status="new")
-        self.sub_keys1 = _extended(self.sub_keys1, rows, _like_rms(self.sub_keys1, key_scale))
-        self.sub_keys2 = _extended(self.sub_keys2, cols, _like_rms(self.sub_keys2, key_scale))
-        self._grow_expert_tables(segment.end)
+        self.sub_keys1 = _extended(self.sub_keys1, rows, _like_rms(self.sub_keys1, key_scale, generator))
+        self.sub_keys2 = _extended(self.sub_keys2, cols, _like_rms(self.sub_keys2, key_scale, generator))
+        self._grow_expert_tables(segment.end, generator)
         self.trainable = torch.cat([self.trainable, self.trainable.new_ones(segment.size)])
         self.usage_counts = torch.cat([self.usage_counts, self.usage_counts.new_zeros(segment.size)])
         self.segment_offsets = torch.cat([self.segment_offsets, self.segment_offsets.new_full((1,), float("-inf"))])
         return segment
 
-    def _grow_expert_tables(self, rows: int) -> None:
+    def _grow_expert_tables(self, rows: int, generator: torch.Generator | None = None) -> None:
         """Extend both tables to ``rows`` rows: new down-vectors random at the table's RMS, new up-vectors zero."""
-        self.expert_down = _extended(self.expert_down, rows, _like_rms(self.expert_down))
+        self.expert_down = _extended(self.expert_down, rows, _like_rms(self.expert_down, generator=generator))
         self.expert_up = _extended(self.expert_up, rows, torch.Tensor.zero_)
 
     @torch.no_grad()
@@ -263,10 +269,10 @@ class PEER(nn.Module):
         self.usage_counts.zero_()
 
 
-def _like_rms(table: torch.Tensor, scale: float = 1.0):
-    """In-place initialiser: Gaussian rows with ``scale`` × the RMS of ``table``."""
+def _like_rms(table: torch.Tensor, scale: float = 1.0, generator: torch.Generator | None = None):
+    """In-place initialiser: Gaussian rows with ``scale`` × the RMS of ``table``, drawn by ``generator``."""
     rms = table.detach().float().pow(2).mean().sqrt().item() * scale
-    return lambda rows: rows.normal_(0.0, rms)
+    return lambda rows: rows.normal_(0.0, rms, generator=generator)
 
 
 def _extended(param: nn.Parameter, rows: int, init) -> nn.Parameter:

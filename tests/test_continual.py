@@ -3,17 +3,19 @@ fine-tuning, replay mixes the asked fraction, sparse finetuning trains only its 
 import copy
 import math
 import types
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from peer_model.config import ModelConfig
+from peer_model.config import ModelConfig, PEERConfig
 from peer_model.continual import (
     BatchSparseSelection, ContinualOptions, MixedData, background_frequency, continual_stage, evaluate_all,
     expert_scores, forget_segments, forgetting_report, sample_replay, select_experts, selection_share,
 )
 from peer_model.facts import answer_bits, fact_recall, facts_text, facts_tokens, make_facts, recalled
+from peer_model.model import PEERTransformer
 from peer_model.tokenizer import BOS, EOS, ByteTokenizer
 from peer_model.train import TokenData, evaluate_bpb, train
 from test_train import DATA, VAL, grammar_text, small_cfg, tiny_model
@@ -297,8 +299,7 @@ def test_selection_share_counts_the_selections_that_land_on_grown_experts(parent
     child = copy.deepcopy(parent)
     layer = child.peer_layers()[1]
     first = {1: layer.num_experts}
-    torch.manual_seed(0)  # growth draws the new sub-keys from the global generator
-    child.grow(128)
+    child.grow(128, generator=torch.Generator().manual_seed(0))
     layer.open_new_segments(1.0)  # as training does: a grown segment is out of reach until opened
     generator = torch.Generator().manual_seed(3)
     new = total = 0
@@ -411,6 +412,18 @@ def test_add_and_chill_moves_old_parameters_less_than_plain_training(parent):
     assert dense_change(0.1) < 0.5 * dense_change(1.0)
 
 
+def test_a_stage_depends_on_its_seed_not_on_what_ran_before(parent):
+    """Growth draws from the stage's seed: two runs of one arm agree whatever the global generator holds,
+    and another seed grows other experts."""
+    def child(global_seed, seed=0):
+        torch.manual_seed(global_seed)
+        options = ContinualOptions("replay", new_experts=64, replay_fraction=0.5, train=replace(stage_cfg(5), seed=seed))
+        return parameters(continual_stage(parent, DATA_B, [DATA], options, tag="B").child)
+    first, second, other = child(1), child(2), child(1, seed=9)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not torch.equal(first["blocks.1.ffw.sub_keys1"], other["blocks.1.ffw.sub_keys1"])
+
+
 ROUTING = ("query.weight", "query_norm.weight", "query_norm.bias", "sub_keys1", "sub_keys2")
 
 
@@ -418,13 +431,23 @@ def test_router_review_changes_only_the_routing(parent):
     def stage(review_steps):
         options = ContinualOptions("replay", new_experts=64, replay_fraction=0.5, distill_weight=1.0,
                                    review_steps=review_steps, train=stage_cfg(20))
-        torch.manual_seed(11)  # growth draws the new sub-keys and down-vectors from the global generator
         return continual_stage(parent, DATA_B, [DATA], options, tag="B")
     plain, reviewed = stage(0), stage(10)
     assert any(record.get("review") for record in reviewed.train_result.history)
     a, b = parameters(plain.child), parameters(reviewed.child)
     changed = {name for name in a if not torch.equal(a[name], b[name])}
     assert changed and all(name.endswith(ROUTING) for name in changed), changed
+
+
+def test_router_review_keeps_a_frozen_query_frozen(parent):
+    options = ContinualOptions("replay", new_experts=64, replay_fraction=0.5, freeze_query=True, review_steps=10,
+                               train=stage_cfg(10))
+    child = continual_stage(parent, DATA_B, [DATA], options, tag="B").child
+    old, new = parameters(parent), parameters(child)
+    for name in ("blocks.1.ffw.query.weight", "blocks.1.ffw.query_norm.weight", "blocks.1.ffw.query_norm.bias"):
+        assert torch.equal(new[name], old[name]), name
+    rows = parent.peer_layers()[1].grid.rows
+    assert not torch.equal(new["blocks.1.ffw.sub_keys1"][:rows], old["blocks.1.ffw.sub_keys1"])  # the review ran
 
 
 def segment_only_child(parent):
@@ -475,8 +498,7 @@ def test_data_keyed_growth_sends_the_new_corpus_to_the_new_experts(parent):
     is checked on every one of four seeds and on their mean."""
     def share(key_init, seed):
         options = ContinualOptions("grow_freeze", new_experts=64, key_init=key_init, freeze_old_sub_keys=True,
-                                   freeze_query_batchnorm_stats=True, train=stage_cfg(30))
-        torch.manual_seed(seed)
+                                   freeze_query_batchnorm_stats=True, train=replace(stage_cfg(30), seed=seed))
         child = continual_stage(parent, DATA_B, [DATA], options, tag="B").child
         first = {1: parent.peer_layers()[1].num_experts}
         return selection_share(child, VAL_B, first, batches=2, batch_size=8, seq_len=32)
@@ -484,6 +506,19 @@ def test_data_keyed_growth_sends_the_new_corpus_to_the_new_experts(parent):
     assert all(data > random for random, data in pairs), pairs
     mean_random, mean_data = (sum(column) / len(pairs) for column in zip(*pairs))
     assert mean_data > max(0.2, 2 * mean_random), pairs
+
+
+def test_data_keyed_growth_of_a_head_sliced_pool(parent):
+    """MH-PEER (head_slices): the new sub-keys are keyed on the sub-tokens' queries, d / heads wide."""
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=64, peer_layers=[1],
+                         peer=PEERConfig(num_experts=16 * 16, heads=2, top_k=4, d_key=16, head_slices=True))
+    model = PEERTransformer(config)
+    options = ContinualOptions("replay", new_experts=64, replay_fraction=0.5, key_init="data", train=stage_cfg(5))
+    result = continual_stage(model, DATA_B, [DATA], options, tag="B")
+    old, new = model.peer_layers()[1], result.child.peer_layers()[1]
+    assert new.num_experts > old.num_experts and new.sub_keys1.shape[1] == 8
+    assert torch.isfinite(new.sub_keys1).all() and torch.isfinite(new.sub_keys2).all()
 
 
 # ---- generative replay ---------------------------------------------------------------------------

@@ -16,11 +16,14 @@ from .freezing import _routing_params
 
 def _review_routing(model: PEERTransformer, data, cfg: TrainConfig, steps: int, teacher: PEERTransformer | None,
                     distill_weight: float, eval_modules: Sequence[nn.Module],
-                    should_stop: Callable[[], bool] | None, parallel: DataParallel | None = None) -> TrainResult:
-    """Train only the routing of every PEER layer (query projection, query BatchNorm, sub-keys) for
-    ``steps`` steps on ``data``, with ``distill_weight`` × KL to ``teacher`` on its replayed windows
-    (on several processes with ``parallel``: see :func:`continual_stage`)."""
-    routing = {id(p) for layer in model.peer_layers().values() for p in _routing_params(layer)}
+                    should_stop: Callable[[], bool] | None, parallel: DataParallel | None = None,
+                    freeze_query: bool = False) -> TrainResult:
+    """Train only the routing of every PEER layer (query projection, query BatchNorm, sub-keys; only the
+    sub-keys with ``freeze_query``, which the stage asked for) for ``steps`` steps on ``data``, with
+    ``distill_weight`` × KL to ``teacher`` on its replayed windows (on several processes with
+    ``parallel``: see :func:`continual_stage`)."""
+    routing = {id(p) for layer in model.peer_layers().values() for p in _routing_params(layer)
+               if not (freeze_query and p is not layer.sub_keys1 and p is not layer.sub_keys2)}
     for param in model.parameters():
         param.requires_grad_(id(param) in routing)
     review_cfg = replace(cfg, steps=steps, warmup_steps=max(1, steps // 10), log_every=max(1, steps // 4),

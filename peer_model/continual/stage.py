@@ -123,7 +123,9 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
                                seed=cfg.seed + 1)
         trained = {i: select_experts(s, options.sparse_top_experts) for i, s in scores.items()}
 
-    segments = child.grow(options.new_experts, tag=tag) if options.new_experts else {}
+    device = next(child.parameters()).device  # growth draws from the stage's seed, not the global generator
+    grow_generator = torch.Generator(device).manual_seed(cfg.seed + 4)
+    segments = child.grow(options.new_experts, tag=tag, generator=grow_generator) if options.new_experts else {}
     if segments and options.key_init == "data":
         generator = torch.Generator().manual_seed(cfg.seed + 2)
         queries = _peer_queries(child, new_train, options.usage_batches, cfg.batch_size, cfg.seq_len, generator)
@@ -172,7 +174,7 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
             trained = selection.trained
         if options.review_steps and not result.stopped_early:
             review = _review_routing(child, MixedData(new_train, old_train, 0.5), cfg, options.review_steps, teacher,
-                                     options.distill_weight, batchnorms, should_stop, parallel)
+                                     options.distill_weight, batchnorms, should_stop, parallel, options.freeze_query)
             result.history.extend({**record, "review": True} for record in review.history)
             result.stopped_early = review.stopped_early
     finally:
@@ -193,7 +195,7 @@ def _peer_queries(model: PEERTransformer, data, batches: int, batch_size: int, s
 
     def capture(index):
         def hook(layer, args, output):
-            queries[index].append(layer.query_norm(layer.query(args[0].reshape(-1, layer.d_model))))
+            queries[index].append(layer.query_norm(layer.query(layer.sub_tokens(args[0]))))
         return hook
 
     hooks = [layer.register_forward_hook(capture(i)) for i, layer in layers.items()]

@@ -50,7 +50,7 @@ class ShardedPEER(PEER):
             table.column_shards = self.shards
 
     @torch.no_grad()
-    def _grow_expert_tables(self, rows: int) -> None:
+    def _grow_expert_tables(self, rows: int, generator: torch.Generator | None = None) -> None:
         """As :meth:`PEER._grow_expert_tables`, for the whole table: the new down-vectors' scale is the RMS
         of every shard, and each process draws the full rows (as many random numbers as one process would,
         so every process' generator stays in step) and keeps its columns. On CPU these are the numbers an
@@ -64,7 +64,8 @@ class ShardedPEER(PEER):
         block = max(16, _DRAW_ELEMENTS // width // 16 * 16)
         for first in range(old, rows, block):
             last = min(rows, first + block)
-            full = torch.empty(last - first, width, dtype=down.dtype, device=down.device).normal_(0.0, rms)
+            full = torch.empty(last - first, width, dtype=down.dtype, device=down.device)
+            full.normal_(0.0, rms, generator=generator)
             down[first:last] = full[:, start:stop]
         up = self.expert_up.detach().new_zeros(rows, stop - start)
         up[:old] = self.expert_up.detach()
