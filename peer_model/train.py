@@ -213,14 +213,22 @@ class Optimizers:
     moments and the accumulated updates keep full precision. The expert tables need none: SparseRowAdam
     keeps fp32 state and computes every update in fp32 itself.
 
+    ``row_rates``: pairs of a dense parameter that AdamW holds and a (rows,) tensor of per-row learning-rate
+    multipliers. AdamW's step is linear in its rate (``p -= lr · (m̂ / (√v̂ + ε) + wd · p)``, its moments
+    independent of the rate), so each step's update of those rows is scaled after AdamW took it: exactly
+    a per-row rate.
+
     Built for a fixed set of parameters: rebuild after ``model.grow`` (it replaces the tables).
     """
 
     def __init__(self, dense: torch.optim.AdamW, experts: SparseRowAdam | None,
-                 masters: Sequence[tuple[nn.Parameter, nn.Parameter]] = ()):
+                 masters: Sequence[tuple[nn.Parameter, nn.Parameter]] = (),
+                 row_rates: Sequence[tuple[nn.Parameter, torch.Tensor]] = ()):
         self.dense = dense
         self.experts = experts
         self.masters = list(masters)
+        self.row_rates = [(param, rate.to(param.device, param.dtype).view(-1, *[1] * (param.dim() - 1)))
+                          for param, rate in row_rates]
         self._all = [opt for opt in (dense, experts) if opt is not None]
         for opt in self._all:
             for group in opt.param_groups:
@@ -236,8 +244,11 @@ class Optimizers:
     def step(self) -> None:
         for param, master in self.masters:
             master.grad = None if param.grad is None else param.grad.float()
+        before = [param.detach().clone() for param, _ in self.row_rates]
         for opt in self._all:
             opt.step()
+        for (param, rate), old in zip(self.row_rates, before):
+            param.copy_(old.lerp_(param, rate))  # old + rate · (new - old)
         for param, master in self.masters:
             param.copy_(master)
 
@@ -264,8 +275,9 @@ class Optimizers:
 def build_optimizers(model: nn.Module, cfg: TrainConfig,
                      lr_scales: Mapping[int, float | torch.Tensor] | None = None) -> Optimizers:
     """The two optimizers for ``model``'s trainable parameters. ``lr_scales`` (by ``id(param)``)
-    multiplies a parameter's learning rate: a float for ordinary parameters, a float or a (rows,)
-    tensor of per-row multipliers for an expert table (e.g. old experts slower than new ones). A model
+    multiplies a parameter's learning rate: a float, or a (rows,) tensor of per-row multipliers (e.g. old
+    experts or sub-keys slower than new ones: SparseRowAdam's row rates for an expert table,
+    :class:`Optimizers`' ``row_rates`` for a dense parameter). A model
     whose config says ``parameterization="mssp"`` multiplies them by its per-group multipliers
     (:func:`peer_model.parameterization.lr_multipliers`; none under "standard")."""
     lr_scales = lr_scales or {}
@@ -282,13 +294,18 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig,
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
     matrices |= {id(p) for p in model.parameters() if p.dim() >= 3}  # batched expert matrices (MoE, SwitchHead)
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    masters = []
+    masters, row_rates = [], []
     for param in model.parameters():  # tied weights appear once
         if param.requires_grad and id(param) not in expert_ids:
-            key = (id(param) in matrices, float(lr_scales.get(id(param), 1.0)))
+            scale = lr_scales.get(id(param), 1.0)
+            stepped = param
             if param.dtype != torch.float32:  # bf16 on GPU: AdamW steps an fp32 copy (see Optimizers)
-                masters.append((param, nn.Parameter(param.detach().float())))
-            groups.setdefault(key, []).append(masters[-1][1] if masters and masters[-1][0] is param else param)
+                stepped = nn.Parameter(param.detach().float())
+                masters.append((param, stepped))
+            if isinstance(scale, torch.Tensor):
+                row_rates.append((stepped, scale))
+                scale = 1.0
+            groups.setdefault((id(param) in matrices, float(scale)), []).append(stepped)
     dense = torch.optim.AdamW(
         [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale}
          for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))]
@@ -301,7 +318,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig,
         sparse = SparseRowAdam(([{"params": plain}] if plain else []) + [
             _expert_group(table, lr_scales[id(table)], cfg.expert_lr) for table in experts if id(table) in lr_scales
         ], lr=cfg.expert_lr, betas=cfg.betas)
-    return Optimizers(dense, sparse, masters)
+    return Optimizers(dense, sparse, masters, row_rates)
 
 
 def _expert_group(table: nn.Parameter, scale: float | torch.Tensor, lr: float) -> dict:

@@ -17,7 +17,7 @@ from peer_model.continual import (
 from peer_model.facts import answer_bits, fact_recall, facts_text, facts_tokens, make_facts, recalled
 from peer_model.model import PEERTransformer
 from peer_model.tokenizer import BOS, EOS, ByteTokenizer
-from peer_model.train import TokenData, evaluate_bpb, train
+from peer_model.train import TokenData, build_optimizers, evaluate_bpb, train
 from test_train import DATA, VAL, grammar_text, small_cfg, tiny_model
 
 
@@ -402,6 +402,38 @@ def test_add_and_chill_at_rate_zero_trains_only_the_new_experts_and_sub_keys(par
         else:
             assert torch.equal(new[name], value), name
     assert child.peer_layers()[1].expert_up[n:].abs().sum() > 0, "the new experts must learn at the full rate"
+
+
+def test_add_and_chill_at_rate_zero_holds_old_sub_keys_and_batchnorm_statistics_without_other_switches(parent):
+    options = ContinualOptions("naive", new_experts=64, old_lr_scale=0.0, train=stage_cfg(10))
+    child = continual_stage(parent, DATA_B, [DATA], options, tag="B").child
+    old, new = parent.peer_layers()[1], child.peer_layers()[1]
+    assert torch.equal(new.sub_keys1[: old.grid.rows], old.sub_keys1)
+    assert torch.equal(new.sub_keys2[: old.grid.cols], old.sub_keys2)
+    assert not torch.equal(new.sub_keys1[old.grid.rows :], torch.zeros_like(new.sub_keys1[old.grid.rows :]))
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(getattr(new.query_norm, name), getattr(old.query_norm, name)), name
+    assert new.query_norm.momentum == old.query_norm.momentum  # restored after the stage
+
+
+def test_a_per_row_rate_scales_each_rows_adamw_update_exactly():
+    """Optimizers' row rates against a reference: AdamW on the same gradients at each row's own rate."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4, bias=False)  # a weight matrix: AdamW decays it
+    weight = model.weight
+    reference = [nn.Parameter(weight.detach()[i : i + 1].clone()) for i in range(4)]
+    rates = torch.tensor([1.0, 0.5, 0.1, 0.0])
+    optimizers = build_optimizers(model, small_cfg(lr=0.1, weight_decay=0.1), {id(weight): rates})
+    adams = [torch.optim.AdamW([p], lr=0.1 * float(r), betas=small_cfg().betas, weight_decay=0.1)
+             for p, r in zip(reference, rates)]
+    for step in range(3):
+        grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(step))
+        weight.grad = grad.clone()
+        optimizers.step()
+        for i, (p, adam) in enumerate(zip(reference, adams)):
+            p.grad = grad[i : i + 1].clone()
+            adam.step()
+    assert torch.allclose(weight.detach(), torch.cat([p.detach() for p in reference]), atol=1e-6, rtol=0)
 
 
 def test_add_and_chill_moves_old_parameters_less_than_plain_training(parent):

@@ -21,8 +21,9 @@ and returns a child (the parent is never modified). Strategies (``ContinualOptio
 ``replay_source="parent"`` replays the parent's own samples instead of the earlier corpora (generative
 replay, :func:`sample_replay`), for when their text is gone. Two options apply to any strategy:
 ``old_lr_scale`` ("add and chill"): every parameter that existed
-before the stage (dense layers, routing, old expert rows) learns at ``old_lr_scale`` × its rate while the
-new experts and new sub-keys learn at the full rate; ``review_steps`` (MoE-LPR's review stage): after
+before the stage (dense layers, query projection, old expert rows, old sub-key rows) learns at
+``old_lr_scale`` × its rate and the query BatchNorm's running statistics move at that fraction of their
+momentum, while the new experts and new sub-keys learn at the full rate; ``review_steps`` (MoE-LPR's review stage): after
 training, only the routing (query projection, query BatchNorm, sub-keys) trains for that many steps on
 half replay of old text, with the distillation loss when ``distill_weight`` is set, so old inputs find
 their old experts again.
@@ -62,7 +63,7 @@ from ..distributed.shards import ColumnShards
 from ..model import PEERTransformer
 from ..pool import Segment
 from ..train import TokenData, TrainResult, autocast_for, build_optimizers, place_model, resolve_device, train
-from .chill import _chill_scales
+from .chill import _chill_scales, _chilled_statistics
 from .data import MixedData, sample_replay
 from .distillation import distillation_loss
 from .freezing import _freeze_dense, _restore_trainable, _zero_rows_hook
@@ -167,9 +168,10 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
     place_model(child, cfg)
     optimizers = build_optimizers(child, cfg, _chill_scales(child, before, options.old_lr_scale))
     try:
-        result = train(child, data, None, replace(cfg, track_usage=True) if per_batch else cfg, on_log=on_log,
-                       should_stop=should_stop, loss_fn=loss_fn, eval_modules=batchnorms, optimizers=optimizers,
-                       after_backward=selection if per_batch else None, parallel=parallel)
+        with _chilled_statistics(child, options.old_lr_scale):
+            result = train(child, data, None, replace(cfg, track_usage=True) if per_batch else cfg, on_log=on_log,
+                           should_stop=should_stop, loss_fn=loss_fn, eval_modules=batchnorms, optimizers=optimizers,
+                           after_backward=selection if per_batch else None, parallel=parallel)
         if per_batch:
             trained = selection.trained
         if options.review_steps and not result.stopped_early:
