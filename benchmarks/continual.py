@@ -14,7 +14,8 @@ bpb) and its ratio to naive's, plasticity (bpb on each corpus right after its ow
 retention of facts: final recall ÷ recall right after their stage, and the same for the answer bits
 saved against unseen facts; and the share of the first corpus' expert selections that the final model
 routes to experts grown after the base (old inputs drifting to new experts). Strategies named "dense
-..." run on the same model with a dense GELU MLP in place of the PEER layer, pre-trained the same way.
+..." run on the same model with a dense GELU MLP in place of the PEER layer, pre-trained the same way,
+and are compared with that dense model's own naive fine-tuning ("dense naive") when it runs.
 For growing strategies, forgetting on request: the first stage corpus' segment masked at the end,
 without and with a short repair (continual.forget_segments). --peer-layers all puts PEER in every
 block; --base-dir keeps the pre-trained bases for later runs.
@@ -312,10 +313,15 @@ def main() -> None:
             results[label]["forget"] = forget_report(model, never_trained, R[-1])
         print(f"{label}: {results[label]['seconds']:.0f} s", flush=True)
 
-    reference = results.get("naive", {}).get("R")
-    naive_forgetting = forgetting_report(reference)["average_forgetting"] if reference else None
+    def reference_of(label: str) -> list | None:
+        """Naive fine-tuning of the same model: the dense model's own for "dense ..." arms, when it ran."""
+        own = DENSE_REFERENCE if label.startswith(DENSE_PREFIX) and DENSE_REFERENCE in results else "naive"
+        return results.get(own, {}).get("R")
+
     summary = {}
     for label, res in results.items():
+        reference = reference_of(label)
+        naive_forgetting = forgetting_report(reference)["average_forgetting"] if reference else None
         report = forgetting_report(res["R"], reference)
         forgetting = report["average_forgetting"]
         summary[label] = {

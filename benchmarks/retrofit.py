@@ -17,8 +17,9 @@ stage per corpus (benchmarks/continual.py's stream):
 * ``retrofit replace naive``: the PEER layer in place of that block's feed-forward (not
   function-preserving: the table shows what insertion costs).
 
-Every retrofit first adapts on the first corpus for one stage (the pool learns the base's own text),
-so the stream starts from comparable models. Reported: bits per byte per corpus after every stage
+Every arm first trains on the first corpus for one stage (a retrofit's pool learns the base's own text;
+the base arms take the same steps of plain training), so every arm sees the same data, steps and tokens
+and the stream starts from comparable models. Reported: bits per byte per corpus after every stage
 (R), at insertion, average forgetting, plasticity against naive fine-tuning, final mean; bits per
 byte are per UTF-8 byte, so they compare with the byte-level model's in benchmarks/continual.py.
 
@@ -160,7 +161,7 @@ def main() -> None:
         if branch is not None:
             model = retrofit(base, size.peer, layers="middle", branch=branch, base_trains=base_trains, seed=args.seed)
             inserted = measure(model, 0)[0]
-            model = continual_stage(model, train_sets[0], [], ContinualOptions("naive", train=cfg)).child
+        model = continual_stage(model, train_sets[0], [], ContinualOptions("naive", train=cfg)).child
         R = [measure(model, 0)]
         for stage in range(1, len(names)):
             model = continual_stage(model, train_sets[stage], train_sets[:stage], options, tag=names[stage]).child
