@@ -29,6 +29,12 @@ def has_chat_template(tokenizer: Tokenizer) -> bool:
     return getattr(tokenizer, "has_chat_template", False)  # byte-level tokenizers have none
 
 
+def chat_stops(tokenizer: Tokenizer, stop: str | list[str] | None) -> list[str]:
+    """The caller's stop strings, and for a transcript (no chat template) the start of the user's next line."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    return stops if has_chat_template(tokenizer) else [*stops, TRANSCRIPT_STOP]
+
+
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
     """The chat's prompt ids for ``tokenizer``'s model. The special tokens the template renders (ChatML's
     ``<|im_start|>``) are the prompt's own. Generation adds the BOS itself when the tokenizer adds one,

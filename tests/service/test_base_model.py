@@ -21,9 +21,9 @@ from hf_fixtures import build_bpe_tokenizer_dir, build_tiny_model_dir, english_t
 from peer_model.generate import SamplingParams, generate_text
 from peer_model.hf import UnsupportedModel, load_hf
 from peer_model.hf.bases import PACKAGED_BASES
-from peer_model.tokenizer import load_tokenizer
+from peer_model.tokenizer import ByteTokenizer, load_tokenizer
 from service.api.app import create_app
-from service.api.chat import chat_prompt_ids
+from service.api.chat import chat_prompt_ids, chat_stops
 from service.api.schemas import ChatMessage
 from service.context import ServiceContext
 from service.db.migrate import upgrade
@@ -157,6 +157,13 @@ def test_a_template_that_writes_bos_gives_a_prompt_without_it(tmp_path):
     assert rendered.startswith("<|begin_of_text|>")
     ids = chat_prompt_ids(tokenizer, [ChatMessage(**m) for m in CHAT])
     assert ids == tokenizer.encode(rendered.removeprefix("<|begin_of_text|>")) and tokenizer.bos_id not in ids
+
+
+def test_a_transcript_chat_ends_at_the_users_next_line_and_a_template_chat_at_its_end_of_turn(tmp_path):
+    chatml = load_tokenizer(build_bpe_tokenizer_dir(tmp_path, style="chatml"))
+    assert chat_stops(ByteTokenizer(), "###") == ["###", "\nUser:"]
+    assert chat_stops(ByteTokenizer(), None) == ["\nUser:"]
+    assert chat_stops(chatml, ["a", "b"]) == ["a", "b"] and chatml.encode("<|im_end|>")[0] in chatml.eos_ids
 
 
 def test_a_base_model_that_is_not_a_model_directory_stops_the_start_up(tmp_path):

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from ...errors import InvalidInput, NotFound
 from ...settings import Settings
-from ..chat import TRANSCRIPT_STOP, chat_prompt_ids, has_chat_template
+from ..chat import chat_prompt_ids, chat_stops
 from ..deps import get_host
 from ..ratelimit import charge_tokens
 from ..sampling import check_prompt_chars, sampling_params
@@ -79,9 +79,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, http_r
     if body.logprobs:
         raise InvalidInput("logprobs are not supported")
     check_prompt_chars(settings, *(message.content for message in body.messages))
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if not has_chat_template(host.active_tokenizer()[1]):  # a swap in between changes only where it stops
-        stop.append(TRANSCRIPT_STOP)
+    stop = chat_stops(host.active_tokenizer()[1], body.stop)  # a swap in between changes only where it stops
     params = sampling_params(settings, max_tokens=body.max_completion_tokens or body.max_tokens,
                              temperature=body.temperature if body.temperature is not None else 1.0,
                              top_p=body.top_p or 1.0, stop=stop, seed=body.seed)
