@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from peer_model.config import ATTENTION_KINDS, BASE_TRAINS, FFW_KINDS, ModelConfig, MoEConfig, PEERConfig
 from peer_model.continual import STRATEGIES
 from peer_model.presets import PRESETS
+from peer_model.quantize import WEIGHT_FORMATS
 from peer_model.train import PARAM_DTYPES
 
 from .keys import parse_api_keys
@@ -81,6 +82,10 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto": cuda if present, else cpu
     api_torch_threads: int = 1  # one decode thread; more threads slow small-batch decoding down on CPU
     cuda_graphs: bool = False  # replay the batched decode step as CUDA graphs (GPU only; see peer_model/batching.py)
+    # the served model's linear layers outside its expert layers on CPU (peer_model/quantize.py): float32, bfloat16,
+    # or int8 (weight-only, per-channel scales; 2-3x fp32's single-stream decode here, +0.1% bits per byte: BENCHMARKS.md)
+    serve_weights: str = "int8"
+    serve_int8_max_rows: int = Field(4, ge=1)  # int8 layers run calls of more rows (prefill, big batches) in bf16
     worker_torch_threads: int = 0  # 0: torch's default (all cores)
     # processes one training job runs on, the expert tables split over them by columns (service/jobs/sharded_stage.py);
     # each gets a GPU of its own when there are as many, else they share the CPU cores (gloo)
@@ -266,12 +271,14 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 0")
         return value
 
-    @field_validator("ffw", "attention", "strategy", "base_branch", "base_trains", "train_param_dtype", "log_format")
+    @field_validator("ffw", "attention", "strategy", "base_branch", "base_trains", "train_param_dtype", "log_format",
+                     "serve_weights")
     @classmethod
     def _one_of(cls, value: str, info) -> str:
         allowed = {"ffw": FFW_KINDS, "attention": ATTENTION_KINDS, "strategy": STRATEGIES,
                    "base_branch": ("parallel", "replace"), "base_trains": BASE_TRAINS,
-                   "train_param_dtype": tuple(PARAM_DTYPES), "log_format": LOG_FORMATS}[info.field_name]
+                   "train_param_dtype": tuple(PARAM_DTYPES), "log_format": LOG_FORMATS,
+                   "serve_weights": WEIGHT_FORMATS}[info.field_name]
         if value not in allowed:
             raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}")
         return value
