@@ -310,9 +310,9 @@ def test_loss_fn_receives_the_extras_of_the_batch():
 
     seen = []
 
-    def loss_fn(logits, inputs, targets, extras):
+    def loss_fn(head, inputs, targets, extras):
         seen.append(extras[0].tolist())
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return torch.nn.functional.cross_entropy(head.logits().flatten(0, 1), targets.flatten())
 
     train(tiny_model(), Tagged(), None, small_cfg(steps=3), loss_fn=loss_fn)
     assert seen == [list(range(8))] * 3
