@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     train_lr: float = 1e-3
     train_expert_lr: float = 3e-3
     train_param_dtype: str = "float32"  # bfloat16: GPU workers train bf16 parameters with fp32 optimizer state
+    # the output layer and the loss take this many tokens at a time in training and evaluation (0: all at once)
+    train_loss_chunk_tokens: int = Field(1024, ge=0)
     new_experts: int = 4096  # per PEER layer and job (replay and the growing strategies)
     # replay 50% + distillation 1 + growth, everything training: BENCHMARKS.md section 3's winner (as little
     # forgetting as grow_freeze_protect, which freezes the old experts, and a smaller plasticity gap)

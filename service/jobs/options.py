@@ -113,7 +113,7 @@ def job_train_config(settings: Settings, steps: int, seed: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=settings.train_batch_size, seq_len=settings.train_seq_len,
                        lr=settings.train_lr, expert_lr=settings.train_expert_lr, param_dtype=settings.train_param_dtype,
                        warmup_steps=min(50, max(1, steps // 10)), eval_every=steps, seed=seed,
-                       device=settings.device, log_every=10)
+                       device=settings.device, log_every=10, loss_chunk_tokens=settings.train_loss_chunk_tokens)
 
 
 def check_pool_size(settings: Settings, experts: dict[str, int], new_experts: int) -> None:
