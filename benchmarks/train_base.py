@@ -68,7 +68,9 @@ def main() -> None:
     options = replace(continual_options(settings, parse_job_options({}), has_old_corpora=True), replay_source="parent")
     cfg = options.train
     job_steps = cfg.steps
-    replay, replay_s = seconds(lambda: sample_replay(parent, options.generated_windows, cfg.seq_len, seed=cfg.seed + 3))
+    replay, replay_s = seconds(lambda: sample_replay(parent, options.generated_windows, cfg.seq_len, seed=cfg.seed + 3,
+                                                     batch_size=options.generated_batch,
+                                                     weights=options.generated_weights))
     print(f"load {load_s:.1f} s; replay: {options.generated_windows} windows of {cfg.seq_len} tokens sampled in {replay_s:.1f} s", flush=True)
 
     steps = args.steps or job_steps

@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     sparse_top_experts: int = 1024  # strategy sparse_finetune: experts trained per PEER layer
     old_lr_scale: float = 1.0  # "add and chill": learning-rate multiplier of everything older than the job
     review_steps: int = 0  # routing-only review on half replay after a job's training (0: none)
+    # generative replay (a parent whose earlier text is not in the store, e.g. a pretrained base): windows the parent
+    # samples (of PEER_TRAIN_SEQ_LEN tokens), how many at once, and the weights it samples with (peer_model/quantize.py)
+    replay_windows: int = Field(256, ge=1)
+    replay_batch: int = Field(128, ge=1)
+    replay_weights: str = "bfloat16"
     max_train_steps: int = 100_000  # the most steps (training, review or repair) one job may ask for
     forget_repair_steps: int = 0  # forgetting a corpus: repair steps (replay of the remaining corpora + distillation)
     eval_max_batches: int = 8  # validation batches per corpus per evaluation
@@ -274,13 +279,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("ffw", "attention", "strategy", "base_branch", "base_trains", "train_param_dtype", "log_format",
-                     "serve_weights")
+                     "serve_weights", "replay_weights")
     @classmethod
     def _one_of(cls, value: str, info) -> str:
         allowed = {"ffw": FFW_KINDS, "attention": ATTENTION_KINDS, "strategy": STRATEGIES,
                    "base_branch": ("parallel", "replace"), "base_trains": BASE_TRAINS,
                    "train_param_dtype": tuple(PARAM_DTYPES), "log_format": LOG_FORMATS,
-                   "serve_weights": WEIGHT_FORMATS}[info.field_name]
+                   "serve_weights": WEIGHT_FORMATS, "replay_weights": WEIGHT_FORMATS}[info.field_name]
         if value not in allowed:
             raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}")
         return value

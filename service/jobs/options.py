@@ -101,7 +101,8 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
             # chilling and reviewing protect what a version knows: a fresh model's pre-training has neither
             old_lr_scale=(settings.old_lr_scale if job.old_lr_scale is None else job.old_lr_scale)
             if has_old_corpora else 1.0,
-            review_steps=review_steps if has_old_corpora else 0,
+            review_steps=review_steps if has_old_corpora else 0, generated_windows=settings.replay_windows,
+            generated_batch=settings.replay_batch, generated_weights=settings.replay_weights,
             # old inputs keep finding old experts: old sub-keys and the query BatchNorm statistics stay the parent's
             freeze_old_sub_keys=growing, freeze_query_batchnorm_stats=growing or strategy == "sparse_finetune")
     except ValueError as exc:
