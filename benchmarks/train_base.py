@@ -65,7 +65,8 @@ def main() -> None:
     parent, load_s = seconds(lambda: base_model(settings))
     train_text, val_text = split_train_val(load_corpus(args.corpus, max_bytes=args.corpus_bytes), settings.val_fraction)
     new_train, val = TokenData.from_text(train_text, parent.tokenizer), TokenData.from_text(val_text, parent.tokenizer)
-    options = replace(continual_options(settings, parse_job_options({}), has_old_corpora=True), replay_source="parent")
+    options = replace(continual_options(settings, parse_job_options({}), has_old_corpora=True, pretrained=True),
+                      replay_source="parent")
     cfg = options.train
     job_steps = cfg.steps
     replay, replay_s = seconds(lambda: sample_replay(parent, options.generated_windows, cfg.seq_len, seed=cfg.seed + 3,

@@ -131,6 +131,9 @@ class Settings(BaseSettings):
 
     # ---- training jobs -----------------------------------------------------------------------------
     train_steps: int = 300
+    # a job on a pretrained base (PEER_BASE_MODEL): its steps cover about the text the byte-level default's 300 do
+    # (a BPE token is ~4 bytes), and 60 steps of 16 x 128 tokens fit a 100 KB corpus's job in 20 min on 2 cores
+    base_train_steps: int = Field(60, ge=1)
     train_batch_size: int = 16
     train_seq_len: int = 128
     train_lr: float = 1e-3
@@ -150,7 +153,7 @@ class Settings(BaseSettings):
     review_steps: int = 0  # routing-only review on half replay after a job's training (0: none)
     # generative replay (a parent whose earlier text is not in the store, e.g. a pretrained base): windows the parent
     # samples (of PEER_TRAIN_SEQ_LEN tokens), how many at once, and the weights it samples with (peer_model/quantize.py)
-    replay_windows: int = Field(256, ge=1)
+    replay_windows: int = Field(128, ge=1)
     replay_batch: int = Field(128, ge=1)
     replay_weights: str = "bfloat16"
     max_train_steps: int = 100_000  # the most steps (training, review or repair) one job may ask for

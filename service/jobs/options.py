@@ -47,7 +47,7 @@ def parse_job_options(options: dict) -> JobOptions:
 
 
 def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool,
-                      has_pool: bool = True) -> ContinualOptions:
+                      has_pool: bool = True, pretrained: bool = False) -> ContinualOptions:
     """The job's options over the service defaults (``settings.strategy`` and friends).
 
     ``has_old_corpora``: the parent knows text worth protecting (earlier corpora, or a pretrained base's
@@ -59,7 +59,8 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
     its jobs replay the parent's own samples). A PEER pool grows by ``PEER_NEW_EXPERTS`` under
     replay as under the growing strategies (the default, replay + distillation + growth, is the winner
     of BENCHMARKS.md section 3); a model without one (``has_pool`` False: a baseline feed-forward) cannot
-    grow: it fine-tunes, with replay.
+    grow: it fine-tunes, with replay. A job without ``steps`` takes PEER_TRAIN_STEPS, on a ``pretrained`` base
+    PEER_BASE_TRAIN_STEPS.
     """
     replay = settings.replay_fraction if job.replay_fraction is None else job.replay_fraction
     distill = settings.distill_weight if job.distill_weight is None else job.distill_weight
@@ -82,7 +83,7 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
     growing = strategy in ("grow_freeze", "grow_freeze_protect")
     grows_by_default = growing or (strategy == "replay" and has_pool)
     new_experts = job.new_experts if job.new_experts is not None else (settings.new_experts if grows_by_default else 0)
-    steps = job.steps or settings.train_steps
+    steps = job.steps or (settings.base_train_steps if pretrained else settings.train_steps)
     review_steps = settings.review_steps if job.review_steps is None else job.review_steps
     for name, value in (("steps", steps), ("review_steps", review_steps)):
         if value > settings.max_train_steps:

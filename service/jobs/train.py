@@ -54,7 +54,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
     tokenizer = parent.tokenizer
     stage_options = continual_options(settings, job_options, has_old_corpora=bool(old_ids) or pretrained,
-                                      has_pool=bool(parent.peer_layers()))
+                                      has_pool=bool(parent.peer_layers()), pretrained=pretrained)
     check_pool_size(settings, base_experts, stage_options.new_experts)  # the base may have grown since submission
     if settings.train_seq_len > parent.config.max_seq_len:
         stage_options = replace(stage_options, train=replace(stage_options.train, seq_len=parent.config.max_seq_len))
