@@ -72,7 +72,8 @@ def main() -> None:
     replay, replay_s = seconds(lambda: sample_replay(parent, options.generated_windows, cfg.seq_len, seed=cfg.seed + 3,
                                                      batch_size=options.generated_batch,
                                                      weights=options.generated_weights))
-    print(f"load {load_s:.1f} s; replay: {options.generated_windows} windows of {cfg.seq_len} tokens sampled in {replay_s:.1f} s", flush=True)
+    print(f"load {load_s:.1f} s; replay: {options.generated_windows} windows of {cfg.seq_len} tokens sampled in "
+          f"{replay_s:.1f} s", flush=True)
 
     steps = args.steps or job_steps
     run = replace(options, replay_source="corpora", train=replace(cfg, steps=steps, log_every=1))

@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     api_torch_threads: int = 1  # one decode thread; more threads slow small-batch decoding down on CPU
     cuda_graphs: bool = False  # replay the batched decode step as CUDA graphs (GPU only; see peer_model/batching.py)
     # the served model's linear layers outside its expert layers on CPU (peer_model/quantize.py): float32, bfloat16,
-    # or int8 (weight-only, per-channel scales; 2-3x fp32's single-stream decode here, +0.1% bits per byte: BENCHMARKS.md)
+    # or int8 (weight-only, per-channel scales; 2-3x fp32's single-stream decode here, +0.1% bits per byte:
+    # BENCHMARKS.md 14)
     serve_weights: str = "int8"
     serve_int8_max_rows: int = Field(4, ge=1)  # int8 layers run calls of more rows (prefill, big batches) in bf16
     worker_torch_threads: int = 0  # 0: torch's default (all cores)

@@ -42,7 +42,8 @@ class ContinualOptions:
         if s not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {s!r}")
         if self.generated_weights not in WEIGHT_FORMATS:
-            raise ValueError(f"generated_weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.generated_weights!r}")
+            raise ValueError(f"generated_weights must be one of {', '.join(WEIGHT_FORMATS)}, "
+                             f"got {self.generated_weights!r}")
         if self.generated_batch < 1:
             raise ValueError("generated_batch must be >= 1")
         for name in ("new_experts", "sparse_top_experts", "usage_batches", "review_steps", "generated_windows"):

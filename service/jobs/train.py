@@ -79,7 +79,8 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     val_sets = {c: token_data(ctx, [c], "val", tokenizer) for c in all_ids
                 if corpus_available(ctx, c, "val")}
     old_ids_evaluated = [c for c in old_ids if c in val_sets]
-    child_bpb, parent_bpb = evaluate_child_and_parent(ctx, child, parent, val_sets, stage_options.train.seq_len, progress)
+    child_bpb, parent_bpb = evaluate_child_and_parent(ctx, child, parent, val_sets, stage_options.train.seq_len,
+                                                      progress)
     gate = activation_gate(child_bpb, parent_bpb, old_ids_evaluated, new_ids, settings.activation_tolerance)
     publish_version(ctx, job_id, lease, base_id, child, parent_segments, new_ids, all_ids, stage_options.strategy,
                     child_bpb, gate, job_options.activate, {

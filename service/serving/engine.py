@@ -13,10 +13,10 @@ alone (each loaded version has its own batch).
 Hot swap: :meth:`ModelHost.swap_to` loads the new version beside the old one (outside the scheduler),
 then flips one reference; requests already running finish on the version they started with, new ones
 get the new version; an old version is dropped once its last request ends, after its usage counters
-are flushed. On CPU a loaded version's linear layers outside its expert layers take the ``serve_weights`` format
-(peer_model/quantize.py: int8 by default). A watcher thread follows the database's active version, so an activation made by a worker
+are flushed. A watcher thread follows the database's active version, so an activation made by a worker
 or by another API replica is picked up at once on PostgreSQL (the activation's NOTIFY wakes it) and within
-``swap_poll_seconds`` otherwise.
+``swap_poll_seconds`` otherwise. On CPU a loaded version's linear layers outside its expert layers take the
+``serve_weights`` format (peer_model/quantize.py: int8 by default).
 
 Activation loads first: :meth:`ModelHost.activate` loads the version, then lets the caller commit the
 activation, then serves it, so a version that cannot be loaded is refused before the database points at

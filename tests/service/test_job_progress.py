@@ -28,7 +28,8 @@ def test_the_loss_history_covers_the_whole_run_in_at_most_200_points_ending_at_t
 
 def test_evaluation_reports_progress_from_90_to_100_percent_with_an_eta(monkeypatch):
     beats = []
-    monkeypatch.setattr(progress_module, "heartbeat", lambda sessions, job_id, lease, **fields: beats.append(fields) or False)
+    monkeypatch.setattr(progress_module, "heartbeat",
+                        lambda sessions, job_id, lease, **fields: beats.append(fields) or False)
     ctx = SimpleNamespace(stopping=threading.Event(), sessions=None,
                           settings=SimpleNamespace(job_heartbeat_seconds=0.0, job_db_outage_seconds=60.0))
     progress = JobProgress(ctx, job_id=1, lease="lease", steps=10)
