@@ -10,6 +10,7 @@ from torch import nn
 from .attention import KVCache, RMSNorm, rope_tables
 from .baselines import dense_mlp, make_attention, make_ffw
 from .config import ModelConfig
+from .head_loss import Head
 from .parameterization import logit_scale, scale_init
 from .peer import PEER
 from .pool import ExpertGrid, Segment
@@ -157,6 +158,17 @@ class PEERTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """tokens: (B, T) → logits (B, T, vocab). With a cache, tokens continue what it holds."""
+        logits = self.lm_head(self.hidden(tokens, cache))
+        scale = logit_scale(self.config)
+        return logits if scale == 1.0 else logits * scale
+
+    def head(self, tokens: torch.Tensor, chunk_tokens: int = 0) -> Head:
+        """tokens: (B, T) → their final hidden states with the output layer (peer_model/head_loss.py): what the
+        training losses take, so that they compute the logits ``chunk_tokens`` tokens at a time (0: all at once)."""
+        return Head(self.hidden(tokens), self.lm_head.weight, logit_scale(self.config), chunk_tokens)
+
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens: (B, T) → the final hidden states (B, T, d), after the final norm, before the output layer."""
         B, T = tokens.shape
         if cache is not None and cache.lengths is not None:
             if T != 1 or cache.lengths.shape != (B,):
@@ -188,6 +200,4 @@ class PEERTransformer(nn.Module):
                 cache.lengths += 1
             else:
                 cache.length += T
-        logits = self.lm_head(self.norm(x))
-        scale = logit_scale(self.config)
-        return logits if scale == 1.0 else logits * scale
+        return self.norm(x)

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .head_loss import Head, head_loss
 from .optim import SparseRowAdam, coalesced
 from .parameterization import combine, lr_multipliers
 from .peer import PEER
@@ -58,12 +58,15 @@ class TrainConfig:
     track_usage: bool = False  # count expert selections (PEER.usage_counts) on training batches
     open_steps: int | None = None  # steps over which grown ("new") segments enter retrieval; None: warmup_steps
     param_dtype: str = "float32"  # or "bfloat16" (CUDA only): parameters in bf16, optimizer state in fp32
+    loss_chunk_tokens: int = 1024  # the output layer and the loss take this many tokens at a time (0: all at once)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
         if self.open_steps is not None and self.open_steps < 0:
             raise ValueError(f"open_steps must be >= 0, got {self.open_steps}")
         for name in ("lr", "expert_lr", "weight_decay", "warmup_steps"):
@@ -182,14 +185,22 @@ class TokenData:
         """
         context = self.bos is None  # without a BOS, a window also reads the token before its first target
         n = len(self) - context
+        for group in self._eval_starts(batch_size, seq_len)[:max_batches]:
+            length = min(seq_len, n - group[0]) + context
+            yield _shifted(self.tokens[torch.tensor(group).unsqueeze(1) + torch.arange(length)].long(), self.bos)
+
+    def eval_batch_count(self, batch_size: int, seq_len: int, max_batches: int | None = None) -> int:
+        """How many batches :meth:`iter_eval_batches` gives."""
+        return len(self._eval_starts(batch_size, seq_len)[:max_batches])
+
+    def _eval_starts(self, batch_size: int, seq_len: int) -> list[list[int]]:
+        n = len(self) - (self.bos is None)
         starts = list(range(0, n, seq_len))
         full = [s for s in starts if s + seq_len <= n]
         batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
         if len(full) < len(starts):
             batches.append(starts[len(full) :])  # the tail window, shorter than seq_len
-        for group in batches[:max_batches]:
-            length = min(seq_len, n - group[0]) + context
-            yield _shifted(self.tokens[torch.tensor(group).unsqueeze(1) + torch.arange(length)].long(), self.bos)
+        return batches
 
 
 def _shifted(windows: torch.Tensor, bos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,25 +412,30 @@ def _usage_tracking(model: nn.Module, enabled: bool):
 
 @torch.no_grad()
 def evaluate_bpb(
-    model: nn.Module, data: TokenData, seq_len: int, batch_size: int, max_batches: int | None = None
+    model: nn.Module, data: TokenData, seq_len: int, batch_size: int, max_batches: int | None = None,
+    chunk_tokens: int = TrainConfig.loss_chunk_tokens, on_batch: Callable[[int, int], None] | None = None,
 ) -> float:
     """Bits per byte: mean next-token cross-entropy (nats) / ln 2 / ``data.bytes_per_token`` over every
     predicted token of the windows of :meth:`TokenData.iter_eval_batches`. Exact for bytes (one token =
     one byte); for a BPE it divides by the corpus-average bytes per token, so models with different
     tokenizers compare on the same text. Eval mode (BatchNorm running statistics), no gradients; the
-    model's train/eval mode is restored afterwards.
+    model's train/eval mode is restored afterwards. The logits are taken ``chunk_tokens`` at a time
+    (peer_model/head_loss.py). ``on_batch(done, batches)`` after every batch (progress).
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_nats, count = 0.0, 0
     try:
-        for inputs, targets in data.iter_eval_batches(batch_size, seq_len, max_batches):
+        batches = data.eval_batch_count(batch_size, seq_len, max_batches)
+        for done, (inputs, targets) in enumerate(data.iter_eval_batches(batch_size, seq_len, max_batches), start=1):
             inputs, targets = inputs.to(device), targets.to(device)
             with autocast_for(device):
-                logits = model(inputs)
-            total_nats += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+                head = model.head(inputs, chunk_tokens)
+            total_nats += head_loss(head, targets, 1.0).item()
             count += targets.numel()
+            if on_batch is not None:
+                on_batch(done, batches)
     finally:
         model.train(was_training)
     if count == 0:
@@ -440,12 +456,12 @@ class TrainResult:
     stopped_early: bool = False
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple], torch.Tensor]
+LossFn = Callable[[Head, torch.Tensor, torch.Tensor, tuple], torch.Tensor]
 
 
-def next_byte_loss(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, extras: tuple) -> torch.Tensor:
-    """The default training loss: mean next-byte cross-entropy in nats."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def next_byte_loss(head: Head, inputs: torch.Tensor, targets: torch.Tensor, extras: tuple) -> torch.Tensor:
+    """The default training loss: mean next-token cross-entropy in nats."""
+    return head_loss(head, targets, 1.0 / targets.numel())
 
 
 def train(
@@ -463,8 +479,9 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place on ``cfg``'s device.
 
-    ``train_data.sample_batch`` returns ``(inputs, targets, *extras)``; ``loss_fn(logits, inputs,
-    targets, extras)`` replaces the next-byte cross-entropy (e.g. to add distillation on some rows,
+    ``train_data.sample_batch`` returns ``(inputs, targets, *extras)``; ``loss_fn(head, inputs,
+    targets, extras)`` (``head``: the batch's :class:`~peer_model.head_loss.Head`, ``model.head(inputs)``)
+    replaces the next-token cross-entropy (e.g. to add distillation on some rows,
     see continual/distillation.py). ``eval_modules`` stay in eval mode throughout (e.g. a BatchNorm whose running
     statistics must not move). ``after_backward()`` runs between the backward and the gradient
     clipping of every step (e.g. to drop gradient rows, see continual.BatchSparseSelection).
@@ -518,8 +535,8 @@ def train(
                 inputs, targets, *extras = (t.to(device) for t in train_data.sample_batch(
                     cfg.batch_size, cfg.seq_len, generator))
                 with autocast_for(device):
-                    logits = model(inputs)  # (B, T, vocab)
-                loss = loss_fn(logits, inputs, targets, tuple(extras))
+                    head = model.head(inputs, cfg.loss_chunk_tokens)  # the logits are the loss's, a chunk at a time
+                loss = loss_fn(head, inputs, targets, tuple(extras))
                 aux = model.aux_loss() if hasattr(model, "aux_loss") else None
                 if aux is not None:  # load-balancing / z losses of mixture-of-experts layers
                     loss = loss + aux
@@ -551,7 +568,8 @@ def train(
                 }
                 if evaluate:
                     with _usage_tracking(model, False):
-                        record["val_bpb"] = evaluate_bpb(model, val_data, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+                        record["val_bpb"] = evaluate_bpb(model, val_data, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
+                                                         cfg.loss_chunk_tokens)
                     training_mode()
                     result.final_val_bpb = record["val_bpb"]
                 result.history.append(record)

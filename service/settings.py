@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from peer_model.config import ATTENTION_KINDS, BASE_TRAINS, FFW_KINDS, ModelConfig, MoEConfig, PEERConfig
 from peer_model.continual import STRATEGIES
 from peer_model.presets import PRESETS
+from peer_model.quantize import WEIGHT_FORMATS
 from peer_model.train import PARAM_DTYPES
 
 from .keys import parse_api_keys
@@ -81,6 +82,11 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto": cuda if present, else cpu
     api_torch_threads: int = 1  # one decode thread; more threads slow small-batch decoding down on CPU
     cuda_graphs: bool = False  # replay the batched decode step as CUDA graphs (GPU only; see peer_model/batching.py)
+    # the served model's linear layers outside its expert layers on CPU (peer_model/quantize.py): float32, bfloat16,
+    # or int8 (weight-only, per-channel scales; 2-3x fp32's single-stream decode here, +0.1% bits per byte:
+    # BENCHMARKS.md 14)
+    serve_weights: str = "int8"
+    serve_int8_max_rows: int = Field(4, ge=1)  # int8 layers run calls of more rows (prefill, big batches) in bf16
     worker_torch_threads: int = 0  # 0: torch's default (all cores)
     # processes one training job runs on, the expert tables split over them by columns (service/jobs/sharded_stage.py);
     # each gets a GPU of its own when there are as many, else they share the CPU cores (gloo)
@@ -126,11 +132,16 @@ class Settings(BaseSettings):
 
     # ---- training jobs -----------------------------------------------------------------------------
     train_steps: int = 300
+    # a job on a pretrained base (PEER_BASE_MODEL): its steps cover about the text the byte-level default's 300 do
+    # (a BPE token is ~4 bytes), and 60 steps of 16 x 128 tokens fit a 100 KB corpus's job in 20 min on 2 cores
+    base_train_steps: int = Field(60, ge=1)
     train_batch_size: int = 16
     train_seq_len: int = 128
     train_lr: float = 1e-3
     train_expert_lr: float = 3e-3
     train_param_dtype: str = "float32"  # bfloat16: GPU workers train bf16 parameters with fp32 optimizer state
+    # the output layer and the loss take this many tokens at a time in training and evaluation (0: all at once)
+    train_loss_chunk_tokens: int = Field(1024, ge=0)
     new_experts: int = 4096  # per PEER layer and job (replay and the growing strategies)
     # replay 50% + distillation 1 + growth, everything training: BENCHMARKS.md section 3's winner (as little
     # forgetting as grow_freeze_protect, which freezes the old experts, and a smaller plasticity gap)
@@ -141,6 +152,11 @@ class Settings(BaseSettings):
     sparse_top_experts: int = 1024  # strategy sparse_finetune: experts trained per PEER layer
     old_lr_scale: float = 1.0  # "add and chill": learning-rate multiplier of everything older than the job
     review_steps: int = 0  # routing-only review on half replay after a job's training (0: none)
+    # generative replay (a parent whose earlier text is not in the store, e.g. a pretrained base): windows the parent
+    # samples (of PEER_TRAIN_SEQ_LEN tokens), how many at once, and the weights it samples with (peer_model/quantize.py)
+    replay_windows: int = Field(128, ge=1)
+    replay_batch: int = Field(128, ge=1)
+    replay_weights: str = "bfloat16"
     max_train_steps: int = 100_000  # the most steps (training, review or repair) one job may ask for
     forget_repair_steps: int = 0  # forgetting a corpus: repair steps (replay of the remaining corpora + distillation)
     eval_max_batches: int = 8  # validation batches per corpus per evaluation
@@ -266,12 +282,14 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 0")
         return value
 
-    @field_validator("ffw", "attention", "strategy", "base_branch", "base_trains", "train_param_dtype", "log_format")
+    @field_validator("ffw", "attention", "strategy", "base_branch", "base_trains", "train_param_dtype", "log_format",
+                     "serve_weights", "replay_weights")
     @classmethod
     def _one_of(cls, value: str, info) -> str:
         allowed = {"ffw": FFW_KINDS, "attention": ATTENTION_KINDS, "strategy": STRATEGIES,
                    "base_branch": ("parallel", "replace"), "base_trains": BASE_TRAINS,
-                   "train_param_dtype": tuple(PARAM_DTYPES), "log_format": LOG_FORMATS}[info.field_name]
+                   "train_param_dtype": tuple(PARAM_DTYPES), "log_format": LOG_FORMATS,
+                   "serve_weights": WEIGHT_FORMATS, "replay_weights": WEIGHT_FORMATS}[info.field_name]
         if value not in allowed:
             raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}")
         return value

@@ -310,9 +310,27 @@ def test_loss_fn_receives_the_extras_of_the_batch():
 
     seen = []
 
-    def loss_fn(logits, inputs, targets, extras):
+    def loss_fn(head, inputs, targets, extras):
         seen.append(extras[0].tolist())
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return torch.nn.functional.cross_entropy(head.logits().flatten(0, 1), targets.flatten())
 
     train(tiny_model(), Tagged(), None, small_cfg(steps=3), loss_fn=loss_fn)
     assert seen == [list(range(8))] * 3
+
+
+def test_a_frozen_base_builds_no_graph_below_the_lowest_peer_layer_and_no_weight_gradients():
+    """A retrofitted base (frozen, the pool beside block 2's feed-forward): blocks 0-1 run without autograd, blocks
+    2-3 pass gradients through without computing their weights' gradients."""
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=64, n_layers=4, n_heads=4, d_ff=128, max_seq_len=64, peer_layers=[2],
+                         peer=PEERConfig(num_experts=16 * 16, heads=2, top_k=4, d_key=16), peer_branch="parallel",
+                         base_trains="none")
+    model = PEERTransformer(config)
+    tracked = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda module, args, out, i=i: tracked.__setitem__(i, out.requires_grad))
+    train(model, DATA, None, small_cfg(steps=1))
+    assert tracked == {0: False, 1: False, 2: True, 3: True}
+    experts = {id(p) for p in model.blocks[2].expert_branch.parameters()}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in experts)
+    assert all(p.grad is not None for p in model.blocks[2].expert_branch.parameters() if p.requires_grad)

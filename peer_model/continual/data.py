@@ -2,12 +2,14 @@
 own samples for when earlier text is gone (:func:`sample_replay`)."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 
 from ..generate import SamplingParams, decode_one_token, make_generator, prefill, sample_next
 from ..model import PEERTransformer
+from ..quantize import convert_linears
 from ..tokenizer import window_start
 from ..train import TokenData, id_dtype
 
@@ -54,17 +56,23 @@ class MixedData:
 
 @torch.no_grad()
 def sample_replay(model: PEERTransformer, windows: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
-                  batch_size: int = 64) -> TokenData:
+                  batch_size: int = 128, weights: str = "bfloat16") -> TokenData:
     """Generative replay: ``windows`` texts of ``seq_len`` tokens sampled from ``model`` after its
-    tokenizer's BOS (an empty context), one after another in one TokenData whose windows start as the
-    tokenizer starts a context (:func:`~peer_model.tokenizer.window_start`). For when the earlier corpora's
-    text is gone (deleted, or never stored): replaying a version's own generations, distilled against it,
-    keeps what it knew in the spirit of SPIN's training on a previous version's samples. ``model`` is left
-    in its mode."""
+    tokenizer's BOS (an empty context), ``batch_size`` at a time, one after another in one TokenData whose windows
+    start as the tokenizer starts a context (:func:`~peer_model.tokenizer.window_start`). For when the earlier
+    corpora's text is gone (deleted, or never stored): replaying a version's own generations, distilled against it,
+    keeps what it knew in the spirit of SPIN's training on a previous version's samples. ``model`` is unchanged.
+
+    The samples come from a copy of ``model`` whose linears outside the expert layers are in ``weights``
+    (peer_model/quantize.py): a batched decode step is compute-bound, and oneDNN's bf16 product took 0.6× fp32's
+    time here (the samples are the model's up to bf16 rounding, which BENCHMARKS.md measures at < 0.01% in bits
+    per byte; the distillation teacher stays the fp32 parent)."""
     device = next(model.parameters()).device
     tokenizer = model.tokenizer
     params = SamplingParams(temperature=temperature)
     generator = make_generator(seed, device)
+    if weights != "float32":
+        model = convert_linears(copy.deepcopy(model), weights)
     was_training = model.training
     model.eval()
     rows = []

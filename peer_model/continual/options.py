@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..quantize import WEIGHT_FORMATS
 from ..train import TrainConfig
 
 Strategy = Literal["naive", "replay", "grow_freeze", "grow_freeze_protect", "sparse_finetune"]
@@ -30,6 +31,8 @@ class ContinualOptions:
     key_init: Literal["data", "random"] = "data"  # new sub-keys: the new corpus' queries, or random (peer.py)
     replay_source: Literal["corpora", "parent"] = "corpora"  # replay earlier corpora, or the parent's own samples
     generated_windows: int = 256  # replay_source "parent": windows of seq_len bytes sampled from the parent
+    generated_batch: int = 128  # windows sampled together (one batched decode)
+    generated_weights: str = "bfloat16"  # the weights the parent samples with (peer_model/quantize.py)
     old_lr_scale: float = 1.0  # learning-rate multiplier of everything that existed before the stage
     review_steps: int = 0  # routing-only review on half replay after training (needs earlier corpora)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -38,6 +41,11 @@ class ContinualOptions:
         s = self.strategy
         if s not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {s!r}")
+        if self.generated_weights not in WEIGHT_FORMATS:
+            raise ValueError(f"generated_weights must be one of {', '.join(WEIGHT_FORMATS)}, "
+                             f"got {self.generated_weights!r}")
+        if self.generated_batch < 1:
+            raise ValueError("generated_batch must be >= 1")
         for name in ("new_experts", "sparse_top_experts", "usage_batches", "review_steps", "generated_windows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

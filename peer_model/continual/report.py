@@ -2,17 +2,19 @@
 stream of stages summed up as forgetting, learning and plasticity."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
 
-from ..train import TokenData, evaluate_bpb
+from ..train import TokenData, TrainConfig, evaluate_bpb
 
 
 def evaluate_all(model: nn.Module, val_sets: Mapping[str, TokenData], seq_len: int, batch_size: int,
-                 max_batches: int | None = None) -> dict[str, float]:
-    """Bits per byte of ``model`` on every validation set, by name."""
-    return {name: evaluate_bpb(model, data, seq_len, batch_size, max_batches) for name, data in val_sets.items()}
+                 max_batches: int | None = None, chunk_tokens: int = TrainConfig.loss_chunk_tokens,
+                 on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Bits per byte of ``model`` on every validation set, by name (see :func:`~peer_model.train.evaluate_bpb`)."""
+    return {name: evaluate_bpb(model, data, seq_len, batch_size, max_batches, chunk_tokens, on_batch)
+            for name, data in val_sets.items()}
 
 
 

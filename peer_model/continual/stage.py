@@ -104,7 +104,8 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
     needs_old = (options.replay_fraction > 0 or (options.distill_weight > 0 and options.distill_on == "old")
                  or options.review_steps > 0)
     if needs_old and options.replay_source == "parent":
-        old_train = [sample_replay(parent, options.generated_windows, cfg.seq_len, seed=cfg.seed + 3)]
+        old_train = [sample_replay(parent, options.generated_windows, cfg.seq_len, seed=cfg.seed + 3,
+                                   batch_size=options.generated_batch, weights=options.generated_weights)]
     if needs_old and not old_train:
         raise ValueError(f"strategy {options.strategy!r} with replay/distillation needs earlier corpora (old_train)")
     child = copy.deepcopy(parent)

@@ -14,7 +14,7 @@ cannot take back; BENCHMARKS.md section 3c measures this per strategy.
 """
 from __future__ import annotations
 
-from peer_model.continual import evaluate_all, forget_segments
+from peer_model.continual import forget_segments
 from peer_model.train import resolve_device
 
 from ..context import ServiceContext
@@ -25,7 +25,7 @@ from .lease import Dispatch, JobCancelled, heartbeat
 from .options import job_train_config, parse_forget_options
 from .progress import JobProgress
 from .publish import forget_gate, publish_version
-from .runner import claim_base, corpus_available, run_owned_job, token_data
+from .runner import claim_base, corpus_available, evaluate_child_and_parent, run_owned_job, token_data
 
 
 def segments_to_mask(version: PoolVersion, corpus_id: int) -> dict[int, list[int]]:
@@ -83,8 +83,7 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
 
     val_sets = {c: token_data(ctx, [c], "val", parent.tokenizer) for c in [*remaining, corpus_id]
                 if corpus_available(ctx, c, "val")}
-    child_bpb = evaluate_all(child, val_sets, cfg.seq_len, settings.train_batch_size, settings.eval_max_batches)
-    parent_bpb = evaluate_all(parent, val_sets, cfg.seq_len, settings.train_batch_size, settings.eval_max_batches)
+    child_bpb, parent_bpb = evaluate_child_and_parent(ctx, child, parent, val_sets, cfg.seq_len, progress)
     gate = forget_gate(child_bpb, parent_bpb, remaining, corpus_id, settings.activation_tolerance)
     publish_version(ctx, job_id, lease, base_id, child, parent_segments, [], remaining, "forget",
                     {c: child_bpb[c] for c in remaining if c in child_bpb}, gate, options.activate, {

@@ -47,7 +47,7 @@ def parse_job_options(options: dict) -> JobOptions:
 
 
 def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool,
-                      has_pool: bool = True) -> ContinualOptions:
+                      has_pool: bool = True, pretrained: bool = False) -> ContinualOptions:
     """The job's options over the service defaults (``settings.strategy`` and friends).
 
     ``has_old_corpora``: the parent knows text worth protecting (earlier corpora, or a pretrained base's
@@ -59,7 +59,8 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
     its jobs replay the parent's own samples). A PEER pool grows by ``PEER_NEW_EXPERTS`` under
     replay as under the growing strategies (the default, replay + distillation + growth, is the winner
     of BENCHMARKS.md section 3); a model without one (``has_pool`` False: a baseline feed-forward) cannot
-    grow: it fine-tunes, with replay.
+    grow: it fine-tunes, with replay. A job without ``steps`` takes PEER_TRAIN_STEPS, on a ``pretrained`` base
+    PEER_BASE_TRAIN_STEPS.
     """
     replay = settings.replay_fraction if job.replay_fraction is None else job.replay_fraction
     distill = settings.distill_weight if job.distill_weight is None else job.distill_weight
@@ -82,7 +83,7 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
     growing = strategy in ("grow_freeze", "grow_freeze_protect")
     grows_by_default = growing or (strategy == "replay" and has_pool)
     new_experts = job.new_experts if job.new_experts is not None else (settings.new_experts if grows_by_default else 0)
-    steps = job.steps or settings.train_steps
+    steps = job.steps or (settings.base_train_steps if pretrained else settings.train_steps)
     review_steps = settings.review_steps if job.review_steps is None else job.review_steps
     for name, value in (("steps", steps), ("review_steps", review_steps)):
         if value > settings.max_train_steps:
@@ -101,7 +102,8 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
             # chilling and reviewing protect what a version knows: a fresh model's pre-training has neither
             old_lr_scale=(settings.old_lr_scale if job.old_lr_scale is None else job.old_lr_scale)
             if has_old_corpora else 1.0,
-            review_steps=review_steps if has_old_corpora else 0,
+            review_steps=review_steps if has_old_corpora else 0, generated_windows=settings.replay_windows,
+            generated_batch=settings.replay_batch, generated_weights=settings.replay_weights,
             # old inputs keep finding old experts: old sub-keys and the query BatchNorm statistics stay the parent's
             freeze_old_sub_keys=growing, freeze_query_batchnorm_stats=growing or strategy == "sparse_finetune")
     except ValueError as exc:
@@ -113,7 +115,7 @@ def job_train_config(settings: Settings, steps: int, seed: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=settings.train_batch_size, seq_len=settings.train_seq_len,
                        lr=settings.train_lr, expert_lr=settings.train_expert_lr, param_dtype=settings.train_param_dtype,
                        warmup_steps=min(50, max(1, steps // 10)), eval_every=steps, seed=seed,
-                       device=settings.device, log_every=10)
+                       device=settings.device, log_every=10, loss_chunk_tokens=settings.train_loss_chunk_tokens)
 
 
 def check_pool_size(settings: Settings, experts: dict[str, int], new_experts: int) -> None:

@@ -43,6 +43,7 @@ class JobProgress:
         self._points: list[list[float]] = []
         self._seen = 0
         self._stride = 1
+        self._evaluation: tuple[float, int, int] | None = None  # (start, batches done, batches in all)
 
     def on_log(self, record: dict) -> None:
         self.record = record
@@ -64,19 +65,37 @@ class JobProgress:
         return {**self.base_metrics, "step": self.record["step"], "loss": self.record["loss"],
                 "lr": self.record["lr"], "loss_history": self.loss_history}
 
+    def evaluating(self, batches: int) -> None:
+        """Evaluation starts: ``batches`` batches in all, each reported by :meth:`on_eval_batch`."""
+        self._evaluation = (time.monotonic(), 0, max(1, batches))
+
+    def on_eval_batch(self, *_) -> None:
+        """One more evaluation batch done (the arguments of ``evaluate_bpb``'s ``on_batch`` are not needed): the
+        job's progress runs from 90% to 100% over the batches, the ETA from their pace; heartbeats as in training."""
+        start, done, batches = self._evaluation
+        self._evaluation = (start, done + 1, batches)
+        self.should_stop()
+
+    def _fields(self) -> dict:
+        """The heartbeat's progress, speed and ETA: training's over its steps, then evaluation's."""
+        if self._evaluation is not None:
+            start, done, batches = self._evaluation
+            eta = (time.monotonic() - start) / done * (batches - done) if done else None
+            return {"progress": 0.9 + 0.1 * done / batches, "eta_s": eta, "metrics": self.metrics()}
+        step = self.record.get("step", 0)
+        fields = {"progress": 0.9 * step / self.steps}  # the last 10%: evaluation and publishing
+        if self.record:
+            fields.update(tokens_per_s=self.record["tokens_per_s"], eta_s=self.record["eta_s"], metrics=self.metrics())
+        return fields
+
     def should_stop(self) -> bool:
         if self.ctx.stopping.is_set():
             raise WorkerStopping()
         now = time.monotonic()
         if now - self.last_beat >= self.ctx.settings.job_heartbeat_seconds:
             self.last_beat = now
-            step = self.record.get("step", 0)
-            fields = {"progress": 0.9 * step / self.steps}  # the last 10%: evaluation and publishing
-            if self.record:
-                fields.update(tokens_per_s=self.record["tokens_per_s"], eta_s=self.record["eta_s"],
-                              metrics=self.metrics())
             try:
-                self.cancelled = heartbeat(self.ctx.sessions, self.job_id, self.lease, **fields)
+                self.cancelled = heartbeat(self.ctx.sessions, self.job_id, self.lease, **self._fields())
                 self._outage_since = None
             except TRANSIENT_DB_ERRORS as exc:
                 self._outage_since = self._outage_since or now

@@ -1,11 +1,15 @@
 """What the train and forget jobs share around their own steps: :func:`run_owned_job` claims the job and records
 how it ended (cancelled, failed with the reason, handed back at the worker's shutdown); :func:`claim_base` claims
-the version a job starts from; :func:`token_data` reads corpora as the model's tokens."""
+the version a job starts from; :func:`token_data` reads corpora as the model's tokens; :func:`evaluate_child_and_parent`
+gives both versions' bits per byte with progress and ETA."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 
+from torch import nn
+
+from peer_model.continual import evaluate_all
 from peer_model.tokenizer import Tokenizer
 from peer_model.train import TokenData
 
@@ -16,7 +20,7 @@ from ..errors import Conflict, InvalidInput
 from ..store.retention import retain_after_publish
 from ..store.versions import active_version_id, live_version
 from .lease import Dispatch, JobCancelled, LeaseLost, claim_job, dispatch_job, finish_job, hand_back_job, owned_job
-from .progress import WorkerStopping
+from .progress import JobProgress, WorkerStopping
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +94,14 @@ def claim_base(ctx: ServiceContext, job_id: int, lease: str, use: str) -> tuple[
 def corpus_available(ctx: ServiceContext, corpus_id: int, part: str) -> bool:
     """The corpus' text is in the store (a deleted corpus' is not)."""
     return ctx.store.has_corpus(corpus_id, part)
+
+
+def evaluate_child_and_parent(ctx: ServiceContext, child: nn.Module, parent: nn.Module, val_sets: dict[int, TokenData],
+                              seq_len: int, progress: JobProgress) -> tuple[dict[int, float], dict[int, float]]:
+    """Bits per byte of the child and of the parent on every validation set (``PEER_EVAL_MAX_BATCHES`` batches of
+    ``PEER_TRAIN_BATCH_SIZE`` windows each); the job's progress and ETA follow the batches."""
+    settings = ctx.settings
+    batch, most, chunk = settings.train_batch_size, settings.eval_max_batches, settings.train_loss_chunk_tokens
+    progress.evaluating(2 * sum(data.eval_batch_count(batch, seq_len, most) for data in val_sets.values()))
+    return tuple(evaluate_all(model, val_sets, seq_len, batch, most, chunk, progress.on_eval_batch)
+                 for model in (child, parent))

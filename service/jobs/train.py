@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 from sqlalchemy import select
 
-from peer_model.continual import ContinualOptions, continual_stage, evaluate_all
+from peer_model.continual import ContinualOptions, continual_stage
 from peer_model.model import PEERTransformer
 from peer_model.train import TokenData, TrainResult, resolve_device
 
@@ -27,7 +27,7 @@ from .lease import Dispatch, JobCancelled, heartbeat
 from .options import check_pool_size, continual_options, parse_job_options
 from .progress import JobProgress
 from .publish import activation_gate, publish_version
-from .runner import claim_base, corpus_available, run_owned_job, token_data
+from .runner import claim_base, corpus_available, evaluate_child_and_parent, run_owned_job, token_data
 from .sharded_stage import run_sharded_stage
 
 
@@ -54,7 +54,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
     tokenizer = parent.tokenizer
     stage_options = continual_options(settings, job_options, has_old_corpora=bool(old_ids) or pretrained,
-                                      has_pool=bool(parent.peer_layers()))
+                                      has_pool=bool(parent.peer_layers()), pretrained=pretrained)
     check_pool_size(settings, base_experts, stage_options.new_experts)  # the base may have grown since submission
     if settings.train_seq_len > parent.config.max_seq_len:
         stage_options = replace(stage_options, train=replace(stage_options.train, seq_len=parent.config.max_seq_len))
@@ -79,9 +79,8 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     val_sets = {c: token_data(ctx, [c], "val", tokenizer) for c in all_ids
                 if corpus_available(ctx, c, "val")}
     old_ids_evaluated = [c for c in old_ids if c in val_sets]
-    seq_len, batch = stage_options.train.seq_len, settings.train_batch_size
-    child_bpb = evaluate_all(child, val_sets, seq_len, batch, settings.eval_max_batches)
-    parent_bpb = evaluate_all(parent, val_sets, seq_len, batch, settings.eval_max_batches)
+    child_bpb, parent_bpb = evaluate_child_and_parent(ctx, child, parent, val_sets, stage_options.train.seq_len,
+                                                      progress)
     gate = activation_gate(child_bpb, parent_bpb, old_ids_evaluated, new_ids, settings.activation_tolerance)
     publish_version(ctx, job_id, lease, base_id, child, parent_segments, new_ids, all_ids, stage_options.strategy,
                     child_bpb, gate, job_options.activate, {

@@ -15,7 +15,8 @@ then flips one reference; requests already running finish on the version they st
 get the new version; an old version is dropped once its last request ends, after its usage counters
 are flushed. A watcher thread follows the database's active version, so an activation made by a worker
 or by another API replica is picked up at once on PostgreSQL (the activation's NOTIFY wakes it) and within
-``swap_poll_seconds`` otherwise.
+``swap_poll_seconds`` otherwise. On CPU a loaded version's linear layers outside its expert layers take the
+``serve_weights`` format (peer_model/quantize.py: int8 by default).
 
 Activation loads first: :meth:`ModelHost.activate` loads the version, then lets the caller commit the
 activation, then serves it, so a version that cannot be loaded is refused before the database points at
@@ -48,6 +49,7 @@ from peer_model.batching import BatchDecoder, Sequence
 from peer_model.checkpoint import CheckpointError
 from peer_model.generate import GenerationStep, SamplingParams, check_prompt
 from peer_model.model import PEERTransformer
+from peer_model.quantize import convert_linears
 from peer_model.tokenizer import Tokenizer
 from peer_model.train import resolve_device
 
@@ -228,6 +230,8 @@ class ModelHost:
             model = self.ctx.store.load_model(checkpoint, str(self.device)).eval()
         except (CheckpointError, OSError) as exc:
             raise NotReady(f"version {version_id} cannot be loaded: {type(exc).__name__}: {exc}") from None
+        if model.embed.weight.device.type == "cpu":
+            convert_linears(model, self.settings.serve_weights, self.settings.serve_int8_max_rows)
         for layer in model.peer_layers().values():
             layer.track_usage = True
         graphs = self.settings.cuda_graphs and model.embed.weight.is_cuda

