@@ -89,6 +89,19 @@ def identify(request: Request, settings: Settings, scope: str) -> Caller:
     return Caller(OPEN_ACTOR, f"address:{address}", None)
 
 
+def check_activation_right(settings: Settings, caller: Caller, options: dict) -> None:
+    """403 unless the caller may put a version live outside the activation gate: ``activate: "always"`` in a
+    job's options (a training job, a corpus upload's ``train_options``, a forget job) activates whatever the
+    evaluation says and whichever version is active meanwhile, so with a pinned old ``base_version_id`` it is a
+    rollback; it needs the ``admin`` scope, as ``POST /v1/versions/{id}/activate`` does."""
+    if options.get("activate") != "always" or not settings.api_keys:
+        return
+    if caller.key is None or "admin" not in caller.key.scopes:
+        held = ", ".join(sorted(caller.key.scopes)) if caller.key else "none"
+        raise Forbidden(f'"activate": "always" puts the version live without the activation gate: it needs the '
+                        f"'admin' scope (the caller has: {held}); leave it \"auto\" or ask an admin")
+
+
 def require_scope(scope: str):
     """The dependency for a route that needs ``scope`` (read, generate, train or admin); it returns the
     :class:`Caller` and counts the request against the caller's rate limit."""

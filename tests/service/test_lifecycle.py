@@ -126,6 +126,17 @@ def test_retention_keeps_the_active_the_pinned_the_newest_and_what_jobs_need(ctx
     assert apply_retention(ctx) == []
 
 
+def test_retention_keeps_the_most_recently_active_versions(ctx):
+    """Rollback targets stay: versions nobody activated (a train key's jobs that failed their gate) cannot push
+    the versions that were served out of the retention window."""
+    v1, v2, v3, v4, v5, v6, v7 = [publish(ctx, grow=16 * g) for g in range(7)]  # keep_versions = 2
+    for version_id in (v2, v3):
+        with transaction(ctx.sessions) as session:
+            activate(session, version_id, "test", "test")
+    assert apply_retention(ctx) == [v1, v4, v5]
+    assert row(ctx, PoolVersion, v2).deleted_at is None
+
+
 def test_garbage_collection_takes_what_nothing_refers_to_once_past_the_grace_period(ctx):
     live = publish(ctx)
     gone = publish(ctx, grow=64)

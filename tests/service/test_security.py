@@ -73,6 +73,38 @@ def test_a_key_without_the_routes_scope_is_forbidden(keyed, secret, method, path
         assert "lacks the" in response.json()["detail"]
 
 
+def ingest_with_key(client, name: str, secret: str) -> int:
+    """A corpus uploaded with ``secret`` and ingested in process (the app dispatches nothing): its id."""
+    from service.jobs.ingest import run_ingest_job
+
+    accepted = client.post("/v1/corpora", json={"name": name, "text": "text to learn " * 50, "train": False},
+                           headers=bearer(secret))
+    assert accepted.status_code == 202, accepted.text
+    run_ingest_job(client.app.state.ctx, accepted.json()["job"]["id"], lambda job: None)
+    return accepted.json()["corpus"]["id"]
+
+
+def test_only_an_admin_may_activate_outside_the_gate(keyed):
+    """activate "always" (with an old base_version_id: a rollback) is an activation: a train key gets a 403 on
+    every route that takes job options and nothing is recorded; "auto" stays a train key's; an admin may."""
+    corpus_id = ingest_with_key(keyed, "rights", "t-secret")
+    jobs_before = len(keyed.get("/v1/jobs").json())
+    corpora_before = len(keyed.get("/v1/corpora").json())
+    always = {"activate": "always", "steps": 1}
+    for method, path, body in (
+            ("post", "/v1/jobs", {"corpus_ids": [corpus_id], "base_version_id": 1, "options": always}),
+            ("post", "/v1/corpora", {"name": "r", "text": "some text", "train_options": always}),
+            ("post", f"/v1/corpora/{corpus_id}/forget", {"options": always})):
+        refused = getattr(keyed, method)(path, json=body, headers=bearer("t-secret"))
+        assert refused.status_code == 403 and "'admin' scope" in refused.json()["detail"], (path, refused.text)
+    assert len(keyed.get("/v1/jobs").json()) == jobs_before
+    assert len(keyed.get("/v1/corpora").json()) == corpora_before
+    auto = keyed.post("/v1/jobs", json={"corpus_ids": [corpus_id], "options": {"steps": 1}}, headers=bearer("t-secret"))
+    assert auto.status_code == 202, auto.text
+    admin = keyed.post("/v1/jobs", json={"corpus_ids": [corpus_id], "options": always}, headers=bearer("legacy-secret"))
+    assert admin.status_code == 202, admin.text
+
+
 def test_mutating_routes_need_a_key_and_reads_do_not_by_default(keyed):
     assert keyed.post("/v1/corpora", json=CORPUS).status_code == 401
     assert keyed.post("/v1/corpora", json=CORPUS, headers=bearer("wrong")).status_code == 401

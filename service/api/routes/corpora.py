@@ -23,7 +23,7 @@ from ...store.retention import delete_corpus
 from ...store.versions import active_version_id, get_version, live_version
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, IdPath, JobOut, Offset, TextCorpusRequest
-from ..security import Caller, require_scope
+from ..security import Caller, check_activation_right, require_scope
 from ..text import NAME_MAX
 
 router = APIRouter(tags=["corpora"])
@@ -90,6 +90,7 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
     else:
         raise InvalidInput(f"unsupported content type {content_type or 'none'!r}: use application/json, "
                            f"multipart/form-data, text/plain or application/jsonl")
+    check_activation_right(ctx.settings, caller, train_options)
     if not name:
         raise InvalidInput("a corpus needs a name (query parameter ?name=...)")
     if len(name) > NAME_MAX:  # a form field or a file name: the query parameter and JSON are checked by their schema
@@ -131,6 +132,7 @@ def forget_corpus(corpus_id: IdPath, body: ForgetRequest, ctx=Depends(get_ctx), 
     """Make a new version without this corpus: a forget job masks the experts grown for it (optionally
     repairing on the remaining corpora), evaluates and publishes like a training job. 409
     when the version does not know the corpus or holds it in no segment of its own."""
+    check_activation_right(ctx.settings, caller, body.options)
     if session.get(Corpus, corpus_id) is None:
         raise NotFound(f"corpus {corpus_id} not found")
     base_id = body.base_version_id or active_version_id(session)

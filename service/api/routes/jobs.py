@@ -13,7 +13,7 @@ from ...jobs.options import validate_job_options
 from ...store.versions import active_version_id, is_pretrained, live_version
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import IdPath, JobOut, JobRequest, Offset
-from ..security import Caller, require_scope
+from ..security import Caller, check_activation_right, require_scope
 
 router = APIRouter(tags=["jobs"])
 
@@ -22,7 +22,9 @@ router = APIRouter(tags=["jobs"])
 def submit_job(body: JobRequest, ctx=Depends(get_ctx), session: Session = Depends(get_session),
                dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
     """Train a new version on ingested corpora: grow a segment of experts per PEER layer, fine-tune,
-    evaluate on every corpus the version knows, publish, activate when the evaluation gate passes."""
+    evaluate on every corpus the version knows, publish, activate when the evaluation gate passes
+    (``activate: "always"`` needs the admin scope)."""
+    check_activation_right(ctx.settings, caller, body.options)
     corpora = {c.id: c for c in session.scalars(select(Corpus).where(Corpus.id.in_(body.corpus_ids)))}
     missing = [c for c in body.corpus_ids if c not in corpora]
     if missing:
