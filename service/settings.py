@@ -70,7 +70,10 @@ class Settings(BaseSettings):
     rate_limit_generations_per_minute: int = Field(0, ge=0)
     rate_limit_writes_per_minute: int = Field(0, ge=0)  # train and admin routes
     rate_limit_tokens_per_minute: int = Field(0, ge=0)  # generated tokens, charged max_tokens at admission
-    rate_limit_auth_failures_per_minute: int = Field(30, ge=0)  # wrong or missing keys per client address
+    rate_limit_auth_failures_per_minute: int = Field(30, ge=0)  # wrong or missing keys per client address and bucket
+    # failed key checks are counted per client address and per one of this many buckets the token hashes to: wrong
+    # keys spend their own buckets, so a valid key from the same address stays usable (api/security.py); 1: per address
+    rate_limit_auth_failure_buckets: int = Field(64, ge=1)
     # where the buckets live: a Redis shared by every API replica; None: the broker when it is Redis; "": in-process
     rate_limit_redis_url: str | None = None
     # what one job may ask for (checked at submission, and again when the job runs)

@@ -2,11 +2,20 @@
 
 Every /v1 route declares the scope it needs with ``Depends(require_scope(...))``. A key is needed for the
 train and admin scopes whenever PEER_API_KEYS is set, and for read and generate too with
-PEER_REQUIRE_KEY_FOR=all. On a route that needs no key an unknown key is ignored (the OpenAI client
-always sends one), and a known key still names the caller for the rate limits.
+PEER_REQUIRE_KEY_FOR=all. On a route that needs no key a known key names the caller for the rate limits and
+an unknown one is served as no key (the OpenAI client always sends one), but it is still a failed check.
+
+Failed key checks (PEER_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE) are counted per client address (an IPv6 client
+by its /64) and per one of PEER_RATE_LIMIT_AUTH_FAILURE_BUCKETS buckets the token hashes to (no token: a
+bucket of its own). Once a bucket is spent, tokens of that bucket are not compared at all: where a key is
+needed they get a 429, where none is they are served as no key, so no answer tells a right guess from a
+wrong one. The buckets keep known keys usable: wrong keys sent from the same address (a NAT, a proxy, a
+misconfigured client) spend the buckets they hash to, and a valid key is refused only when its own bucket
+is spent, which takes that budget of failures in the one bucket out of N it cannot be told to be in.
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 from dataclasses import dataclass
@@ -14,7 +23,7 @@ from functools import lru_cache
 
 from fastapi import FastAPI, Request
 
-from ..errors import Forbidden, Unauthorized
+from ..errors import Forbidden, Overloaded, Unauthorized
 from ..keys import SCOPES, ApiKey, find_key, parse_api_keys
 from ..settings import Settings
 from .bodylimit import BodyLimitMiddleware, BodyTooLarge, too_large_response
@@ -55,16 +64,39 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def rate_limit_address(request: Request) -> str:
+    """The client as the per-address budgets count it: an IPv6 client by its /64 (a host or a subscriber gets a
+    whole /64 and may rotate through it for free), an IPv4 client (or an IPv4-mapped IPv6 one) by its address."""
+    host = client_address(request)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
+def failure_bucket(request: Request, settings: Settings, token: str) -> str:
+    """Where a failed check of ``token`` is charged: the client's address and the bucket the token hashes to."""
+    if not token:
+        return f"{rate_limit_address(request)}:no-key"
+    digest = int.from_bytes(hashlib.sha256(token.encode("utf-8", errors="surrogatepass")).digest()[:8], "big")
+    return f"{rate_limit_address(request)}:{digest % settings.rate_limit_auth_failure_buckets}"
+
+
 def checked_key(request: Request, settings: Settings, token: str) -> ApiKey | None:
-    """The key whose secret is ``token`` where a key is needed: compared only while the caller's address has
-    failed checks left (PEER_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE; else 429, whatever the token), and a
-    failure (no key, or an unknown one) is charged to the address."""
+    """The key whose secret is ``token``: compared only while its failure bucket (the client's address and the
+    token's hash, see the module's docstring) has failed checks left (else 429, whatever the token), and a
+    failure (no key, or an unknown one) is charged to that bucket."""
     failures = request.app.state.rate_limits.auth_failures
-    address, per_minute = client_address(request), settings.rate_limit_auth_failures_per_minute
-    failures.refuse_if_spent(address, per_minute)
+    bucket, per_minute = failure_bucket(request, settings, token), settings.rate_limit_auth_failures_per_minute
+    failures.refuse_if_spent(bucket, per_minute)
     key = configured_key(settings, token) if token else None
     if key is None:
-        failures.take(address, per_minute)
+        failures.take(bucket, per_minute)
     return key
 
 
@@ -73,7 +105,6 @@ def identify(request: Request, settings: Settings, scope: str) -> Caller:
     lacks the scope."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
-    address = client_address(request)
     if key_required(settings, scope):
         key = checked_key(request, settings, token)
         if key is None:
@@ -83,10 +114,15 @@ def identify(request: Request, settings: Settings, scope: str) -> Caller:
             raise Forbidden(f"API key {key.name!r} lacks the {scope!r} scope (it has: "
                             f"{', '.join(sorted(key.scopes))})")
     else:
-        key = configured_key(settings, token) if token else None  # names the caller; an unknown one is ignored
+        key = None
+        if token and settings.api_keys:
+            try:  # a known key names the caller; an unknown one is a failed check, served as no key
+                key = checked_key(request, settings, token)
+            except Overloaded:  # its bucket is spent: not compared, so a right guess is served as a wrong one
+                key = None
     if key is not None:
         return Caller(f"api-key:{key.name}", f"key:{key.name}", key)
-    return Caller(OPEN_ACTOR, f"address:{address}", None)
+    return Caller(OPEN_ACTOR, f"address:{rate_limit_address(request)}", None)
 
 
 def check_activation_right(settings: Settings, caller: Caller, options: dict) -> None:

@@ -478,16 +478,70 @@ def test_failed_key_checks_are_limited_per_address_before_any_key_is_compared(ho
     """Guessing keys: after the budget of failed checks, every route needing a key answers 429 to that address,
     the right key included (so a guess that would have passed cannot be told from one that would not);
     routes needing no key are not affected. The budget is per API process, like every rate limit."""
-    with service(home, api_keys=KEYS, rate_limit_auth_failures_per_minute=3) as client:
+    with service(home, api_keys=KEYS, rate_limit_auth_failures_per_minute=3,
+                 rate_limit_auth_failure_buckets=1) as client:
         assert client.post("/v1/versions/1/activate", headers=bearer("o-secret")).status_code == 200  # no charge
-        for guess in ("a", "b"):
+        for guess in ("a", "b", "c"):
             assert client.post("/v1/versions/1/activate", headers=bearer(guess)).status_code == 401
-        assert client.post("/v1/versions/1/activate").status_code == 401  # no key at all is a failure too
+        assert client.post("/v1/versions/1/activate").status_code == 401  # no key at all: a failure of its own
         spent = client.post("/v1/versions/1/activate", headers=bearer("o-secret"))
         assert 1 <= retry_after(spent) <= 20 and "PEER_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE" in spent.json()["detail"]
         assert retry_after(client.post("/ui/login", data={"key": "r-secret"}))
         assert client.get("/v1/versions").status_code == 200  # reading needs no key here: nothing compared
         assert client.post("/v1/tokenize", json={"text": "a"}, headers=bearer("wrong")).status_code == 200
+
+
+def test_unknown_keys_on_open_routes_are_charged_and_a_spent_bucket_tells_nothing(home):
+    """Where no key is needed an unknown key is served as no key, but it is a failed check like anywhere else:
+    guesses there spend the address's budget, and once it is spent a right key is served as a wrong one (both
+    are the address's caller, whose generation budget is spent here: 429 for both), so guessing on open routes
+    runs at the same pace as on the others and no answer tells a right guess."""
+    with service(home, api_keys=KEYS, rate_limit_auth_failures_per_minute=3, rate_limit_auth_failure_buckets=1,
+                 rate_limit_generations_per_minute=1) as client:
+        tokenize = lambda secret: client.post("/v1/tokenize", json={"text": "a"}, headers=bearer(secret)).status_code
+        assert tokenize("unused") == 200  # the OpenAI client's placeholder: served, as no key (a charged miss)
+        for guess in ("guess-1", "guess-2"):
+            assert tokenize(guess) == 429  # the address's generation budget is spent
+        assert tokenize("g-secret") == 429  # not compared: the failed checks are spent, the right key is a guess
+        assert retry_after(client.post("/v1/versions/1/activate", headers=bearer("o-secret")))
+
+
+def test_wrong_keys_from_an_address_leave_its_valid_keys_usable(home):
+    """A NAT or proxy in front of many clients: 31 wrong keys used to lock a valid admin key at the same address out
+    for a minute. Failures are charged to the bucket the token hashes to: repeating one wrong key spends its own
+    bucket only, and spreading guesses over the buckets does not find a key faster than the budget per bucket."""
+    from service.api.security import failure_bucket
+
+    with service(home, api_keys=KEYS, rate_limit_auth_failures_per_minute=30) as client:
+        for guess in range(31):
+            assert client.post("/v1/versions/1/activate", headers=bearer(f"guess-{guess}")).status_code == 401
+        assert client.post("/v1/versions/1/activate", headers=bearer("o-secret")).status_code == 200
+
+        settings, request = client.app.state.ctx.settings, type("Request", (), {"client": None})()
+        wrong = next(f"wrong-{i}" for i in range(100)
+                     if failure_bucket(request, settings, f"wrong-{i}") != failure_bucket(request, settings, "o-secret"))
+        for _ in range(30):
+            assert client.post("/v1/versions/1/activate", headers=bearer(wrong)).status_code == 401
+        assert retry_after(client.post("/v1/versions/1/activate", headers=bearer(wrong)))
+        assert client.post("/v1/versions/1/activate", headers=bearer("o-secret")).status_code == 200
+
+
+def test_ipv6_clients_are_counted_by_their_64(home):
+    """An IPv6 client gets a /64 (2^64 addresses): per address, rotating within it escaped every budget."""
+    import httpx
+
+    from service.cli import http_options
+
+    settings = tiny_settings(home, rate_limit_generations_per_minute=1)
+    with ServerThread(create_app(settings, dispatch=lambda job: None), **http_options(settings)) as server:
+        def tokenize(client: str) -> int:
+            return httpx.post(f"{server.url}/v1/tokenize", json={"text": "a"},
+                              headers={"X-Forwarded-For": client}).status_code
+
+        assert tokenize("2001:db8:1:2::1") == 200
+        assert tokenize("2001:db8:1:2:ffff:ffff:ffff:ffff") == 429  # the same /64
+        assert tokenize("2001:db8:1:3::1") == 200  # the next /64
+        assert tokenize("::ffff:203.0.113.9") == 200 and tokenize("203.0.113.9") == 429  # IPv4-mapped: the IPv4 one
 
 
 def test_replicas_charge_one_shared_budget_in_redis(home, redis_url):
