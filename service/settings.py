@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     require_key_for: Literal["write", "all"] = "write"  # write: train/admin routes need a key; all: every /v1 route
     allow_open: bool = False  # let api/serve bind a non-loopback host without PEER_API_KEYS
+    # the scheme browsers reach the service by: https makes the console's session cookie Secure (the request's own
+    # scheme is no guide behind a proxy that terminates TLS and forwards plain http)
+    public_scheme: Literal["http", "https"] = "http"
+    console_session_seconds: float = Field(12 * 3600.0, gt=0)  # a console sign-in lasts this long
     # proxies trusted to name the client in X-Forwarded-For (rate limits and logs go by that address): addresses
     # or networks, comma-separated, "*" for any (the compose front, the only way in to the api there)
     forwarded_allow_ips: str = "127.0.0.1,::1"

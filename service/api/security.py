@@ -4,6 +4,7 @@ Every /v1 route declares the scope it needs with ``Depends(require_scope(...))``
 train and admin scopes whenever PEER_API_KEYS is set, and for read and generate too with
 PEER_REQUIRE_KEY_FOR=all. On a route that needs no key a known key names the caller for the rate limits and
 an unknown one is served as no key (the OpenAI client always sends one), but it is still a failed check.
+Without a bearer header, the console's session cookie (service/api/sessions.py) stands for its key.
 
 Failed key checks (PEER_RATE_LIMIT_AUTH_FAILURES_PER_MINUTE) are counted per client address (an IPv6 client
 by its /64) and per one of PEER_RATE_LIMIT_AUTH_FAILURE_BUCKETS buckets the token hashes to (no token: a
@@ -18,17 +19,19 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 from fastapi import FastAPI, Request
 
 from ..errors import Forbidden, Overloaded, Unauthorized
-from ..keys import SCOPES, ApiKey, find_key, parse_api_keys
+from ..keys import SCOPES, ApiKey, configured_keys, find_key
 from ..settings import Settings
 from .bodylimit import BodyLimitMiddleware, BodyTooLarge, too_large_response
 from .crosssite import CrossSiteMiddleware
 from .ratelimit import limit_request
+from .sessions import COOKIE as SESSION_COOKIE
+from .sessions import session_key
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +49,9 @@ class Caller:
     key: ApiKey | None
 
 
-@lru_cache(maxsize=8)
-def _keys(entries: tuple[str, ...]) -> list[ApiKey]:
-    return parse_api_keys(list(entries))
-
-
 def configured_key(settings: Settings, token: str) -> ApiKey | None:
     """The key of PEER_API_KEYS whose secret is ``token``, or None."""
-    return find_key(_keys(tuple(settings.api_keys)), token.strip())
+    return find_key(configured_keys(tuple(settings.api_keys)), token.strip())
 
 
 def key_required(settings: Settings, scope: str) -> bool:
@@ -79,47 +77,74 @@ def rate_limit_address(request: Request) -> str:
     return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
-def failure_bucket(request: Request, settings: Settings, token: str) -> str:
-    """Where a failed check of ``token`` is charged: the client's address and the bucket the token hashes to."""
-    if not token:
+def failure_bucket(request: Request, settings: Settings, credential: str) -> str:
+    """Where a failed check of ``credential`` is charged: the client's address and the bucket it hashes to."""
+    if not credential:
         return f"{rate_limit_address(request)}:no-key"
-    digest = int.from_bytes(hashlib.sha256(token.encode("utf-8", errors="surrogatepass")).digest()[:8], "big")
+    digest = int.from_bytes(hashlib.sha256(credential.encode("utf-8", errors="surrogatepass")).digest()[:8], "big")
     return f"{rate_limit_address(request)}:{digest % settings.rate_limit_auth_failure_buckets}"
 
 
-def checked_key(request: Request, settings: Settings, token: str) -> ApiKey | None:
-    """The key whose secret is ``token``: compared only while its failure bucket (the client's address and the
-    token's hash, see the module's docstring) has failed checks left (else 429, whatever the token), and a
-    failure (no key, or an unknown one) is charged to that bucket."""
+def checked(request: Request, settings: Settings, credential: str,
+            resolve: Callable[[], ApiKey | None]) -> ApiKey | None:
+    """``resolve()``, the key ``credential`` (a bearer token, a session cookie, or "" for none) stands for: called
+    only while its failure bucket (see the module's docstring) has failed checks left (else 429, whatever the
+    credential), and a failure (None: no credential, or a wrong one) is charged to that bucket."""
     failures = request.app.state.rate_limits.auth_failures
-    bucket, per_minute = failure_bucket(request, settings, token), settings.rate_limit_auth_failures_per_minute
+    bucket, per_minute = failure_bucket(request, settings, credential), settings.rate_limit_auth_failures_per_minute
     failures.refuse_if_spent(bucket, per_minute)
-    key = configured_key(settings, token) if token else None
+    key = resolve()
     if key is None:
         failures.take(bucket, per_minute)
     return key
 
 
+def checked_key(request: Request, settings: Settings, token: str) -> ApiKey | None:
+    """The key whose secret is ``token`` (a console sign-in's), checked as every credential is."""
+    return checked(request, settings, token, lambda: configured_key(settings, token) if token else None)
+
+
+def bearer_token(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def request_key(request: Request, settings: Settings, required: bool) -> ApiKey | None:
+    """The key the request acts as: its bearer token's, else its console session's (service/api/sessions.py).
+    Where a key is ``required``, no credential is a failed check and a spent bucket a 429; where none is, a
+    request without a credential costs nothing and one whose bucket is spent is served as one without a key
+    (a right guess as a wrong one)."""
+    if not settings.api_keys:
+        return None
+    token, cookie = bearer_token(request), request.cookies.get(SESSION_COOKIE, "")
+    if token:
+        credential, resolve = token, lambda: configured_key(settings, token)
+    elif cookie:
+        credential, resolve = cookie, lambda: session_key(settings, request.app.state.ctx.sessions, cookie)
+    elif required:
+        credential, resolve = "", lambda: None
+    else:
+        return None
+    try:
+        return checked(request, settings, credential, resolve)
+    except Overloaded:
+        if required:
+            raise
+        return None
+
+
 def identify(request: Request, settings: Settings, scope: str) -> Caller:
     """The caller, checked for ``scope``: 401 without a valid key where one is needed, 403 when the key
     lacks the scope."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip() if scheme.lower() == "bearer" else ""
-    if key_required(settings, scope):
-        key = checked_key(request, settings, token)
+    required = key_required(settings, scope)
+    key = request_key(request, settings, required)
+    if required:
         if key is None:
-            raise Unauthorized(f"this endpoint needs an API key with the {scope!r} scope: "
-                               f"send 'Authorization: Bearer <key>'")
+            raise Unauthorized(f"this endpoint needs an API key with the {scope!r} scope: send "
+                               f"'Authorization: Bearer <key>' (the console: sign in at /ui/login)")
         if scope not in key.scopes:
             raise Forbidden(f"API key {key.name!r} lacks the {scope!r} scope (it has: "
                             f"{', '.join(sorted(key.scopes))})")
-    else:
-        key = None
-        if token and settings.api_keys:
-            try:  # a known key names the caller; an unknown one is a failed check, served as no key
-                key = checked_key(request, settings, token)
-            except Overloaded:  # its bucket is spent: not compared, so a right guess is served as a wrong one
-                key = None
     if key is not None:
         return Caller(f"api-key:{key.name}", f"key:{key.name}", key)
     return Caller(OPEN_ACTOR, f"address:{rate_limit_address(request)}", None)

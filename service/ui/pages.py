@@ -13,14 +13,15 @@
 Pages are rendered here from the same functions as the JSON routes, so they show their data without
 JavaScript; ``static/console.js`` adds what changes while one looks (jobs, uploads, streamed text, the
 untrained-model banner from GET /v1/status) and the actions (activate, cancel, upload), which go to the
-JSON API with the key from the page header (``Authorization: Bearer``) and show the API's message on
-failure. Viewing is open like the API's GET endpoints.
+JSON API as the signed-in session (access.py) and show the API's message on failure. Viewing is open like
+the API's GET endpoints.
 """
 from __future__ import annotations
 
 import json
 import math
 from collections import defaultdict
+from urllib.parse import quote
 
 import torch
 from fastapi import APIRouter, Depends, Request
@@ -30,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..api.deps import get_session
+from ..api.security import request_key
 from ..api.routes.experts import _grid, _layers, _version, layer_utilization, utilization_history
 from ..api.routes.streams import stream_view
 from ..api.routes.versions import version_view
@@ -53,10 +55,12 @@ def mount(app) -> None:
 
 def render(request: Request, session: Session, name: str, title: str, **context):
     state = request.app.state
-    status = service_status(session, state.host.version_id, bool(state.ctx.settings.api_keys))
-    return templates.TemplateResponse(request, f"{name}.html", {"page": name, "title": title, "status": status,
-                                                                 "signed_in": access.COOKIE in request.cookies,
-                                                                 **context})
+    settings = state.ctx.settings
+    status = service_status(session, state.host.version_id, bool(settings.api_keys))
+    return templates.TemplateResponse(request, f"{name}.html", {
+        "page": name, "title": title, "status": status, "acting_as": request_key(request, settings, required=False),
+        "next": quote(request.url.path + (f"?{request.url.query}" if request.url.query else ""), safe=""),
+        **context})
 
 
 def script_json(value) -> str:

@@ -2,6 +2,9 @@
 scopes, the audit's actor, cross-site requests, body limits, rate limits and hostile input."""
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -129,9 +132,16 @@ def test_require_key_for_all_guards_reading_and_generation(home):
         assert client.get("/healthz").status_code == 200
 
 
+def sign_in(client, secret: str) -> str:
+    """The console's sign-in: the session cookie's value."""
+    signed_in = client.post("/ui/login", data={"key": secret, "next": "/ui/jobs"}, follow_redirects=False)
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/ui/jobs", signed_in.text
+    return signed_in.cookies["peer_session"]
+
+
 def test_with_require_key_for_all_the_console_pages_need_a_reading_key_too(home):
     """The pages are rendered from the database: a caller without a reading key is sent to sign in and sees
-    nothing; a key with the read scope signs in (an HttpOnly, SameSite=Strict cookie for /ui) and reads."""
+    nothing; a key with the read scope signs in and reads."""
     with service(home, api_keys=KEYS, require_key_for="all") as client:
         refused = client.get("/ui/versions?x=1", follow_redirects=False)
         assert refused.status_code == 303 and refused.headers["location"] == "/ui/login?next=%2Fui%2Fversions%3Fx%3D1"
@@ -147,16 +157,82 @@ def test_with_require_key_for_all_the_console_pages_need_a_reading_key_too(home)
         unknown = client.post("/ui/login", data={"key": "nope"}, follow_redirects=False)
         assert unknown.status_code == 401 and "unknown API key" in unknown.text
 
-        signed_in = client.post("/ui/login", data={"key": "r-secret", "next": "/ui/jobs"}, follow_redirects=False)
-        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/ui/jobs"
-        cookie = signed_in.headers["set-cookie"].lower()
-        assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+        sign_in(client, "r-secret")
         page = client.get("/ui/versions")
-        assert page.status_code == 200 and "Sign out" in page.text and "v1" in page.text
+        assert page.status_code == 200 and "Sign out" in page.text and "v1" in page.text and "reader" in page.text
 
         client.post("/ui/logout", headers={"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"})
         assert client.get("/ui/versions", follow_redirects=False).status_code == 303
         assert client.get("/ui/versions", headers=bearer("r-secret")).status_code == 200  # a proxy, curl
+
+
+def test_the_console_session_is_an_opaque_expiring_revocable_cookie(home, tmp_path):
+    """The cookie holds a signed random id, never the key; the server ends it at sign-out (a copy taken before is
+    worth nothing), at expiry, when the key's secret changes, or by `peer-service revoke-sessions`."""
+    with service(home, api_keys=KEYS, console_session_seconds=60) as client:
+        signed_in = client.post("/ui/login", data={"key": "o-secret"}, follow_redirects=False)
+        header = signed_in.headers["set-cookie"].lower()
+        assert "httponly" in header and "samesite=strict" in header and "path=/" in header and "max-age=60" in header
+        assert "secure" not in header  # PEER_PUBLIC_SCHEME=http (the default)
+        cookie = signed_in.cookies["peer_session"]
+        assert "o-secret" not in cookie and len(cookie) > 40
+        client.cookies.clear()
+        with_cookie = {"Cookie": f"peer_session={cookie}"}
+        # the session acts with its key's scopes on the JSON API too (the console's script calls it)
+        activated = client.post("/v1/versions/1/activate", headers=with_cookie)
+        assert activated.status_code == 200 and activated.json()["activations"][-1]["actor"] == "api-key:ops"
+        assert client.post("/v1/corpora", json=CORPUS, headers=with_cookie).status_code == 403  # ops: admin only
+        forged = cookie[:-2] + ("AA" if not cookie.endswith("AA") else "BB")
+        assert client.post("/v1/versions/1/activate", headers={"Cookie": f"peer_session={forged}"}).status_code == 401
+        client.post("/ui/logout", headers=with_cookie)
+        assert client.post("/v1/versions/1/activate", headers=with_cookie).status_code == 401  # revoked on the server
+
+    with service(home, api_keys=KEYS, console_session_seconds=0.5, public_scheme="https") as client:
+        signed_in = client.post("/ui/login", data={"key": "o-secret"}, follow_redirects=False)
+        assert "secure" in signed_in.headers["set-cookie"].lower()  # over http: the configured public scheme
+        value = signed_in.headers["set-cookie"].split(";")[0].partition("=")[2]  # httpx keeps no Secure cookie
+        cookie = {"Cookie": f"peer_session={value}"}
+        assert client.post("/v1/versions/1/activate", headers=cookie).status_code == 200
+        time.sleep(0.6)
+        assert client.post("/v1/versions/1/activate", headers=cookie).status_code == 401  # expired
+
+    with service(home, api_keys=KEYS) as client:
+        cookie = {"Cookie": f"peer_session={sign_in(client, 'o-secret')}"}
+        client.cookies.clear()
+    rotated = [entry.replace("o-secret", "o-rotated") for entry in KEYS]
+    with service(home, api_keys=rotated) as client:
+        assert client.post("/v1/versions/1/activate", headers=cookie).status_code == 401  # the key's secret changed
+
+    from service.cli import main
+
+    with service(home, api_keys=KEYS) as client:
+        ops, reader = sign_in(client, "o-secret"), sign_in(client, "r-secret")
+        client.cookies.clear()
+        os.environ.update(PEER_HOME=str(home), PEER_API_KEYS=",".join(KEYS))
+        try:
+            main(["--log-level", "WARNING", "revoke-sessions", "--key", "ops"])
+        finally:
+            del os.environ["PEER_HOME"], os.environ["PEER_API_KEYS"]
+        assert client.post("/v1/versions/1/activate", headers={"Cookie": f"peer_session={ops}"}).status_code == 401
+        assert client.get("/v1/versions", headers={"Cookie": f"peer_session={reader}"}).status_code == 200
+
+
+def test_the_console_keeps_no_key_where_a_script_can_read_it(home):
+    """Neither the sign-in page nor the console's script puts the key in web storage; the header names the
+    session's key instead of holding an input for it."""
+    from pathlib import Path
+
+    from service.ui.rendering import HERE
+
+    static = Path(HERE) / "static"
+    for script in static.glob("*.js"):
+        text = script.read_text()
+        assert "sessionStorage" not in text and "localStorage" not in text, script
+    with service(home, api_keys=KEYS) as client:
+        assert client.get("/ui/login").status_code == 200 and not (static / "login.js").exists()
+        assert 'id="api-key"' not in client.get("/ui/versions").text
+        sign_in(client, "t-secret")
+        assert "signed in as <b>trainer</b>" in client.get("/ui/versions").text
 
 
 def test_signing_in_never_redirects_off_the_console(home):
