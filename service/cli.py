@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int | None:
         parser.exit(2, f"peer-service: invalid settings: {exc}\n")
     setup_logging(settings.log_format, args.log_level)
     if args.command in ("api", "serve"):
-        from .api.security import open_bind_refusal
+        from .api.bindrule import open_bind_refusal
 
         refusal = open_bind_refusal(args.host or settings.host, settings)
         if refusal:

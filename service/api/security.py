@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from ..errors import Forbidden, Overloaded, Unauthorized
 from ..keys import SCOPES, ApiKey, configured_keys, find_key
 from ..settings import Settings
+from .bindrule import LoopbackOnlyMiddleware
 from .bodylimit import BodyLimitMiddleware, BodyTooLarge, too_large_response
 from .crosssite import CrossSiteMiddleware
 from .ratelimit import limit_request
@@ -180,7 +181,8 @@ def require_scope(scope: str):
 
 
 def protect(app: FastAPI, settings: Settings) -> None:
-    """Bound every request body, refuse cross-site mutating requests, and warn when anyone may mutate."""
+    """Bound every request body, refuse cross-site mutating requests, answer only loopback connections without
+    PEER_API_KEYS (unless PEER_ALLOW_OPEN), and warn when anyone may mutate."""
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(CrossSiteMiddleware, allowed_origins=settings.allowed_origins)
 
@@ -188,23 +190,8 @@ def protect(app: FastAPI, settings: Settings) -> None:
         return too_large_response(exc)
 
     app.add_exception_handler(BodyTooLarge, body_too_large)
+    if not settings.api_keys and not settings.allow_open:
+        app.add_middleware(LoopbackOnlyMiddleware)
     if not settings.api_keys:
         log.warning("PEER_API_KEYS is not set: anyone who can reach this service can upload corpora, train, "
                     "activate or roll back versions and cancel jobs; set PEER_API_KEYS (README, Security)")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to any interface
-
-
-def open_bind_refusal(host: str, settings: Settings) -> str | None:
-    """Why the API must not listen on ``host`` (a non-loopback address without PEER_API_KEYS), or None."""
-    if settings.api_keys or settings.allow_open or is_loopback(host):
-        return None
-    return (f"refusing to listen on {host!r} without PEER_API_KEYS: every mutating route would be open to the "
-            f"network. Set PEER_API_KEYS, listen on 127.0.0.1, or set PEER_ALLOW_OPEN=true to accept that")

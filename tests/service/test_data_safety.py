@@ -94,7 +94,8 @@ def test_at_start_an_unloadable_active_version_falls_back_to_the_newest_earlier_
         assert (status["active_version"], status["served_version"]) == (broken, earlier)
         assert f"active version {broken} cannot be loaded" in status["fallback"]
         ready = client.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["fallback"] == status["fallback"]
+        assert ready.status_code == 200 and ready.json()["fallback"].startswith(f"version {earlier} serves in place")
+        assert "cannot be loaded:" not in ready.json()["fallback"]  # the cause (paths, errors) is /v1/status's
         assert client.post("/v1/generate", json={"prompt": "a", "max_tokens": 2}).json()["version"] == earlier
         assert client.post(f"/v1/versions/{earlier}/activate").status_code == 200  # the operator resolves it
         assert client.get("/v1/status").json()["fallback"] is None

@@ -267,7 +267,7 @@ def test_malformed_key_settings_stop_the_start_without_echoing_the_secret():
 
 def test_api_refuses_a_non_loopback_host_without_keys(monkeypatch, tmp_path, capsys):
     from service import cli
-    from service.api.security import open_bind_refusal
+    from service.api.bindrule import open_bind_refusal
     from service.settings import Settings
 
     monkeypatch.setenv("PEER_HOME", str(tmp_path))
@@ -280,6 +280,47 @@ def test_api_refuses_a_non_loopback_host_without_keys(monkeypatch, tmp_path, cap
     assert open_bind_refusal("0.0.0.0", Settings(api_keys="k")) is None
     assert open_bind_refusal("0.0.0.0", Settings(allow_open=True)) is None
     assert open_bind_refusal("my-host.example", Settings()) is not None
+
+
+def network_address() -> str | None:
+    """An address of this machine that is not loopback (the route to a private network's; nothing is sent)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_the_app_itself_answers_only_loopback_connections_without_keys(home):
+    """The bind rule was the CLI's alone: the same app started any other way (uvicorn --factory, an embedding
+    program) on 0.0.0.0 served every mutating route to the network."""
+    import httpx
+
+    address = network_address()
+    if address is None:
+        pytest.skip("this machine has no network address besides loopback")
+    for settings, from_network in (({}, 403), ({"allow_open": True}, 200), ({"api_keys": KEYS}, 200)):
+        with ServerThread(create_app(tiny_settings(home, **settings), dispatch=lambda job: None), host="0.0.0.0") as server:
+            assert httpx.get(f"http://127.0.0.1:{server.port}/v1/versions").status_code == 200
+            answer = httpx.get(f"http://{address}:{server.port}/v1/versions")
+            assert answer.status_code == from_network, (settings, answer.text)
+            if from_network == 403:
+                assert "answers loopback connections only" in answer.json()["detail"]
+
+
+def test_with_require_key_for_all_metrics_and_the_api_docs_need_a_reading_key(home):
+    with service(home, api_keys=KEYS, require_key_for="all") as client:
+        for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, headers=bearer("g-secret")).status_code == 403, path
+            assert client.get(path, headers=bearer("r-secret")).status_code == 200, path
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200  # probes
+    with service(home, api_keys=KEYS) as client:  # reading is open by default: so are they
+        assert all(client.get(path).status_code == 200 for path in ("/metrics", "/docs", "/redoc", "/openapi.json"))
 
 
 def test_an_open_service_says_so_at_start(home, caplog):
