@@ -22,7 +22,8 @@ from ..context import ServiceContext
 from ..db.models import Corpus, Job, utcnow
 from ..db.session import transaction
 from ..errors import InvalidInput, PayloadTooLarge
-from .lease import Dispatch, LeaseLost, claim_job, create_job, dispatch_job, owned_job
+from .lease import Dispatch, JobCancelled, LeaseLost, claim_job, create_job, dispatch_job, owned_job
+from .progress import Attempt
 from .runner import finish_quietly
 
 log = logging.getLogger(__name__)
@@ -131,18 +132,21 @@ def run_ingest_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch) -> None
         return
     follow_up: Job | None = None
     try:
-        with ctx.sessions() as session:
-            job = session.get(Job, job_id)
-            corpus_id, train_after = job.corpus_ids[0], bool(job.options.get("train", False))
-            train_options = dict(job.options.get("train_options", {}))
-            fmt = job.options.get("format", "text")
-        raw = ctx.store.read_corpus_bytes(corpus_id, "raw")
-        upload = parse_upload(raw, fmt, max(settings.max_corpus_bytes, len(raw)))
-        result = ingest_documents(upload.documents, settings.val_fraction)
-        ctx.store.write_corpus(corpus_id, "train", result.train)
-        ctx.store.write_corpus(corpus_id, "val", result.val)
+        with Attempt(ctx, job_id, lease):  # heartbeats while a large corpus is parsed and written
+            with ctx.sessions() as session:
+                job = session.get(Job, job_id)
+                corpus_id, train_after = job.corpus_ids[0], bool(job.options.get("train", False))
+                train_options = dict(job.options.get("train_options", {}))
+                fmt = job.options.get("format", "text")
+            raw = ctx.store.read_corpus_bytes(corpus_id, "raw")
+            upload = parse_upload(raw, fmt, max(settings.max_corpus_bytes, len(raw)))
+            result = ingest_documents(upload.documents, settings.val_fraction)
+            ctx.store.write_corpus(corpus_id, "train", result.train)
+            ctx.store.write_corpus(corpus_id, "val", result.val)
         with transaction(ctx.sessions) as session:
             job = owned_job(session, job_id, lease)
+            if job.cancel_requested:  # cancelled while it ran: no corpus becomes ready, no training follows
+                raise JobCancelled()
             corpus = session.get(Corpus, corpus_id)
             corpus.state, corpus.ingested_at = "ready", utcnow()
             corpus.duplicates_removed = result.duplicates_removed
@@ -154,6 +158,9 @@ def run_ingest_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch) -> None
                 follow_up = create_job(session, "train", [corpus_id], train_options)
                 job.next_job_id = follow_up.id
     except LeaseLost:
+        return
+    except JobCancelled:
+        finish_quietly(ctx, job_id, lease, "cancelled")  # the corpus fails with it (lease.close_job)
         return
     except InvalidInput as exc:
         _fail_ingest(ctx, job_id, lease, exc.message)

@@ -13,7 +13,7 @@ from ..db.models import Evaluation, PoolVersion, utcnow
 from ..db.session import transaction
 from ..store.lock import save_model_locked
 from ..store.versions import activate, active_version_id, describe_pools, lock_activations
-from .lease import owned_job
+from .lease import JobCancelled, heartbeat, owned_job
 from .progress import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,13 @@ def publish_version(ctx: ServiceContext, job_id: int, lease: str, base_id: int, 
     (``activate_option`` always, or auto and the gate passed), its activation. The gate compared the child
     with ``base_id`` only: an auto activation happens only while ``base_id`` is still the active version
     (another job may have activated a version meanwhile, whose corpora this child never saw: it is
-    published, not activated). A transient database error is retried for up to PEER_JOB_DB_OUTAGE_SECONDS.
-    Returns the version id."""
+    published, not activated). A job whose cancellation was requested publishes nothing: JobCancelled, before
+    the checkpoint is written or at the commit. A transient database error is retried for up to
+    PEER_JOB_DB_OUTAGE_SECONDS. Returns the version id."""
     gate_passed, gate_reason = gate
+    if retry_transient(lambda: heartbeat(ctx.sessions, job_id, lease), ctx.settings.job_db_outage_seconds,
+                       f"job {job_id}: reading its cancel flag"):
+        raise JobCancelled()  # cancelled meanwhile: no checkpoint is written
     key = ctx.store.version_key(f"job-{job_id}-{lease[:12]}")
     retry_transient(lambda: save_model_locked(ctx, key, child, extra={"job_id": job_id, "parent_id": base_id}),
                     ctx.settings.job_db_outage_seconds, f"job {job_id}: writing the checkpoint")
@@ -40,6 +44,8 @@ def publish_version(ctx: ServiceContext, job_id: int, lease: str, base_id: int, 
     def commit() -> int:
         with transaction(ctx.sessions) as session:
             job = owned_job(session, job_id, lease)
+            if job.cancel_requested:  # cancelled while the checkpoint was written: it is garbage, nothing goes live
+                raise JobCancelled()
             version = PoolVersion(parent_id=base_id, job_id=job_id, checkpoint=key,
                                   model_config_json=child.config.to_dict(), experts=experts, segments=segments,
                                   corpus_ids=corpus_ids, strategy=strategy, gate_passed=gate_passed,

@@ -23,9 +23,9 @@ from ..context import ServiceContext
 from ..db.models import Corpus, Job
 from ..errors import InvalidInput
 from ..store.versions import get_version, is_pretrained
-from .lease import Dispatch, JobCancelled, heartbeat
+from .lease import Dispatch, JobCancelled
 from .options import check_pool_size, continual_options, parse_job_options
-from .progress import JobProgress
+from .progress import Attempt, JobProgress
 from .publish import activation_gate, publish_version
 from .runner import claim_base, corpus_available, run_owned_job, token_data
 from .sharded_stage import run_sharded_stage
@@ -35,9 +35,9 @@ def run_train_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch | None = 
     run_owned_job(ctx, job_id, _train_and_publish, dispatch)
 
 
-def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
+def _train_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> None:
     settings = ctx.settings
-    base_id, follows_active = claim_base(ctx, job_id, lease, "trained from")
+    base_id, follows_active = claim_base(ctx, job_id, attempt.lease, "trained from")
     with ctx.sessions() as session:
         job = session.get(Job, job_id)
         base = get_version(session, base_id)
@@ -69,12 +69,13 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         # replay the parent's own samples instead
         stage_options = replace(stage_options, replay_source="parent")
     old_train = [token_data(ctx, [c], "train", tokenizer) for c in old_ids if c not in gone]
-    progress = JobProgress(ctx, job_id, lease, stage_options.train.steps,
+    progress = JobProgress(attempt, stage_options.train.steps,
                            {"strategy": stage_options.strategy, "base_follows_active": follows_active})
-    heartbeat(ctx.sessions, job_id, lease, metrics=progress.metrics())
+    attempt.beat(metrics=progress.metrics())
 
     child, train_result, processes = train_stage(ctx, parent, new_train, old_train, stage_options, f"job:{job_id}",
                                                  progress)
+    attempt.stop_if_cancelled()  # a cancel after the loop's last look: nothing is evaluated or published
     all_ids = old_ids + new_ids
     val_sets = {c: token_data(ctx, [c], "val", tokenizer) for c in all_ids
                 if corpus_available(ctx, c, "val")}
@@ -83,8 +84,8 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
     child_bpb = evaluate_all(child, val_sets, seq_len, batch, settings.eval_max_batches)
     parent_bpb = evaluate_all(parent, val_sets, seq_len, batch, settings.eval_max_batches)
     gate = activation_gate(child_bpb, parent_bpb, old_ids_evaluated, new_ids, settings.activation_tolerance)
-    publish_version(ctx, job_id, lease, base_id, child, parent_segments, new_ids, all_ids, stage_options.strategy,
-                    child_bpb, gate, job_options.activate, {
+    publish_version(ctx, job_id, attempt.lease, base_id, child, parent_segments, new_ids, all_ids,
+                    stage_options.strategy, child_bpb, gate, job_options.activate, {
                         "strategy": stage_options.strategy, "steps": train_result.steps_done,
                         "tokens": train_result.tokens_seen, "processes": processes,
                         "train_seconds": round(train_result.elapsed_s, 2),

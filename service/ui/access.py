@@ -50,7 +50,8 @@ def safe_next(target: str | None) -> str:
 def login_form(request: Request, target: str, error: str | None = None, status_code: int = 200):
     settings = request.app.state.ctx.settings
     return templates.TemplateResponse(request, "login.html", {
-        "next": target, "error": error, "keys": bool(settings.api_keys), "read_required": key_required(settings, "read"),
+        "next": target, "error": error, "keys": bool(settings.api_keys),
+        "read_required": key_required(settings, "read"),
         "session_hours": round(settings.console_session_seconds / 3600, 1)}, status_code=status_code)
 
 

@@ -21,8 +21,8 @@ from service.api.app import create_app
 from service.context import ServiceContext
 from service.db.models import Corpus, ExpertUsage, Job, PoolVersion
 from service.db.session import make_engine, transaction
-from service.jobs.lease import claim_job, create_job
-from service.jobs.progress import JobProgress
+from service.jobs.lease import JobCancelled, claim_job, create_job, request_cancel
+from service.jobs.progress import Attempt, JobProgress
 from service.jobs.publish import publish_version
 from service.store.store import Store
 from service.store.versions import activate, active_version_id, describe_pools, ensure_initial_version
@@ -124,6 +124,23 @@ def test_an_attempt_that_lost_its_lease_never_overwrites_the_published_version(c
     assert torch.equal(served.embed.weight, models[0].embed.weight)
 
 
+def test_publishing_refuses_a_job_whose_cancellation_was_requested(ctx):
+    """A cancel during evaluation or the checkpoint write answered "cancelling" and the version went live anyway."""
+    with transaction(ctx.sessions) as session:
+        job_id = create_job(session, "train", []).id
+    lease = claim_job(ctx.sessions, job_id, 3, 60)
+    with transaction(ctx.sessions) as session:
+        assert request_cancel(session, job_id).state == "cancelling"
+    torch.manual_seed(4)
+    child = PEERTransformer(ctx.settings.fresh_model_config())
+    segments = {str(i): [] for i in child.peer_layers()}
+    with pytest.raises(JobCancelled):
+        publish_version(ctx, job_id, lease, 1, child, segments, [], [], "naive", {}, (True, "ok"), "always", {})
+    with ctx.sessions() as session:
+        assert session.scalar(select(PoolVersion).where(PoolVersion.job_id == job_id)) is None
+    assert active(ctx) == 1 and not ctx.store.has(ctx.store.version_key(f"job-{job_id}-{lease[:12]}"))
+
+
 def test_an_automatic_activation_needs_its_base_to_be_still_active(ctx):
     moved_to = add_version(ctx, seed=1, activate_it=True)  # activated while the job trained from version 1
     with transaction(ctx.sessions) as session:
@@ -171,13 +188,14 @@ def test_a_heartbeat_rides_out_a_database_outage_up_to_its_patience(ctx):
     outage = dataclasses.replace(ctx, sessions=dead_sessions(),
                                  settings=ctx.settings.model_copy(update={"job_heartbeat_seconds": 0.0,
                                                                           "job_db_outage_seconds": 1.0}))
-    progress = JobProgress(outage, job_id, lease, steps=10)
+    attempt = Attempt(outage, job_id, lease)
+    progress = JobProgress(attempt, steps=10)
     progress.on_log({"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0, "eta_s": 1.0})
     assert progress.should_stop() is False  # the database is gone: training goes on
     time.sleep(1.2)
     with pytest.raises(Exception, match="connect"):
         progress.should_stop()  # longer than PEER_JOB_DB_OUTAGE_SECONDS: the error comes through
-    progress.ctx = ctx
+    attempt.ctx = ctx
     assert progress.should_stop() is False  # and with the database back, the job heartbeats again
 
 

@@ -2,7 +2,9 @@
 activate; old experts stay bit-identical; a crash before publishing leaves no version; cancellation."""
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from service.context import ServiceContext
 from service.db.models import Corpus, Evaluation, Job, PoolVersion
 from service.db.session import transaction
 from service.jobs.ingest import parse_upload, run_ingest_job
-from service.jobs.lease import create_job, request_cancel
+from service.jobs.lease import create_job, recover_stale_jobs, request_cancel
 from service.jobs.publish import activation_gate
 from service.jobs.train import run_train_job
 from service.jobs.uploads import accept_corpus
@@ -128,6 +130,73 @@ def test_a_cancel_request_stops_a_running_job_without_a_version(ctx, two_version
     assert job.state == "cancelled" and job.result_version_id is None and job.finished_at is not None
     with ctx.sessions() as session:
         assert session.scalar(select(PoolVersion).where(PoolVersion.job_id == job_id)) is None
+
+
+def with_settings(ctx, **updates):
+    return dataclasses.replace(ctx, settings=ctx.settings.model_copy(update=updates))
+
+
+def test_a_cancel_the_training_loop_did_not_see_publishes_nothing(ctx, two_versions):
+    """The loop reads the cancel flag once a heartbeat interval: a cancel after its last look (here, the whole run)
+    answered "cancelling", and then the job evaluated, published and activated its version anyway."""
+    slow = with_settings(ctx, job_heartbeat_seconds=3600.0)  # the loop's first look is its only one
+    with ctx.sessions() as session:
+        active_before = active_version_id(session)
+    with transaction(ctx.sessions) as session:
+        job_id = create_job(session, "train", [two_versions[1]], {"steps": 400, "activate": "always"}).id
+    worker = threading.Thread(target=run_train_job, args=(slow, job_id))
+    worker.start()
+    wait_for(lambda: row(ctx, Job, job_id).metrics.get("strategy"), 60, what="the job to start training")
+    time.sleep(0.3)
+    with transaction(ctx.sessions) as session:
+        assert request_cancel(session, job_id).state == "cancelling"
+    worker.join(timeout=120)
+    job = row(ctx, Job, job_id)
+    assert job.state == "cancelled" and job.result_version_id is None, (job.state, job.metrics.get("step"))
+    with ctx.sessions() as session:
+        assert session.scalar(select(PoolVersion).where(PoolVersion.job_id == job_id)) is None
+        assert active_version_id(session) == active_before
+
+
+def test_every_stretch_of_an_attempt_heartbeats(ctx, two_versions):
+    """Evaluating child and parent on every corpus (here: a large validation split) sent no heartbeat: past
+    PEER_JOB_STALE_SECONDS the watchdog re-queued the job and the finished attempt lost its lease at commit."""
+    big = with_settings(ctx, val_fraction=0.5, eval_max_batches=100_000)
+    corpus_id, ingest_id = upload(big, "long evaluation", domain_text("english", 6000, seed=3), {"steps": 5})
+    train_id = ingest(big, ingest_id)
+    stale = 1.5
+    watching, requeued = threading.Event(), []
+
+    def watchdog() -> None:  # a worker's watchdog, with a short stale timeout
+        while not watching.wait(0.1):
+            requeued.extend(recover_stale_jobs(ctx.sessions, lambda job: None, 3600, running_stale_seconds=stale))
+
+    thread = threading.Thread(target=watchdog)
+    thread.start()
+    started = time.monotonic()
+    try:
+        run_train_job(with_settings(big, job_stale_seconds=stale), train_id)
+    finally:
+        watching.set()
+        thread.join()
+    job = row(ctx, Job, train_id)
+    assert time.monotonic() - started > 3 * stale, "the attempt was not long enough to test anything"
+    assert not requeued and job.state == "succeeded" and job.attempts == 1, (requeued, job.state, job.error)
+
+
+def test_an_ingest_cancelled_while_it_runs_starts_no_training(ctx):
+    text = "\n\n".join(f"paragraph {i}: " + "words " * 40 for i in range(200_000))  # ~52 MB: a second or more
+    corpus_id, job_id = upload(with_settings(ctx, max_corpus_bytes=60_000_000), "cancelled ingest", text)
+    started: list[Job] = []
+    worker = threading.Thread(target=run_ingest_job, args=(ctx, job_id, started.append))
+    worker.start()
+    wait_for(lambda: row(ctx, Job, job_id).state == "running", 30, interval=0.01, what="the ingest to start")
+    with transaction(ctx.sessions) as session:
+        assert request_cancel(session, job_id).state == "cancelling"
+    worker.join(timeout=120)
+    assert row(ctx, Job, job_id).state == "cancelled" and not started
+    corpus = row(ctx, Corpus, corpus_id)
+    assert corpus.state == "failed" and "cancelled" in corpus.error
 
 
 def test_training_on_a_corpus_that_is_not_ingested_fails_with_a_reason(ctx):
