@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     rate_limit_redis_url: str | None = None
     # what one job may ask for (checked at submission, and again when the job runs)
     max_new_experts: int = Field(65_536, ge=0)  # experts one job grows per PEER layer
+    max_job_corpora: int = Field(100, ge=1)  # corpora one training job learns (each once)
     max_pool_experts: int = Field(4 * 1024 * 1024, ge=1)  # experts per PEER layer: every API process holds them all
 
     # ---- hardware ----------------------------------------------------------------------------------

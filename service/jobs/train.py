@@ -41,7 +41,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> No
     with ctx.sessions() as session:
         job = session.get(Job, job_id)
         base = get_version(session, base_id)
-        new_ids = list(job.corpus_ids)
+        new_ids = list(dict.fromkeys(job.corpus_ids))  # each corpus once (a job queued before ids were checked)
         corpora = {c.id: c for c in session.scalars(select(Corpus).where(Corpus.id.in_(new_ids)))}
         not_ready = [c for c in new_ids if c not in corpora or corpora[c].state != "ready"]
         if not_ready:

@@ -563,6 +563,22 @@ def test_stream_documents_past_the_corpus_limit_are_refused_before_they_are_stor
     assert plain.post("/v1/streams/full/flush").status_code == 202  # the stream is not stuck
 
 
+def test_a_job_names_each_corpus_once_and_a_bounded_number_of_them(plain):
+    """[c] * 30000 was accepted and trained on the text 30,000 times; more than 65,535 ids were a 500 on
+    PostgreSQL (more parameters than it binds)."""
+    from service.jobs.ingest import run_ingest_job
+
+    accepted = plain.post("/v1/corpora", json={"name": "once", "text": "text to learn " * 50, "train": False}).json()
+    run_ingest_job(plain.app.state.ctx, accepted["job"]["id"], lambda job: None)
+    corpus_id, jobs_before = accepted["corpus"]["id"], len(plain.get("/v1/jobs").json())
+    for corpus_ids, message in (([corpus_id] * 2, "more than once"), ([corpus_id] * 30_000, "PEER_MAX_JOB_CORPORA"),
+                                (list(range(1, 70_001)), "PEER_MAX_JOB_CORPORA")):
+        refused = plain.post("/v1/jobs", json={"corpus_ids": corpus_ids})
+        assert refused.status_code == 422 and message in refused.json()["detail"], refused.text
+    assert len(plain.get("/v1/jobs").json()) == jobs_before
+    assert plain.post("/v1/jobs", json={"corpus_ids": [corpus_id]}).status_code == 202
+
+
 def test_prompts_over_the_character_limit_are_refused_before_tokenizing(plain):
     text = "a" * 501
     for path, body in (("/v1/tokenize", {"text": text}), ("/v1/generate", {"prompt": text, "max_tokens": 1}),
