@@ -260,7 +260,7 @@ def _option(text: str) -> tuple[str, Any]:
 
 def _documents(data: bytes, path: str) -> list[str]:
     documents = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for number, line in enumerate(data.decode("utf-8").split("\n"), 1):  # not splitlines: U+2028 is no line end
         if not line.strip():
             continue
         try:

@@ -73,7 +73,9 @@ def parse_upload(data: bytes, fmt: str, max_bytes: int) -> Upload:
 
 def _jsonl_documents(text: str) -> list[str]:
     documents = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # lines end at "\n" only: str.splitlines also splits at U+2028, U+2029, U+0085 (and \v, \f, \x1c-\x1e), which
+    # JSON strings may hold raw (JSONL is written with ensure_ascii=False), so a document holding one was "not JSON"
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

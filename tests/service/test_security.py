@@ -2,6 +2,7 @@
 scopes, the audit's actor, cross-site requests, body limits, rate limits and hostile input."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -577,6 +578,32 @@ def test_a_job_names_each_corpus_once_and_a_bounded_number_of_them(plain):
         assert refused.status_code == 422 and message in refused.json()["detail"], refused.text
     assert len(plain.get("/v1/jobs").json()) == jobs_before
     assert plain.post("/v1/jobs", json={"corpus_ids": [corpus_id]}).status_code == 202
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_documents_holding_a_unicode_line_separator_are_text_not_line_breaks(plain, separator):
+    """JSONL lines were split with str.splitlines, which also breaks at U+2028, U+2029 and U+0085: JSON documents
+    holding one were "JSONL line 1 is not JSON", and a stream document holding one made every later flush of its
+    stream a 422, with no way to remove it."""
+    from service.jobs.ingest import run_ingest_job
+
+    document = f"before{separator}after, a document that spans a Unicode line separator"
+    ctx = plain.app.state.ctx
+    accepted = plain.post("/v1/corpora", json={"name": "separators", "documents": [document, "another"],
+                                               "train": False})
+    assert accepted.status_code == 202, accepted.text
+    run_ingest_job(ctx, accepted.json()["job"]["id"], lambda job: None)
+    assert plain.get(f"/v1/corpora/{accepted.json()['corpus']['id']}").json()["state"] == "ready"
+    assert separator in ctx.store.read_corpus(accepted.json()["corpus"]["id"], "train") + \
+        ctx.store.read_corpus(accepted.json()["corpus"]["id"], "val")
+    jsonl = (json.dumps({"text": document}, ensure_ascii=False) + "\n").encode()
+    assert plain.post("/v1/corpora?name=raw-jsonl&train=false", content=jsonl,
+                      headers={"Content-Type": "application/jsonl"}).status_code == 202
+    stream = f"separators-{ord(separator)}"
+    assert plain.post(f"/v1/streams/{stream}/documents", json={"documents": [document]}).status_code == 202
+    assert plain.post(f"/v1/streams/{stream}/flush").status_code == 202, "the stream is wedged"
+    assert plain.post(f"/v1/streams/{stream}/documents", json={"documents": ["later"]}).status_code == 202
+    assert plain.post(f"/v1/streams/{stream}/flush").status_code == 202
 
 
 def test_prompts_over_the_character_limit_are_refused_before_tokenizing(plain):
