@@ -230,7 +230,7 @@ def test_health_readiness_and_metrics(client, trained):  # trained: a train job 
         assert name in text
     tokens = ok(client.post("/v1/tokenize", json={"text": "hé"}))
     assert tokens == {"tokens": [104, 195, 169], "count": 3, "version": tokens["version"], "tokenizer": "byte",
-                      "bos": 256}
+                      "bos": 256, "add_bos": True}
 
 
 def test_mutating_endpoints_need_a_key_when_keys_are_configured(settings):
