@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     # ---- limits ------------------------------------------------------------------------------------
     max_corpus_bytes: int = 50_000_000
     max_document_bytes: int = 1_000_000
-    max_documents_per_request: int = 10_000
+    max_documents_per_request: int = 10_000  # a stream append's documents
+    max_corpus_documents: int = 1_000_000  # one corpus' documents (JSON documents, JSONL lines, a stream's pending ones)
     max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
     default_max_tokens: int = 128  # /v1/generate without max_tokens (capped by the limit)
     max_active_generations: int = 32  # interleaved token by token by the scheduler
@@ -284,7 +285,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}")
         return value
 
-    @field_validator("max_corpus_bytes", "max_document_bytes", "max_documents_per_request", "max_tokens_limit",
+    @field_validator("max_corpus_bytes", "max_document_bytes", "max_documents_per_request", "max_corpus_documents",
+                     "max_tokens_limit",
                      "max_active_generations", "max_queued_generations", "train_steps", "train_batch_size",
                      "train_seq_len", "eval_max_batches", "job_max_attempts", "stream_train_threshold_bytes",
                      "api_torch_threads", "max_train_steps", "base_max_seq_len", "max_request_bytes",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -204,16 +206,13 @@ def test_the_console_session_is_an_opaque_expiring_revocable_cookie(home, tmp_pa
     with service(home, api_keys=rotated) as client:
         assert client.post("/v1/versions/1/activate", headers=cookie).status_code == 401  # the key's secret changed
 
-    from service.cli import main
-
     with service(home, api_keys=KEYS) as client:
         ops, reader = sign_in(client, "o-secret"), sign_in(client, "r-secret")
         client.cookies.clear()
-        os.environ.update(PEER_HOME=str(home), PEER_API_KEYS=",".join(KEYS))
-        try:
-            main(["--log-level", "WARNING", "revoke-sessions", "--key", "ops"])
-        finally:
-            del os.environ["PEER_HOME"], os.environ["PEER_API_KEYS"]
+        env = {**os.environ, "PEER_HOME": str(home), "PEER_API_KEYS": ",".join(KEYS)}
+        revoked = subprocess.run([sys.executable, "-m", "service.cli", "revoke-sessions", "--key", "ops"], env=env,
+                                 capture_output=True, text=True)
+        assert revoked.returncode == 0 and "of key 'ops'" in revoked.stdout, revoked.stderr
         assert client.post("/v1/versions/1/activate", headers={"Cookie": f"peer_session={ops}"}).status_code == 401
         assert client.get("/v1/versions", headers={"Cookie": f"peer_session={reader}"}).status_code == 200
 
@@ -377,7 +376,7 @@ def test_allowed_origins_may_call_mutating_routes(home):
 
 # ---- body limits -----------------------------------------------------------------------------------------
 
-REQUEST_LIMIT, CORPUS_LIMIT = 4_000, 20_000
+REQUEST_LIMIT, CORPUS_LIMIT = 4_000, 50_000
 
 
 @pytest.fixture(scope="module")
@@ -434,6 +433,18 @@ def test_a_chunked_multipart_upload_without_length_is_cut_and_stores_nothing(liv
     assert "huge" not in corpus_names(live)
     accepted = live.post("/v1/corpora", data={"name": "small", "train": "false"},
                          files={"file": ("small.txt", b"a small corpus")})
+    assert accepted.status_code == 202, accepted.text
+
+
+def test_a_json_corpus_body_may_escape_every_non_ascii_character(live):
+    """Python's json.dumps writes "é" as "\\u00e9" (6 bytes for 2): a corpus under the limit as JSON was a 413 at the
+    body limit (the corpus' bytes plus 64 KiB)."""
+    import json
+
+    text = "é" * (CORPUS_LIMIT // 2 - 10)  # 2 bytes each in UTF-8: under the corpus limit
+    body = json.dumps({"name": "accents", "text": text, "train": False}).encode()  # ensure_ascii: 3 times that
+    assert len(body) > CORPUS_LIMIT + 64 * 1024 and len(text.encode()) <= CORPUS_LIMIT  # over the old body limit
+    accepted = live.post("/v1/corpora", content=body, headers={"Content-Type": "application/json"})
     assert accepted.status_code == 202, accepted.text
 
 
@@ -604,6 +615,49 @@ def test_documents_holding_a_unicode_line_separator_are_text_not_line_breaks(pla
     assert plain.post(f"/v1/streams/{stream}/flush").status_code == 202, "the stream is wedged"
     assert plain.post(f"/v1/streams/{stream}/documents", json={"documents": ["later"]}).status_code == 202
     assert plain.post(f"/v1/streams/{stream}/flush").status_code == 202
+
+
+def test_a_corpus_of_json_documents_counts_the_users_text_not_its_envelope(plain):
+    """The limit used to count the JSONL written from the documents ({"text": ...} and a newline, 11 bytes a
+    document, and escapes): 2,900 bytes of two-character documents were 21,750 bytes of JSONL, a 413 under a
+    3,000-byte limit. A count bounds the documents instead (PEER_MAX_CORPUS_DOCUMENTS)."""
+    ctx = plain.app.state.ctx
+    documents = ["ab"] * 1450
+    accepted = plain.post("/v1/corpora", json={"name": "near the limit", "documents": documents, "train": False})
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["corpus"]["documents"] == 1450
+    over = plain.post("/v1/corpora", json={"name": "over", "documents": documents + ["x" * 200]})
+    assert over.status_code == 413 and "PEER_MAX_CORPUS_BYTES" in over.json()["detail"]
+    limited = ctx.settings.model_copy(update={"max_corpus_documents": 1000})
+    with TestClient(create_app(limited, dispatch=lambda job: None)) as client:
+        refused = client.post("/v1/corpora", json={"name": "many", "documents": documents, "train": False})
+        assert refused.status_code == 422 and "PEER_MAX_CORPUS_DOCUMENTS" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize("body", [
+    b'{"name": "n", "documents": ["a", 1]}', b'{"name": "n", "documents": "a"}', b'{"name": "n", "documents": []}',
+    b'{"name": "n", "documents": ["a"], "text": "b"}', b'{"name": "n", "documents": ["a"]} trailing',
+    b'["a"]', b'{"name": "n", "documents": ["a"', b'{"name": "n", "documents": ["\\ud800"]}',
+    b'{"name": "", "documents": ["a"]}', b'{"documents": ["a"]}', b'{"name": "n", "documents": [" "]}',
+])
+def test_a_malformed_json_upload_is_a_422_and_stores_nothing(plain, body):
+    before = len(plain.get("/v1/corpora").json())
+    refused = plain.post("/v1/corpora", content=body, headers={"Content-Type": "application/json"})
+    assert refused.status_code == 422, refused.text
+    assert len(plain.get("/v1/corpora").json()) == before
+
+
+def test_stream_documents_past_the_corpus_document_count_are_refused_before_they_are_stored(plain):
+    """A flush turns every pending document into one corpus: past PEER_MAX_CORPUS_DOCUMENTS it would be refused,
+    and the stream stuck."""
+    limited = plain.app.state.ctx.settings.model_copy(update={"max_corpus_documents": 3})
+    with TestClient(create_app(limited, dispatch=lambda job: None)) as client:
+        assert client.post("/v1/streams/counted/documents", json={"documents": ["a", "b"]}).status_code == 202
+        refused = client.post("/v1/streams/counted/documents", json={"documents": ["c", "d"]})
+        assert refused.status_code == 422 and "PEER_MAX_CORPUS_DOCUMENTS" in refused.json()["detail"]
+        assert client.get("/v1/streams/counted").json()["pending_documents"] == 2
+        flushed = client.post("/v1/streams/counted/flush")
+        assert flushed.status_code == 202 and flushed.json()["flushed"]["corpus"]["documents"] == 2
 
 
 def test_prompts_over_the_character_limit_are_refused_before_tokenizing(plain):

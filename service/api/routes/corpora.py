@@ -1,13 +1,9 @@
 """Corpora: upload (JSON, multipart file, plain text or JSONL body), listing, forgetting on request."""
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
@@ -15,12 +11,13 @@ from starlette.datastructures import UploadFile
 from ...db.models import Corpus
 from ...errors import Conflict, InvalidInput, NotFound
 from ...jobs.forget import segments_to_mask
-from ...jobs.ingest import parse_upload
+from ...jobs.ingest import Upload, parse_upload
 from ...jobs.lease import create_job, dispatch_job
 from ...jobs.options import parse_forget_options, validate_job_options
 from ...jobs.uploads import accept_corpus
 from ...store.retention import delete_corpus
 from ...store.versions import active_version_id, get_version, live_version
+from ..corpus_body import read_corpus_body
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, IdPath, JobOut, Offset, TextCorpusRequest
 from ..security import Caller, check_activation_right, require_scope
@@ -60,21 +57,13 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
     limit = ctx.settings.max_corpus_bytes
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     train_options: dict = {}
+    counted: Upload | None = None  # JSON documents are counted and checked as they are read
     if content_type == "application/json":
-        try:
-            raw = await request.body()  # bounded by api/bodylimit.py, as every body below
-            body = await run_in_threadpool(TextCorpusRequest.model_validate_json, raw)
-        except ValidationError as exc:
-            # the app's handler words it (never echoing the input, which may not even be encodable)
-            raise RequestValidationError(exc.errors(include_url=False)) from None
-        if (body.text is None) == (body.documents is None):
-            raise InvalidInput('give exactly one of "text" and "documents"')
-        if body.text is not None:
-            data, fmt = body.text.encode("utf-8", errors="surrogatepass"), "text"
-        else:
-            data = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in body.documents).encode()
-            fmt = "jsonl"
-        name, train, train_options = body.name, body.train, body.train_options
+        raw = await request.body()  # bounded by api/bodylimit.py, as every body below
+        body = await run_in_threadpool(read_corpus_body, raw, ctx.settings)
+        del raw
+        data, fmt, counted = body.raw, body.fmt, body.upload
+        name, train, train_options = body.request.name, body.request.train, body.request.train_options
     elif content_type == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=10)  # files spool to disk, not to memory
         upload = form.get("file")
@@ -98,11 +87,11 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
     train = True if train is None else train
 
     def store() -> dict:  # parsing, fsync and commit of up to PEER_MAX_CORPUS_BYTES: off the event loop
-        parsed = parse_upload(data, fmt, limit)
+        parsed = counted or parse_upload(data, fmt, limit, ctx.settings.max_corpus_documents)
         active_id = active_version_id(session) if train else None
         validate_job_options(ctx.settings, train_options, experts=get_version(session, active_id).experts
                              if active_id else None)
-        corpus, job = accept_corpus(ctx, session, name, parsed, data.decode("utf-8"), fmt, train, train_options)
+        corpus, job = accept_corpus(ctx, session, name, parsed, data, fmt, train, train_options)
         session.commit()
         dispatch_job(ctx.sessions, dispatch, job)
         return CorpusAccepted(corpus=CorpusOut.model_validate(corpus), job=JobOut.model_validate(job)).model_dump(
