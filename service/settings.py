@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # processes one training job runs on, the expert tables split over them by columns (service/jobs/sharded_stage.py);
     # each gets a GPU of its own when there are as many, else they share the CPU cores (gloo)
     train_nproc: int = Field(1, ge=1)
+    # once asked to stop (cancelled, the worker shutting down), the stage processes get this long to reach their next
+    # step; then they are killed (one stuck in a collective would otherwise hold the job for the collective timeout)
+    train_stop_grace_seconds: float = Field(60.0, gt=0)
 
     # ---- limits ------------------------------------------------------------------------------------
     max_corpus_bytes: int = 50_000_000

@@ -105,7 +105,8 @@ def train_stage(ctx: ServiceContext, parent: PEERTransformer, new_train: TokenDa
     if processes > 1:
         threads = max(1, torch.get_num_threads() // processes)
         outcome = run_sharded_stage(parent, new_train, old_train, options, tag, processes, threads, ctx.settings.device,
-                                    progress.on_log, progress.should_stop)
+                                    progress.on_log, progress.should_stop,
+                                    stop_grace_s=ctx.settings.train_stop_grace_seconds)
         child, result = outcome.child, outcome.train_result
     else:
         stage = continual_stage(parent, new_train, old_train, options, tag=tag, on_log=progress.on_log,
