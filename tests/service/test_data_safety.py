@@ -101,6 +101,41 @@ def test_at_start_an_unloadable_active_version_falls_back_to_the_newest_earlier_
         assert client.get("/v1/status").json()["fallback"] is None
 
 
+def test_a_poll_that_read_the_database_before_an_activation_does_not_swap_back(settings, ctx, monkeypatch):
+    """The watcher read the active version outside the swap lock: a poll that read it just before an activation
+    committed, and compared it with the served version just after the activation swapped, put the previous version
+    back until the next notification or poll. The poll here is held between its read and what follows until the
+    activation is served (a scheduler can do that to any thread)."""
+    from service.serving import engine
+
+    newer = add_version(ctx, seed=1)
+    served, read = threading.Event(), engine.active_version_id
+
+    def held_read(session):
+        version = read(session)
+        if threading.current_thread().name == "poll":
+            served.wait(timeout=5)
+        return version
+
+    monkeypatch.setattr(engine, "active_version_id", held_read)
+    with TestClient(create_app(settings, dispatch=lambda job: None)) as client:
+        host, polls = client.app.state.host, []
+
+        def commit() -> None:  # the activation's transaction, the watcher's poll reading just before it
+            poll = threading.Thread(target=host.sync_active, name="poll")
+            poll.start()
+            time.sleep(0.3)
+            with transaction(ctx.sessions) as session:
+                activate(session, newer, "test", "test")
+            polls.append(poll)
+
+        host.activate(newer, commit)
+        served.set()
+        polls[0].join(timeout=30)
+        assert host.version_id == newer == active(ctx)
+        assert client.post("/v1/generate", json={"prompt": "a", "max_tokens": 1}).json()["version"] == newer
+
+
 def test_an_attempt_that_lost_its_lease_never_overwrites_the_published_version(ctx):
     with transaction(ctx.sessions) as session:
         job_id = create_job(session, "train", []).id
