@@ -11,7 +11,7 @@ from typing import TypeVar
 from ..context import ServiceContext
 from ..db.models import Evaluation, PoolVersion, utcnow
 from ..db.session import transaction
-from ..store.lock import save_model_locked
+from ..store.lock import store_write
 from ..store.versions import activate, active_version_id, describe_pools, lock_activations
 from .lease import JobCancelled, heartbeat, owned_job
 from .progress import TRANSIENT_DB_ERRORS
@@ -37,8 +37,6 @@ def publish_version(ctx: ServiceContext, job_id: int, lease: str, base_id: int, 
                        f"job {job_id}: reading its cancel flag"):
         raise JobCancelled()  # cancelled meanwhile: no checkpoint is written
     key = ctx.store.version_key(f"job-{job_id}-{lease[:12]}")
-    retry_transient(lambda: save_model_locked(ctx, key, child, extra={"job_id": job_id, "parent_id": base_id}),
-                    ctx.settings.job_db_outage_seconds, f"job {job_id}: writing the checkpoint")
     experts, segments = describe_pools(child, parent_segments, new_ids)
 
     def commit() -> int:
@@ -69,7 +67,10 @@ def publish_version(ctx: ServiceContext, job_id: int, lease: str, base_id: int, 
             job.metrics = {**metrics, "activated": activated, "gate": reason}
             return version.id
 
-    return retry_transient(commit, ctx.settings.job_db_outage_seconds, f"job {job_id}: publishing")
+    with store_write(ctx):  # from the checkpoint's first chunk to its version row (store/lock.py)
+        retry_transient(lambda: ctx.store.save_model(key, child, extra={"job_id": job_id, "parent_id": base_id}),
+                        ctx.settings.job_db_outage_seconds, f"job {job_id}: writing the checkpoint")
+        return retry_transient(commit, ctx.settings.job_db_outage_seconds, f"job {job_id}: publishing")
 
 
 def retry_transient(operation: Callable[[], T], patience_s: float, what: str) -> T:

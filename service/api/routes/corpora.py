@@ -15,6 +15,7 @@ from ...jobs.ingest import Upload, parse_upload
 from ...jobs.lease import create_job, dispatch_job
 from ...jobs.options import parse_forget_options, validate_job_options
 from ...jobs.uploads import accept_corpus
+from ...store.lock import store_write
 from ...store.retention import delete_corpus
 from ...store.versions import active_version_id, get_version, live_version
 from ..corpus_body import read_corpus_body
@@ -91,8 +92,9 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
         active_id = active_version_id(session) if train else None
         validate_job_options(ctx.settings, train_options, experts=get_version(session, active_id).experts
                              if active_id else None)
-        corpus, job = accept_corpus(ctx, session, name, parsed, data, fmt, train, train_options)
-        session.commit()
+        with store_write(ctx):  # from the text's write to its row's commit (store/lock.py)
+            corpus, job = accept_corpus(ctx, session, name, parsed, data, fmt, train, train_options)
+            session.commit()
         dispatch_job(ctx.sessions, dispatch, job)
         return CorpusAccepted(corpus=CorpusOut.model_validate(corpus), job=JobOut.model_validate(job)).model_dump(
             mode="json")
