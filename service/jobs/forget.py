@@ -24,7 +24,7 @@ from ..store.versions import get_version
 from .lease import Dispatch, JobCancelled
 from .options import job_train_config, parse_forget_options
 from .progress import Attempt, JobProgress
-from .publish import forget_gate, publish_version
+from .publish import check_evaluations, forget_gate, publish_version
 from .runner import claim_base, corpus_available, run_owned_job, token_data
 
 
@@ -86,6 +86,7 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> N
                 if corpus_available(ctx, c, "val")}
     child_bpb = evaluate_all(child, val_sets, cfg.seq_len, settings.train_batch_size, settings.eval_max_batches)
     parent_bpb = evaluate_all(parent, val_sets, cfg.seq_len, settings.train_batch_size, settings.eval_max_batches)
+    check_evaluations(child_bpb, parent_bpb)
     gate = forget_gate(child_bpb, parent_bpb, remaining, corpus_id, settings.activation_tolerance)
     publish_version(ctx, job_id, attempt.lease, base_id, child, parent_segments, [], remaining, "forget",
                     {c: child_bpb[c] for c in remaining if c in child_bpb}, gate, options.activate, {

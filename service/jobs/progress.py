@@ -5,12 +5,14 @@ worker's shutdown (:class:`WorkerStopping`) reaches the training loop."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ..context import ServiceContext
+from ..errors import InvalidInput
 from .lease import JobCancelled, heartbeat
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,18 @@ TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)  # the connection, not 
 
 class WorkerStopping(Exception):
     """The worker is shutting down (SIGTERM, Ctrl-C): the job goes back to the queue at once."""
+
+
+class Diverged(InvalidInput):
+    """Training produced a loss, or evaluation bits per byte, that is not a finite number: the job fails with
+    this reason and publishes nothing (every comparison with NaN is false, so the gates would have passed it, and
+    the database refuses NaN: a cryptic constraint or JSON error)."""
+
+
+def check_finite(value: float, what: str) -> None:
+    if not math.isfinite(value):
+        raise Diverged(f"{what} is {value}: the training diverged, nothing is published (a lower learning rate, "
+                       f"PEER_TRAIN_LR and PEER_TRAIN_EXPERT_LR, or a smaller distill_weight may help)")
 
 
 class Attempt:
@@ -121,6 +135,7 @@ class JobProgress:
         return self.attempt.cancelled
 
     def on_log(self, record: dict) -> None:
+        check_finite(float(record["loss"]), f"the training loss at step {record['step']}")
         self.record = record
         if self._seen % self._stride == 0:
             self._points.append([record["step"], round(float(record["loss"]), 4)])

@@ -14,7 +14,7 @@ from ..db.session import transaction
 from ..store.lock import store_write
 from ..store.versions import activate, active_version_id, describe_pools, lock_activations
 from .lease import JobCancelled, heartbeat, owned_job
-from .progress import TRANSIENT_DB_ERRORS
+from .progress import TRANSIENT_DB_ERRORS, check_finite
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,17 +88,25 @@ def retry_transient(operation: Callable[[], T], patience_s: float, what: str) ->
             pause = min(pause * 2, 10.0)
 
 
+def check_evaluations(child: dict[int, float], parent: dict[int, float]) -> None:
+    """Diverged (the job fails with the reason) when a bits-per-byte figure of the child or the parent is not a
+    finite number: it could be neither compared nor stored."""
+    for name, evaluation in (("the new version", child), ("its parent", parent)):
+        for corpus_id, bpb in evaluation.items():
+            check_finite(bpb, f"{name}'s bits per byte on corpus {corpus_id}")
+
+
 def activation_gate(child: dict[int, float], parent: dict[int, float], old_ids: list[int], new_ids: list[int],
                     tolerance: float) -> tuple[bool, str]:
     """Pass when every old corpus' bpb is within ``tolerance`` (relative) of the parent's and the new
-    corpora's mean bpb improved."""
-    worse = [c for c in old_ids if child[c] > parent[c] * (1 + tolerance)]
+    corpora's mean bpb improved. Written so that a NaN fails it (every comparison with NaN is false)."""
+    worse = [c for c in old_ids if not child[c] <= parent[c] * (1 + tolerance)]
     if worse:
         details = ", ".join(f"corpus {c}: {parent[c]:.3f} → {child[c]:.3f}" for c in worse)
         return False, f"forgot more than {tolerance:.0%} on {details}"
     new_child = sum(child[c] for c in new_ids) / len(new_ids)
     new_parent = sum(parent[c] for c in new_ids) / len(new_ids)
-    if new_child >= new_parent:
+    if not new_child < new_parent:
         return False, f"did not learn the new corpora: {new_parent:.3f} → {new_child:.3f} bpb"
     return True, f"new corpora {new_parent:.3f} → {new_child:.3f} bpb; old corpora within {tolerance:.0%}"
 
@@ -109,7 +117,7 @@ def forget_gate(child: dict[int, float], parent: dict[int, float], remaining: li
     reason also says how far the forgotten corpus' bpb moved."""
     moved = (f"corpus {forgotten}: {parent[forgotten]:.3f} → {child[forgotten]:.3f} bpb" if forgotten in child
              else f"corpus {forgotten}: its text is deleted, not measured")
-    worse = [c for c in remaining if c in child and child[c] > parent[c] * (1 + tolerance)]
+    worse = [c for c in remaining if c in child and not child[c] <= parent[c] * (1 + tolerance)]
     if worse:
         details = ", ".join(f"corpus {c}: {parent[c]:.3f} → {child[c]:.3f}" for c in worse)
         return False, f"forgetting hurt other corpora by more than {tolerance:.0%}: {details} ({moved})"

@@ -26,7 +26,7 @@ from ..store.versions import get_version, is_pretrained
 from .lease import Dispatch, JobCancelled
 from .options import check_pool_size, continual_options, parse_job_options
 from .progress import Attempt, JobProgress
-from .publish import activation_gate, publish_version
+from .publish import activation_gate, check_evaluations, publish_version
 from .runner import claim_base, corpus_available, run_owned_job, token_data
 from .sharded_stage import run_sharded_stage
 
@@ -83,6 +83,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> No
     seq_len, batch = stage_options.train.seq_len, settings.train_batch_size
     child_bpb = evaluate_all(child, val_sets, seq_len, batch, settings.eval_max_batches)
     parent_bpb = evaluate_all(parent, val_sets, seq_len, batch, settings.eval_max_batches)
+    check_evaluations(child_bpb, parent_bpb)
     gate = activation_gate(child_bpb, parent_bpb, old_ids_evaluated, new_ids, settings.activation_tolerance)
     publish_version(ctx, job_id, attempt.lease, base_id, child, parent_segments, new_ids, all_ids,
                     stage_options.strategy, child_bpb, gate, job_options.activate, {

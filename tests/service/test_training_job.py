@@ -220,6 +220,48 @@ def test_activation_gate():
     assert not passed and "did not learn" in reason
 
 
+def test_gates_fail_on_a_non_finite_evaluation_and_the_job_says_it_diverged():
+    """Every comparison with NaN is false: a NaN bits per byte passed the activation and forget gates."""
+    from service.jobs.progress import Diverged
+    from service.jobs.publish import check_evaluations, forget_gate
+
+    nan, parent = float("nan"), {1: 2.0, 2: 5.0}
+    assert activation_gate({1: nan, 2: 3.0}, parent, [1], [2], 0.05)[0] is False
+    assert activation_gate({1: 2.0, 2: nan}, parent, [1], [2], 0.05)[0] is False
+    assert forget_gate({1: nan, 2: 5.0}, parent, [1], 2, 0.05)[0] is False
+    for child, parent_bpb in (({1: nan}, {1: 2.0}), ({1: 2.0}, {1: float("inf")})):
+        with pytest.raises(Diverged, match="diverged"):
+            check_evaluations(child, parent_bpb)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_diverging_job_fails_with_the_reason_and_publishes_nothing(dialect, tmp_path):
+    """A NaN loss failed the job on a database constraint: PostgreSQL refused the heartbeat's metrics (NaN is no
+    JSON), SQLite the evaluation row (NaN stored as NULL)."""
+    from service.db.migrate import upgrade
+
+    from .conftest import PG_HOST, create_pg_database, drop_pg_database
+
+    name = create_pg_database() if dialect == "postgresql" else None
+    url = f"postgresql+psycopg://{PG_HOST}/{name}" if name else None
+    settings = tiny_settings(tmp_path / "home", url, train_lr=1e9, train_expert_lr=1e9)  # diverges at once
+    upgrade(settings.resolved_database_url)
+    diverging = ServiceContext.from_settings(settings)
+    try:
+        ensure_initial_version(diverging)
+        _, ingest_id = upload(diverging, "english", domain_text("english"), {"steps": 30})
+        train_id = ingest(diverging, ingest_id)
+        run_train_job(diverging, train_id)
+        job = row(diverging, Job, train_id)
+        assert job.state == "failed" and "the training loss at step" in job.error and "diverged" in job.error, job.error
+        with diverging.sessions() as session:
+            assert session.scalar(select(PoolVersion).where(PoolVersion.job_id == train_id)) is None
+    finally:
+        diverging.close()
+        if name:
+            drop_pg_database(name)
+
+
 def test_when_an_old_corpus_text_is_gone_the_job_replays_the_parents_samples(ctx, two_versions):
     english, code, _ = two_versions
     train_text = ctx.store.corpus_path(english, "train")
