@@ -63,12 +63,15 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> No
         raise InvalidInput(f"the new corpora hold {len(new_train)} tokens of training text; "
                            f"at least {stage_options.train.seq_len} (PEER_TRAIN_SEQ_LEN) are needed")
     gone = [c for c in old_ids if not corpus_available(ctx, c, "train")]
-    needs_old = stage_options.replay_fraction > 0 or stage_options.review_steps > 0
-    if (gone and stage_options.replay_fraction > 0) or (needs_old and not old_ids):
+    available = [c for c in old_ids if c not in gone]
+    # what the stage reads earlier text for: replay, distillation on it, the routing review (continual_stage)
+    needs_old = (stage_options.replay_fraction > 0 or stage_options.review_steps > 0
+                 or (stage_options.distill_weight > 0 and stage_options.distill_on == "old"))
+    if needs_old and ((gone and stage_options.replay_fraction > 0) or not available):
         # earlier text is not in the store (a corpus deleted since, or the pretrained base's own corpus):
         # replay the parent's own samples instead
         stage_options = replace(stage_options, replay_source="parent")
-    old_train = [token_data(ctx, [c], "train", tokenizer) for c in old_ids if c not in gone]
+    old_train = [token_data(ctx, [c], "train", tokenizer) for c in available]
     progress = JobProgress(attempt, stage_options.train.steps,
                            {"strategy": stage_options.strategy, "base_follows_active": follows_active})
     attempt.beat(metrics=progress.metrics())

@@ -277,3 +277,23 @@ def test_when_an_old_corpus_text_is_gone_the_job_replays_the_parents_samples(ctx
     assert job.state == "succeeded", job.error
     assert job.metrics["replay_source"] == "parent" and job.metrics["corpora_gone"] == [english]
     assert set(job.metrics["bpb"]) == {str(english), str(code)}, "the validation split is still there: evaluated"
+
+
+@pytest.mark.parametrize("options", [{"freeze_old_experts": False, "replay_fraction": 0, "review_steps": 2},
+                                     {"strategy": "grow_freeze", "review_steps": 2}])
+def test_a_review_only_job_whose_earlier_text_is_gone_reviews_on_the_parents_samples(ctx, two_versions, options):
+    """Without replay, the routing review still reads earlier corpora: with their text deleted the job failed with
+    a ValueError from the stage instead of using the parent's samples."""
+    english, code, _ = two_versions
+    train_text = ctx.store.corpus_path(english, "train")
+    kept = train_text.read_bytes()
+    train_text.unlink()
+    try:
+        with transaction(ctx.sessions) as session:
+            job_id = create_job(session, "train", [code], {"steps": 4, "activate": "never", **options}).id
+        run_train_job(ctx, job_id)
+    finally:
+        train_text.write_bytes(kept)
+    job = row(ctx, Job, job_id)
+    assert job.state == "succeeded", job.error
+    assert job.metrics["replay_source"] == "parent" and job.metrics["corpora_gone"] == [english]
