@@ -35,6 +35,7 @@ from ..api.security import request_key
 from ..api.routes.experts import _grid, _layers, _version, layer_utilization, utilization_history
 from ..api.routes.streams import stream_view
 from ..api.routes.versions import version_view
+from ..api.schemas import IdQuery
 from ..db.models import Corpus, Job, PoolVersion, Stream
 from ..serving.status import service_status
 from ..store.versions import active_version_id, get_version
@@ -126,9 +127,9 @@ def change_colour(change: float | None) -> str:
 
 
 @router.get("/evaluation")
-def evaluation_page(request: Request, version: int | None = None, session: Session = Depends(get_session)):
+def evaluation_page(request: Request, version: IdQuery = None, session: Session = Depends(get_session)):
     active_id = active_version_id(session)
-    leaf_id = version or active_id
+    leaf_id = active_id if version is None else version
     all_versions = session.scalars(select(PoolVersion).order_by(PoolVersion.id.desc()).limit(500)).all()
     context = {"leaf_id": leaf_id, "active_id": active_id, "versions": all_versions, "names": corpus_names(session),
                "tolerance": request.app.state.ctx.settings.activation_tolerance, "rows": [], "columns": []}
@@ -181,7 +182,7 @@ def sparkline(values: list[float | None], width: int = 240, height: int = 48) ->
 
 
 @router.get("/experts")
-def experts_page(request: Request, version: int | None = None, layer: int | None = None,
+def experts_page(request: Request, version: IdQuery = None, layer: int | None = None,
                  session: Session = Depends(get_session)):
     pool_version = _version(session, version)
     names = corpus_names(session)

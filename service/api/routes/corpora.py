@@ -1,6 +1,8 @@
 """Corpora: upload (JSON, multipart file, plain text or JSONL body), listing, forgetting on request."""
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -22,7 +24,7 @@ from ..corpus_body import read_corpus_body
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, IdPath, JobOut, Offset, TextCorpusRequest
 from ..security import Caller, check_activation_right, require_scope
-from ..text import NAME_MAX
+from ..text import NAME_MAX, check_storable
 
 router = APIRouter(tags=["corpora"])
 
@@ -49,7 +51,7 @@ def _flag(value: str | bool | None, default: bool) -> bool:
 
 
 @router.post("/v1/corpora", status_code=202, response_model=CorpusAccepted, openapi_extra=UPLOAD_BODY)
-async def upload_corpus(request: Request, name: str | None = Query(None, max_length=200),
+async def upload_corpus(request: Request, name: Annotated[str | None, Query(max_length=NAME_MAX)] = None,
                         train: bool | None = Query(None), ctx=Depends(get_ctx), session: Session = Depends(get_session),
                         dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
     """Accept a corpus; 202 with the corpus (pending) and its ingest job. Once ingested, a training job
@@ -85,6 +87,7 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
         raise InvalidInput("a corpus needs a name (query parameter ?name=...)")
     if len(name) > NAME_MAX:  # a form field or a file name: the query parameter and JSON are checked by their schema
         raise InvalidInput(f"a corpus name has at most {NAME_MAX} characters; this one has {len(name)}")
+    check_storable(name, "the corpus name")
     train = True if train is None else train
 
     def store() -> dict:  # parsing, fsync and commit of up to PEER_MAX_CORPUS_BYTES: off the event loop
@@ -126,7 +129,7 @@ def forget_corpus(corpus_id: IdPath, body: ForgetRequest, ctx=Depends(get_ctx), 
     check_activation_right(ctx.settings, caller, body.options)
     if session.get(Corpus, corpus_id) is None:
         raise NotFound(f"corpus {corpus_id} not found")
-    base_id = body.base_version_id or active_version_id(session)
+    base_id = active_version_id(session) if body.base_version_id is None else body.base_version_id
     if base_id is None:
         raise Conflict("no version to forget from")
     segments_to_mask(live_version(session, base_id, "forgotten from"), corpus_id)

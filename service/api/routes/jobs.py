@@ -34,7 +34,7 @@ def submit_job(body: JobRequest, ctx=Depends(get_ctx), session: Session = Depend
     not_ready = [c for c in body.corpus_ids if corpora[c].state != "ready"]
     if not_ready:
         raise Conflict(f"corpora {not_ready} are not ingested yet (state must be 'ready')")
-    base_id = body.base_version_id or active_version_id(session)
+    base_id = active_version_id(session) if body.base_version_id is None else body.base_version_id
     if base_id is None:
         raise Conflict("no version to train from")
     base = live_version(session, base_id, "trained from")

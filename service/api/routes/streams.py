@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
+from pydantic import AfterValidator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -15,10 +16,10 @@ from ...store.lock import store_write
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import CorpusOut, DocumentsRequest, JobOut
 from ..security import Caller, require_scope
-from ..text import STREAM_NAME_MAX
+from ..text import STREAM_NAME_MAX, storable
 
 router = APIRouter(tags=["streams"])
-StreamName = Annotated[str, Path(min_length=1, max_length=STREAM_NAME_MAX)]
+StreamName = Annotated[str, Path(min_length=1, max_length=STREAM_NAME_MAX), AfterValidator(storable)]
 
 
 def stream_view(session: Session, stream: Stream) -> dict:
