@@ -254,7 +254,7 @@ def _option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         return key, json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON (or nested past Python's limit): the plain string
         return key, value
 
 
@@ -265,7 +265,7 @@ def _documents(data: bytes, path: str) -> list[str]:
             continue
         try:
             record = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise ClientError(f"{path}:{number}: not JSON ({exc})", 2) from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ClientError(f'{path}:{number}: expected an object with a "text" string', 2)

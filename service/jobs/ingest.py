@@ -106,8 +106,10 @@ def _jsonl_documents(text: str) -> Iterator[str]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"JSONL line {number} is not JSON: {exc.msg}") from None
+        except ValueError as exc:  # JSONDecodeError, and an integer of more than 4,300 digits
+            raise InvalidInput(f"JSONL line {number} is not JSON: {getattr(exc, 'msg', exc)}") from None
+        except RecursionError:
+            raise InvalidInput(f"JSONL line {number} is not JSON: nested too deeply") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise InvalidInput(f'JSONL line {number} must be an object with a string field "text"')
         yield record["text"]

@@ -312,3 +312,9 @@ def test_upload_reads_jsonl_lines_at_newlines_only():
     """A JSONL document holding U+2028 (JSON may carry it raw) was cut in two by str.splitlines: "not JSON"."""
     data = (json.dumps({"text": "before\u2028after\x85end"}, ensure_ascii=False) + "\n\n").encode()
     assert client._documents(data, "notes.jsonl") == ["before\u2028after\x85end"]
+
+
+def test_upload_refuses_jsonl_python_cannot_parse_with_a_message(tmp_path):
+    for line in ('{"text": "a", "n": ' + "9" * 5000 + "}", '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"):
+        with pytest.raises(client.ClientError, match="notes.jsonl:1: not JSON"):
+            client._documents(line.encode(), "notes.jsonl")

@@ -704,6 +704,26 @@ def test_ids_outside_the_id_columns_are_a_422(plain, method, path, body):
     assert answer.status_code == 422, answer.text
 
 
+HUGE_INTEGER, DEEP = "9" * 5000, "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("content_type,body", [
+    ("application/jsonl", f'{{"text": "a", "n": {HUGE_INTEGER}}}\n'),
+    ("application/jsonl", f'{{"text": "a", "n": {DEEP}}}\n'),
+    ("application/json", f'{{"name": "n", "text": "a", "train_options": {{"seed": {HUGE_INTEGER}}}}}'),
+    ("application/json", f'{{"name": "n", "text": "a", "train_options": {{"x": {DEEP}}}}}'),
+    ("application/json", f'{{"name": "n", "documents": ["a"], "extra": {DEEP}}}'),
+])
+def test_jsonl_and_json_that_python_cannot_parse_are_a_422(plain, content_type, body):
+    """A 5,000-digit integer (ValueError: past Python's 4,300-digit conversion limit) or 100,000 levels of nesting
+    (RecursionError) in a JSONL line were a 500."""
+    roomy = plain.app.state.ctx.settings.model_copy(update={"max_corpus_bytes": 1_000_000})
+    with TestClient(create_app(roomy, dispatch=lambda job: None)) as client:
+        answer = client.post("/v1/corpora?name=parsed&train=false", content=body.encode(),
+                             headers={"Content-Type": content_type})
+    assert answer.status_code == 422, answer.text
+
+
 def test_prompts_over_the_character_limit_are_refused_before_tokenizing(plain):
     text = "a" * 501
     for path, body in (("/v1/tokenize", {"text": text}), ("/v1/generate", {"prompt": text, "max_tokens": 1}),
