@@ -87,7 +87,10 @@ def main() -> None:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
             page = browser.new_page(base_url=url, viewport={"width": 1280, "height": 800})
-            page.add_init_script(f"sessionStorage.setItem('peer-api-key', '{KEY}')")
+            page.goto("/ui/login")  # the console's actions act as its session
+            page.fill("#login-key", KEY)
+            page.click("#login button[type=submit]")
+            page.wait_for_url("**/ui/versions")
 
             # the bootstrap job, live, with the untrained banner
             train = wait(lambda: next((j for j in http.get("/v1/jobs?kind=train").json()

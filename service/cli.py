@@ -1,5 +1,6 @@
 """``peer-service``: api, worker, migrate, serve (the embedded default: everything on this machine), gc (retention
-and garbage collection, once) and client (a running service from a terminal: ``peer-service client --help``)."""
+and garbage collection, once), revoke-sessions (console sign-ins) and client (a running service from a terminal:
+``peer-service client --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,19 @@ def cmd_gc(args, settings: Settings) -> None:
               f"{len(garbage.paths) - len(chunks)} paths and {len(chunks)} chunks, {garbage.bytes} bytes")
     finally:
         ctx.close()
+
+
+def cmd_revoke_sessions(args, settings: Settings) -> None:
+    """End console sign-in sessions on the server: every live one, or those of one key (``--key NAME``)."""
+    from .api.sessions import revoke_sessions
+    from .context import ServiceContext
+
+    ctx = ServiceContext.from_settings(settings)
+    try:
+        ended = revoke_sessions(ctx.sessions, args.key)
+    finally:
+        ctx.close()
+    print(f"ended {ended} console session{'s' if ended != 1 else ''}" + (f" of key {args.key!r}" if args.key else ""))
 
 
 def cmd_api(args, settings: Settings) -> None:
@@ -167,6 +181,9 @@ def main(argv: list[str] | None = None) -> int | None:
     p = sub.add_parser("gc", help="apply the retention policy and remove unreferenced store files")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     p.set_defaults(func=cmd_gc)
+    p = sub.add_parser("revoke-sessions", help="end console sign-in sessions (every one, or one key's)")
+    p.add_argument("--key", help="the name of the key whose sessions end (default: every session)")
+    p.set_defaults(func=cmd_revoke_sessions)
     from . import client
 
     p = sub.add_parser("client", help="talk to a running service over HTTP (generate, upload, jobs, versions, ...)",
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> int | None:
         parser.exit(2, f"peer-service: invalid settings: {exc}\n")
     setup_logging(settings.log_format, args.log_level)
     if args.command in ("api", "serve"):
-        from .api.security import open_bind_refusal
+        from .api.bindrule import open_bind_refusal
 
         refusal = open_bind_refusal(args.host or settings.host, settings)
         if refusal:

@@ -254,18 +254,18 @@ def _option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         return key, json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON (or nested past Python's limit): the plain string
         return key, value
 
 
 def _documents(data: bytes, path: str) -> list[str]:
     documents = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for number, line in enumerate(data.decode("utf-8").split("\n"), 1):  # not splitlines: U+2028 is no line end
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise ClientError(f"{path}:{number}: not JSON ({exc})", 2) from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ClientError(f'{path}:{number}: expected an object with a "text" string', 2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 SCOPES = ("read", "generate", "train", "admin")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -55,6 +56,12 @@ def parse_api_keys(entries: list[str]) -> list[ApiKey]:
     if duplicates:
         raise ValueError(f"API key names must be unique: {', '.join(duplicates)}")
     return keys
+
+
+@lru_cache(maxsize=8)
+def configured_keys(entries: tuple[str, ...]) -> list[ApiKey]:
+    """The keys of PEER_API_KEYS (``tuple(settings.api_keys)``), parsed once."""
+    return parse_api_keys(list(entries))
 
 
 def find_key(keys: list[ApiKey], token: str) -> ApiKey | None:

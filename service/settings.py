@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     require_key_for: Literal["write", "all"] = "write"  # write: train/admin routes need a key; all: every /v1 route
     allow_open: bool = False  # let api/serve bind a non-loopback host without PEER_API_KEYS
+    # the scheme browsers reach the service by: https makes the console's session cookie Secure (the request's own
+    # scheme is no guide behind a proxy that terminates TLS and forwards plain http)
+    public_scheme: Literal["http", "https"] = "http"
+    console_session_seconds: float = Field(12 * 3600.0, gt=0)  # a console sign-in lasts this long
     # proxies trusted to name the client in X-Forwarded-For (rate limits and logs go by that address): addresses
     # or networks, comma-separated, "*" for any (the compose front, the only way in to the api there)
     forwarded_allow_ips: str = "127.0.0.1,::1"
@@ -71,11 +75,15 @@ class Settings(BaseSettings):
     rate_limit_generations_per_minute: int = Field(0, ge=0)
     rate_limit_writes_per_minute: int = Field(0, ge=0)  # train and admin routes
     rate_limit_tokens_per_minute: int = Field(0, ge=0)  # generated tokens, charged max_tokens at admission
-    rate_limit_auth_failures_per_minute: int = Field(30, ge=0)  # wrong or missing keys per client address
+    rate_limit_auth_failures_per_minute: int = Field(30, ge=0)  # wrong or missing keys per client address and bucket
+    # failed key checks are counted per client address and per one of this many buckets the token hashes to: wrong
+    # keys spend their own buckets, so a valid key from the same address stays usable (api/security.py); 1: per address
+    rate_limit_auth_failure_buckets: int = Field(64, ge=1)
     # where the buckets live: a Redis shared by every API replica; None: the broker when it is Redis; "": in-process
     rate_limit_redis_url: str | None = None
     # what one job may ask for (checked at submission, and again when the job runs)
     max_new_experts: int = Field(65_536, ge=0)  # experts one job grows per PEER layer
+    max_job_corpora: int = Field(100, ge=1)  # corpora one training job learns (each once)
     max_pool_experts: int = Field(4 * 1024 * 1024, ge=1)  # experts per PEER layer: every API process holds them all
 
     # ---- hardware ----------------------------------------------------------------------------------
@@ -91,11 +99,15 @@ class Settings(BaseSettings):
     # processes one training job runs on, the expert tables split over them by columns (service/jobs/sharded_stage.py);
     # each gets a GPU of its own when there are as many, else they share the CPU cores (gloo)
     train_nproc: int = Field(1, ge=1)
+    # once asked to stop (cancelled, the worker shutting down), the stage processes get this long to reach their next
+    # step; then they are killed (one stuck in a collective would otherwise hold the job for the collective timeout)
+    train_stop_grace_seconds: float = Field(60.0, gt=0)
 
     # ---- limits ------------------------------------------------------------------------------------
     max_corpus_bytes: int = 50_000_000
     max_document_bytes: int = 1_000_000
-    max_documents_per_request: int = 10_000
+    max_documents_per_request: int = 10_000  # a stream append's documents
+    max_corpus_documents: int = 1_000_000  # one corpus' documents (JSON documents, JSONL lines, a stream's pending ones)
     max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
     default_max_tokens: int = 128  # /v1/generate without max_tokens (capped by the limit)
     max_active_generations: int = 32  # interleaved token by token by the scheduler
@@ -294,7 +306,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}")
         return value
 
-    @field_validator("max_corpus_bytes", "max_document_bytes", "max_documents_per_request", "max_tokens_limit",
+    @field_validator("max_corpus_bytes", "max_document_bytes", "max_documents_per_request", "max_corpus_documents",
+                     "max_tokens_limit",
                      "max_active_generations", "max_queued_generations", "train_steps", "train_batch_size",
                      "train_seq_len", "eval_max_batches", "job_max_attempts", "stream_train_threshold_bytes",
                      "api_torch_threads", "max_train_steps", "base_max_seq_len", "max_request_bytes",

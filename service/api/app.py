@@ -85,7 +85,8 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
             ctx.close()
 
     app = FastAPI(title="peer-service", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
-                  description="A lifelong-learning language model on a growing pool of PEER experts.")
+                  description="A lifelong-learning language model on a growing pool of PEER experts.",
+                  docs_url=None, redoc_url=None, openapi_url=None)  # served by routes/health.py, scope-checked
     app.state.metrics = Metrics()
     app.state.rate_limits = RateLimits(settings)
     app.state.started_at = time.time()

@@ -3,8 +3,10 @@ buffer it): a declared Content-Length over the route's limit is refused with 413
 body without one (chunked, e.g. a multipart upload) is counted as it streams and cut with 413 where it
 passes the limit, so nothing past the limit is parsed, spooled or kept in memory.
 
-Limits: a corpus upload (POST /v1/corpora) PEER_MAX_CORPUS_BYTES plus room for its envelope (JSON
-escaping, multipart boundaries and form fields); every other route PEER_MAX_REQUEST_BYTES.
+Limits: a corpus upload (POST /v1/corpora) PEER_MAX_CORPUS_BYTES plus room for its envelope (multipart
+boundaries and form fields); a JSON one three times PEER_MAX_CORPUS_BYTES (JSON writers escape every non-ASCII
+character by default, Python's "é" as "\\u00e9": 6 bytes for its 2), while the corpus' own limit counts the
+documents' text, not their envelope (api/corpus_body.py); every other route PEER_MAX_REQUEST_BYTES.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from ..errors import error_body
 from ..settings import Settings
 
 CORPUS_ENVELOPE_BYTES = 64 * 1024  # JSON or multipart wrapping around a corpus of PEER_MAX_CORPUS_BYTES
+JSON_ESCAPES = 3  # the most bytes a JSON string takes per byte of its UTF-8 text, but for escaped control characters
 
 
 class BodyTooLarge(HTTPException):
@@ -27,9 +30,12 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body passes {limit} bytes ({setting})")
 
 
-def body_limit(settings: Settings, method: str, path: str) -> tuple[int, str]:
+def body_limit(settings: Settings, method: str, path: str, content_type: str) -> tuple[int, str]:
     """(bytes, what sets it) for a request."""
     if method == "POST" and path.rstrip("/") == "/v1/corpora":
+        if content_type.split(";")[0].strip().lower() == "application/json":
+            return (JSON_ESCAPES * settings.max_corpus_bytes + CORPUS_ENVELOPE_BYTES,
+                    "three times PEER_MAX_CORPUS_BYTES plus 64 KiB for a JSON body")
         return settings.max_corpus_bytes + CORPUS_ENVELOPE_BYTES, "PEER_MAX_CORPUS_BYTES plus 64 KiB of envelope"
     return settings.max_request_bytes, "PEER_MAX_REQUEST_BYTES"
 
@@ -48,8 +54,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit, setting = body_limit(self.settings, scope["method"], scope["path"])
-        declared = Headers(scope=scope).get("content-length", "")
+        headers = Headers(scope=scope)
+        limit, setting = body_limit(self.settings, scope["method"], scope["path"], headers.get("content-type", ""))
+        declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await too_large_response(BodyTooLarge(limit, setting))(scope, receive, send)
             return

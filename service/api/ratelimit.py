@@ -1,9 +1,9 @@
 """Rate limits: token buckets per caller (an API key's name, else the client's address).
 
 Four budgets, each a setting per minute (0: off): generation requests (generate scope), mutating
-requests (train and admin scopes), generated tokens, and failed key checks per client address (a caller
-that spent it gets 429 on every route needing a key, before its key is compared: guessing keys is as slow
-as the budget, whatever the guesses).
+requests (train and admin scopes), generated tokens, and failed key checks per client address and token
+bucket (service/api/security.py: a spent bucket's tokens are not compared, so guessing keys is as slow as the
+budget, whatever the guesses).
 
 The buckets live in Redis when there is one (PEER_RATE_LIMIT_REDIS_URL, by default the broker when it is
 Redis): every API replica then charges the same buckets, and a restart keeps them. Without Redis (the

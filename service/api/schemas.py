@@ -7,13 +7,17 @@ from typing import Annotated, Any, Literal
 from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .text import Name, Reason, Text, valid_unicode
+from .text import Name, Reason, StoredText, Text, valid_unicode
 
 
-DB_INT_MAX = 2**63 - 1  # ids, offsets: beyond a signed 64-bit integer the database cannot even compare them
-Id = Annotated[int, Field(ge=0, le=DB_INT_MAX)]
-IdPath = Annotated[int, Path(ge=0, le=DB_INT_MAX)]
-IdQuery = Annotated[int | None, Query(ge=0, le=DB_INT_MAX)]
+# ids are 32-bit integer columns on PostgreSQL (2^31 and more: "integer out of range", a 500) and start at 1 (0 is
+# no id: a base_version_id of 0 passed as "unset" to validation and was stored, a foreign-key error);
+# offsets: beyond a signed 64-bit integer the database cannot even compare them
+DB_ID_MAX = 2**31 - 1
+DB_INT_MAX = 2**63 - 1
+Id = Annotated[int, Field(ge=1, le=DB_ID_MAX)]
+IdPath = Annotated[int, Path(ge=1, le=DB_ID_MAX)]
+IdQuery = Annotated[int | None, Query(ge=1, le=DB_ID_MAX)]
 Offset = Annotated[int, Query(ge=0, le=DB_INT_MAX)]
 
 
@@ -155,7 +159,7 @@ class CorpusAccepted(BaseModel):
 
 
 class DocumentsRequest(BaseModel):
-    documents: list[Text] = Field(..., min_length=1)
+    documents: list[StoredText] = Field(..., min_length=1)
 
 
 class JobRequest(BaseModel):

@@ -204,3 +204,19 @@ class ExpertUsageBucket(Base):
     tokens: Mapped[int] = mapped_column(BigInteger)
     windows: Mapped[int] = mapped_column(Integer)
     counts: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ConsoleSession(Base):
+    """A console sign-in (service/api/sessions.py): the browser holds a signed random id in a cookie, the row
+    holds its hash, the key it acts as (by name, and a fingerprint of the secret it was opened with: a key
+    removed from PEER_API_KEYS or given another secret signs its sessions out) and when it ends."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the cookie's id, never the id
+    key_name: Mapped[str] = mapped_column(String(64))
+    key_fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()  # signed out, or revoked by `peer-service sessions`

@@ -9,6 +9,7 @@ from peer_model.corpora import CorpusUnavailable, load_corpus
 
 from ..context import ServiceContext
 from ..db.session import transaction
+from ..store.lock import store_write
 from ..store.versions import ensure_initial_version
 from .ingest import parse_upload
 from .lease import Dispatch, dispatch_job
@@ -35,7 +36,7 @@ def bootstrap(ctx: ServiceContext, dispatch: Dispatch) -> int | None:
         log.warning("bootstrap corpus %r unavailable, version 1 stays untrained: %s", name, exc)
         return None
     data = text.encode("utf-8")
-    with transaction(ctx.sessions) as session:
+    with store_write(ctx), transaction(ctx.sessions) as session:  # the text's write to its row (store/lock.py)
         _, job = accept_corpus(ctx, session, name, parse_upload(data, "text", len(data)), text, "text", True,
                                {"steps": settings.bootstrap_steps}, source="builtin")
     dispatch_job(ctx.sessions, dispatch, job)

@@ -21,10 +21,10 @@ from ..context import ServiceContext
 from ..db.models import Job, PoolVersion
 from ..errors import Conflict
 from ..store.versions import get_version
-from .lease import Dispatch, JobCancelled, heartbeat
+from .lease import Dispatch, JobCancelled
 from .options import job_train_config, parse_forget_options
-from .progress import JobProgress
-from .publish import forget_gate, publish_version
+from .progress import Attempt, JobProgress
+from .publish import check_evaluations, forget_gate, publish_version
 from .runner import claim_base, corpus_available, evaluate_child_and_parent, run_owned_job, token_data
 
 
@@ -54,9 +54,9 @@ def run_forget_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch | None =
     run_owned_job(ctx, job_id, _forget_and_publish, dispatch)
 
 
-def _forget_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
+def _forget_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> None:
     settings = ctx.settings
-    base_id, follows_active = claim_base(ctx, job_id, lease, "forgotten from")
+    base_id, follows_active = claim_base(ctx, job_id, attempt.lease, "forgotten from")
     with ctx.sessions() as session:
         job = session.get(Job, job_id)
         options = parse_forget_options(dict(job.options), settings.max_train_steps)
@@ -72,20 +72,22 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         repair_steps = 0  # nothing left to repair towards
     parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
     cfg = job_train_config(settings, max(1, repair_steps), options.seed)
-    progress = JobProgress(ctx, job_id, lease, max(1, repair_steps), {"strategy": "forget", "masked_segments": plan,
-                                                                      "base_follows_active": follows_active})
-    heartbeat(ctx.sessions, job_id, lease, metrics=progress.metrics())
+    progress = JobProgress(attempt, max(1, repair_steps), {"strategy": "forget", "masked_segments": plan,
+                                                           "base_follows_active": follows_active})
+    attempt.beat(metrics=progress.metrics())
     remaining_train = [token_data(ctx, [c], "train", parent.tokenizer) for c in repair_on] if repair_steps else []
     child, repair = forget_segments(parent, plan, remaining_train, repair_steps, cfg, settings.distill_weight,
                                     should_stop=progress.should_stop)
     if repair is not None and repair.stopped_early and progress.cancelled:
         raise JobCancelled()
+    attempt.stop_if_cancelled()  # a cancel after the repair's last look: nothing is evaluated or published
 
     val_sets = {c: token_data(ctx, [c], "val", parent.tokenizer) for c in [*remaining, corpus_id]
                 if corpus_available(ctx, c, "val")}
     child_bpb, parent_bpb = evaluate_child_and_parent(ctx, child, parent, val_sets, cfg.seq_len, progress)
+    check_evaluations(child_bpb, parent_bpb)
     gate = forget_gate(child_bpb, parent_bpb, remaining, corpus_id, settings.activation_tolerance)
-    publish_version(ctx, job_id, lease, base_id, child, parent_segments, [], remaining, "forget",
+    publish_version(ctx, job_id, attempt.lease, base_id, child, parent_segments, [], remaining, "forget",
                     {c: child_bpb[c] for c in remaining if c in child_bpb}, gate, options.activate, {
                         "strategy": "forget", "forgotten_corpus_id": corpus_id, "masked_segments": plan,
                         "repair_steps": repair.steps_done if repair is not None else 0,

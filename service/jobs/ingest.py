@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import unicodedata
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from peer_model.corpora import split_train_val
@@ -22,7 +23,8 @@ from ..context import ServiceContext
 from ..db.models import Corpus, Job, utcnow
 from ..db.session import transaction
 from ..errors import InvalidInput, PayloadTooLarge
-from .lease import Dispatch, LeaseLost, claim_job, create_job, dispatch_job, owned_job
+from .lease import Dispatch, JobCancelled, LeaseLost, claim_job, create_job, dispatch_job, owned_job
+from .progress import Attempt
 from .runner import finish_quietly
 
 log = logging.getLogger(__name__)
@@ -33,9 +35,11 @@ _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n+")
 
 @dataclass(frozen=True)
 class Upload:
-    """A validated upload: its documents and the checksum of the raw bytes."""
+    """A validated upload: how many documents it holds, its size and the checksum of its raw bytes. The
+    documents themselves are read again at ingestion (:func:`upload_documents`): an upload is validated one
+    document at a time, never held as a list (a list of millions of tiny documents is many times its text)."""
 
-    documents: list[str]
+    documents: int
     raw_bytes: int
     sha256: str
 
@@ -54,35 +58,61 @@ def check_size(size: int, limit: int, what: str = "corpus") -> None:
         raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {limit} bytes (setting PEER_MAX_CORPUS_BYTES)")
 
 
-def parse_upload(data: bytes, fmt: str, max_bytes: int) -> Upload:
-    """``fmt``: "text" (one document; paragraphs are de-duplicated at ingestion) or "jsonl" (one JSON
-    object per line with a string field ``text``)."""
+def check_documents(count: int, limit: int | None) -> None:
+    if limit is not None and count > limit:
+        raise InvalidInput(f"the corpus holds more than {limit} documents (PEER_MAX_CORPUS_DOCUMENTS): join short "
+                           f"ones, or split the corpus")
+
+
+def parse_upload(data: bytes, fmt: str, max_bytes: int, max_documents: int | None = None) -> Upload:
+    """Validate an upload: ``fmt`` "text" (one document; paragraphs are de-duplicated at ingestion) or "jsonl"
+    (one JSON object per line with a string field ``text``); at most ``max_bytes`` and ``max_documents``."""
     check_size(len(data), max_bytes)
-    text = decode_utf8(data)
+    count, blank = 0, True
+    for document in upload_documents(decode_utf8(data), fmt):
+        count += 1
+        check_documents(count, max_documents)
+        blank = blank and not document.strip()
+    if blank:
+        raise InvalidInput("corpus is empty (no non-whitespace text)")
+    return Upload(count, len(data), hashlib.sha256(data).hexdigest())
+
+
+def upload_documents(text: str, fmt: str) -> Iterator[str]:
+    """The documents of an upload's text, one at a time (InvalidInput for a malformed one)."""
     if fmt == "text":
-        documents = [text]
+        yield text
     elif fmt == "jsonl":
-        documents = _jsonl_documents(text)
+        yield from _jsonl_documents(text)
     else:
         raise InvalidInput(f"format must be 'text' or 'jsonl', got {fmt!r}")
-    if not any(doc.strip() for doc in documents):
-        raise InvalidInput("corpus is empty (no non-whitespace text)")
-    return Upload(documents, len(data), hashlib.sha256(data).hexdigest())
 
 
-def _jsonl_documents(text: str) -> list[str]:
-    documents = []
-    for number, line in enumerate(text.splitlines(), start=1):
+def _lines(text: str) -> Iterator[str]:
+    """``text``'s lines, ending at "\\n" only: str.splitlines also splits at U+2028, U+2029, U+0085 (and \\v, \\f,
+    \\x1c-\\x1e), which JSON strings may hold raw (JSONL is written with ensure_ascii=False), so a document holding
+    one was "not JSON". One line at a time: no list of every line."""
+    start = 0
+    while start <= len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        start = end + 1
+
+
+def _jsonl_documents(text: str) -> Iterator[str]:
+    for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"JSONL line {number} is not JSON: {exc.msg}") from None
+        except ValueError as exc:  # JSONDecodeError, and an integer of more than 4,300 digits
+            raise InvalidInput(f"JSONL line {number} is not JSON: {getattr(exc, 'msg', exc)}") from None
+        except RecursionError:
+            raise InvalidInput(f"JSONL line {number} is not JSON: nested too deeply") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise InvalidInput(f'JSONL line {number} must be an object with a string field "text"')
-        documents.append(record["text"])
-    return documents
+        yield record["text"]
 
 
 def normalise(text: str) -> str:
@@ -98,7 +128,7 @@ class Ingested:
     duplicates_removed: int
 
 
-def ingest_documents(documents: list[str], val_fraction: float, seed: int = 0) -> Ingested:
+def ingest_documents(documents: Iterable[str], val_fraction: float, seed: int = 0) -> Ingested:
     """Normalise, de-duplicate (documents, and paragraphs within plain text) and split."""
     seen: set[str] = set()
     kept: list[str] = []
@@ -131,29 +161,35 @@ def run_ingest_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch) -> None
         return
     follow_up: Job | None = None
     try:
-        with ctx.sessions() as session:
-            job = session.get(Job, job_id)
-            corpus_id, train_after = job.corpus_ids[0], bool(job.options.get("train", False))
-            train_options = dict(job.options.get("train_options", {}))
-            fmt = job.options.get("format", "text")
-        raw = ctx.store.read_corpus_bytes(corpus_id, "raw")
-        upload = parse_upload(raw, fmt, max(settings.max_corpus_bytes, len(raw)))
-        result = ingest_documents(upload.documents, settings.val_fraction)
-        ctx.store.write_corpus(corpus_id, "train", result.train)
-        ctx.store.write_corpus(corpus_id, "val", result.val)
+        with Attempt(ctx, job_id, lease):  # heartbeats while a large corpus is parsed and written
+            with ctx.sessions() as session:
+                job = session.get(Job, job_id)
+                corpus_id, train_after = job.corpus_ids[0], bool(job.options.get("train", False))
+                train_options = dict(job.options.get("train_options", {}))
+                fmt = job.options.get("format", "text")
+                raw = ctx.store.read_corpus_bytes(corpus_id, "raw")
+            upload = parse_upload(raw, fmt, max(settings.max_corpus_bytes, len(raw)))  # accepted: counted, not limited
+            result = ingest_documents(upload_documents(decode_utf8(raw), fmt), settings.val_fraction)
+            ctx.store.write_corpus(corpus_id, "train", result.train)
+            ctx.store.write_corpus(corpus_id, "val", result.val)
         with transaction(ctx.sessions) as session:
             job = owned_job(session, job_id, lease)
+            if job.cancel_requested:  # cancelled while it ran: no corpus becomes ready, no training follows
+                raise JobCancelled()
             corpus = session.get(Corpus, corpus_id)
             corpus.state, corpus.ingested_at = "ready", utcnow()
             corpus.duplicates_removed = result.duplicates_removed
             corpus.train_bytes, corpus.val_bytes = len(result.train.encode()), len(result.val.encode())
             job.state, job.progress, job.finished_at, job.lease = "succeeded", 1.0, utcnow(), None
-            job.metrics = {"documents": len(upload.documents), "paragraphs": result.paragraphs,
+            job.metrics = {"documents": upload.documents, "paragraphs": result.paragraphs,
                            "duplicates_removed": result.duplicates_removed}
             if train_after:
                 follow_up = create_job(session, "train", [corpus_id], train_options)
                 job.next_job_id = follow_up.id
     except LeaseLost:
+        return
+    except JobCancelled:
+        finish_quietly(ctx, job_id, lease, "cancelled")  # the corpus fails with it (lease.close_job)
         return
     except InvalidInput as exc:
         _fail_ingest(ctx, job_id, lease, exc.message)

@@ -20,23 +20,24 @@ from ..errors import Conflict, InvalidInput
 from ..store.retention import retain_after_publish
 from ..store.versions import active_version_id, live_version
 from .lease import Dispatch, JobCancelled, LeaseLost, claim_job, dispatch_job, finish_job, hand_back_job, owned_job
-from .progress import JobProgress, WorkerStopping
+from .progress import Attempt, JobProgress, WorkerStopping
 
 log = logging.getLogger(__name__)
 
 
-def run_owned_job(ctx: ServiceContext, job_id: int, body: Callable[[ServiceContext, int, str], None],
+def run_owned_job(ctx: ServiceContext, job_id: int, body: Callable[[ServiceContext, int, Attempt], None],
                   dispatch: Dispatch | None = None) -> None:
-    """Claim the job and run ``body(ctx, job_id, lease)``; its end (cancelled, failed with the reason)
-    is recorded on the job unless the lease was lost to another attempt. Interrupted by the worker's
-    shutdown (``ctx.stopping``), the job is handed back and sent again through ``dispatch`` (without one,
-    the watchdog sends it)."""
+    """Claim the job and run ``body(ctx, job_id, attempt)``, heartbeating all along (:class:`Attempt`); its end
+    (cancelled, failed with the reason) is recorded on the job unless the lease was lost to another attempt.
+    Interrupted by the worker's shutdown (``ctx.stopping``), the job is handed back and sent again through
+    ``dispatch`` (without one, the watchdog sends it)."""
     settings = ctx.settings
     lease = claim_job(ctx.sessions, job_id, settings.job_max_attempts, settings.job_stale_seconds)
     if lease is None:
         return
     try:
-        body(ctx, job_id, lease)
+        with Attempt(ctx, job_id, lease) as attempt:
+            body(ctx, job_id, attempt)
     except LeaseLost:
         log.warning("job %s: lost its lease; another attempt owns it", job_id)
     except JobCancelled:

@@ -17,7 +17,15 @@ process through a private work directory:
 
 Every process polls the stop file's verdict together (process 0 reads it and sends it to the rest), so they
 stop at the same step; process 0 also stops when the job's process is gone (killed), so no stage outlives
-its job. A process that fails fails the job, with its output; the others are stopped.
+its job. A process that fails fails the job, with its output; the others are stopped. A stop has a deadline
+(PEER_TRAIN_STOP_GRACE_SECONDS): a process that does not reach its next step by then (stuck in a collective
+with one that hangs) is killed with the rest, instead of holding the job "cancelling" for the collective
+timeout. Processes already started when a later one cannot be are killed at once.
+
+The job's process holds a lock on ``owner.lock`` in the work directory for as long as the stage runs, so a
+directory whose lock is free belongs to a process that is gone (a worker killed with SIGKILL, OOM): it holds the
+parent's checkpoint and the corpora's tokens (the text of corpora deleted since, too), and
+:func:`sweep_work_directories` removes it, at each stage's start and at the worker's.
 
 The child is put back together in the job's process for evaluation and publishing: the API serves the whole
 pool from one process (PEER_MAX_POOL_EXPERTS), so what sharding buys here is training memory (optimizer
@@ -25,6 +33,7 @@ state, activations and gradients spread over the processes) and throughput, not 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -33,6 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -49,7 +60,6 @@ from peer_model.train import TokenData, TrainResult
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # the job's process reads progress and checks the job this often
-STOP_GRACE_SECONDS = 60.0  # after a stop request, how long the processes get to stop before they are killed
 LOG_TAIL_CHARS = 4000
 
 
@@ -65,35 +75,78 @@ class ShardedStageResult:
 
 def run_sharded_stage(parent: PEERTransformer, new_train: TokenData, old_train: list[TokenData],
                       options: ContinualOptions, tag: str, processes: int, threads: int, device: str,
-                      on_log, should_stop, timeout_s: float = 1800.0) -> ShardedStageResult:
+                      on_log, should_stop, timeout_s: float = 1800.0,
+                      stop_grace_s: float = 60.0) -> ShardedStageResult:
     """The stage on ``processes`` processes of this machine (``threads`` torch threads each; ``device``: the
     service's, "auto" giving every process a GPU of its own when there are as many). ``on_log(record)`` and
     ``should_stop()`` run here, in the job's process; ``should_stop`` may raise (the worker is shutting down):
-    the processes are stopped and the exception goes on. ``timeout_s``: the process group's collective timeout."""
+    the processes are stopped and the exception goes on. ``timeout_s``: the process group's collective timeout;
+    ``stop_grace_s``: how long the processes get to stop once asked, before they are killed."""
     if options.train.batch_size % processes:
         raise ValueError(f"the batch size {options.train.batch_size} must be a multiple of the {processes} "
                          "training processes (PEER_TRAIN_BATCH_SIZE, PEER_TRAIN_NPROC)")
-    work = Path(tempfile.mkdtemp(prefix="peer-stage-"))
-    try:
+    sweep_work_directories()
+    with work_directory() as work:
         save_checkpoint(parent, work / "parent")
         torch.save({"new": new_train, "old": old_train, "options": options, "tag": tag, "device": device,
                     "threads": threads, "timeout_s": timeout_s, "job_pid": os.getpid()}, work / "stage.pt")
-        children = [_start(work, rank, processes) for rank in range(processes)]
+        children: list[subprocess.Popen] = []
         try:
-            _follow(work, children, on_log, should_stop)
+            for rank in range(processes):
+                children.append(_start(work, rank, processes))
+        except BaseException:
+            _kill_all(children)  # waiting for the rest of their group: they would never reach a step to stop at
+            raise
+        try:
+            stopped = _follow(work, children, on_log, should_stop, stop_grace_s)
         except StageFailed:
             _kill_all(children)  # the others wait for the failed one in a collective: they cannot stop in step
             raise
         finally:
-            _stop_all(work, children)
+            _stop_all(work, children, stop_grace_s)
+        if stopped or not (work / "result.json").exists():  # asked to stop: none or some of them finished a step
+            return ShardedStageResult(None, TrainResult(steps_done=0, tokens_seen=0, final_val_bpb=None, history=[],
+                                                        elapsed_s=0.0, stopped_early=True))
         result = json.loads((work / "result.json").read_text())
         train_result = TrainResult(steps_done=result["steps_done"], tokens_seen=result["tokens_seen"],
                                    final_val_bpb=None, history=result["history"], elapsed_s=result["elapsed_s"],
                                    stopped_early=result["stopped_early"])
         child = None if train_result.stopped_early else load_checkpoint(work / "child", _job_device(parent))
         return ShardedStageResult(child, train_result)
+
+
+WORK_PREFIX = "peer-stage-"
+OWNER_LOCK = "owner.lock"
+
+
+@contextmanager
+def work_directory() -> Iterator[Path]:
+    """A private work directory under the system's temporary folder, locked by this process (its lock file is
+    put in place already locked, so a sweep never sees it unlocked while we live), removed at the end."""
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
+    lock = open(work / f".{OWNER_LOCK}", "wb")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.replace(work / f".{OWNER_LOCK}", work / OWNER_LOCK)
+        yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        lock.close()
+
+
+def sweep_work_directories() -> list[str]:
+    """Remove the work directories whose owner is gone (their lock is free); returns their names."""
+    swept = []
+    for work in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
+        try:
+            with open(work / OWNER_LOCK, "rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live owner: BlockingIOError
+                shutil.rmtree(work, ignore_errors=True)
+        except OSError:  # no lock file (not one of ours, or being set up), or a live owner's
+            continue
+        swept.append(work.name)
+        log.warning("removed the work directory %s of a training stage whose process is gone", work)
+    return swept
 
 
 def _job_device(model: PEERTransformer) -> torch.device:
@@ -110,13 +163,25 @@ def _start(work: Path, rank: int, size: int) -> subprocess.Popen:
         output.close()
 
 
-def _follow(work: Path, children: list[subprocess.Popen], on_log, should_stop) -> None:
+def _follow(work: Path, children: list[subprocess.Popen], on_log, should_stop, stop_grace_s: float) -> bool:
     """Until every process has exited: hand their log records to ``on_log``, poll ``should_stop`` and pass a
-    stop on; raise :class:`StageFailed` when one fails."""
+    stop on; raise :class:`StageFailed` when one fails. Returns whether a stop was asked for: then the
+    processes get ``stop_grace_s`` to end (how is no failure: one may abort as the group comes apart), and are
+    killed after."""
     progress, offset, stop = work / "progress.jsonl", 0, work / "stop"
+    deadline = None  # set by a stop request
     while True:
         offset = _read_progress(progress, offset, on_log)
         codes = [child.poll() for child in children]
+        if deadline is not None:
+            if all(code is not None for code in codes):
+                return True
+            if time.monotonic() > deadline:
+                log.warning("the training stage did not stop within %.0f s: its processes are killed", stop_grace_s)
+                _kill_all(children)
+                return True
+            time.sleep(POLL_SECONDS)
+            continue
         failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
             # a process killed by a signal is the cause; the others then fail on the lost connection to it
@@ -128,10 +193,11 @@ def _follow(work: Path, children: list[subprocess.Popen], on_log, should_stop) -
                               f"process {rank}'s output:\n{tail}")
         if all(code == 0 for code in codes):
             _read_progress(progress, offset, on_log)
-            return
+            return False
         try:
             if should_stop():
                 stop.touch()
+                deadline = time.monotonic() + stop_grace_s
         except BaseException:
             stop.touch()
             raise
@@ -151,13 +217,13 @@ def _read_progress(path: Path, offset: int, on_log) -> int:
     return offset + len(complete)
 
 
-def _stop_all(work: Path, children: list[subprocess.Popen]) -> None:
+def _stop_all(work: Path, children: list[subprocess.Popen], stop_grace_s: float) -> None:
     """Processes still running (the job was stopped, or its process failed): asked to stop at their next
-    step, killed after STOP_GRACE_SECONDS."""
+    step, killed after ``stop_grace_s``."""
     if all(child.poll() is not None for child in children):
         return
     (work / "stop").touch()
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    deadline = time.monotonic() + stop_grace_s
     for child in children:
         try:
             child.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -23,10 +23,10 @@ from ..context import ServiceContext
 from ..db.models import Corpus, Job
 from ..errors import InvalidInput
 from ..store.versions import get_version, is_pretrained
-from .lease import Dispatch, JobCancelled, heartbeat
+from .lease import Dispatch, JobCancelled
 from .options import check_pool_size, continual_options, parse_job_options
-from .progress import JobProgress
-from .publish import activation_gate, publish_version
+from .progress import Attempt, JobProgress
+from .publish import activation_gate, check_evaluations, publish_version
 from .runner import claim_base, corpus_available, evaluate_child_and_parent, run_owned_job, token_data
 from .sharded_stage import run_sharded_stage
 
@@ -35,13 +35,13 @@ def run_train_job(ctx: ServiceContext, job_id: int, dispatch: Dispatch | None = 
     run_owned_job(ctx, job_id, _train_and_publish, dispatch)
 
 
-def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
+def _train_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> None:
     settings = ctx.settings
-    base_id, follows_active = claim_base(ctx, job_id, lease, "trained from")
+    base_id, follows_active = claim_base(ctx, job_id, attempt.lease, "trained from")
     with ctx.sessions() as session:
         job = session.get(Job, job_id)
         base = get_version(session, base_id)
-        new_ids = list(job.corpus_ids)
+        new_ids = list(dict.fromkeys(job.corpus_ids))  # each corpus once (a job queued before ids were checked)
         corpora = {c.id: c for c in session.scalars(select(Corpus).where(Corpus.id.in_(new_ids)))}
         not_ready = [c for c in new_ids if c not in corpora or corpora[c].state != "ready"]
         if not_ready:
@@ -63,27 +63,32 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, lease: str) -> None:
         raise InvalidInput(f"the new corpora hold {len(new_train)} tokens of training text; "
                            f"at least {stage_options.train.seq_len} (PEER_TRAIN_SEQ_LEN) are needed")
     gone = [c for c in old_ids if not corpus_available(ctx, c, "train")]
-    needs_old = stage_options.replay_fraction > 0 or stage_options.review_steps > 0
-    if (gone and stage_options.replay_fraction > 0) or (needs_old and not old_ids):
+    available = [c for c in old_ids if c not in gone]
+    # what the stage reads earlier text for: replay, distillation on it, the routing review (continual_stage)
+    needs_old = (stage_options.replay_fraction > 0 or stage_options.review_steps > 0
+                 or (stage_options.distill_weight > 0 and stage_options.distill_on == "old"))
+    if needs_old and ((gone and stage_options.replay_fraction > 0) or not available):
         # earlier text is not in the store (a corpus deleted since, or the pretrained base's own corpus):
         # replay the parent's own samples instead
         stage_options = replace(stage_options, replay_source="parent")
-    old_train = [token_data(ctx, [c], "train", tokenizer) for c in old_ids if c not in gone]
-    progress = JobProgress(ctx, job_id, lease, stage_options.train.steps,
+    old_train = [token_data(ctx, [c], "train", tokenizer) for c in available]
+    progress = JobProgress(attempt, stage_options.train.steps,
                            {"strategy": stage_options.strategy, "base_follows_active": follows_active})
-    heartbeat(ctx.sessions, job_id, lease, metrics=progress.metrics())
+    attempt.beat(metrics=progress.metrics())
 
     child, train_result, processes = train_stage(ctx, parent, new_train, old_train, stage_options, f"job:{job_id}",
                                                  progress)
+    attempt.stop_if_cancelled()  # a cancel after the loop's last look: nothing is evaluated or published
     all_ids = old_ids + new_ids
     val_sets = {c: token_data(ctx, [c], "val", tokenizer) for c in all_ids
                 if corpus_available(ctx, c, "val")}
     old_ids_evaluated = [c for c in old_ids if c in val_sets]
     child_bpb, parent_bpb = evaluate_child_and_parent(ctx, child, parent, val_sets, stage_options.train.seq_len,
                                                       progress)
+    check_evaluations(child_bpb, parent_bpb)
     gate = activation_gate(child_bpb, parent_bpb, old_ids_evaluated, new_ids, settings.activation_tolerance)
-    publish_version(ctx, job_id, lease, base_id, child, parent_segments, new_ids, all_ids, stage_options.strategy,
-                    child_bpb, gate, job_options.activate, {
+    publish_version(ctx, job_id, attempt.lease, base_id, child, parent_segments, new_ids, all_ids,
+                    stage_options.strategy, child_bpb, gate, job_options.activate, {
                         "strategy": stage_options.strategy, "steps": train_result.steps_done,
                         "tokens": train_result.tokens_seen, "processes": processes,
                         "train_seconds": round(train_result.elapsed_s, 2),
@@ -103,7 +108,8 @@ def train_stage(ctx: ServiceContext, parent: PEERTransformer, new_train: TokenDa
     if processes > 1:
         threads = max(1, torch.get_num_threads() // processes)
         outcome = run_sharded_stage(parent, new_train, old_train, options, tag, processes, threads, ctx.settings.device,
-                                    progress.on_log, progress.should_stop)
+                                    progress.on_log, progress.should_stop,
+                                    stop_grace_s=ctx.settings.train_stop_grace_seconds)
         child, result = outcome.child, outcome.train_result
     else:
         stage = continual_stage(parent, new_train, old_train, options, tag=tag, on_log=progress.on_log,

@@ -5,29 +5,30 @@ transaction that records it commits, and the ingest job is dispatched only after
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ..context import ServiceContext
 from ..db.models import Corpus, Job, Stream, StreamDocument
 from ..errors import InvalidInput, NotFound, PayloadTooLarge, StorageUnavailable
-from .ingest import Upload, check_size, parse_upload
+from .ingest import Upload, check_size
 from .lease import create_job
 
 
-def accept_corpus(ctx: ServiceContext, session: Session, name: str, upload: Upload, raw_text: str, fmt: str,
-                  train: bool, train_options: dict, source: str = "upload",
+def accept_corpus(ctx: ServiceContext, session: Session, name: str, upload: Upload, raw: str | bytes | bytearray,
+                  fmt: str, train: bool, train_options: dict, source: str = "upload",
                   stream_id: int | None = None) -> tuple[Corpus, Job]:
-    """Record a validated upload: corpus row (pending), raw file, ingest job. The caller commits and
-    then dispatches the job."""
+    """Record a validated upload (``raw``: its text or UTF-8 bytes): corpus row (pending), raw file, ingest job.
+    The caller commits and then dispatches the job."""
     corpus = Corpus(name=name, source=source, stream_id=stream_id, state="pending", sha256=upload.sha256,
-                    raw_bytes=upload.raw_bytes, documents=len(upload.documents))
+                    raw_bytes=upload.raw_bytes, documents=upload.documents)
     session.add(corpus)
     session.flush()
     try:
-        ctx.store.write_corpus(corpus.id, "raw", raw_text)
+        ctx.store.write_corpus(corpus.id, "raw", raw)
     except OSError as exc:  # the caller's transaction rolls back: no corpus row without its text
         raise StorageUnavailable(f"the store cannot take the corpus now ({exc.strerror or exc}); "
                                  f"nothing was stored, retry later") from None
@@ -67,11 +68,16 @@ def append_documents(ctx: ServiceContext, session: Session, name: str, documents
         check_size(size, settings.max_document_bytes, f"document {index}")
         sizes.append(size)
     stream = stream_by_name(session, name, create=True)
-    pending = pending_bytes(session, stream.id)[1]
-    if pending + sum(sizes) > settings.max_corpus_bytes:  # the flush would refuse it: the stream would be stuck
+    count, pending = pending_bytes(session, stream.id)
+    # past either limit the flush would refuse the stream's text as one corpus: the stream would be stuck
+    if pending + sum(sizes) > settings.max_corpus_bytes:
         raise PayloadTooLarge(f"stream {name!r} holds {pending} bytes of untrained text; {sum(sizes)} more would "
                               f"pass PEER_MAX_CORPUS_BYTES ({settings.max_corpus_bytes}), the most one corpus takes: "
                               f"flush the stream first (POST /v1/streams/{name}/flush)")
+    if count + len(documents) > settings.max_corpus_documents:
+        raise InvalidInput(f"stream {name!r} holds {count} untrained documents; {len(documents)} more would pass "
+                           f"PEER_MAX_CORPUS_DOCUMENTS ({settings.max_corpus_documents}), the most one corpus takes: "
+                           f"flush the stream first (POST /v1/streams/{name}/flush)")
     session.add_all(StreamDocument(stream_id=stream.id, text=d, bytes=s) for d, s in zip(documents, sizes))
     session.flush()
     return stream
@@ -79,18 +85,27 @@ def append_documents(ctx: ServiceContext, session: Session, name: str, documents
 
 def flush_stream(ctx: ServiceContext, session: Session, stream: Stream, train_options: dict | None = None
                  ) -> tuple[Corpus, Job] | None:
-    """Turn the stream's pending documents into a corpus with an ingest-then-train job; None if none."""
-    documents = session.scalars(select(StreamDocument).where(
-        StreamDocument.stream_id == stream.id, StreamDocument.corpus_id.is_(None)).order_by(StreamDocument.id)).all()
-    if not documents:
+    """Turn the stream's pending documents into a corpus with an ingest-then-train job; None if none. The
+    documents were validated and bounded (bytes and count) by :func:`append_documents`: they are written as JSONL
+    as they are read, never held as rows, and counted as the user's text, not their JSONL envelope."""
+    pending = (select(StreamDocument.id, StreamDocument.text)
+               .where(StreamDocument.stream_id == stream.id, StreamDocument.corpus_id.is_(None))
+               .order_by(StreamDocument.id))
+    raw, count, first, last = bytearray(), 0, None, None
+    for document_id, text in session.execute(pending.execution_options(yield_per=1000)):
+        raw += jsonl_line(text)
+        count, first, last = count + 1, first or document_id, document_id
+    if not count:
         return None
-    raw = "".join(json.dumps({"text": d.text}, ensure_ascii=False) + "\n" for d in documents)
-    data = raw.encode("utf-8")
-    # the documents' own bytes are bounded by append_documents; their JSONL envelope may add to them
-    upload = parse_upload(data, "jsonl", max(ctx.settings.max_corpus_bytes, len(data)))
-    name = f"{stream.name} #{documents[0].id}-{documents[-1].id}"
-    corpus, job = accept_corpus(ctx, session, name, upload, raw, "jsonl", True, train_options or {},
-                                source="stream", stream_id=stream.id)
-    for document in documents:
-        document.corpus_id = corpus.id
+    upload = Upload(count, len(raw), hashlib.sha256(raw).hexdigest())
+    corpus, job = accept_corpus(ctx, session, f"{stream.name} #{first}-{last}", upload, raw, "jsonl", True,
+                                train_options or {}, source="stream", stream_id=stream.id)
+    session.execute(update(StreamDocument).where(StreamDocument.stream_id == stream.id,
+                                                 StreamDocument.corpus_id.is_(None), StreamDocument.id <= last)
+                    .values(corpus_id=corpus.id))
     return corpus, job
+
+
+def jsonl_line(text: str) -> bytes:
+    """One document as a line of JSONL (the stored form of a stream's or a JSON upload's documents)."""
+    return b'{"text": ' + json.dumps(text, ensure_ascii=False).encode("utf-8") + b"}\n"

@@ -175,21 +175,24 @@ class ModelHost:
 
     def sync_active(self) -> int | None:
         """Load the database's active version if it is not the one served; returns the served id. A version
-        that failed to load is tried again only after SWAP_RETRY_SECONDS."""
-        with self.ctx.sessions() as session:
-            wanted = active_version_id(session)
-        failed_at = self._unloadable.get(wanted)
-        if failed_at is not None and time.monotonic() - failed_at < self.SWAP_RETRY_SECONDS:
+        that failed to load is tried again only after SWAP_RETRY_SECONDS. The active version is read under the
+        swap lock, which an activation holds from loading to serving: read before it and swapped after it, an
+        older answer would have put the previous version back until the next notification or poll."""
+        with self._swap_lock:
+            with self.ctx.sessions() as session:
+                wanted = active_version_id(session)
+            failed_at = self._unloadable.get(wanted)
+            if failed_at is not None and time.monotonic() - failed_at < self.SWAP_RETRY_SECONDS:
+                return self.version_id
+            if wanted is not None and wanted != self.version_id:
+                try:
+                    self.install(self.load(wanted))
+                except NotReady:
+                    self._unloadable[wanted] = time.monotonic()
+                    raise
+                self._unloadable.pop(wanted, None)
+                self.fallback = None
             return self.version_id
-        if wanted is not None and wanted != self.version_id:
-            try:
-                self.swap_to(wanted)
-            except NotReady:
-                self._unloadable[wanted] = time.monotonic()
-                raise
-            self._unloadable.pop(wanted, None)
-            self.fallback = None
-        return self.version_id
 
     def start_serving(self) -> int:
         """At start: serve the active version, or, when it cannot be loaded, the newest previously active

@@ -95,7 +95,7 @@ class ChunkStore:
         key = self.key(digest)
         if self.files.renew(key):  # in use again: young for the garbage collector's grace period
             return digest, False
-        self.files.write(key, data)  # new, or just collected: written (again)
+        self.files.write(key, data, sync_directory=False)  # new, or just collected; its folder: sync_parents
         written.add(key)
         return digest, True
 

@@ -5,9 +5,12 @@ this interface; keys are ``/``-separated paths relative to the root (``chunks/ab
 
 How each keeps a reader (or a crash) from seeing half of anything:
 
-- Local: a file is written to a temporary name, fsynced and renamed into place; a checkpoint directory is
-  installed by peer_model's atomic swap; garbage collection moves a chunk aside before deleting it, so a
-  writer that reuses it meanwhile either renews it first (it is put back) or writes it again.
+- Local: a file is written to a temporary name, fsynced and renamed into place, and its directory is fsynced
+  after the rename (else a power loss can lose the rename: a committed corpus or version row would name a missing
+  file, and garbage collection would take the orphaned temporary one); a checkpoint directory is installed by
+  peer_model's atomic swap, and the directory it lands in fsynced after; garbage collection moves a chunk aside
+  before deleting it, so a writer that reuses it meanwhile either renews it first (it is put back) or writes it
+  again.
 - Object store: there is no rename, but one PUT is atomic per object. Every object is written once, whole
   (chunks under their hash, corpus parts, a checkpoint's files under a key unique to its attempt), and a
   checkpoint's ``manifest.json`` goes last: a checkpoint without one is incomplete, and is not there for
@@ -67,7 +70,9 @@ class LocalFiles:
 
     # ---- objects -------------------------------------------------------------------------------
 
-    def write(self, key: str, data: bytes) -> None:
+    def write(self, key: str, data: bytes, sync_directory: bool = True) -> None:
+        """``data`` under ``key``, durable once this returns; ``sync_directory`` False leaves the directory's fsync
+        to the caller (:meth:`sync_parents`, once for many files: a checkpoint's chunks)."""
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -80,6 +85,8 @@ class LocalFiles:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        if sync_directory:
+            _sync_directory(path.parent)
 
     def read(self, key: str) -> bytearray:
         with open(self.path(key), "rb") as f:
@@ -101,11 +108,7 @@ class LocalFiles:
     def sync_parents(self, keys: Iterable[str]) -> None:
         """The directory entries of new files reach the disk (before a manifest that names them does)."""
         for folder in {self.path(key).parent for key in keys}:
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _sync_directory(folder)
 
     # ---- walking (garbage collection) ------------------------------------------------------------
 
@@ -164,9 +167,18 @@ class LocalFiles:
     def save_checkpoint(self, key: str, model: PEERTransformer, extra: dict | None,
                         write_weights: Callable) -> None:
         save_checkpoint(model, self.path(key), extra, write_weights=write_weights)
+        _sync_directory(self.path(key).parent)  # the rename into place is durable before a row names it
 
     def load_checkpoint(self, key: str, device: str, read_weights: Callable) -> PEERTransformer:
         return load_checkpoint(self.path(key), device, read_weights=read_weights)
+
+
+def _sync_directory(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Reported:
@@ -243,7 +255,8 @@ class ObjectFiles:
 
     # ---- objects -------------------------------------------------------------------------------
 
-    def write(self, key: str, data: bytes) -> None:
+    def write(self, key: str, data: bytes, sync_directory: bool = True) -> None:
+        """One PUT: durable once it returns (``sync_directory`` means nothing to an object store)."""
         self.fs.pipe_file(self._path(key), bytes(data))
 
     def read(self, key: str) -> bytearray:

@@ -9,6 +9,11 @@ is gone. So writers hold this lock shared from their first chunk to their manife
 it exclusively from reading the manifests to its last deletion: every manifest it reads is whole, and no
 chunk is reused while it deletes.
 
+Writers hold it on to the commit of the rows that name what they wrote (:func:`store_write`: a version's
+checkpoint, a corpus' text): the collector reads which checkpoints and corpora are live under the lock, so it
+never takes files between their write and their row's commit. The grace period used to be all that covered
+that moment, and PEER_GC_GRACE_SECONDS may be 0.
+
 PostgreSQL: a session-level advisory lock on a connection of its own, so it holds across hosts (a lost
 connection releases it). SQLite, one host by nature: ``flock`` on ``<PEER_HOME>/store.lock``.
 """
@@ -22,10 +27,6 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
-
-from peer_model.model import PEERTransformer
-
-from .chunks import WriteStats
 
 if TYPE_CHECKING:  # the context holds the store: store/ names it in annotations only
     from ..context import ServiceContext
@@ -72,7 +73,9 @@ def _file_lock(ctx: ServiceContext, exclusive: bool) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def save_model_locked(ctx: ServiceContext, key: str, model: PEERTransformer, extra: dict | None = None) -> WriteStats:
-    """``ctx.store.save_model`` under the lock, shared: how the service writes every checkpoint."""
+@contextmanager
+def store_write(ctx: ServiceContext) -> Iterator[None]:
+    """Held (shared) by whatever writes store files, from its first write to the commit of the rows that name
+    them: how the service writes every checkpoint and corpus."""
     with store_lock(ctx, exclusive=False):
-        return ctx.store.save_model(key, model, extra)
+        yield

@@ -27,9 +27,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
-from ..db.models import Corpus, Job, PoolVersion, StreamDocument, utcnow
+from ..db.models import Activation, Corpus, Job, PoolVersion, StreamDocument, utcnow
 from ..db.session import transaction
 from ..errors import Conflict, NotFound
 from .lock import store_lock
@@ -132,10 +132,14 @@ def delete_corpus(ctx: ServiceContext, corpus_id: int) -> Corpus:
 
 def retention_candidates(session, keep_versions: int) -> list[int]:
     """Live versions the policy would delete: all but the active one, the pinned ones, the newest
-    ``keep_versions`` and those queued or running jobs need; oldest first."""
+    ``keep_versions``, the ``keep_versions`` most recently active ones (the rollback targets: versions nobody
+    activated, e.g. a train key's jobs that did not pass their gate, cannot push them out) and those queued
+    or running jobs need; oldest first."""
     versions = session.scalars(select(PoolVersion).where(PoolVersion.deleted_at.is_(None))
                                .order_by(PoolVersion.id.desc())).all()
     keep = {v.id for v in versions[:keep_versions]} | {v.id for v in versions if v.pinned}
+    keep |= set(session.scalars(select(Activation.version_id).group_by(Activation.version_id)
+                                .order_by(func.max(Activation.id).desc()).limit(keep_versions)))
     keep |= {active_version_id(session)} | set(versions_jobs_need(session))
     return sorted(v.id for v in versions if v.id not in keep)
 

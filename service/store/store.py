@@ -49,9 +49,10 @@ class Store:
             raise TypeError(f"{self.root} is an object store: corpus parts have no local path")
         return self.files.path(self.corpus_key(corpus_id, part))
 
-    def write_corpus(self, corpus_id: int, part: str, text: str) -> str:
+    def write_corpus(self, corpus_id: int, part: str, text: str | bytes | bytearray) -> str:
+        """Write the part (text, or its UTF-8 bytes as they are: no second copy of a large upload)."""
         key = self.corpus_key(corpus_id, part)
-        self.files.write(key, text.encode("utf-8"))
+        self.files.write(key, text.encode("utf-8") if isinstance(text, str) else text)
         return key
 
     def read_corpus_bytes(self, corpus_id: int, part: str) -> bytes:

@@ -17,7 +17,7 @@ from ..db.models import Activation, PoolVersion
 from ..db.session import transaction
 from ..errors import Conflict, NotFound
 from ..settings import InvalidSetting, Settings
-from .lock import save_model_locked
+from .lock import store_write
 from .store import Store
 
 if TYPE_CHECKING:  # the context holds the store: store/ names it in annotations only
@@ -132,17 +132,18 @@ def ensure_initial_version(ctx: ServiceContext) -> int | None:
             torch.manual_seed(0)
             model = PEERTransformer(settings.fresh_model_config())
         gate_reason, reason = "fresh model", "first start: fresh model of the configured shape"
-    if not ctx.store.has(INITIAL_CHECKPOINT):
-        save_model_locked(ctx, INITIAL_CHECKPOINT, model, extra={"version": "initial"})
     experts, segments = describe_pools(model, None, [])
-    try:
-        with transaction(ctx.sessions) as session:
-            version = PoolVersion(checkpoint=INITIAL_CHECKPOINT, model_config_json=model.config.to_dict(),
-                                  experts=experts, segments=segments, corpus_ids=[], strategy=None,
-                                  gate_passed=None, gate_reason=gate_reason)
-            session.add(version)
-            session.flush()
-            activate(session, version.id, reason, "bootstrap")
-            return version.id
-    except IntegrityError:
-        return None
+    with store_write(ctx):  # from the checkpoint to its row (store/lock.py)
+        if not ctx.store.has(INITIAL_CHECKPOINT):
+            ctx.store.save_model(INITIAL_CHECKPOINT, model, extra={"version": "initial"})
+        try:
+            with transaction(ctx.sessions) as session:
+                version = PoolVersion(checkpoint=INITIAL_CHECKPOINT, model_config_json=model.config.to_dict(),
+                                      experts=experts, segments=segments, corpus_ids=[], strategy=None,
+                                      gate_passed=None, gate_reason=gate_reason)
+                session.add(version)
+                session.flush()
+                activate(session, version.id, reason, "bootstrap")
+                return version.id
+        except IntegrityError:
+            return None

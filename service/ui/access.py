@@ -1,25 +1,27 @@
-"""Who may see the console's pages: with PEER_REQUIRE_KEY_FOR=all, the holder of a key with the ``read`` scope.
+"""Signing in to the console, and who may see its pages.
 
-The pages are rendered on the server from the database, so they show what GET /v1/... shows; where reading
-needs a key, so do they. A browser cannot send a bearer header when it follows a link, so the console signs
-in once: /ui/login takes the key and keeps it in a cookie that scripts cannot read (HttpOnly), that no other
-site's request carries (SameSite=Strict) and that only /ui is sent (Path); every page checks it, as a bearer
-header would be (a proxy or curl may send ``Authorization: Bearer`` instead). The console's own script sends
-the key typed in the page header to the JSON API, as before (the login page puts it there too).
+The console's pages are rendered on the server and its script calls the JSON API from the same origin. A
+browser following a link cannot send a bearer header, so the console signs in once: /ui/login takes an API
+key and opens a session (service/api/sessions.py: an expiring, revocable server-side session whose signed,
+opaque id is the cookie; the key never goes back to the browser); the pages and the script's API calls then act
+with that key's scopes. A proxy or curl may send ``Authorization: Bearer`` instead.
 
-With PEER_REQUIRE_KEY_FOR=write (the default) reading is open and so are the pages.
+With PEER_REQUIRE_KEY_FOR=all the pages show what the ``read`` scope shows, so they need a session (or a bearer
+key) with it; with PEER_REQUIRE_KEY_FOR=write (the default) reading is open and so are the pages, and signing in
+is what the actions (activate, cancel, upload) need.
 """
 from __future__ import annotations
 
 from urllib.parse import parse_qs, quote
 
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
 
-from ..api.security import checked_key, key_required
+from ..api.security import checked_key, key_required, request_key
+from ..api.sessions import COOKIE, open_session, revoke_session
 from .rendering import templates
 
-COOKIE = "peer_console_key"
 LOGIN = "/ui/login"
 MAX_FORM_BYTES = 4096
 
@@ -31,9 +33,7 @@ def console_reader(request: Request) -> None:
     settings = request.app.state.ctx.settings
     if not key_required(settings, "read"):
         return
-    scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
-    token = bearer if scheme.lower() == "bearer" else request.cookies.get(COOKIE, "")
-    key = checked_key(request, settings, token) if token else None  # a wrong key is a guess: charged
+    key = request_key(request, settings, required=True)  # a wrong key or a forged cookie is a guess: charged
     if key is None or "read" not in key.scopes:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise HTTPException(303, "sign in with an API key that has the 'read' scope",
@@ -47,28 +47,46 @@ def safe_next(target: str | None) -> str:
     return "/ui/versions"
 
 
+def login_form(request: Request, target: str, error: str | None = None, status_code: int = 200):
+    settings = request.app.state.ctx.settings
+    return templates.TemplateResponse(request, "login.html", {
+        "next": target, "error": error, "keys": bool(settings.api_keys),
+        "read_required": key_required(settings, "read"),
+        "session_hours": round(settings.console_session_seconds / 3600, 1)}, status_code=status_code)
+
+
 @router.get("/login")
 def login_page(request: Request, next: str | None = None):
-    return templates.TemplateResponse(request, "login.html", {"next": safe_next(next), "error": None})
+    return login_form(request, safe_next(next))
 
 
 @router.post("/login")
 async def login(request: Request):
+    """Open a session for the key typed in the form; 401 with the reason for an unknown key or, where reading
+    needs a key, one without the ``read`` scope."""
+    settings = request.app.state.ctx.settings
     body = await request.body()
     form = parse_qs(body[:MAX_FORM_BYTES].decode("utf-8", errors="replace"))
     token, target = form.get("key", [""])[0].strip(), safe_next(form.get("next", [None])[0])
-    key = checked_key(request, request.app.state.ctx.settings, token)
-    if key is None or "read" not in key.scopes:
+    key = checked_key(request, settings, token)
+    if key is None or (key_required(settings, "read") and "read" not in key.scopes):
         error = "unknown API key" if key is None else f"API key {key.name!r} lacks the 'read' scope"
-        return templates.TemplateResponse(request, "login.html", {"next": target, "error": error}, status_code=401)
+        return login_form(request, target, error, status_code=401)
+    cookie = await run_in_threadpool(open_session, settings, request.app.state.ctx.sessions, key)
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/ui",
-                        secure=request.url.scheme == "https")
+    response.set_cookie(COOKIE, cookie, max_age=int(settings.console_session_seconds), httponly=True,
+                        samesite="strict", path="/",
+                        secure=settings.public_scheme == "https" or request.url.scheme == "https")
     return response
 
 
 @router.post("/logout")
-def logout():
+def logout(request: Request):
+    """End the session (on the server: the cookie is worth nothing from now on, wherever a copy of it is)."""
+    ctx = request.app.state.ctx
+    cookie = request.cookies.get(COOKIE)
+    if cookie:
+        revoke_session(ctx.settings, ctx.sessions, cookie)
     response = RedirectResponse(LOGIN, status_code=303)
-    response.delete_cookie(COOKIE, path="/ui")
+    response.delete_cookie(COOKIE, path="/")
     return response

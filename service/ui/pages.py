@@ -13,14 +13,15 @@
 Pages are rendered here from the same functions as the JSON routes, so they show their data without
 JavaScript; ``static/console.js`` adds what changes while one looks (jobs, uploads, streamed text, the
 untrained-model banner from GET /v1/status) and the actions (activate, cancel, upload), which go to the
-JSON API with the key from the page header (``Authorization: Bearer``) and show the API's message on
-failure. Viewing is open like the API's GET endpoints.
+JSON API as the signed-in session (access.py) and show the API's message on failure. Viewing is open like
+the API's GET endpoints.
 """
 from __future__ import annotations
 
 import json
 import math
 from collections import defaultdict
+from urllib.parse import quote
 
 import torch
 from fastapi import APIRouter, Depends, Request
@@ -30,9 +31,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..api.deps import get_session
+from ..api.security import request_key
 from ..api.routes.experts import _grid, _layers, _version, layer_utilization, utilization_history
 from ..api.routes.streams import stream_view
 from ..api.routes.versions import version_view
+from ..api.schemas import IdQuery
 from ..db.models import Corpus, Job, PoolVersion, Stream
 from ..serving.status import service_status
 from ..store.versions import active_version_id, get_version
@@ -53,10 +56,12 @@ def mount(app) -> None:
 
 def render(request: Request, session: Session, name: str, title: str, **context):
     state = request.app.state
-    status = service_status(session, state.host.version_id, bool(state.ctx.settings.api_keys))
-    return templates.TemplateResponse(request, f"{name}.html", {"page": name, "title": title, "status": status,
-                                                                 "signed_in": access.COOKIE in request.cookies,
-                                                                 **context})
+    settings = state.ctx.settings
+    status = service_status(session, state.host.version_id, bool(settings.api_keys))
+    return templates.TemplateResponse(request, f"{name}.html", {
+        "page": name, "title": title, "status": status, "acting_as": request_key(request, settings, required=False),
+        "next": quote(request.url.path + (f"?{request.url.query}" if request.url.query else ""), safe=""),
+        **context})
 
 
 def script_json(value) -> str:
@@ -122,9 +127,9 @@ def change_colour(change: float | None) -> str:
 
 
 @router.get("/evaluation")
-def evaluation_page(request: Request, version: int | None = None, session: Session = Depends(get_session)):
+def evaluation_page(request: Request, version: IdQuery = None, session: Session = Depends(get_session)):
     active_id = active_version_id(session)
-    leaf_id = version or active_id
+    leaf_id = active_id if version is None else version
     all_versions = session.scalars(select(PoolVersion).order_by(PoolVersion.id.desc()).limit(500)).all()
     context = {"leaf_id": leaf_id, "active_id": active_id, "versions": all_versions, "names": corpus_names(session),
                "tolerance": request.app.state.ctx.settings.activation_tolerance, "rows": [], "columns": []}
@@ -177,7 +182,7 @@ def sparkline(values: list[float | None], width: int = 240, height: int = 48) ->
 
 
 @router.get("/experts")
-def experts_page(request: Request, version: int | None = None, layer: int | None = None,
+def experts_page(request: Request, version: IdQuery = None, layer: int | None = None,
                  session: Session = Depends(get_session)):
     pool_version = _version(session, version)
     names = corpus_names(session)

@@ -29,6 +29,7 @@ from ..db.models import Job
 from ..jobs.forget import run_forget_job
 from ..jobs.ingest import run_ingest_job
 from ..jobs.lease import QUEUES, Dispatch, recover_stale_jobs
+from ..jobs.sharded_stage import sweep_work_directories
 from ..jobs.train import run_train_job
 from ..logs import job_context
 from ..metrics import WorkerMetrics
@@ -105,6 +106,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     def start_watchdog(sender=None, **_):
         if getattr(sender, "app", None) is not app:
             return
+        sweep_work_directories()  # what a sharded stage of a killed worker left in the temporary folder
         if settings.worker_metrics_port:  # the solo pool (the default) runs the tasks in this very process
             try:
                 start_http_server(settings.worker_metrics_port, registry=metrics.registry)

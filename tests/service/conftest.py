@@ -89,12 +89,11 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
 class ServerThread:
     """uvicorn serving an app on a free loopback port in a background thread (real HTTP, real sockets)."""
 
-    def __init__(self, app, **options):
+    def __init__(self, app, host: str = "127.0.0.1", **options):
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    **options))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning", **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -88,3 +88,31 @@ def test_a_plain_checkpoint_from_before_chunking_still_loads(tmp_path, model):
     save_checkpoint(model, tmp_path / "versions/initial")
     store = Store(tmp_path, CHUNK_BYTES)
     assert same_weights(model, store.load_model("versions/initial"))
+
+
+def test_what_the_store_writes_is_durable_with_its_directory_entry(tmp_path, model, monkeypatch):
+    """A file renamed into place is on disk only once its directory is fsynced after the rename: after a power
+    loss a committed corpus or version row could name a missing file (and garbage collection then took the
+    orphaned temporary one). Every rename of a corpus part or a checkpoint is followed by its directory's fsync."""
+    from pathlib import Path
+
+    store, events = Store(tmp_path / "store", CHUNK_BYTES), []
+    replace, fsync = os.replace, os.fsync
+
+    def recorded_replace(source, target, *args, **kwargs):
+        replace(source, target, *args, **kwargs)
+        events.append(("replace", Path(target)))
+
+    def recorded_fsync(fd):
+        fsync(fd)
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    store.write_corpus(7, "raw", "some text")
+    path = store.corpus_path(7, "raw")
+    assert ("fsync", path.parent) in events[events.index(("replace", path)):]
+    events.clear()
+    store.save_model("versions/v", model)
+    installed = max(i for i, event in enumerate(events) if event == ("replace", store.root / "versions" / "v"))
+    assert ("fsync", store.root / "versions") in events[installed:]

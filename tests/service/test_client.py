@@ -306,3 +306,15 @@ def test_peer_service_client_subcommand_takes_the_options_before_or_after_the_co
     assert json.loads(capsys.readouterr().out) == from_before == ok(http.get("/v1/versions"))
     assert cli.main(["client", "--url", url, "activate", "2", "--key", KEY, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["active"] is True
+
+
+def test_upload_reads_jsonl_lines_at_newlines_only():
+    """A JSONL document holding U+2028 (JSON may carry it raw) was cut in two by str.splitlines: "not JSON"."""
+    data = (json.dumps({"text": "before\u2028after\x85end"}, ensure_ascii=False) + "\n\n").encode()
+    assert client._documents(data, "notes.jsonl") == ["before\u2028after\x85end"]
+
+
+def test_upload_refuses_jsonl_python_cannot_parse_with_a_message(tmp_path):
+    for line in ('{"text": "a", "n": ' + "9" * 5000 + "}", '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"):
+        with pytest.raises(client.ClientError, match="notes.jsonl:1: not JSON"):
+            client._documents(line.encode(), "notes.jsonl")

@@ -107,6 +107,17 @@ def served_version(http) -> int:
     return ok(http.post("/v1/generate", json={"prompt": "a", "max_tokens": 1}))["version"]
 
 
+def sign_in(page, next_page: str) -> None:
+    """The console's sign-in form: the key goes to the server once; the browser keeps only a session cookie."""
+    page.goto(f"/ui/login?next=/ui/{next_page}")
+    page.fill("#login-key", KEY)
+    page.click("#login button[type=submit]")
+    page.wait_for_url(f"**/ui/{next_page}")
+    assert "signed in as" in page.inner_text("#signed-in")
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: no script reads the session
+    assert page.evaluate("sessionStorage.length + localStorage.length") == 0
+
+
 def test_every_page_loads_without_errors_and_shows_the_untrained_banner(console):
     page = console.page
     page.goto("/ui")
@@ -125,8 +136,7 @@ def test_every_page_loads_without_errors_and_shows_the_untrained_banner(console)
 
 def test_an_upload_from_the_page_trains_a_version_whose_progress_bar_reaches_100(console, service):
     page, (_, http) = console.page, service
-    page.goto("/ui/corpora")
-    page.fill("#api-key", KEY)
+    sign_in(page, "corpora")
     page.set_input_files("#upload-file", files=[{"name": "english.txt", "mimeType": "text/plain",
                                                  "buffer": (domain_text("english") * 2).encode()}])
     page.click("#upload-button")
@@ -165,12 +175,12 @@ def test_activation_from_the_page_switches_the_served_version(console, service):
     assert served_version(http) == 2
     page.goto("/ui/versions")
     assert page.locator("#version-2").get_attribute("data-active") == "true"
-    page.click("#version-1 button.activate")  # no key yet: the API's 401 message is shown
+    page.click("#version-1 button.activate")  # not signed in yet: the API's 401 message is shown
     page.wait_for_selector("#flash.error")
     assert "401" in page.inner_text("#flash") and "API key" in page.inner_text("#flash")
     assert served_version(http) == 2
 
-    page.fill("#api-key", KEY)
+    sign_in(page, "versions")
     page.click("#version-1 button.activate")
     page.wait_for_selector("#flash.ok")
     assert served_version(http) == 1 and next(v for v in ok(http.get("/v1/versions")) if v["active"])["id"] == 1

@@ -21,8 +21,8 @@ from service.api.app import create_app
 from service.context import ServiceContext
 from service.db.models import Corpus, ExpertUsage, Job, PoolVersion
 from service.db.session import make_engine, transaction
-from service.jobs.lease import claim_job, create_job
-from service.jobs.progress import JobProgress
+from service.jobs.lease import JobCancelled, claim_job, create_job, request_cancel
+from service.jobs.progress import Attempt, JobProgress
 from service.jobs.publish import publish_version
 from service.store.store import Store
 from service.store.versions import activate, active_version_id, describe_pools, ensure_initial_version
@@ -94,10 +94,46 @@ def test_at_start_an_unloadable_active_version_falls_back_to_the_newest_earlier_
         assert (status["active_version"], status["served_version"]) == (broken, earlier)
         assert f"active version {broken} cannot be loaded" in status["fallback"]
         ready = client.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["fallback"] == status["fallback"]
+        assert ready.status_code == 200 and ready.json()["fallback"].startswith(f"version {earlier} serves in place")
+        assert "cannot be loaded:" not in ready.json()["fallback"]  # the cause (paths, errors) is /v1/status's
         assert client.post("/v1/generate", json={"prompt": "a", "max_tokens": 2}).json()["version"] == earlier
         assert client.post(f"/v1/versions/{earlier}/activate").status_code == 200  # the operator resolves it
         assert client.get("/v1/status").json()["fallback"] is None
+
+
+def test_a_poll_that_read_the_database_before_an_activation_does_not_swap_back(settings, ctx, monkeypatch):
+    """The watcher read the active version outside the swap lock: a poll that read it just before an activation
+    committed, and compared it with the served version just after the activation swapped, put the previous version
+    back until the next notification or poll. The poll here is held between its read and what follows until the
+    activation is served (a scheduler can do that to any thread)."""
+    from service.serving import engine
+
+    newer = add_version(ctx, seed=1)
+    served, read = threading.Event(), engine.active_version_id
+
+    def held_read(session):
+        version = read(session)
+        if threading.current_thread().name == "poll":
+            served.wait(timeout=5)
+        return version
+
+    monkeypatch.setattr(engine, "active_version_id", held_read)
+    with TestClient(create_app(settings, dispatch=lambda job: None)) as client:
+        host, polls = client.app.state.host, []
+
+        def commit() -> None:  # the activation's transaction, the watcher's poll reading just before it
+            poll = threading.Thread(target=host.sync_active, name="poll")
+            poll.start()
+            time.sleep(0.3)
+            with transaction(ctx.sessions) as session:
+                activate(session, newer, "test", "test")
+            polls.append(poll)
+
+        host.activate(newer, commit)
+        served.set()
+        polls[0].join(timeout=30)
+        assert host.version_id == newer == active(ctx)
+        assert client.post("/v1/generate", json={"prompt": "a", "max_tokens": 1}).json()["version"] == newer
 
 
 def test_an_attempt_that_lost_its_lease_never_overwrites_the_published_version(ctx):
@@ -121,6 +157,23 @@ def test_an_attempt_that_lost_its_lease_never_overwrites_the_published_version(c
         checkpoint = session.get(PoolVersion, version_id).checkpoint
     served = ctx.store.load_model(checkpoint)
     assert torch.equal(served.embed.weight, models[0].embed.weight)
+
+
+def test_publishing_refuses_a_job_whose_cancellation_was_requested(ctx):
+    """A cancel during evaluation or the checkpoint write answered "cancelling" and the version went live anyway."""
+    with transaction(ctx.sessions) as session:
+        job_id = create_job(session, "train", []).id
+    lease = claim_job(ctx.sessions, job_id, 3, 60)
+    with transaction(ctx.sessions) as session:
+        assert request_cancel(session, job_id).state == "cancelling"
+    torch.manual_seed(4)
+    child = PEERTransformer(ctx.settings.fresh_model_config())
+    segments = {str(i): [] for i in child.peer_layers()}
+    with pytest.raises(JobCancelled):
+        publish_version(ctx, job_id, lease, 1, child, segments, [], [], "naive", {}, (True, "ok"), "always", {})
+    with ctx.sessions() as session:
+        assert session.scalar(select(PoolVersion).where(PoolVersion.job_id == job_id)) is None
+    assert active(ctx) == 1 and not ctx.store.has(ctx.store.version_key(f"job-{job_id}-{lease[:12]}"))
 
 
 def test_an_automatic_activation_needs_its_base_to_be_still_active(ctx):
@@ -170,13 +223,14 @@ def test_a_heartbeat_rides_out_a_database_outage_up_to_its_patience(ctx):
     outage = dataclasses.replace(ctx, sessions=dead_sessions(),
                                  settings=ctx.settings.model_copy(update={"job_heartbeat_seconds": 0.0,
                                                                           "job_db_outage_seconds": 1.0}))
-    progress = JobProgress(outage, job_id, lease, steps=10)
+    attempt = Attempt(outage, job_id, lease)
+    progress = JobProgress(attempt, steps=10)
     progress.on_log({"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0, "eta_s": 1.0})
     assert progress.should_stop() is False  # the database is gone: training goes on
     time.sleep(1.2)
     with pytest.raises(Exception, match="connect"):
         progress.should_stop()  # longer than PEER_JOB_DB_OUTAGE_SECONDS: the error comes through
-    progress.ctx = ctx
+    attempt.ctx = ctx
     assert progress.should_stop() is False  # and with the database back, the job heartbeats again
 
 

@@ -6,14 +6,18 @@ import json
 import pytest
 
 from service.errors import InvalidInput, PayloadTooLarge
-from service.jobs.ingest import ingest_documents, normalise, parse_upload
+from service.jobs.ingest import ingest_documents, normalise, parse_upload, upload_documents
 
 
 def test_valid_text_and_jsonl_uploads_keep_their_documents():
     text = parse_upload("Première ligne.\n".encode(), "text", 100)
-    assert text.documents == ["Première ligne.\n"] and text.raw_bytes == 17 and len(text.sha256) == 64
+    assert text.documents == 1 and text.raw_bytes == 17 and len(text.sha256) == 64
+    assert list(upload_documents("Première ligne.\n", "text")) == ["Première ligne.\n"]
     lines = "\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(["one", "two"])).encode()
-    assert parse_upload(lines, "jsonl", 1000).documents == ["one", "two"]
+    assert parse_upload(lines, "jsonl", 1000).documents == 2
+    assert list(upload_documents(lines.decode(), "jsonl")) == ["one", "two"]
+    with pytest.raises(InvalidInput, match="PEER_MAX_CORPUS_DOCUMENTS"):
+        parse_upload(lines, "jsonl", 1000, max_documents=1)
 
 
 @pytest.mark.parametrize("data, fmt, error, words", [

@@ -13,7 +13,7 @@ from service.jobs.progress import JobProgress
 
 
 def test_the_loss_history_covers_the_whole_run_in_at_most_200_points_ending_at_the_latest_record():
-    progress = JobProgress(ctx=None, job_id=1, lease="lease", steps=50_000, base_metrics={"strategy": "replay"})
+    progress = JobProgress(attempt=None, steps=50_000, base_metrics={"strategy": "replay"})
     assert progress.metrics() == {"strategy": "replay"} and progress.loss_history == []
     for step in range(10, 50_001, 10):  # a record every log_every = 10 steps
         progress.on_log({"step": step, "loss": 10_000 / step, "lr": 1e-3})

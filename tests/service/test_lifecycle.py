@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from peer_model.model import PEERTransformer
 from service.cli import main
@@ -23,7 +23,7 @@ from service.jobs.lease import create_job, request_cancel
 from service.jobs.uploads import accept_corpus
 from service.serving.usage import usage_total
 from service.store.chunks import manifest_chunks
-from service.store.lock import save_model_locked
+from service.store.lock import store_write
 from service.store.retention import apply_retention, collect_garbage, delete_corpus, delete_version, set_pinned
 from service.store.versions import activate, describe_pools, ensure_initial_version, live_version
 from service.worker.housekeeping import Housekeeping
@@ -124,6 +124,89 @@ def test_retention_keeps_the_active_the_pinned_the_newest_and_what_jobs_need(ctx
     assert not ctx.store.has(kept[v5].checkpoint)
     assert all(ctx.store.has(kept[v].checkpoint) for v in (v1, v2, v3, v4, v6, v7))
     assert apply_retention(ctx) == []
+
+
+def test_retention_keeps_the_most_recently_active_versions(ctx):
+    """Rollback targets stay: versions nobody activated (a train key's jobs that failed their gate) cannot push
+    the versions that were served out of the retention window."""
+    v1, v2, v3, v4, v5, v6, v7 = [publish(ctx, grow=16 * g) for g in range(7)]  # keep_versions = 2
+    for version_id in (v2, v3):
+        with transaction(ctx.sessions) as session:
+            activate(session, version_id, "test", "test")
+    assert apply_retention(ctx) == [v1, v4, v5]
+    assert row(ctx, PoolVersion, v2).deleted_at is None
+
+
+def test_a_collection_between_a_checkpoint_and_its_version_row_takes_nothing(ctx):
+    """With PEER_GC_GRACE_SECONDS 0 (allowed), a collection between the end of a checkpoint's write (the store lock
+    released) and the commit of its version row took the just-published checkpoint. The publisher now holds the lock
+    to the commit. The commit is held here by the activation lock, which the test takes first (PostgreSQL)."""
+    if ctx.engine.dialect.name != "postgresql":
+        pytest.skip("the commit is held by an advisory lock: PostgreSQL")
+    from service.jobs.lease import claim_job
+    from service.jobs.publish import publish_version
+    from service.store.versions import ACTIVATION_LOCK
+
+    ctx.settings = ctx.settings.model_copy(update={"gc_grace_seconds": 0.0})
+    ensure_initial_version(ctx)
+    with transaction(ctx.sessions) as session:
+        job_id = create_job(session, "train", [], {}).id
+    lease = claim_job(ctx.sessions, job_id, 3, 60)
+    key = ctx.store.version_key(f"job-{job_id}-{lease[:12]}")
+    torch.manual_seed(5)
+    child = PEERTransformer(ctx.settings.fresh_model_config())
+    published, collected = [], []
+    with ctx.engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ACTIVATION_LOCK})
+        publisher = threading.Thread(target=lambda: published.append(publish_version(
+            ctx, job_id, lease, 1, child, {"1": []}, [], [], "naive", {}, (True, "ok"), "always", {})))
+        publisher.start()
+        deadline = time.monotonic() + 30
+        while not ctx.store.has(key) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the checkpoint is whole; the publisher waits for the activation lock in its commit
+        collector = threading.Thread(target=lambda: collected.append(collect_garbage(ctx)))
+        collector.start()
+        collector.join(1.0)
+        assert ctx.store.has(key), "the collection took the checkpoint its version row is about to name"
+        holder.rollback()
+    publisher.join(30)
+    collector.join(30)
+    assert published and key not in collected[0].paths
+    ctx.store.load_model(row(ctx, PoolVersion, published[0]).checkpoint)
+
+
+def test_a_collection_between_a_corpus_text_and_its_row_takes_nothing(ctx):
+    """The same for an upload: its text is written, then its row committed (PostgreSQL: the jobs table is held,
+    so the upload waits between its text and its ingest job's row)."""
+    if ctx.engine.dialect.name != "postgresql":
+        pytest.skip("the commit is held by a table lock: PostgreSQL")
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    settings = ctx.settings.model_copy(update={"gc_grace_seconds": 0.0})
+    ctx.settings = settings
+    answers, collected = [], []
+    with TestClient(create_app(settings, dispatch=lambda job: None)) as client, ctx.engine.connect() as holder:
+        holder.execute(text("LOCK TABLE jobs IN EXCLUSIVE MODE"))
+        uploader = threading.Thread(target=lambda: answers.append(client.post(
+            "/v1/corpora", json={"name": "just written", "text": "text to keep", "train": False})))
+        uploader.start()
+        corpora = ctx.store.root / "corpora"
+        deadline = time.monotonic() + 30
+        while not any(corpora.glob("*/raw.txt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        collector = threading.Thread(target=lambda: collected.append(collect_garbage(ctx)))
+        collector.start()
+        collector.join(1.0)
+        assert any(corpora.glob("*/raw.txt")), "the collection took the text its corpus row is about to name"
+        holder.rollback()
+        uploader.join(30)
+        collector.join(30)
+    corpus_id = answers[0].json()["corpus"]["id"]
+    assert ctx.store.read_corpus(corpus_id, "raw") == "text to keep"
 
 
 def test_garbage_collection_takes_what_nothing_refers_to_once_past_the_grace_period(ctx):
@@ -274,7 +357,11 @@ def test_a_chunk_reused_while_garbage_is_collected_is_kept(ctx, monkeypatch):
         return found
 
     monkeypatch.setattr(ctx.store.files, "renew", paused_renew)
-    writer = threading.Thread(target=save_model_locked, args=(ctx, "versions/reused", model))
+    def write() -> None:
+        with store_write(ctx):
+            ctx.store.save_model("versions/reused", model)
+
+    writer = threading.Thread(target=write)
     writer.start()
     assert renewed.wait(30)
     collected = []

@@ -146,6 +146,18 @@ def test_metrics_reads_the_oldest_queued_job_and_answers_with_the_database_down(
         assert metric(down.text, "peer_http_requests_total", method="GET", route="/metrics", status="200") >= 1
 
 
+def test_readyz_tells_no_database_error_text_to_the_caller(doomed_database, tmp_path, caplog):
+    """/readyz needs no key: the driver's message (host, user, database names) goes to the log, not the answer."""
+    name, url = doomed_database
+    with TestClient(create_app(tiny_settings(tmp_path, url), dispatch=lambda job: None)) as client:
+        drop_pg_database(name)
+        with caplog.at_level("WARNING"):
+            ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("error")
+    assert name not in ready.text and "psycopg" not in ready.text.lower() and "postgres" not in ready.text.lower()
+    assert any(name in record.getMessage() for record in caplog.records if record.name.endswith("health"))
+
+
 def free_port_pair() -> int:
     """A free port whose successor is free too."""
     import socket

@@ -155,3 +155,36 @@ def test_serve_runs_the_whole_loop_on_the_embedded_default(processes, tmp_path):
         train = upload_and_train(client, steps=20)
         served_by(client, train["result_version_id"])
     assert (tmp_path / "home" / "peer.db").exists() and (tmp_path / "home" / "store").is_dir()
+
+
+def peak_rss_mb(pid: int) -> float:
+    return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM")) / 1024
+
+
+def rss_mb(pid: int) -> float:
+    return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")) / 1024
+
+
+def test_json_documents_cost_the_api_memory_in_proportion_to_their_body(processes, tmp_path):
+    """JSON documents were parsed into a list, re-encoded as JSONL, decoded and parsed again: 4.6 MiB of
+    two-character documents raised the API's peak memory by 150 MB (33 times the body). They are now read one at
+    a time, counted and checked as they go (service/api/corpus_body.py)."""
+    import json
+
+    env = service_env(tmp_path / "home", max_corpus_documents=1_000_000)
+    assert subprocess.run([sys.executable, "-m", "service.cli", "migrate"], env=env, capture_output=True).returncode == 0
+    port = free_port()
+    api = start(processes, ["api", "--port", str(port)], env, tmp_path / "api.log")
+    with http(port) as client:
+        wait_ready(client, api)
+        pid = api.popen.pid
+        for documents, status in ((800_000, 202), (1_600_000, 422)):
+            body = json.dumps({"name": "tiny", "documents": ["ab"] * documents, "train": False}).encode()
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak starts again from now
+            before = rss_mb(pid)
+            answer = client.post("/v1/corpora", content=body, headers={"content-type": "application/json"},
+                                 timeout=120)
+            assert answer.status_code == status, answer.text
+            growth, size = peak_rss_mb(pid) - before, len(body) / 2**20
+            assert growth < 8 * size, f"{documents} documents in {size:.1f} MiB raised the peak by {growth:.0f} MB"
+        assert "PEER_MAX_CORPUS_DOCUMENTS" in answer.json()["detail"]

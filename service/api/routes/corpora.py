@@ -1,13 +1,11 @@
 """Corpora: upload (JSON, multipart file, plain text or JSONL body), listing, forgetting on request."""
 from __future__ import annotations
 
-import json
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
@@ -15,16 +13,18 @@ from starlette.datastructures import UploadFile
 from ...db.models import Corpus
 from ...errors import Conflict, InvalidInput, NotFound
 from ...jobs.forget import segments_to_mask
-from ...jobs.ingest import parse_upload
+from ...jobs.ingest import Upload, parse_upload
 from ...jobs.lease import create_job, dispatch_job
 from ...jobs.options import parse_forget_options, validate_job_options
 from ...jobs.uploads import accept_corpus
+from ...store.lock import store_write
 from ...store.retention import delete_corpus
 from ...store.versions import active_version_id, get_version, live_version
+from ..corpus_body import read_corpus_body
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import CorpusAccepted, CorpusOut, ForgetRequest, IdPath, JobOut, Offset, TextCorpusRequest
-from ..security import Caller, require_scope
-from ..text import NAME_MAX
+from ..security import Caller, check_activation_right, require_scope
+from ..text import NAME_MAX, check_storable
 
 router = APIRouter(tags=["corpora"])
 
@@ -51,7 +51,7 @@ def _flag(value: str | bool | None, default: bool) -> bool:
 
 
 @router.post("/v1/corpora", status_code=202, response_model=CorpusAccepted, openapi_extra=UPLOAD_BODY)
-async def upload_corpus(request: Request, name: str | None = Query(None, max_length=200),
+async def upload_corpus(request: Request, name: Annotated[str | None, Query(max_length=NAME_MAX)] = None,
                         train: bool | None = Query(None), ctx=Depends(get_ctx), session: Session = Depends(get_session),
                         dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
     """Accept a corpus; 202 with the corpus (pending) and its ingest job. Once ingested, a training job
@@ -60,21 +60,13 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
     limit = ctx.settings.max_corpus_bytes
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     train_options: dict = {}
+    counted: Upload | None = None  # JSON documents are counted and checked as they are read
     if content_type == "application/json":
-        try:
-            raw = await request.body()  # bounded by api/bodylimit.py, as every body below
-            body = await run_in_threadpool(TextCorpusRequest.model_validate_json, raw)
-        except ValidationError as exc:
-            # the app's handler words it (never echoing the input, which may not even be encodable)
-            raise RequestValidationError(exc.errors(include_url=False)) from None
-        if (body.text is None) == (body.documents is None):
-            raise InvalidInput('give exactly one of "text" and "documents"')
-        if body.text is not None:
-            data, fmt = body.text.encode("utf-8", errors="surrogatepass"), "text"
-        else:
-            data = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in body.documents).encode()
-            fmt = "jsonl"
-        name, train, train_options = body.name, body.train, body.train_options
+        raw = await request.body()  # bounded by api/bodylimit.py, as every body below
+        body = await run_in_threadpool(read_corpus_body, raw, ctx.settings)
+        del raw
+        data, fmt, counted = body.raw, body.fmt, body.upload
+        name, train, train_options = body.request.name, body.request.train, body.request.train_options
     elif content_type == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=10)  # files spool to disk, not to memory
         upload = form.get("file")
@@ -90,19 +82,22 @@ async def upload_corpus(request: Request, name: str | None = Query(None, max_len
     else:
         raise InvalidInput(f"unsupported content type {content_type or 'none'!r}: use application/json, "
                            f"multipart/form-data, text/plain or application/jsonl")
+    check_activation_right(ctx.settings, caller, train_options)
     if not name:
         raise InvalidInput("a corpus needs a name (query parameter ?name=...)")
     if len(name) > NAME_MAX:  # a form field or a file name: the query parameter and JSON are checked by their schema
         raise InvalidInput(f"a corpus name has at most {NAME_MAX} characters; this one has {len(name)}")
+    check_storable(name, "the corpus name")
     train = True if train is None else train
 
     def store() -> dict:  # parsing, fsync and commit of up to PEER_MAX_CORPUS_BYTES: off the event loop
-        parsed = parse_upload(data, fmt, limit)
+        parsed = counted or parse_upload(data, fmt, limit, ctx.settings.max_corpus_documents)
         active_id = active_version_id(session) if train else None
         validate_job_options(ctx.settings, train_options, experts=get_version(session, active_id).experts
                              if active_id else None)
-        corpus, job = accept_corpus(ctx, session, name, parsed, data.decode("utf-8"), fmt, train, train_options)
-        session.commit()
+        with store_write(ctx):  # from the text's write to its row's commit (store/lock.py)
+            corpus, job = accept_corpus(ctx, session, name, parsed, data, fmt, train, train_options)
+            session.commit()
         dispatch_job(ctx.sessions, dispatch, job)
         return CorpusAccepted(corpus=CorpusOut.model_validate(corpus), job=JobOut.model_validate(job)).model_dump(
             mode="json")
@@ -131,9 +126,10 @@ def forget_corpus(corpus_id: IdPath, body: ForgetRequest, ctx=Depends(get_ctx), 
     """Make a new version without this corpus: a forget job masks the experts grown for it (optionally
     repairing on the remaining corpora), evaluates and publishes like a training job. 409
     when the version does not know the corpus or holds it in no segment of its own."""
+    check_activation_right(ctx.settings, caller, body.options)
     if session.get(Corpus, corpus_id) is None:
         raise NotFound(f"corpus {corpus_id} not found")
-    base_id = body.base_version_id or active_version_id(session)
+    base_id = active_version_id(session) if body.base_version_id is None else body.base_version_id
     if base_id is None:
         raise Conflict("no version to forget from")
     segments_to_mask(live_version(session, base_id, "forgotten from"), corpus_id)

@@ -22,7 +22,7 @@ router = APIRouter(tags=["experts"])
 
 
 def _version(session: Session, version_id: int | None) -> PoolVersion:
-    version_id = version_id or active_version_id(session)
+    version_id = active_version_id(session) if version_id is None else version_id
     if version_id is None:
         raise NotFound("no active version")
     return get_version(session, version_id)

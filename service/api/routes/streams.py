@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
+from pydantic import AfterValidator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -11,13 +12,14 @@ from ...db.models import Corpus, Stream, StreamDocument
 from ...errors import Conflict
 from ...jobs.lease import dispatch_job
 from ...jobs.uploads import append_documents, flush_stream, pending_bytes, stream_by_name
+from ...store.lock import store_write
 from ..deps import get_ctx, get_dispatch, get_session
 from ..schemas import CorpusOut, DocumentsRequest, JobOut
 from ..security import Caller, require_scope
-from ..text import STREAM_NAME_MAX
+from ..text import STREAM_NAME_MAX, storable
 
 router = APIRouter(tags=["streams"])
-StreamName = Annotated[str, Path(min_length=1, max_length=STREAM_NAME_MAX)]
+StreamName = Annotated[str, Path(min_length=1, max_length=STREAM_NAME_MAX), AfterValidator(storable)]
 
 
 def stream_view(session: Session, stream: Stream) -> dict:
@@ -44,12 +46,12 @@ def add_documents(name: StreamName, body: DocumentsRequest, ctx=Depends(get_ctx)
     """Append documents (the stream is created on first use). When the stream's untrained text reaches
     PEER_STREAM_TRAIN_THRESHOLD_BYTES, it becomes a corpus and an ingest-then-train job starts."""
     stream = append_documents(ctx, session, name, body.documents)
-    flushed = None
-    if pending_bytes(session, stream.id)[1] >= ctx.settings.stream_train_threshold_bytes:
-        flushed = flush_stream(ctx, session, stream)
-    view = stream_view(session, stream)
-    result = {"stream": view, "flushed": _flushed(flushed)}
-    session.commit()
+    with store_write(ctx):  # a flush writes the corpus' text: held to the commit of its row (store/lock.py)
+        flushed = None
+        if pending_bytes(session, stream.id)[1] >= ctx.settings.stream_train_threshold_bytes:
+            flushed = flush_stream(ctx, session, stream)
+        result = {"stream": stream_view(session, stream), "flushed": _flushed(flushed)}
+        session.commit()
     if flushed:
         dispatch_job(ctx.sessions, dispatch, flushed[1])
     return result
@@ -60,11 +62,12 @@ def flush(name: StreamName, ctx=Depends(get_ctx), session: Session = Depends(get
           dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
     """Start training on the stream's untrained documents now (409 when there are none)."""
     stream = stream_by_name(session, name)
-    flushed = flush_stream(ctx, session, stream)
-    if flushed is None:
-        raise Conflict(f"stream {name!r} has no untrained documents")
-    result = {"stream": stream_view(session, stream), "flushed": _flushed(flushed)}
-    session.commit()
+    with store_write(ctx):  # from the corpus' text to its row's commit (store/lock.py)
+        flushed = flush_stream(ctx, session, stream)
+        if flushed is None:
+            raise Conflict(f"stream {name!r} has no untrained documents")
+        result = {"stream": stream_view(session, stream), "flushed": _flushed(flushed)}
+        session.commit()
     dispatch_job(ctx.sessions, dispatch, flushed[1])
     return result
 

@@ -1,9 +1,8 @@
 // The peer-service console: what changes while an operator looks, and the actions.
-// Everything goes to the service's JSON API; actions send the key typed in the page header
-// (kept in sessionStorage) as "Authorization: Bearer <key>" and show the API's message when refused.
+// Everything goes to the service's JSON API from the same origin, as the signed-in session (its cookie, which
+// this script cannot read: no key is ever kept in the page), and shows the API's message when refused.
 "use strict";
 (() => {
-  const KEY_STORE = "peer-api-key";
   const SEGMENT_COLOURS = ["#e8590c", "#1c7ed6", "#d6336c", "#2b8a3e", "#7048e8", "#0c8599"];
   const ACTIVE_STATES = new Set(["queued", "running", "cancelling"]);
   const $ = (selector, root = document) => root.querySelector(selector);
@@ -13,11 +12,6 @@
 
   // ---- the API ------------------------------------------------------------------------------------
 
-  function authHeaders() {
-    const key = sessionStorage.getItem(KEY_STORE) || "";
-    return key ? {Authorization: `Bearer ${key}`} : {};
-  }
-
   function apiMessage(status, data) {
     const detail = data && typeof data === "object" ? (data.detail ?? data.error?.message) : data;
     const text = typeof detail === "string" ? detail : JSON.stringify(detail ?? "no answer");
@@ -25,7 +19,7 @@
   }
 
   async function api(method, path, body) {
-    const init = {method, headers: {...authHeaders()}};
+    const init = {method, headers: {}};
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -51,11 +45,8 @@
     if (kind !== "error") flash.timer = setTimeout(() => { box.hidden = true; }, 8000);
   }
 
-  // ---- header: key, status, banner -----------------------------------------------------------------
+  // ---- header: status, banner -----------------------------------------------------------------------
 
-  const keyInput = $("#api-key");
-  keyInput.value = sessionStorage.getItem(KEY_STORE) || "";
-  keyInput.addEventListener("input", () => sessionStorage.setItem(KEY_STORE, keyInput.value.trim()));
   $("#flash").addEventListener("click", (event) => { event.currentTarget.hidden = true; });
 
   function applyStatus(status) {
@@ -289,7 +280,6 @@
     $("#upload-result").hidden = true;
     const request = new XMLHttpRequest();
     request.open("POST", "/v1/corpora");
-    for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
     request.upload.addEventListener("progress", (e) => { if (e.lengthComputable) setBar(bar, e.loaded / e.total); });
     request.addEventListener("load", () => {
       button.disabled = false;
@@ -340,7 +330,7 @@
     controller = new AbortController();
     try {
       const response = await fetch("/v1/generate", {method: "POST", signal: controller.signal,
-        headers: {"Content-Type": "application/json", ...authHeaders()}, body: JSON.stringify(body)});
+        headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
       if (!response.ok) {
         const data = await response.json().catch(() => null);
         throw new Error(apiMessage(response.status, data));
