@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from service.jobs import progress as progress_module
-from service.jobs.progress import JobProgress
+from service.jobs.progress import Attempt, JobProgress
 
 
 def test_the_loss_history_covers_the_whole_run_in_at_most_200_points_ending_at_the_latest_record():
@@ -32,7 +32,7 @@ def test_evaluation_reports_progress_from_90_to_100_percent_with_an_eta(monkeypa
                         lambda sessions, job_id, lease, **fields: beats.append(fields) or False)
     ctx = SimpleNamespace(stopping=threading.Event(), sessions=None,
                           settings=SimpleNamespace(job_heartbeat_seconds=0.0, job_db_outage_seconds=60.0))
-    progress = JobProgress(ctx, job_id=1, lease="lease", steps=10)
+    progress = JobProgress(Attempt(ctx, job_id=1, lease="lease"), steps=10)  # its thread not started: beats in line
     progress.on_log({"step": 10, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 5.0, "eta_s": 0.0})
     assert progress.should_stop() is False and beats[-1]["progress"] == 0.9
     progress.evaluating(4)
