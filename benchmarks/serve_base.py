@@ -66,9 +66,12 @@ def decode_transformers(model, prompt_ids: list[int], clients: int, tokens: int)
     return (out.shape[1] - batch.shape[1]) * clients
 
 
-def throughput(arms: dict, prompt_ids: list[int], levels: list[int], tokens: int, repeats: int) -> dict:
+def throughput(arms: dict, prompt_ids: list[int], levels: list[int], tokens: int,
+               repeats: int) -> tuple[dict, dict]:
     """tokens/s of every arm at every level: the best of ``repeats`` alternating runs (after one warm-up each; on a
-    shared machine the best run is the least disturbed one)."""
+    shared machine the best run is the least disturbed one); and each arm's ratios within a repeat (the arms of one
+    repeat run within seconds of each other), the median over repeats: to transformers at the same level
+    (``"vs_reference"``) and from the first level to the last (``"scaling"``)."""
     for run in arms.values():
         run(prompt_ids, 1, 4)
     seen: dict[tuple[str, int], list[float]] = {}
@@ -81,7 +84,12 @@ def throughput(arms: dict, prompt_ids: list[int], levels: list[int], tokens: int
                 seen.setdefault((name, clients), []).append(rate)
                 print(f"repeat {repeat + 1}, {clients} clients, {name}: {rate:,.1f} tokens/s ({produced} tokens)",
                       flush=True)
-    return {name: {clients: max(seen[name, clients]) for clients in levels} for name in arms}
+    best = {name: {clients: max(seen[name, clients]) for clients in levels} for name in arms}
+    ratios = {name: {"vs_reference": {clients: statistics.median(
+        a / b for a, b in zip(seen[name, clients], seen[REFERENCE, clients])) for clients in levels},
+        "scaling": statistics.median(a / b for a, b in zip(seen[name, levels[-1]], seen[name, levels[0]]))}
+        for name in arms}
+    return best, ratios
 
 
 def quality(model, corpora: list[str], max_bytes: int) -> dict:
@@ -98,17 +106,15 @@ def quality(model, corpora: list[str], max_bytes: int) -> dict:
 
 
 def print_report(results: dict) -> None:
-    rates, levels = results["tokens_per_s"], results["clients"]
-    single = rates[REFERENCE][levels[0]]
+    rates, ratios, levels = results["tokens_per_s"], results["ratios"], results["clients"]
     print(f"\nmachine: {results['machine']}; torch {torch.__version__}, {results['threads']} thread(s)")
     print(f"command: {results['command']}\n")
-    print("| arm | " + " | ".join(f"{c} clients tokens/s (× transformers)" for c in levels)
-          + f" | {levels[-1]} / {levels[0]} clients | {levels[0]} client / transformers' {levels[0]} |")
-    print("|---|" + "---:|" * (len(levels) + 2))
+    print("best tokens/s (median over repeats of the ratio to transformers within a repeat):\n")
+    print("| arm | " + " | ".join(f"{c} clients" for c in levels) + f" | {levels[-1]} / {levels[0]} clients |")
+    print("|---|" + "---:|" * (len(levels) + 1))
     for name, by_level in rates.items():
-        cells = " | ".join(f"{by_level[c]:,.1f} ({by_level[c] / rates[REFERENCE][c]:.2f}×)" for c in levels)
-        print(f"| {name} | {cells} | {by_level[levels[-1]] / by_level[levels[0]]:.1f}× | "
-              f"{by_level[levels[0]] / single:.2f}× |")
+        cells = " | ".join(f"{by_level[c]:,.1f} ({ratios[name]['vs_reference'][c]:.2f}×)" for c in levels)
+        print(f"| {name} | {cells} | {ratios[name]['scaling']:.1f}× |")
     if results["quality"]:
         corpora = results["corpora"]
         print("\n| weights | " + " | ".join(f"{c} bits/byte" for c in corpora) + " | cost vs fp32 |")
@@ -140,11 +146,12 @@ def main() -> None:
         decoder = BatchDecoder(convert_linears(copy.deepcopy(ours), weights, settings.serve_int8_max_rows), max(levels))
         arms[f"ours {weights}"] = lambda ids, c, n, decoder=decoder: decode_ours(decoder, ids, c, n)
     corpora = args.corpora.split(",")
+    rates, ratios = throughput(arms, prompt_ids, levels, args.tokens, args.repeats)
     results = {
         "command": " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads of {__import__('os').cpu_count()} CPUs",
         "threads": torch.get_num_threads(), "clients": levels, "tokens": args.tokens, "corpora": corpora,
-        "tokens_per_s": throughput(arms, prompt_ids, levels, args.tokens, args.repeats),
+        "tokens_per_s": rates, "ratios": ratios,
         "quality": quality(ours, corpora, args.quality_bytes) if args.quality_bytes else {},
     }
     print_report(results)

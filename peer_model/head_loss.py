@@ -83,6 +83,8 @@ class _HeadLoss(torch.autograd.Function):
                 del log_p
             else:
                 distilled = None
+            if grad_hidden is None and not wants_weight:  # evaluation: the loss alone
+                continue
             grad_z = log_q.exp_()  # softmax(z), in place: log_q is done with
             grad_z *= ce_part + kl_part
             grad_z[torch.arange(len(y), device=y.device), y] -= ce_part.squeeze(1)
