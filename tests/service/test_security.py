@@ -724,6 +724,35 @@ def test_jsonl_and_json_that_python_cannot_parse_are_a_422(plain, content_type, 
     assert answer.status_code == 422, answer.text
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_first_appends_to_a_new_stream_at_once_all_land(dialect, tmp_path):
+    """The stream is created on first use: two first appends at once both inserted it, and the second failed on
+    the unique name (500: 42 of 60 racing requests)."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .conftest import PG_HOST, create_pg_database, drop_pg_database
+
+    name = create_pg_database() if dialect == "postgresql" else None
+    settings = tiny_settings(tmp_path / "home", f"postgresql+psycopg://{PG_HOST}/{name}" if name else None)
+    upgrade(settings.resolved_database_url)
+    try:
+        with ServerThread(create_app(settings, dispatch=lambda job: None)) as server:
+            def append(index: int) -> int:
+                return httpx.post(f"{server.url}/v1/streams/race-{index % 6}/documents", timeout=60,
+                                  json={"documents": [f"document {index}"]}).status_code
+
+            with ThreadPoolExecutor(30) as pool:
+                statuses = list(pool.map(append, range(60)))
+            assert statuses == [202] * 60, statuses
+            streams = httpx.get(f"{server.url}/v1/streams").json()
+            assert sorted(s["name"] for s in streams) == [f"race-{i}" for i in range(6)]
+            assert all(s["pending_documents"] == 10 for s in streams)
+    finally:
+        if name:
+            drop_pg_database(name)
+
+
 def test_prompts_over_the_character_limit_are_refused_before_tokenizing(plain):
     text = "a" * 501
     for path, body in (("/v1/tokenize", {"text": text}), ("/v1/generate", {"prompt": text, "max_tokens": 1}),
