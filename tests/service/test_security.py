@@ -891,6 +891,23 @@ def test_generated_tokens_are_limited_per_minute(home):
         assert too_many.status_code == 422 and "PEER_RATE_LIMIT_TOKENS_PER_MINUTE" in too_many.json()["detail"]
 
 
+@pytest.mark.parametrize("buckets", ["in-process", "redis"])
+def test_a_refused_generation_gives_its_tokens_back(home, buckets, request):
+    """A generation refused at admission (here a prompt longer than the context window, a 422) was still charged
+    its max_tokens: refused requests spent the caller's budget for nothing."""
+    redis = {"rate_limit_redis_url": request.getfixturevalue("redis_url")} if buckets == "redis" else {}
+    with service(home, rate_limit_tokens_per_minute=10, **redis) as client:
+        too_long = "word " * 200  # the tiny model's context is 64 tokens
+        for path, body in (("/v1/generate", {"prompt": too_long, "max_tokens": 8}),
+                           ("/v1/completions", {"model": "peer", "prompt": too_long, "max_tokens": 8}),
+                           ("/v1/chat/completions", {"model": "peer", "max_tokens": 8,
+                                                     "messages": [{"role": "user", "content": too_long}]})):
+            refused = client.post(path, json=body)
+            assert refused.status_code == 422 and "context" in refused.json()["detail"], refused.text
+        assert client.post("/v1/generate", json={"prompt": "a", "max_tokens": 8}).status_code == 200
+        assert retry_after(client.post("/v1/generate", json={"prompt": "a", "max_tokens": 8})) >= 1
+
+
 def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(home):
     """The compose front names the client in X-Forwarded-For; the api trusts it from PEER_FORWARDED_ALLOW_IPS
     only (here loopback, where the test connects from), so one client behind the front cannot spend another's
