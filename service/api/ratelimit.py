@@ -11,13 +11,15 @@ embedded default) they live in the API process, so N replicas would allow N time
 cannot be reached does not take the API down with it: requests pass uncounted, with a warning, until it is back.
 
 A generation is charged its ``max_tokens`` when it is admitted (the most it can produce), as OpenAI-style
-gateways count tokens-per-minute quotas.
+gateways count tokens-per-minute quotas; one that is refused (422, 429, 503) is given them back.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import redis
@@ -40,10 +42,11 @@ class Bucket:
     updated: float
 
     def take(self, amount: float, now: float) -> float:
-        """Take ``amount``; 0.0 if it was there, else the seconds until it will be (nothing taken)."""
+        """Take ``amount`` (a negative one gives back, up to the capacity); 0.0 if it was there, else the seconds
+        until it will be (nothing taken)."""
         wait = self.wait(amount, now)
         if not wait:
-            self.level -= amount
+            self.level = min(self.capacity, self.level - amount)
         return wait
 
     def wait(self, amount: float, now: float) -> float:
@@ -90,7 +93,7 @@ local updated = tonumber(state[2]) or now
 level = math.min(capacity, level + math.max(0, now - updated) * rate)
 local wait = 0
 if level >= amount then
-  if take then level = level - amount end
+  if take then level = math.min(capacity, level - amount) end
 else
   wait = (amount - level) / rate
 end
@@ -135,6 +138,11 @@ class RateLimiter:
         """Charge ``client``; 429 with the wait in Retry-After when its bucket is short. Off at 0."""
         self._charge(client, per_minute, amount, take=True)
 
+    def refund(self, client: str, per_minute: int, amount: float) -> None:
+        """Give ``amount`` back to ``client``'s bucket (what a refused request was charged). Off at 0."""
+        if per_minute > 0:
+            self.buckets.charge(f"{self.setting}:{client}", per_minute, -amount, True)
+
     def refuse_if_spent(self, client: str, per_minute: int) -> None:
         """429 when ``client``'s bucket holds less than one; takes nothing. Off at 0."""
         self._charge(client, per_minute, 1.0, take=False)
@@ -172,13 +180,25 @@ def limit_request(app, client: str, scope: str) -> None:
         limits.writes.take(client, settings.rate_limit_writes_per_minute)
 
 
-async def charge_tokens(request, client: str, max_tokens: int) -> None:
-    """Charge a generation its ``max_tokens`` against ``client``'s per-minute token budget (from an async route:
-    a Redis round trip runs on the thread pool, never on the event loop)."""
+@asynccontextmanager
+async def token_budget(request, client: str, max_tokens: int) -> AsyncIterator[None]:
+    """Charge a generation its ``max_tokens`` against ``client``'s per-minute token budget around its admission
+    (the block): a generation that is not admitted (a prompt longer than the context, a full queue, no version
+    loaded) is given its tokens back. From an async route: a Redis round trip runs on the thread pool, never on
+    the event loop."""
     settings, limits = request.app.state.ctx.settings, request.app.state.rate_limits
-    if settings.rate_limit_tokens_per_minute <= 0:
+    per_minute = settings.rate_limit_tokens_per_minute
+    if per_minute <= 0:
+        yield
         return
-    if limits.shared:
-        await run_in_threadpool(limits.tokens.take, client, settings.rate_limit_tokens_per_minute, max_tokens)
-    else:
-        limits.tokens.take(client, settings.rate_limit_tokens_per_minute, max_tokens)
+    call = run_in_threadpool if limits.shared else _now
+    await call(limits.tokens.take, client, per_minute, max_tokens)
+    try:
+        yield
+    except BaseException:
+        await call(limits.tokens.refund, client, per_minute, max_tokens)
+        raise
+
+
+async def _now(function, *args):
+    return function(*args)

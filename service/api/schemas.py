@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..jobs.options import SEED_MAX
 from .text import Name, Reason, StoredText, Text, valid_unicode
 
 
@@ -27,7 +28,7 @@ class SamplingFields(BaseModel):
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = off")
     stop: Text | list[Text] | None = Field(None, description="generation ends before the first of these strings")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
 
 
 class GenerateRequest(SamplingFields):
@@ -59,7 +60,7 @@ class OpenAIRequest(BaseModel):
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     user: str | None = None
 
 

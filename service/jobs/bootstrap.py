@@ -8,7 +8,6 @@ import logging
 from peer_model.corpora import CorpusUnavailable, load_corpus
 
 from ..context import ServiceContext
-from ..db.session import transaction
 from ..store.lock import store_write
 from ..store.versions import ensure_initial_version
 from .ingest import parse_upload
@@ -36,9 +35,10 @@ def bootstrap(ctx: ServiceContext, dispatch: Dispatch) -> int | None:
         log.warning("bootstrap corpus %r unavailable, version 1 stays untrained: %s", name, exc)
         return None
     data = text.encode("utf-8")
-    with store_write(ctx), transaction(ctx.sessions) as session:  # the text's write to its row (store/lock.py)
+    with ctx.sessions() as session, store_write(ctx, session):  # from the text's write to its row (store/lock.py)
         _, job = accept_corpus(ctx, session, name, parse_upload(data, "text", len(data)), text, "text", True,
                                {"steps": settings.bootstrap_steps}, source="builtin")
+        session.commit()
     dispatch_job(ctx.sessions, dispatch, job)
     log.info("bootstrap: training version 2 on %r (ingest job %s)", name, job.id)
     return job.id

@@ -14,6 +14,9 @@ from ..errors import Conflict, InvalidInput
 from ..settings import Settings
 
 
+SEED_MAX = 2**63 - 1  # a signed 64-bit integer; torch takes seeds up to 2^64 - 1, and a job adds small offsets to it
+
+
 class JobOptions(BaseModel):
     """Options of a training job (POST /v1/jobs ``options``); unset fields take the service settings."""
 
@@ -30,7 +33,7 @@ class JobOptions(BaseModel):
     old_lr_scale: float | None = Field(None, ge=0, le=1)  # add and chill; None: PEER_OLD_LR_SCALE
     review_steps: int | None = Field(None, ge=0)  # routing-only review after training; None: PEER_REVIEW_STEPS
     activate: Literal["auto", "always", "never"] = "auto"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 def parse_options(schema: type[BaseModel], options: dict, what: str):
@@ -146,7 +149,7 @@ class ForgetOptions(BaseModel):
 
     repair_steps: int | None = Field(None, ge=0)
     activate: Literal["auto", "always", "never"] = "auto"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 def parse_forget_options(options: dict, max_steps: int) -> ForgetOptions:

@@ -9,6 +9,7 @@ import hashlib
 import json
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..context import ServiceContext
@@ -38,13 +39,19 @@ def accept_corpus(ctx: ServiceContext, session: Session, name: str, upload: Uplo
 
 
 def stream_by_name(session: Session, name: str, create: bool = False) -> Stream:
-    stream = session.scalars(select(Stream).where(Stream.name == name).with_for_update()).one_or_none()
+    """The stream, its row locked for this transaction; with ``create``, made on first use. Two first uses at once
+    both find none: the one whose insert loses on the unique name (in a savepoint) takes the other's stream."""
+    query = select(Stream).where(Stream.name == name).with_for_update()
+    stream = session.scalars(query).one_or_none()
     if stream is None:
         if not create:
             raise NotFound(f"stream {name!r} not found")
-        stream = Stream(name=name)
-        session.add(stream)
-        session.flush()
+        try:
+            with session.begin_nested():
+                stream = Stream(name=name)
+                session.add(stream)
+        except IntegrityError:
+            stream = session.scalars(query.execution_options(populate_existing=True)).one()
     return stream
 
 

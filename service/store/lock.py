@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:  # the context holds the store: store/ names it in annotations only
     from ..context import ServiceContext
@@ -74,8 +75,15 @@ def _file_lock(ctx: ServiceContext, exclusive: bool) -> Iterator[None]:
 
 
 @contextmanager
-def store_write(ctx: ServiceContext) -> Iterator[None]:
+def store_write(ctx: ServiceContext, session: Session | None = None) -> Iterator[None]:
     """Held (shared) by whatever writes store files, from its first write to the commit of the rows that name
-    them: how the service writes every checkpoint and corpus."""
+    them: how the service writes every checkpoint and corpus; commit inside the block. Given the ``session``
+    whose transaction commits the rows, on PostgreSQL the lock is that transaction's own
+    (``pg_advisory_xact_lock_shared``, released by its commit or rollback): a request takes no second
+    connection from the pool for it (30 requests at once would wait for each other's)."""
+    if session is not None and ctx.engine.dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": STORE_LOCK})
+        yield
+        return
     with store_lock(ctx, exclusive=False):
         yield

@@ -724,6 +724,35 @@ def test_jsonl_and_json_that_python_cannot_parse_are_a_422(plain, content_type, 
     assert answer.status_code == 422, answer.text
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_first_appends_to_a_new_stream_at_once_all_land(dialect, tmp_path):
+    """The stream is created on first use: two first appends at once both inserted it, and the second failed on
+    the unique name (500: 42 of 60 racing requests)."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .conftest import PG_HOST, create_pg_database, drop_pg_database
+
+    name = create_pg_database() if dialect == "postgresql" else None
+    settings = tiny_settings(tmp_path / "home", f"postgresql+psycopg://{PG_HOST}/{name}" if name else None)
+    upgrade(settings.resolved_database_url)
+    try:
+        with ServerThread(create_app(settings, dispatch=lambda job: None)) as server:
+            def append(index: int) -> int:
+                return httpx.post(f"{server.url}/v1/streams/race-{index % 6}/documents", timeout=60,
+                                  json={"documents": [f"document {index}"]}).status_code
+
+            with ThreadPoolExecutor(30) as pool:
+                statuses = list(pool.map(append, range(60)))
+            assert statuses == [202] * 60, statuses
+            streams = httpx.get(f"{server.url}/v1/streams").json()
+            assert sorted(s["name"] for s in streams) == [f"race-{i}" for i in range(6)]
+            assert all(s["pending_documents"] == 10 for s in streams)
+    finally:
+        if name:
+            drop_pg_database(name)
+
+
 def test_prompts_over_the_character_limit_are_refused_before_tokenizing(plain):
     text = "a" * 501
     for path, body in (("/v1/tokenize", {"text": text}), ("/v1/generate", {"prompt": text, "max_tokens": 1}),
@@ -860,6 +889,23 @@ def test_generated_tokens_are_limited_per_minute(home):
         assert retry_after(client.post("/v1/generate", json={"prompt": "a", "max_tokens": 8})) >= 1
         too_many = client.post("/v1/completions", json={"model": "peer", "prompt": "a", "max_tokens": 11})
         assert too_many.status_code == 422 and "PEER_RATE_LIMIT_TOKENS_PER_MINUTE" in too_many.json()["detail"]
+
+
+@pytest.mark.parametrize("buckets", ["in-process", "redis"])
+def test_a_refused_generation_gives_its_tokens_back(home, buckets, request):
+    """A generation refused at admission (here a prompt longer than the context window, a 422) was still charged
+    its max_tokens: refused requests spent the caller's budget for nothing."""
+    redis = {"rate_limit_redis_url": request.getfixturevalue("redis_url")} if buckets == "redis" else {}
+    with service(home, rate_limit_tokens_per_minute=10, **redis) as client:
+        too_long = "word " * 200  # the tiny model's context is 64 tokens
+        for path, body in (("/v1/generate", {"prompt": too_long, "max_tokens": 8}),
+                           ("/v1/completions", {"model": "peer", "prompt": too_long, "max_tokens": 8}),
+                           ("/v1/chat/completions", {"model": "peer", "max_tokens": 8,
+                                                     "messages": [{"role": "user", "content": too_long}]})):
+            refused = client.post(path, json=body)
+            assert refused.status_code == 422 and "context" in refused.json()["detail"], refused.text
+        assert client.post("/v1/generate", json={"prompt": "a", "max_tokens": 8}).status_code == 200
+        assert retry_after(client.post("/v1/generate", json={"prompt": "a", "max_tokens": 8})) >= 1
 
 
 def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(home):

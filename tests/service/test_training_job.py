@@ -297,3 +297,21 @@ def test_a_review_only_job_whose_earlier_text_is_gone_reviews_on_the_parents_sam
     job = row(ctx, Job, job_id)
     assert job.state == "succeeded", job.error
     assert job.metrics["replay_source"] == "parent" and job.metrics["corpora_gone"] == [english]
+
+
+def test_job_seeds_are_bounded_at_submission_and_the_largest_trains(ctx, two_versions):
+    """A seed of 2^64 was accepted and failed the job later (torch takes no seed past 2^64 - 1, and a job adds
+    offsets to its seed); the bound is a signed 64-bit integer's, as for sampling seeds."""
+    from service.jobs.options import SEED_MAX, parse_forget_options, parse_job_options
+    from service.errors import InvalidInput
+
+    for seed in (SEED_MAX + 1, 2**64):
+        with pytest.raises(InvalidInput, match="seed"):
+            parse_job_options({"seed": seed})
+        with pytest.raises(InvalidInput, match="seed"):
+            parse_forget_options({"seed": seed}, 100)
+    with transaction(ctx.sessions) as session:
+        job_id = create_job(session, "train", [two_versions[1]], {"steps": 3, "seed": SEED_MAX, "activate": "never"}).id
+    run_train_job(ctx, job_id)
+    job = row(ctx, Job, job_id)
+    assert job.state == "succeeded", job.error

@@ -95,7 +95,7 @@ async def upload_corpus(request: Request, name: Annotated[str | None, Query(max_
         active_id = active_version_id(session) if train else None
         validate_job_options(ctx.settings, train_options, experts=get_version(session, active_id).experts
                              if active_id else None)
-        with store_write(ctx):  # from the text's write to its row's commit (store/lock.py)
+        with store_write(ctx, session):  # from the text's write to its row's commit (store/lock.py)
             corpus, job = accept_corpus(ctx, session, name, parsed, data, fmt, train, train_options)
             session.commit()
         dispatch_job(ctx.sessions, dispatch, job)

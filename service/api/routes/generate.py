@@ -6,7 +6,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from ..deps import get_host
-from ..ratelimit import charge_tokens
+from ..ratelimit import token_budget
 from ..sampling import check_prompt_chars, sampling_params
 from ..schemas import GenerateRequest, GenerateResponse
 from ..security import Caller, require_scope
@@ -29,9 +29,9 @@ async def generate(body: GenerateRequest, request: Request, response: Response, 
     check_prompt_chars(settings, body.prompt)
     params = sampling_params(settings, max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
                              top_p=body.top_p, stop=body.stop, seed=body.seed)
-    await charge_tokens(request, caller.client, params.max_tokens)
-    generation = start_generation(host, request.app.state.metrics, lambda tokenizer: tokenizer.encode(body.prompt),
-                                  params)
+    async with token_budget(request, caller.client, params.max_tokens):  # given back if not admitted
+        generation = start_generation(host, request.app.state.metrics,
+                                      lambda tokenizer: tokenizer.encode(body.prompt), params)
     version = generation.ticket.version_id
     warning = await served_warning(request.app.state.ctx, generation)
 

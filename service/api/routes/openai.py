@@ -15,7 +15,7 @@ from ...errors import InvalidInput, NotFound
 from ...settings import Settings
 from ..chat import chat_prompt_ids, chat_stops
 from ..deps import get_host
-from ..ratelimit import charge_tokens
+from ..ratelimit import token_budget
 from ..sampling import check_prompt_chars, sampling_params
 from ..schemas import ChatCompletionRequest, CompletionRequest
 from ..security import Caller, require_scope
@@ -49,9 +49,9 @@ async def completions(body: CompletionRequest, request: Request, http_response: 
     params = sampling_params(settings, max_tokens=body.max_tokens or 16, temperature=body.temperature
                              if body.temperature is not None else 1.0, top_p=body.top_p or 1.0,
                              stop=body.stop, seed=body.seed)
-    await charge_tokens(request, caller.client, params.max_tokens)
-    generation = start_generation(host, request.app.state.metrics, lambda tokenizer: tokenizer.encode(prompts[0]),
-                                  params)
+    async with token_budget(request, caller.client, params.max_tokens):  # given back if not admitted
+        generation = start_generation(host, request.app.state.metrics,
+                                      lambda tokenizer: tokenizer.encode(prompts[0]), params)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     warning = await served_warning(request.app.state.ctx, generation)
@@ -83,9 +83,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, http_r
     params = sampling_params(settings, max_tokens=body.max_completion_tokens or body.max_tokens,
                              temperature=body.temperature if body.temperature is not None else 1.0,
                              top_p=body.top_p or 1.0, stop=stop, seed=body.seed)
-    await charge_tokens(request, caller.client, params.max_tokens)
-    generation = start_generation(host, request.app.state.metrics,
-                                  lambda tokenizer: chat_prompt_ids(tokenizer, body.messages), params)
+    async with token_budget(request, caller.client, params.max_tokens):  # given back if not admitted
+        generation = start_generation(host, request.app.state.metrics,
+                                      lambda tokenizer: chat_prompt_ids(tokenizer, body.messages), params)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     warning = await served_warning(request.app.state.ctx, generation)

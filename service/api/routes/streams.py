@@ -46,7 +46,7 @@ def add_documents(name: StreamName, body: DocumentsRequest, ctx=Depends(get_ctx)
     """Append documents (the stream is created on first use). When the stream's untrained text reaches
     PEER_STREAM_TRAIN_THRESHOLD_BYTES, it becomes a corpus and an ingest-then-train job starts."""
     stream = append_documents(ctx, session, name, body.documents)
-    with store_write(ctx):  # a flush writes the corpus' text: held to the commit of its row (store/lock.py)
+    with store_write(ctx, session):  # a flush writes the corpus' text: held to the commit of its row (store/lock.py)
         flushed = None
         if pending_bytes(session, stream.id)[1] >= ctx.settings.stream_train_threshold_bytes:
             flushed = flush_stream(ctx, session, stream)
@@ -62,7 +62,7 @@ def flush(name: StreamName, ctx=Depends(get_ctx), session: Session = Depends(get
           dispatch=Depends(get_dispatch), caller: Caller = Depends(require_scope("train"))):
     """Start training on the stream's untrained documents now (409 when there are none)."""
     stream = stream_by_name(session, name)
-    with store_write(ctx):  # from the corpus' text to its row's commit (store/lock.py)
+    with store_write(ctx, session):  # from the corpus' text to its row's commit (store/lock.py)
         flushed = flush_stream(ctx, session, stream)
         if flushed is None:
             raise Conflict(f"stream {name!r} has no untrained documents")
