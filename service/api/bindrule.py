@@ -54,9 +54,9 @@ class LoopbackOnlyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and arrived_from_network(scope.get("server")):
-            message = (f"this service has no PEER_API_KEYS and answers loopback connections only: every mutating "
-                       f"route would be open to the network (set PEER_API_KEYS, or PEER_ALLOW_OPEN=true to accept "
-                       f"that)")
+            message = ("this service has no PEER_API_KEYS and answers loopback connections only: every mutating "
+                       "route would be open to the network (set PEER_API_KEYS, or PEER_ALLOW_OPEN=true to accept "
+                       "that)")
             await JSONResponse(error_body(403, message, "Forbidden"), status_code=403)(scope, receive, send)
             return
         await self.app(scope, receive, send)
