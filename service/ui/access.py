@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, quote
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from ..api.security import checked_key, key_required, request_key
 from ..api.sessions import COOKIE, open_session, revoke_session
@@ -25,7 +25,10 @@ from .rendering import templates
 LOGIN = "/ui/login"
 MAX_FORM_BYTES = 4096
 
-router = APIRouter(prefix="/ui", include_in_schema=False)
+router = APIRouter(prefix="/ui", tags=["console"], default_response_class=HTMLResponse)
+LOGIN_FORM = {"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+    "type": "object", "required": ["key"],
+    "properties": {"key": {"type": "string"}, "next": {"type": "string", "description": "a console path"}}}}}}}
 
 
 def console_reader(request: Request) -> None:
@@ -60,7 +63,7 @@ def login_page(request: Request, next: str | None = None):
     return login_form(request, safe_next(next))
 
 
-@router.post("/login")
+@router.post("/login", openapi_extra=LOGIN_FORM)
 async def login(request: Request):
     """Open a session for the key typed in the form; 401 with the reason for an unknown key or, where reading
     needs a key, one without the ``read`` scope."""

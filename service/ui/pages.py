@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import torch
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -43,7 +43,9 @@ from . import access
 from .access import console_reader
 from .rendering import HERE, templates
 
-router = APIRouter(prefix="/ui", include_in_schema=False, dependencies=[Depends(console_reader)])
+# in the OpenAPI schema (tag "console", HTML answers) so that the fuzzing of tests/service/test_fuzz.py reaches them
+router = APIRouter(prefix="/ui", tags=["console"], default_response_class=HTMLResponse,
+                   dependencies=[Depends(console_reader)])
 FULL_GRID_CELLS = 256 * 256  # up to this many experts the heat map has one cell per expert, else binned
 HEATMAP_BINS = 128
 
@@ -73,7 +75,7 @@ def corpus_names(session: Session) -> dict[int, str]:
     return dict(session.execute(select(Corpus.id, Corpus.name)).all())
 
 
-@router.get("")
+@router.get("", include_in_schema=False)
 @router.get("/")
 def index():
     return RedirectResponse("/ui/versions", status_code=307)

@@ -34,7 +34,9 @@ UPLOAD_BODY = {"requestBody": {"content": {
         "file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
         "format": {"type": "string", "enum": ["text", "jsonl"]}, "train": {"type": "boolean"}}}},
     "text/plain": {"schema": {"type": "string"}},
-    "application/jsonl": {"schema": {"type": "string", "description": 'one {"text": ...} object per line'}},
+    "application/jsonl": {"schema": {"type": "array", "items": {
+        "type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
+        "description": 'one {"text": ...} object per line'}},
 }}}
 
 
