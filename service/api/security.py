@@ -117,6 +117,8 @@ def request_key(request: Request, settings: Settings, required: bool) -> ApiKey 
     (a right guess as a wrong one)."""
     if not settings.api_keys:
         return None
+    if hasattr(request.state, "api_key"):  # resolved (and charged) once a request: a console page asks twice
+        return request.state.api_key
     token, cookie = bearer_token(request), request.cookies.get(SESSION_COOKIE, "")
     if token:
         credential, resolve = token, lambda: configured_key(settings, token)
@@ -127,11 +129,12 @@ def request_key(request: Request, settings: Settings, required: bool) -> ApiKey 
     else:
         return None
     try:
-        return checked(request, settings, credential, resolve)
+        request.state.api_key = checked(request, settings, credential, resolve)
     except Overloaded:
         if required:
             raise
         return None
+    return request.state.api_key
 
 
 def identify(request: Request, settings: Settings, scope: str) -> Caller:

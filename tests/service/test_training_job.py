@@ -262,28 +262,12 @@ def test_a_diverging_job_fails_with_the_reason_and_publishes_nothing(dialect, tm
             drop_pg_database(name)
 
 
-def test_when_an_old_corpus_text_is_gone_the_job_replays_the_parents_samples(ctx, two_versions):
-    english, code, _ = two_versions
-    train_text = ctx.store.corpus_path(english, "train")
-    kept = train_text.read_bytes()
-    train_text.unlink()
-    try:
-        with transaction(ctx.sessions) as session:
-            job_id = create_job(session, "train", [code], {"steps": 4, "activate": "never"}).id
-        run_train_job(ctx, job_id)
-    finally:
-        train_text.write_bytes(kept)
-    job = row(ctx, Job, job_id)
-    assert job.state == "succeeded", job.error
-    assert job.metrics["replay_source"] == "parent" and job.metrics["corpora_gone"] == [english]
-    assert set(job.metrics["bpb"]) == {str(english), str(code)}, "the validation split is still there: evaluated"
-
-
-@pytest.mark.parametrize("options", [{"freeze_old_experts": False, "replay_fraction": 0, "review_steps": 2},
+@pytest.mark.parametrize("options", [{},  # replay, the default
+                                     {"freeze_old_experts": False, "replay_fraction": 0, "review_steps": 2},
                                      {"strategy": "grow_freeze", "review_steps": 2}])
-def test_a_review_only_job_whose_earlier_text_is_gone_reviews_on_the_parents_samples(ctx, two_versions, options):
-    """Without replay, the routing review still reads earlier corpora: with their text deleted the job failed with
-    a ValueError from the stage instead of using the parent's samples."""
+def test_when_an_old_corpus_text_is_gone_the_job_replays_the_parents_samples(ctx, two_versions, options):
+    """Replay, or without replay the routing review, reads earlier corpora: with their text deleted, the parent's
+    own samples take their place (a review-only job failed with a ValueError from the stage instead)."""
     english, code, _ = two_versions
     train_text = ctx.store.corpus_path(english, "train")
     kept = train_text.read_bytes()
@@ -297,6 +281,7 @@ def test_a_review_only_job_whose_earlier_text_is_gone_reviews_on_the_parents_sam
     job = row(ctx, Job, job_id)
     assert job.state == "succeeded", job.error
     assert job.metrics["replay_source"] == "parent" and job.metrics["corpora_gone"] == [english]
+    assert set(job.metrics["bpb"]) == {str(english), str(code)}, "the validation split is still there: evaluated"
 
 
 def test_job_seeds_are_bounded_at_submission_and_the_largest_trains(ctx, two_versions):
