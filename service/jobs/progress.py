@@ -8,6 +8,7 @@ import logging
 import math
 import threading
 import time
+from typing import Callable
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -47,11 +48,15 @@ class Attempt:
     ``job_db_outage_seconds`` (below the stale timeout, after which another worker may claim the job); a longer
     outage raises the error. What the thread meets (the lease lost, an outage too long) is raised in the
     attempt's own thread at its next :meth:`beat` or :meth:`stop_if_cancelled`. ``cancelled`` is the cancel flag
-    as of the latest heartbeat."""
+    as of the latest heartbeat. ``progress`` returns the fields the thread's heartbeats carry (a
+    :class:`JobProgress` installs its own): the thread beats as soon as one is due, so without them a loop that
+    checks the job less often than every instant (a sharded stage polls its processes) would never record its
+    progress."""
 
     def __init__(self, ctx: ServiceContext, job_id: int, lease: str):
         self.ctx, self.job_id, self.lease = ctx, job_id, lease
         self.cancelled = False
+        self.progress: Callable[[], dict] = dict
         self._last = time.monotonic()  # the claim was a heartbeat
         self._outage_since: float | None = None
         self._failure: BaseException | None = None
@@ -105,7 +110,7 @@ class Attempt:
                 if not self.due:
                     continue
                 try:
-                    self._beat({})
+                    self._beat(self.progress())
                 except BaseException as exc:  # noqa: BLE001 - handed to the attempt's own thread
                     self._failure = exc
                     return
@@ -130,6 +135,8 @@ class JobProgress:
         self._seen = 0
         self._stride = 1
         self._evaluation: tuple[float, int, int] | None = None  # (start, batches done, batches in all)
+        if attempt is not None:
+            attempt.progress = self._fields
 
     @property
     def cancelled(self) -> bool:

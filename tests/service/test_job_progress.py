@@ -42,3 +42,24 @@ def test_evaluation_reports_progress_from_90_to_100_percent_with_an_eta(monkeypa
         assert beats[-1]["progress"] == 0.9 + 0.1 * done / 4
         assert beats[-1]["eta_s"] == pytest.approx(0.01 * (4 - done), abs=0.02 * (4 - done) + 0.005)
     assert beats[-1]["eta_s"] == 0.0
+
+
+def test_the_heartbeat_thread_carries_the_latest_progress_between_the_jobs_own_checks(monkeypatch):
+    """A sharded stage reports steps from other processes and checks the job only every few tenths of a second:
+    the attempt's heartbeat thread, which beats as soon as one is due, must record the progress too, or the job's
+    step, loss and ETA never reach the database."""
+    beats = []
+    monkeypatch.setattr(progress_module, "heartbeat",
+                        lambda sessions, job_id, lease, **fields: beats.append(fields) or False)
+    ctx = SimpleNamespace(stopping=threading.Event(), sessions=None,
+                          settings=SimpleNamespace(job_heartbeat_seconds=0.02, job_db_outage_seconds=60.0))
+    with Attempt(ctx, job_id=1, lease="lease") as attempt:
+        progress = JobProgress(attempt, steps=100, base_metrics={"strategy": "replay"})
+        progress.on_log({"step": 10, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 5.0, "eta_s": 9.0})
+        deadline = time.monotonic() + 10
+        while not any(beat.get("metrics", {}).get("step") == 10 for beat in beats) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    recorded = [beat for beat in beats if beat.get("metrics", {}).get("step") == 10]
+    assert recorded, "the heartbeat thread recorded no progress"
+    assert recorded[0]["progress"] == pytest.approx(0.09) and recorded[0]["eta_s"] == 9.0
+    assert recorded[0]["metrics"]["strategy"] == "replay"
