@@ -46,16 +46,22 @@ class Sequence:
 
 class BatchDecoder:
     """``cuda_graphs``: run the decode step through :class:`DecodeGraphs` (captured once per batch bucket
-    on CUDA; on CPU the same padded, fixed-shape step runs eagerly)."""
+    on CUDA; on CPU the same padded, fixed-shape step runs eagerly). ``max_len``: positions per cache row
+    (default the model's context window); a caller whose sequences are all short (a probe of short
+    questions) allocates that much instead of ``capacity`` whole windows, and a sequence that would not
+    fit is refused at :meth:`add`."""
 
-    def __init__(self, model: nn.Module, capacity: int, cuda_graphs: bool = False):
+    def __init__(self, model: nn.Module, capacity: int, cuda_graphs: bool = False, max_len: int | None = None):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if max_len is not None and not 0 < max_len <= model.config.max_seq_len:
+            raise ValueError(f"max_len must be in 1..{model.config.max_seq_len}, got {max_len}")
         if model.training:
             raise ValueError("the model must be in eval mode (BatchNorm running statistics)")
         self.model = model
         self.tokenizer: Tokenizer = model.tokenizer
         self.capacity = capacity
+        self.max_len = model.config.max_seq_len if max_len is None else max_len
         self.device = next(model.parameters()).device
         self.rows: list[Sequence] = []  # rows[i].slot == i
         self._cache: KVCache | None = None  # allocated on first use
@@ -68,7 +74,7 @@ class BatchDecoder:
     @property
     def cache(self) -> KVCache:
         if self._cache is None:
-            self._cache = self.model.new_cache(self.capacity)
+            self._cache = self.model.new_cache(self.capacity, self.max_len)
             self._cache.lengths = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
         return self._cache
 
@@ -77,6 +83,9 @@ class BatchDecoder:
         prompt that does not fit (see :func:`check_prompt`) and RuntimeError when every row is taken."""
         prompt_ids = [int(t) for t in prompt_ids]
         budget = check_prompt(self.model, prompt_ids, params)
+        needed = len(context_ids(self.tokenizer, prompt_ids)) + budget - 1
+        if needed > self.max_len:
+            raise ValueError(f"the sequence needs {needed} cache positions; this decoder's rows hold {self.max_len}")
         if len(self.rows) == self.capacity:
             raise RuntimeError(f"all {self.capacity} rows are running")
         slot, cache = len(self.rows), self.cache

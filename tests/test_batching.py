@@ -129,3 +129,20 @@ def test_the_padded_fixed_shape_step_of_cuda_graphs_decodes_what_the_ragged_step
         usage.append(layer.usage_counts.clone())
     assert results[0] == results[1]
     assert torch.equal(usage[0], usage[1]) and int(usage[0].sum()) > 0
+
+
+def test_short_cache_rows_give_the_same_completions_and_refuse_what_does_not_fit(model):
+    todo = [(p, SamplingParams(max_tokens=n, temperature=0.0)) for p, n in [([104, 105], 9), ([97] * 17, 5), ([120], 12)]]
+    needed = 17 + 1 + 5 - 1  # the longest context (BOS + prompt) and the tokens fed after it
+    decoder = BatchDecoder(model, capacity=4, max_len=needed)
+    assert decoder.cache.keys.shape[3] == needed
+    owner = {decoder.add(p, params): i for i, (p, params) in enumerate(todo)}
+    got: dict[int, list] = {}
+    while len(decoder):
+        for sequence, step in decoder.step():
+            got.setdefault(owner[sequence], []).append((step.token_id, step.text, step.finish_reason))
+    assert [got[i] for i in range(len(todo))] == [alone(model, p, params) for p, params in todo]
+    with pytest.raises(ValueError, match=f"needs {needed + 1} cache positions"):
+        decoder.add([97] * (needed - 1), SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="max_len must be in"):
+        BatchDecoder(model, capacity=1, max_len=65)
