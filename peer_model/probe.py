@@ -44,7 +44,7 @@ class ProbeItem:
 
 def parse_probe(text: str, max_items: int = MAX_ITEMS) -> list[ProbeItem]:
     """The items of a JSONL probe: one object per line with "prompt" and "answer" (non-empty strings) and an
-    optional "kind" (a label of at most 64 characters, not "all"); blank lines are skipped. Raises ValueError
+    optional "kind" (a label of at most 64 printable characters, not "all"); blank lines are skipped. Raises ValueError
     naming the line for invalid JSON, a missing, empty or non-string field, an unknown field (a misspelt "kind"
     would silently score as "general"), an empty probe or more than ``max_items`` items."""
     items: list[ProbeItem] = []
@@ -82,8 +82,9 @@ def _parse_item(line: str, number: int) -> ProbeItem:
         except UnicodeEncodeError:
             raise ValueError(f'line {number}: "{name}" is not valid Unicode (a lone surrogate)') from None
     kind = obj.get("kind")
-    if kind is not None and (len(kind) > MAX_KIND_LENGTH or kind == ALL):
-        raise ValueError(f'line {number}: "kind" must be at most {MAX_KIND_LENGTH} characters and not "{ALL}"')
+    if kind is not None and (len(kind) > MAX_KIND_LENGTH or kind == ALL or not kind.isprintable()):
+        raise ValueError(f'line {number}: "kind" must be a label of at most {MAX_KIND_LENGTH} printable characters, '
+                         f'not "{ALL}"')
     return ProbeItem(**obj)
 
 

@@ -146,7 +146,8 @@ def test_parse_probe_reads_items_and_skips_blank_lines():
     ('{"prompt": "a", "answer": "b", "kind": null}', 'line 1: "kind" must be a string'),
     ('{"prompt": "a", "answer": "b", "Kind": "facts"}', r"line 1: unknown field\(s\) \['Kind'\]"),
     ('{"prompt": "a", "answer": "b", "kind": "all"}', 'line 1: "kind" must be'),
-    ('{"prompt": "a", "answer": "b", "kind": "' + "k" * 65 + '"}', 'line 1: "kind" must be at most 64'),
+    ('{"prompt": "a", "answer": "b", "kind": "' + "k" * 65 + '"}', 'line 1: "kind" must be a label of at most 64'),
+    ('{"prompt": "a", "answer": "b", "kind": "fa\\u0000cts"}', 'line 1: "kind" must be a label'),
     ('{"prompt": "\\ud800", "answer": "b"}', 'line 1: "prompt" is not valid Unicode'),
 ])
 def test_parse_probe_errors_name_the_line(text, message):
