@@ -3,6 +3,7 @@
     peer-service client generate "ROMEO:" --max-tokens 200     # streams the text, the version on stderr
     peer-service client upload jargon.txt --wait                # ingest + training with progress bars
     peer-service client jobs watch 6                            # progress, tokens/s, ETA until it ends
+    peer-service client probe upload probe.jsonl                # questions a job scores: upload ... --probe ID
     peer-service client jobs [--state S] | jobs cancel ID | versions | activate ID | usage [--layer L]
 
 Data (generated text, tables, ids) goes to stdout, progress and status to stderr; ``--json`` prints the
@@ -282,6 +283,8 @@ def cmd_upload(api: API, args) -> int:
     fmt = args.format or ("jsonl" if path.lower().endswith((".jsonl", ".ndjson")) else "text")
     name = args.name or ("stdin" if path == "-" else Path(path).stem)
     train = not args.no_train
+    if args.probe is not None:
+        args.option = [*(args.option or []), ("probe", args.probe)]
     if args.option:  # training options travel in the JSON form of the upload
         try:
             content = {"text": data.decode("utf-8")} if fmt == "text" else {"documents": _documents(data, path)}
@@ -315,6 +318,24 @@ def cmd_upload(api: API, args) -> int:
     for finished in jobs:
         code = job_outcome(api, finished) or code
     return code
+
+
+def cmd_probe(api: API, args) -> int:
+    """``probe upload FILE``: a JSONL probe, validated by the service; its id is what ``--probe`` takes."""
+    path = args.file
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read {path}: {exc.strerror or exc}", 2) from None
+    name = args.name or ("stdin" if path == "-" else Path(path).stem)
+    probe = api.post("/v1/probes", params={"name": name}, content=data, headers={"Content-Type": "application/jsonl"})
+    if args.json:
+        print_json(probe)
+    else:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in probe["kinds"].items())
+        out(f"probe {probe['id']} ({probe['name']}): {probe['items']} items ({kinds}); "
+            f"train with it: peerctl upload FILE --probe {probe['id']}")
+    return 0
 
 
 def cmd_jobs(api: API, args) -> int:
@@ -370,9 +391,15 @@ def cmd_versions(api: API, args) -> int:
         values = list((v.get("evaluation") or {}).values())
         return f"{sum(values) / len(values):.3f}" if values else None
 
-    table(["ID", "PARENT", "ACTIVE", "CORPORA", "STRATEGY", "MEAN BPB", "GATE"], [
+    def probe(v: dict) -> str | None:
+        scores = v.get("probe_scores")
+        if not scores:
+            return None
+        return f"{100 * scores['child']['all']['accuracy']:.0f}% (parent {100 * scores['parent']['all']['accuracy']:.0f}%)"
+
+    table(["ID", "PARENT", "ACTIVE", "CORPORA", "STRATEGY", "MEAN BPB", "PROBE", "GATE"], [
         [v["id"], v["parent_id"], "*" if v["active"] else "", ids(v["corpus_ids"]), v["strategy"], mean_bpb(v),
-         gate(v)] for v in versions])
+         probe(v), gate(v)] for v in versions])
     return 0
 
 
@@ -450,6 +477,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-train", action="store_true", help="ingest only, start no training job")
     p.add_argument("--option", "-o", action="append", type=_option, metavar="KEY=VALUE",
                    help="training option (steps=50, activate=always, old_lr_scale=0.1, ...; repeatable)")
+    p.add_argument("--probe", type=int, metavar="ID", help="score the new version and its parent on this probe "
+                   "(peerctl probe upload); the same as -o probe=ID")
     p.add_argument("--wait", action="store_true", help="follow the ingest and training jobs until they end")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between job polls (default 1)")
     p.set_defaults(func=cmd_upload)
@@ -465,6 +494,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
     actions.add_parser("cancel", parents=[common], help="cancel a job").add_argument("job_id", type=int)
     actions.add_parser("show", parents=[common], help="one job in detail").add_argument("job_id", type=int)
+
+    p = sub.add_parser("probe", parents=[common], help="probe upload FILE: questions a training job scores")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = actions.add_parser("upload", parents=[common], help='upload a JSONL probe ({"prompt", "answer", "kind"} lines)')
+    q.add_argument("file", help="a JSONL file, or - for stdin")
+    q.add_argument("--name", help="probe name (default: the file name without extension)")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("versions", parents=[common], help="versions, the active one marked *")
     p.add_argument("--limit", type=int, default=50)

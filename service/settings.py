@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from peer_model.config import ATTENTION_KINDS, BASE_TRAINS, FFW_KINDS, ModelConfig, MoEConfig, PEERConfig
 from peer_model.continual import STRATEGIES
 from peer_model.presets import PRESETS
+from peer_model.probe import MAX_ITEMS
 from peer_model.quantize import WEIGHT_FORMATS
 from peer_model.train import PARAM_DTYPES
 
@@ -109,6 +110,10 @@ class Settings(BaseSettings):
     max_documents_per_request: int = 10_000  # a stream append's documents
     max_corpus_documents: int = 1_000_000  # one corpus' documents (JSON documents, JSONL lines, a stream's pending ones)
     max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
+    max_probe_bytes: int = Field(2_000_000, ge=1)  # one probe file's upload (413 past it)
+    # the most probe items a job scores (each answered greedily by the child and the parent); a larger probe is
+    # refused at upload and at submission (422), and a job whose probe outgrew a lowered limit fails with the reason
+    max_probe_items: int = Field(1000, ge=1, le=MAX_ITEMS)
     default_max_tokens: int = 128  # /v1/generate without max_tokens (capped by the limit)
     max_active_generations: int = 32  # interleaved token by token by the scheduler
     max_queued_generations: int = 128  # beyond active + queued a request gets 429

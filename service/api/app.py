@@ -28,7 +28,7 @@ from ..serving.engine import ModelHost
 from ..settings import Settings
 from ..ui import pages as console
 from .ratelimit import RateLimits
-from .routes import corpora, experts, generate, health, jobs, openai, status, streams, versions
+from .routes import corpora, experts, generate, health, jobs, openai, probes, status, streams, versions
 from .schemas import ERROR_RESPONSES
 from .security import protect
 
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch | None = Non
     app.state.metrics = Metrics()
     app.state.rate_limits = RateLimits(settings)
     app.state.started_at = time.time()
-    for module in (generate, openai, corpora, streams, jobs, versions, experts, status, health):
+    for module in (generate, openai, corpora, streams, probes, jobs, versions, experts, status, health):
         app.include_router(module.router)
     console.mount(app)  # the operator console at /ui
     protect(app, settings)  # body limits, cross-site refusal (service/api/security.py)

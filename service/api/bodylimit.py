@@ -6,7 +6,8 @@ passes the limit, so nothing past the limit is parsed, spooled or kept in memory
 Limits: a corpus upload (POST /v1/corpora) PEER_MAX_CORPUS_BYTES plus room for its envelope (multipart
 boundaries and form fields); a JSON one three times PEER_MAX_CORPUS_BYTES (JSON writers escape every non-ASCII
 character by default, Python's "é" as "\\u00e9": 6 bytes for its 2), while the corpus' own limit counts the
-documents' text, not their envelope (api/corpus_body.py); every other route PEER_MAX_REQUEST_BYTES.
+documents' text, not their envelope (api/corpus_body.py); a probe upload (POST /v1/probes) PEER_MAX_PROBE_BYTES;
+every other route PEER_MAX_REQUEST_BYTES.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def body_limit(settings: Settings, method: str, path: str, content_type: str) ->
             return (JSON_ESCAPES * settings.max_corpus_bytes + CORPUS_ENVELOPE_BYTES,
                     "three times PEER_MAX_CORPUS_BYTES plus 64 KiB for a JSON body")
         return settings.max_corpus_bytes + CORPUS_ENVELOPE_BYTES, "PEER_MAX_CORPUS_BYTES plus 64 KiB of envelope"
+    if method == "POST" and path.rstrip("/") == "/v1/probes":
+        return settings.max_probe_bytes, "PEER_MAX_PROBE_BYTES"
     return settings.max_request_bytes, "PEER_MAX_REQUEST_BYTES"
 
 

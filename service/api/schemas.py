@@ -129,6 +129,18 @@ class CorpusOut(BaseModel):
     deleted_at: datetime | None = None  # state "deleted": its text is gone, the row stays
 
 
+class ProbeOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    sha256: str
+    raw_bytes: int
+    items: int
+    kinds: dict[str, int] = Field(description="items per kind")
+    created_at: datetime
+
+
 class JobOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -128,6 +128,24 @@ class PoolVersion(Base):
     # checkpoint any more (its row stays: lineage, evaluations, activations and usage refer to it)
     pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     deleted_at: Mapped[datetime | None] = mapped_column()
+    # the probe its job named, scored on this version and on its parent by that job (service/jobs/probes.py):
+    # {"probe": id, "name": ..., "items": n, "child": {kind: {correct, total, accuracy}}, "parent": {...}}
+    probe_scores: Mapped[dict | None] = mapped_column()
+
+
+class Probe(Base):
+    """Questions with checkable answers (peer_model/probe.py), uploaded once and named by training jobs; the JSONL
+    itself is in the store (``probes/<id>/probe.jsonl``)."""
+
+    __tablename__ = "probes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64))
+    raw_bytes: Mapped[int] = mapped_column(Integer)
+    items: Mapped[int] = mapped_column(Integer)
+    kinds: Mapped[dict] = mapped_column()  # {kind: items of that kind}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Activation(Base):

@@ -6,12 +6,14 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.orm import Session
 
 from peer_model.continual import ContinualOptions, Strategy
 from peer_model.train import TrainConfig
 
 from ..errors import Conflict, InvalidInput
 from ..settings import Settings
+from .probes import check_probe_option
 
 
 SEED_MAX = 2**63 - 1  # a signed 64-bit integer; torch takes seeds up to 2^64 - 1, and a job adds small offsets to it
@@ -34,6 +36,8 @@ class JobOptions(BaseModel):
     review_steps: int | None = Field(None, ge=0)  # routing-only review after training; None: PEER_REVIEW_STEPS
     activate: Literal["auto", "always", "never"] = "auto"
     seed: int = Field(0, ge=0, le=SEED_MAX)
+    probe: int | None = Field(None, ge=1, le=2**31 - 1, description="an uploaded probe (POST /v1/probes): the job "
+                              "scores the new version and its parent on it")
 
 
 def parse_options(schema: type[BaseModel], options: dict, what: str):
@@ -133,11 +137,14 @@ def check_pool_size(settings: Settings, experts: dict[str, int], new_experts: in
                        f'({{"new_experts": 0}}) or raise the limit')
 
 
-def validate_job_options(settings: Settings, options: dict, has_old_corpora: bool = True,
+def validate_job_options(settings: Settings, session: Session, options: dict, has_old_corpora: bool = True,
                          experts: dict[str, int] | None = None) -> dict:
-    """Reject bad training options at submission (422), not when the job runs, and growth past the pool cap
-    of the version trained from (``experts`` per layer; 409); returns the options unchanged."""
-    stage = continual_options(settings, parse_job_options(options), has_old_corpora)
+    """Reject bad training options at submission (422), not when the job runs: a probe that is not there among
+    them, and growth past the pool cap of the version trained from (``experts`` per layer; 409); returns the
+    options unchanged."""
+    job = parse_job_options(options)
+    stage = continual_options(settings, job, has_old_corpora)
+    check_probe_option(settings, session, job.probe)
     check_pool_size(settings, experts or {}, stage.new_experts)
     return options
 

@@ -174,6 +174,14 @@ class JobProgress:
         self._evaluation = (start, done + 1, batches)
         self.should_stop()
 
+    def on_scored_item(self, *_) -> None:
+        """One more probe item answered (after evaluation, in its share of the progress: see
+        ``evaluate_child_and_parent``'s ``also``); raises JobCancelled once the job is cancelled: a cancelled
+        job's version is never published, so the rest of the probe would be wasted."""
+        self.on_eval_batch()
+        if self.cancelled:
+            raise JobCancelled()
+
     def _fields(self) -> dict:
         """The heartbeat's progress, speed and ETA: training's over its steps, then evaluation's."""
         if self._evaluation is not None:

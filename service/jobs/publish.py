@@ -22,7 +22,8 @@ T = TypeVar("T")
 
 def publish_version(ctx: ServiceContext, job_id: int, lease: str, base_id: int, child, parent_segments: dict,
                     new_ids: list[int], corpus_ids: list[int], strategy: str, evaluations: dict[int, float],
-                    gate: tuple[bool, str], activate_option: str, metrics: dict) -> int:
+                    gate: tuple[bool, str], activate_option: str, metrics: dict, probe_scores: dict | None = None
+                    ) -> int:
     """Write the child's checkpoint under a key of this attempt's own (an attempt that lost its lease can
     never overwrite what another attempt published), then in one transaction its version row, its
     evaluations (bits per byte per corpus), the job's success with ``metrics`` and, when asked
@@ -31,7 +32,8 @@ def publish_version(ctx: ServiceContext, job_id: int, lease: str, base_id: int, 
     (another job may have activated a version meanwhile, whose corpora this child never saw: it is
     published, not activated). A job whose cancellation was requested publishes nothing: JobCancelled, before
     the checkpoint is written or at the commit. A transient database error is retried for up to
-    PEER_JOB_DB_OUTAGE_SECONDS. Returns the version id."""
+    PEER_JOB_DB_OUTAGE_SECONDS. ``probe_scores``: the child's and the parent's scores on the job's probe
+    (jobs/probes.py), recorded on the version. Returns the version id."""
     gate_passed, gate_reason = gate
     if retry_transient(lambda: heartbeat(ctx.sessions, job_id, lease), ctx.settings.job_db_outage_seconds,
                        f"job {job_id}: reading its cancel flag"):
@@ -47,7 +49,7 @@ def publish_version(ctx: ServiceContext, job_id: int, lease: str, base_id: int, 
             version = PoolVersion(parent_id=base_id, job_id=job_id, checkpoint=key,
                                   model_config_json=child.config.to_dict(), experts=experts, segments=segments,
                                   corpus_ids=corpus_ids, strategy=strategy, gate_passed=gate_passed,
-                                  gate_reason=gate_reason)
+                                  gate_reason=gate_reason, probe_scores=probe_scores)
             session.add(version)
             session.flush()
             session.add_all(Evaluation(version_id=version.id, corpus_id=c, bpb=b) for c, b in evaluations.items())

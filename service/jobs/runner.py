@@ -98,11 +98,12 @@ def corpus_available(ctx: ServiceContext, corpus_id: int, part: str) -> bool:
 
 
 def evaluate_child_and_parent(ctx: ServiceContext, child: nn.Module, parent: nn.Module, val_sets: dict[int, TokenData],
-                              seq_len: int, progress: JobProgress) -> tuple[dict[int, float], dict[int, float]]:
+                              seq_len: int, progress: JobProgress, also: int = 0) -> tuple[dict[int, float], dict[int, float]]:
     """Bits per byte of the child and of the parent on every validation set (``PEER_EVAL_MAX_BATCHES`` batches of
-    ``PEER_TRAIN_BATCH_SIZE`` windows each); the job's progress and ETA follow the batches."""
+    ``PEER_TRAIN_BATCH_SIZE`` windows each); the job's progress and ETA follow the batches, and ``also`` units
+    of work that follow in the same phase (probe items: jobs/probes.py)."""
     settings = ctx.settings
     batch, most, chunk = settings.train_batch_size, settings.eval_max_batches, settings.train_loss_chunk_tokens
-    progress.evaluating(2 * sum(data.eval_batch_count(batch, seq_len, most) for data in val_sets.values()))
+    progress.evaluating(2 * sum(data.eval_batch_count(batch, seq_len, most) for data in val_sets.values()) + also)
     return tuple(evaluate_all(model, val_sets, seq_len, batch, most, chunk, progress.on_eval_batch)
                  for model in (child, parent))

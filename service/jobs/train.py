@@ -2,7 +2,8 @@
 :func:`peer_model.continual.continual_stage` (by default: grow a segment in every PEER layer, fine-tune everything
 on half replay of earlier corpora with distillation to the parent; when an earlier corpus' text is gone from the
 store, the parent's own samples are replayed instead) → bits per byte on the validation split of every corpus the
-version knows (whose text is still there) → publish (publish.py): the checkpoint is written first, then in one
+version knows (whose text is still there), and when the job names a probe, the child's and the parent's greedy
+answers to it (jobs/probes.py) → publish (publish.py): the checkpoint is written first, then in one
 transaction the version row, its evaluations, the job's success and (when the activation gate passes) the
 activation. A crash at any point before that commit leaves no version row, so no half version is ever visible;
 each attempt writes its own checkpoint key, so an attempt that lost its lease never touches a published version
@@ -25,6 +26,7 @@ from ..errors import InvalidInput
 from ..store.versions import get_version, is_pretrained
 from .lease import Dispatch, JobCancelled
 from .options import check_pool_size, continual_options, parse_job_options
+from .probes import load_job_probe, probe_units, score_child_and_parent
 from .progress import Attempt, JobProgress
 from .publish import activation_gate, check_evaluations, publish_version
 from .runner import claim_base, corpus_available, evaluate_child_and_parent, run_owned_job, token_data
@@ -53,6 +55,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> No
     job_options = parse_job_options(options)
     parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
     tokenizer = parent.tokenizer
+    probe = load_job_probe(ctx, job_options.probe, parent) if job_options.probe is not None else None
     stage_options = continual_options(settings, job_options, has_old_corpora=bool(old_ids) or pretrained,
                                       has_pool=bool(parent.peer_layers()), pretrained=pretrained)
     check_pool_size(settings, base_experts, stage_options.new_experts)  # the base may have grown since submission
@@ -84,8 +87,9 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> No
                 if corpus_available(ctx, c, "val")}
     old_ids_evaluated = [c for c in old_ids if c in val_sets]
     child_bpb, parent_bpb = evaluate_child_and_parent(ctx, child, parent, val_sets, stage_options.train.seq_len,
-                                                      progress)
+                                                      progress, also=probe_units(probe))
     check_evaluations(child_bpb, parent_bpb)
+    probe_scores = score_child_and_parent(probe, child, parent, progress) if probe is not None else None
     gate = activation_gate(child_bpb, parent_bpb, old_ids_evaluated, new_ids, settings.activation_tolerance)
     publish_version(ctx, job_id, attempt.lease, base_id, child, parent_segments, new_ids, all_ids,
                     stage_options.strategy, child_bpb, gate, job_options.activate, {
@@ -96,7 +100,7 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> No
                         "parent_bpb": {str(c): v for c, v in parent_bpb.items()},
                         "replay_source": stage_options.replay_source, "corpora_gone": gone,
                         "loss_history": progress.loss_history,
-                    })
+                    }, probe_scores)
 
 
 def train_stage(ctx: ServiceContext, parent: PEERTransformer, new_train: TokenData, old_train: list[TokenData],

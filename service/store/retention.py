@@ -11,7 +11,8 @@
   version but the active one, the pinned ones, the newest PEER_KEEP_VERSIONS and those jobs need.
 - Garbage collection (:func:`collect_garbage`): checkpoint directories no live version row refers to (a
   failed or cancelled job's, an attempt that lost its lease, a deletion interrupted before its files
-  went), chunks no manifest refers to, corpus directories of deleted corpora and temporary files, each
+  went), chunks no manifest refers to, corpus directories of deleted corpora, probe directories of no probe row
+  (an upload whose commit failed) and temporary files, each
   only once older than PEER_GC_GRACE_SECONDS, so that nothing still being written (an attempt about to
   publish, a chunk about to be referenced) is ever collected.
 
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select, update
 
-from ..db.models import Activation, Corpus, Job, PoolVersion, StreamDocument, utcnow
+from ..db.models import Activation, Corpus, Job, PoolVersion, Probe, StreamDocument, utcnow
 from ..db.session import transaction
 from ..errors import Conflict, NotFound
 from .lock import store_lock
@@ -179,8 +180,8 @@ class Garbage:
 def collect_garbage(ctx: ServiceContext, dry_run: bool = False) -> Garbage:
     """Remove what nothing refers to and is older than PEER_GC_GRACE_SECONDS: checkpoint directories of
     no live version (and leftover temporary or backup ones), chunks no remaining manifest names,
-    directories of deleted or unknown corpora and temporary files. ``dry_run``: only report them. The
-    store is walked through its files (service/store/files.py): a local directory or an object store."""
+    directories of deleted or unknown corpora and of unknown probes, and temporary files. ``dry_run``: only report
+    them. The store is walked through its files (service/store/files.py): a local directory or an object store."""
     with nullcontext() if dry_run else store_lock(ctx, exclusive=True):  # no checkpoint is written meanwhile
         return _collect_garbage(ctx, dry_run)
 
@@ -191,6 +192,7 @@ def _collect_garbage(ctx: ServiceContext, dry_run: bool) -> Garbage:
     with ctx.sessions() as session:
         live_keys = set(session.scalars(select(PoolVersion.checkpoint).where(PoolVersion.deleted_at.is_(None))))
         live_corpora = {str(i) for i in session.scalars(select(Corpus.id).where(Corpus.deleted_at.is_(None)))}
+        live_probes = {str(i) for i in session.scalars(select(Probe.id))}  # an upload whose commit failed left none
     garbage = Garbage()
 
     kept_checkpoints = []
@@ -212,14 +214,15 @@ def _collect_garbage(ctx: ServiceContext, dry_run: bool) -> Garbage:
             if name not in referenced and mtime < cutoff:
                 garbage.add(store, f"chunks/{prefix}/{name}")
 
-    for name in files.children("corpora"):
-        folder = f"corpora/{name}"
-        if name not in live_corpora and files.age(folder) < cutoff:
-            garbage.add(store, folder)
-        else:
-            for stale in files.children(folder):
-                if stale.startswith(".") and stale.endswith(".tmp") and files.age(f"{folder}/{stale}") < cutoff:
-                    garbage.add(store, f"{folder}/{stale}")
+    for top, live in (("corpora", live_corpora), ("probes", live_probes)):
+        for name in files.children(top):
+            folder = f"{top}/{name}"
+            if name not in live and files.age(folder) < cutoff:
+                garbage.add(store, folder)
+            else:
+                for stale in files.children(folder):
+                    if stale.startswith(".") and stale.endswith(".tmp") and files.age(f"{folder}/{stale}") < cutoff:
+                        garbage.add(store, f"{folder}/{stale}")
 
     if not dry_run:
         for key in garbage.paths:

@@ -4,6 +4,7 @@ Layout (keys relative to the root are what the database records)::
 
     corpora/<id>/raw.txt            the upload as received (validated UTF-8)
     corpora/<id>/train.txt, val.txt the ingested splits
+    probes/<id>/probe.jsonl         a probe as uploaded (validated JSONL: peer_model/probe.py)
     versions/<name>/                a checkpoint: peer_model's config and tokenizer files, and a manifest
                                     of content-addressed chunks (service/store/chunks.py); versions written
                                     before chunking hold a plain ``model.safetensors`` and still load
@@ -68,6 +69,20 @@ class Store:
 
     def remove_corpus(self, corpus_id: int) -> None:
         self.files.remove(f"corpora/{corpus_id}")
+
+    # ---- probes --------------------------------------------------------------------------------
+
+    @staticmethod
+    def probe_key(probe_id: int) -> str:
+        return f"probes/{probe_id}/probe.jsonl"
+
+    def write_probe(self, probe_id: int, data: bytes) -> str:
+        key = self.probe_key(probe_id)
+        self.files.write(key, data)
+        return key
+
+    def read_probe(self, probe_id: int) -> str:
+        return bytes(self.files.read(self.probe_key(probe_id))).decode("utf-8")
 
     # ---- versions ------------------------------------------------------------------------------
 

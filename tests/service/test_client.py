@@ -252,7 +252,7 @@ def test_versions_mark_the_active_one(service, capsys):
     url, http, _ = service
     assert peer(url, "versions", key=None) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ID", "PARENT", "ACTIVE", "CORPORA", "STRATEGY", "MEAN", "BPB", "GATE"]
+    assert lines[0].split() == ["ID", "PARENT", "ACTIVE", "CORPORA", "STRATEGY", "MEAN", "BPB", "PROBE", "GATE"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) == {"1", "2"}
     version_2 = ok(http.get("/v1/versions/2"))

@@ -95,7 +95,7 @@ async def upload_corpus(request: Request, name: Annotated[str | None, Query(max_
     def store() -> dict:  # parsing, fsync and commit of up to PEER_MAX_CORPUS_BYTES: off the event loop
         parsed = counted or parse_upload(data, fmt, limit, ctx.settings.max_corpus_documents)
         active_id = active_version_id(session) if train else None
-        validate_job_options(ctx.settings, train_options, experts=get_version(session, active_id).experts
+        validate_job_options(ctx.settings, session, train_options, experts=get_version(session, active_id).experts
                              if active_id else None)
         with store_write(ctx, session):  # from the text's write to its row's commit (store/lock.py)
             corpus, job = accept_corpus(ctx, session, name, parsed, data, fmt, train, train_options)

@@ -39,7 +39,7 @@ def submit_job(body: JobRequest, ctx=Depends(get_ctx), session: Session = Depend
         raise Conflict("no version to train from")
     base = live_version(session, base_id, "trained from")
     has_old = any(c not in body.corpus_ids for c in base.corpus_ids) or is_pretrained(base)
-    validate_job_options(ctx.settings, body.options, has_old, base.experts)
+    validate_job_options(ctx.settings, session, body.options, has_old, base.experts)
     # unpinned (no base_version_id): the job trains the version active when it starts, so jobs queued one
     # after the other build one lineage instead of forking from the version active at submission
     job = create_job(session, "train", body.corpus_ids, body.options, base_version_id=body.base_version_id)

@@ -24,6 +24,7 @@ def version_view(session: Session, version: PoolVersion, active_id: int | None, 
         "pinned": version.pinned, "deleted_at": version.deleted_at.isoformat() if version.deleted_at else None,
         "evaluation": {str(e.corpus_id): e.bpb for e in session.scalars(
             select(Evaluation).where(Evaluation.version_id == version.id).order_by(Evaluation.corpus_id))},
+        "probe_scores": version.probe_scores,
     }
     if detail:
         view["segments"] = version.segments
