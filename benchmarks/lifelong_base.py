@@ -76,6 +76,7 @@ class Arm:
     lora_rank: int = 0
     layers: str = "middle"  # pool: the blocks with a PEER layer
     job: tuple = ()  # pool: the job's options (service/jobs/options.py) over the service's defaults
+    settings: tuple = ()  # pool: service settings other than the defaults
 
 
 ARMS = {arm.name: arm for arm in (
@@ -85,6 +86,7 @@ ARMS = {arm.name: arm for arm in (
     Arm("lora-r80", "lora", lora_rank=80),
     Arm("lora-r256", "lora", lora_rank=256),
     Arm("pool", "pool"),
+    Arm("pool-expert-lr3e-2", "pool", settings=(("train_expert_lr", 3e-2),)),
     Arm("pool-nogrow", "pool", job=(("new_experts", 0),)),
     Arm("pool-sparse", "pool", job=(("strategy", "sparse_finetune"),)),
     Arm("pool-4blocks", "pool", layers="6,12,18,24"),
@@ -176,7 +178,7 @@ def pool_options(arm: Arm, cfg: TrainConfig, has_old: bool, tmp: Path) -> Contin
     from service.jobs.options import continual_options, parse_job_options
     from service.settings import Settings
 
-    settings = Settings(home=tmp, base_model=BASE)
+    settings = Settings(home=tmp, base_model=BASE, **dict(arm.settings))
     options = continual_options(settings, parse_job_options(dict(arm.job)), has_old_corpora=True, has_pool=True,
                                 pretrained=True)
     train_cfg = replace(cfg, lr=settings.train_lr, expert_lr=settings.train_expert_lr)

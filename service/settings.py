@@ -152,6 +152,10 @@ class Settings(BaseSettings):
     # a job on a pretrained base (PEER_BASE_MODEL): its steps cover about the text the byte-level default's 300 do
     # (a BPE token is ~4 bytes), and 60 steps of 16 x 128 tokens fit a 100 KB corpus's job in 20 min on 2 cores
     base_train_steps: int = Field(60, ge=1)
+    # ... and its experts' peak learning rate: the byte-level default's 3e-3 barely moves a pretrained model (SmolLM2: a
+    # new corpus' bits per byte fell 0.03 in 40 steps and no invented fact was learnt; 3e-2: 0.22 and 11 of 12 facts;
+    # 1e-1 learnt no more and forgot more: BENCHMARKS.md 15)
+    base_train_expert_lr: float = Field(3e-2, gt=0)
     train_batch_size: int = 16
     train_seq_len: int = 128
     train_lr: float = 1e-3

@@ -100,7 +100,7 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
         raise InvalidInput(f"invalid job options: new_experts {new_experts} is over PEER_MAX_NEW_EXPERTS "
                            f"({settings.max_new_experts})")
     try:
-        train = job_train_config(settings, steps, job.seed)
+        train = job_train_config(settings, steps, job.seed, pretrained)
         return ContinualOptions(
             strategy=strategy, new_experts=new_experts, replay_fraction=replay, distill_weight=distill, train=train,
             sparse_top_experts=(job.sparse_top_experts or settings.sparse_top_experts)
@@ -117,10 +117,12 @@ def continual_options(settings: Settings, job: JobOptions, has_old_corpora: bool
         raise InvalidInput(f"invalid job options: {exc}") from None
 
 
-def job_train_config(settings: Settings, steps: int, seed: int) -> TrainConfig:
-    """A job's training loop: the service's batch, window and learning rates, a short warm-up."""
+def job_train_config(settings: Settings, steps: int, seed: int, pretrained: bool = False) -> TrainConfig:
+    """A job's training loop: the service's batch, window and learning rates (the experts' own on a ``pretrained``
+    base), a short warm-up."""
+    expert_lr = settings.base_train_expert_lr if pretrained else settings.train_expert_lr
     return TrainConfig(steps=steps, batch_size=settings.train_batch_size, seq_len=settings.train_seq_len,
-                       lr=settings.train_lr, expert_lr=settings.train_expert_lr, param_dtype=settings.train_param_dtype,
+                       lr=settings.train_lr, expert_lr=expert_lr, param_dtype=settings.train_param_dtype,
                        warmup_steps=min(50, max(1, steps // 10)), eval_every=steps, seed=seed,
                        device=settings.device, log_every=10, loss_chunk_tokens=settings.train_loss_chunk_tokens)
 

@@ -55,10 +55,12 @@ def test_chill_and_review_apply_only_where_there_is_something_old_to_protect():
 
 def test_a_job_on_a_pretrained_base_takes_that_bases_shape_and_the_replay_settings():
     settings = Settings(**DEFAULTS, train_steps=300, base_train_steps=60, replay_windows=96, replay_batch=32,
-                        replay_weights="int8")
-    assert continual_options(settings, parse_job_options({}), True).train.steps == 300
+                        replay_weights="int8", train_expert_lr=3e-3, base_train_expert_lr=3e-2)
+    fresh = continual_options(settings, parse_job_options({}), True)
+    assert (fresh.train.steps, fresh.train.expert_lr) == (300, 3e-3)
     pretrained = continual_options(settings, parse_job_options({}), True, pretrained=True)
-    assert pretrained.train.steps == 60
+    assert (pretrained.train.steps, pretrained.train.expert_lr) == (60, 3e-2)
+    assert pretrained.train.lr == fresh.train.lr == settings.train_lr
     assert (pretrained.generated_windows, pretrained.generated_batch, pretrained.generated_weights) == (96, 32, "int8")
     assert continual_options(settings, parse_job_options({"steps": 7}), True, pretrained=True).train.steps == 7
 
