@@ -25,7 +25,9 @@ one after another and skips those already done, so an interrupted run resumes at
   blocks, one adapter trained through the stream; rank 80 has about the trainable parameters of the pool arm;
 * ``pool``: PEER retrofitted beside the middle block's feed-forward, the base frozen, with exactly the options
   a service job takes by default on a pretrained base (service/jobs/options.py ``continual_options``:
-  replay, distillation, growth); ``pool-nogrow``: the same without growth; ``pool-sparse``: Sparse Memory
+  replay, distillation, growth, the experts at PEER_BASE_TRAIN_EXPERT_LR); ``pool-expert-lr3e-3``: the same
+  with the experts at the byte-level model's rate (the default before this benchmark); ``pool-nogrow``: without
+  growth; ``pool-sparse``: Sparse Memory
   Finetuning (the experts this batch uses more than the background, per batch); ``pool-4blocks``: PEER in 4
   of the 30 blocks.
 
@@ -86,7 +88,7 @@ ARMS = {arm.name: arm for arm in (
     Arm("lora-r80", "lora", lora_rank=80),
     Arm("lora-r256", "lora", lora_rank=256),
     Arm("pool", "pool"),
-    Arm("pool-expert-lr3e-2", "pool", settings=(("train_expert_lr", 3e-2),)),
+    Arm("pool-expert-lr3e-3", "pool", settings=(("base_train_expert_lr", 3e-3),)),
     Arm("pool-nogrow", "pool", job=(("new_experts", 0),)),
     Arm("pool-sparse", "pool", job=(("strategy", "sparse_finetune"),)),
     Arm("pool-4blocks", "pool", layers="6,12,18,24"),
@@ -181,7 +183,7 @@ def pool_options(arm: Arm, cfg: TrainConfig, has_old: bool, tmp: Path) -> Contin
     settings = Settings(home=tmp, base_model=BASE, **dict(arm.settings))
     options = continual_options(settings, parse_job_options(dict(arm.job)), has_old_corpora=True, has_pool=True,
                                 pretrained=True)
-    train_cfg = replace(cfg, lr=settings.train_lr, expert_lr=settings.train_expert_lr)
+    train_cfg = replace(cfg, lr=options.train.lr, expert_lr=options.train.expert_lr)
     return replace(options, train=train_cfg, replay_source="corpora" if has_old else "parent")
 
 
