@@ -25,9 +25,10 @@ one after another and skips those already done, so an interrupted run resumes at
   blocks, one adapter trained through the stream; rank 80 has about the trainable parameters of the pool arm;
 * ``pool``: PEER retrofitted beside the middle block's feed-forward, the base frozen, with exactly the options
   a service job takes by default on a pretrained base (service/jobs/options.py ``continual_options``:
-  replay, distillation, growth, the experts at PEER_BASE_TRAIN_EXPERT_LR); ``pool-expert-lr3e-3``: the same
-  with the experts at the byte-level model's rate (the default before this benchmark); ``pool-nogrow``: without
-  growth; ``pool-sparse``: Sparse Memory
+  replay of the parent's own samples beside the earlier corpora, distillation, growth, the experts at
+  PEER_BASE_TRAIN_EXPERT_LR); ``pool-replay-corpora``: replaying the earlier corpora alone after the first stage,
+  and ``pool-expert-lr3e-3``: that with the experts at the byte-level model's rate (the service's defaults
+  before this benchmark); ``pool-nogrow``: without growth; ``pool-sparse``: Sparse Memory
   Finetuning (the experts this batch uses more than the background, per batch); ``pool-4blocks``: PEER in 4
   of the 30 blocks.
 
@@ -79,6 +80,8 @@ class Arm:
     layers: str = "middle"  # pool: the blocks with a PEER layer
     job: tuple = ()  # pool: the job's options (service/jobs/options.py) over the service's defaults
     settings: tuple = ()  # pool: service settings other than the defaults
+    replay: str | None = None  # pool: what later stages replay, if not what the service does (the parent's samples
+    # beside the earlier corpora, on a pretrained base)
 
 
 ARMS = {arm.name: arm for arm in (
@@ -88,7 +91,8 @@ ARMS = {arm.name: arm for arm in (
     Arm("lora-r80", "lora", lora_rank=80),
     Arm("lora-r256", "lora", lora_rank=256),
     Arm("pool", "pool"),
-    Arm("pool-expert-lr3e-3", "pool", settings=(("base_train_expert_lr", 3e-3),)),
+    Arm("pool-replay-corpora", "pool", replay="corpora"),
+    Arm("pool-expert-lr3e-3", "pool", settings=(("base_train_expert_lr", 3e-3),), replay="corpora"),
     Arm("pool-nogrow", "pool", job=(("new_experts", 0),)),
     Arm("pool-sparse", "pool", job=(("strategy", "sparse_finetune"),)),
     Arm("pool-4blocks", "pool", layers="6,12,18,24"),
@@ -177,14 +181,15 @@ def stage_config(stream: Stream, seed: int, stage: int, lr: float) -> TrainConfi
 def pool_options(arm: Arm, cfg: TrainConfig, has_old: bool, tmp: Path) -> ContinualOptions:
     """What a service job with ``arm.job``'s options does on a pretrained base: the service's own code builds
     them, then the run's steps, batch and seed; with no earlier corpus it replays the parent's own samples."""
-    from service.jobs.options import continual_options, parse_job_options
+    from service.jobs.options import continual_options, parse_job_options, replay_source
     from service.settings import Settings
 
     settings = Settings(home=tmp, base_model=BASE, **dict(arm.settings))
     options = continual_options(settings, parse_job_options(dict(arm.job)), has_old_corpora=True, has_pool=True,
                                 pretrained=True)
     train_cfg = replace(cfg, lr=options.train.lr, expert_lr=options.train.expert_lr)
-    return replace(options, train=train_cfg, replay_source="corpora" if has_old else "parent")
+    source = arm.replay or replay_source(options, corpora_gone=False, corpora_available=has_old, pretrained=True)
+    return replace(options, train=train_cfg, replay_source=source)
 
 
 def add_lora(model: PEERTransformer, rank: int, seed: int) -> PEERTransformer:

@@ -572,3 +572,17 @@ def test_a_stage_can_replay_the_parents_samples_without_any_old_corpus(parent):
     protected = continual_stage(parent, DATA_B, [], options, tag="B").child
     naive = continual_stage(parent, DATA_B, [], ContinualOptions("naive", train=stage_cfg(30)), tag="B").child
     assert evaluate_bpb(protected, VAL, 32, 8) < evaluate_bpb(naive, VAL, 32, 8), "replaying the parent protects A"
+
+
+def test_replaying_both_protects_what_the_parent_knew_that_no_old_corpus_holds(parent):
+    """The parent knows A; the only earlier corpus is B (a pretrained base's jobs: its own text is in no corpus).
+    Replaying B protects B; replaying the parent's samples too ("both") protects A as well."""
+    def stage(source: str):
+        options = ContinualOptions("replay", replay_fraction=0.5, distill_weight=1.0, replay_source=source,
+                                   generated_windows=16, train=stage_cfg(30))
+        return continual_stage(parent, DATA_B, [DATA_B], options, tag="B").child
+
+    corpora, both = stage("corpora"), stage("both")
+    assert evaluate_bpb(both, VAL, 32, 8) < evaluate_bpb(corpora, VAL, 32, 8)
+    with pytest.raises(ValueError, match="replay_source"):
+        ContinualOptions("replay", replay_fraction=0.5, replay_source="all")

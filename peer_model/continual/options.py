@@ -29,7 +29,8 @@ class ContinualOptions:
     freeze_query: bool = False
     train_dense: bool | None = None  # None: True for naive/replay, False for the other strategies
     key_init: Literal["data", "random"] = "data"  # new sub-keys: the new corpus' queries, or random (peer.py)
-    replay_source: Literal["corpora", "parent"] = "corpora"  # replay earlier corpora, or the parent's own samples
+    # replay earlier corpora, the parent's own samples, or both (a pretrained parent knows text no corpus holds)
+    replay_source: Literal["corpora", "parent", "both"] = "corpora"
     generated_windows: int = 256  # replay_source "parent": windows of seq_len bytes sampled from the parent
     generated_batch: int = 128  # windows sampled together (one batched decode)
     generated_weights: str = "bfloat16"  # the weights the parent samples with (peer_model/quantize.py)
@@ -61,10 +62,10 @@ class ContinualOptions:
             raise ValueError(f"old_lr_scale must be in [0, 1], got {self.old_lr_scale!r}")
         if self.sparse_selection not in ("batch", "stage"):
             raise ValueError(f"sparse_selection must be 'batch' or 'stage', got {self.sparse_selection!r}")
-        if self.replay_source not in ("corpora", "parent"):
-            raise ValueError(f"replay_source must be 'corpora' or 'parent', got {self.replay_source!r}")
-        if self.replay_source == "parent" and self.generated_windows < 1:
-            raise ValueError("replay_source 'parent' needs generated_windows >= 1")
+        if self.replay_source not in ("corpora", "parent", "both"):
+            raise ValueError(f"replay_source must be 'corpora', 'parent' or 'both', got {self.replay_source!r}")
+        if self.replay_source != "corpora" and self.generated_windows < 1:
+            raise ValueError(f"replay_source {self.replay_source!r} needs generated_windows >= 1")
         if self.key_init not in ("data", "random"):
             raise ValueError(f"key_init must be 'data' or 'random', got {self.key_init!r}")
         if self.distill_on not in ("old", "all"):

@@ -19,7 +19,9 @@ and returns a child (the parent is never modified). Strategies (``ContinualOptio
   sampled batches of the new corpus (:func:`expert_scores`).
 
 ``replay_source="parent"`` replays the parent's own samples instead of the earlier corpora (generative
-replay, :func:`sample_replay`), for when their text is gone. Two options apply to any strategy:
+replay, :func:`sample_replay`), for when their text is gone; ``"both"`` replays them as one more earlier
+corpus, for a parent that knows text no corpus holds (a pretrained base: replaying only the corpora trained
+since protects those and not what the base knew). Two options apply to any strategy:
 ``old_lr_scale`` ("add and chill"): every parameter that existed
 before the stage (dense layers, query projection, old expert rows, old sub-key rows) learns at
 ``old_lr_scale`` × its rate and the query BatchNorm's running statistics move at that fraction of their
@@ -103,9 +105,10 @@ def continual_stage(parent: PEERTransformer, new_train: TokenData, old_train: Se
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {parent.config.max_seq_len}")
     needs_old = (options.replay_fraction > 0 or (options.distill_weight > 0 and options.distill_on == "old")
                  or options.review_steps > 0)
-    if needs_old and options.replay_source == "parent":
-        old_train = [sample_replay(parent, options.generated_windows, cfg.seq_len, seed=cfg.seed + 3,
-                                   batch_size=options.generated_batch, weights=options.generated_weights)]
+    if needs_old and options.replay_source != "corpora":
+        generated = sample_replay(parent, options.generated_windows, cfg.seq_len, seed=cfg.seed + 3,
+                                  batch_size=options.generated_batch, weights=options.generated_weights)
+        old_train = [generated] if options.replay_source == "parent" else [*old_train, generated]
     if needs_old and not old_train:
         raise ValueError(f"strategy {options.strategy!r} with replay/distillation needs earlier corpora (old_train)")
     child = copy.deepcopy(parent)

@@ -25,7 +25,7 @@ from ..db.models import Corpus, Job
 from ..errors import InvalidInput
 from ..store.versions import get_version, is_pretrained
 from .lease import Dispatch, JobCancelled
-from .options import check_pool_size, continual_options, parse_job_options
+from .options import check_pool_size, continual_options, parse_job_options, replay_source
 from .probes import load_job_probe, probe_units, score_child_and_parent
 from .progress import Attempt, JobProgress
 from .publish import activation_gate, check_evaluations, publish_version
@@ -67,13 +67,8 @@ def _train_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> No
                            f"at least {stage_options.train.seq_len} (PEER_TRAIN_SEQ_LEN) are needed")
     gone = [c for c in old_ids if not corpus_available(ctx, c, "train")]
     available = [c for c in old_ids if c not in gone]
-    # what the stage reads earlier text for: replay, distillation on it, the routing review (continual_stage)
-    needs_old = (stage_options.replay_fraction > 0 or stage_options.review_steps > 0
-                 or (stage_options.distill_weight > 0 and stage_options.distill_on == "old"))
-    if needs_old and ((gone and stage_options.replay_fraction > 0) or not available):
-        # earlier text is not in the store (a corpus deleted since, or the pretrained base's own corpus):
-        # replay the parent's own samples instead
-        stage_options = replace(stage_options, replay_source="parent")
+    stage_options = replace(stage_options, replay_source=replay_source(stage_options, bool(gone), bool(available),
+                                                                       pretrained))
     old_train = [token_data(ctx, [c], "train", tokenizer) for c in available]
     progress = JobProgress(attempt, stage_options.train.steps,
                            {"strategy": stage_options.strategy, "base_follows_active": follows_active})

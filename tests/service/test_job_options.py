@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from service.errors import InvalidInput
-from service.jobs.options import continual_options, parse_job_options
+from service.jobs.options import continual_options, parse_job_options, replay_source
 from service.settings import Settings
 
 DEFAULTS = dict(strategy="replay", replay_fraction=0.5, distill_weight=1.0, new_experts=4096)
@@ -78,3 +78,14 @@ def test_peer_layers_setting_places_the_expert_blocks():
     assert Settings(n_layers=4, peer_layers="0,3").fresh_model_config().peer_layers == [0, 3]
     with pytest.raises(ValueError):
         Settings(peer_layers="every")
+
+
+def test_a_job_on_a_pretrained_base_replays_its_samples_beside_the_earlier_corpora():
+    settings = Settings(**DEFAULTS)
+    default = continual_options(settings, parse_job_options({}), True, pretrained=True)
+    assert replay_source(default, corpora_gone=False, corpora_available=True, pretrained=True) == "both"
+    assert replay_source(default, corpora_gone=False, corpora_available=False, pretrained=True) == "parent"
+    assert replay_source(default, corpora_gone=False, corpora_available=True, pretrained=False) == "corpora"
+    assert replay_source(default, corpora_gone=True, corpora_available=True, pretrained=False) == "parent"
+    naive = continual_options(settings, parse_job_options({"strategy": "naive"}), True, pretrained=True)
+    assert replay_source(naive, corpora_gone=False, corpora_available=True, pretrained=True) == "corpora"
