@@ -338,6 +338,16 @@ def table(folder: Path) -> str:
             cells.append(fmt.format(mean) + (f" ({' / '.join(fmt.format(v) for v in values)})"
                                              if len(values) > 1 and key not in ("trainable_params",) else ""))
         lines.append(f"| {name} ({len(rows)}) | {' | '.join(cells)} |")
+    asked = {kind: counts[1] for kind, counts in before["general_by_kind"].items()}
+    kinds = list(asked)
+    lines += ["", "General answers kept at the end, by kind (seeds summed):", "",
+              f"| arm | {' | '.join(f'{kind} ({asked[kind]})' for kind in kinds)} |",
+              "|---|" + "---|" * len(kinds)]
+    for name in [n for n in ARMS if n in by_arm]:
+        ends = [run["stages"][-1]["general_by_kind"] for run in runs if run["arm"]["name"] == name
+                and len(run["stages"]) == len(stream.corpora)]
+        cells = [f"{sum(end[kind][0] for end in ends) / sum(end[kind][1] for end in ends):.0%}" for kind in kinds]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join([f"base: bpb {base_bpb}; general questions answered {floor['questions']} of "
                       f"{floor['candidates']} candidates (kept: of those)", "", *lines])
 
