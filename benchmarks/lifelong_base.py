@@ -188,7 +188,9 @@ def pool_options(arm: Arm, cfg: TrainConfig, has_old: bool, tmp: Path) -> Contin
     options = continual_options(settings, parse_job_options(dict(arm.job)), has_old_corpora=True, has_pool=True,
                                 pretrained=True)
     train_cfg = replace(cfg, lr=options.train.lr, expert_lr=options.train.expert_lr)
-    source = arm.replay or replay_source(options, corpora_gone=False, corpora_available=has_old, pretrained=True)
+    source = replay_source(options, corpora_gone=False, corpora_available=has_old, pretrained=True)
+    if arm.replay and has_old:  # the first stage has no earlier corpus: the parent's samples, as the service does
+        source = arm.replay
     return replace(options, train=train_cfg, replay_source=source)
 
 
