@@ -274,14 +274,19 @@ def _documents(data: bytes, path: str) -> list[str]:
     return documents
 
 
-def cmd_upload(api: API, args) -> int:
-    path = args.file
+def _read_upload(path: str, name: str | None) -> tuple[bytes, str]:
+    """The bytes of an upload's FILE (``-``: standard input) and its name: ``name``, else the file's stem."""
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
         raise ClientError(f"cannot read {path}: {exc.strerror or exc}", 2) from None
+    return data, name or ("stdin" if path == "-" else Path(path).stem)
+
+
+def cmd_upload(api: API, args) -> int:
+    path = args.file
+    data, name = _read_upload(path, args.name)
     fmt = args.format or ("jsonl" if path.lower().endswith((".jsonl", ".ndjson")) else "text")
-    name = args.name or ("stdin" if path == "-" else Path(path).stem)
     train = not args.no_train
     if args.probe is not None:
         args.option = [*(args.option or []), ("probe", args.probe)]
@@ -322,12 +327,7 @@ def cmd_upload(api: API, args) -> int:
 
 def cmd_probe(api: API, args) -> int:
     """``probe upload FILE``: a JSONL probe, validated by the service; its id is what ``--probe`` takes."""
-    path = args.file
-    try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise ClientError(f"cannot read {path}: {exc.strerror or exc}", 2) from None
-    name = args.name or ("stdin" if path == "-" else Path(path).stem)
+    data, name = _read_upload(args.file, args.name)
     probe = api.post("/v1/probes", params={"name": name}, content=data, headers={"Content-Type": "application/jsonl"})
     if args.json:
         print_json(probe)
