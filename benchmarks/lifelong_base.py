@@ -13,7 +13,11 @@ what the arm kept, not what it was shown again. Measured before the stream and a
   Bible, in no stage) and greedy exact-match answers to the general questions the base answers correctly
   (benchmarks/general_probe.py: capitals, opposites, sequences, the same asked as chat instructions);
 * facts: greedy recall of every stage's facts, right after its stage and at the end;
-* cost: trainable parameters, parameters the stream changed, seconds per step, the process' peak memory.
+* cost: trainable parameters, parameters the stream changed, seconds per step, the process' peak memory;
+* forgetting on request (pool arms that grow): after the stream, the segments grown in stage ``--forget-stage``
+  are masked as the service's forget job masks them (peer_model.continual.forget_segments, with the service's
+  PEER_FORGET_REPAIR_STEPS) and everything is measured again: that stage's facts should fall back to the
+  base's recall while the other stages' facts and the general answers stay.
 
 Arms (``ARMS``), same data, same steps, same tokens per stage, each in a process of its own (``all`` starts them
 one after another and skips those already done, so an interrupted run resumes at the arm it was in):
@@ -54,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from peer_model.continual import ContinualOptions, continual_stage, evaluate_all
+from peer_model.continual import ContinualOptions, continual_stage, evaluate_all, forget_segments
 from peer_model.corpora import load_corpus, split_train_val
 from peer_model.facts import Fact, facts_tokens, make_facts, recalled
 from peer_model.hf import load_hf, retrofit
@@ -229,7 +233,7 @@ def changed(before: dict[str, torch.Tensor], model) -> int:
     return count
 
 
-def run_arm(arm: Arm, seed: int, stream: Stream, out: Path) -> dict:
+def run_arm(arm: Arm, seed: int, stream: Stream, out: Path, forget_stage: int) -> dict:
     torch.manual_seed(seed)
     base = load_hf(BASE, max_seq_len=max(512, stream.seq_len))
     tokenizer = base.tokenizer
@@ -247,6 +251,7 @@ def run_arm(arm: Arm, seed: int, stream: Stream, out: Path) -> dict:
         model = base
     result["trainable_params"] = trainable(model)
     initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    grown: list[dict[int, list[int]]] = []  # per stage: {PEER layer: the positions of the segments it grew}
     with tempfile.TemporaryDirectory(prefix="peer-lifelong-") as tmp:
         for stage in range(len(stream.corpora)):
             cfg = stage_config(stream, seed, stage, LORA_LR if arm.kind == "lora" else FINETUNE_LR)
@@ -265,6 +270,9 @@ def run_arm(arm: Arm, seed: int, stream: Stream, out: Path) -> dict:
                     options = ContinualOptions(strategy="naive", train=cfg)
                 staged = continual_stage(model, data.train[stage], data.replay[:stage], options, tag=f"stage{stage}")
                 model, outcome = staged.child, staged.train_result
+                layers = model.peer_layers()
+                grown.append({i: [position for position, s in enumerate(layers[i].segments) if s.start == segment.start]
+                              for i, segment in staged.segments.items()})
             seconds = time.perf_counter() - started
             record = evaluate(model, tokenizer, data, stream, stage + 1)
             record.update(steps=outcome.steps_done, train_seconds=round(seconds, 1),
@@ -274,7 +282,26 @@ def run_arm(arm: Arm, seed: int, stream: Stream, out: Path) -> dict:
             result["stages"].append(record)
             print(f"{arm.name} seed {seed} stage {stage + 1}: {json.dumps(record)}", flush=True)
     result["changed_params"] = changed(initial, model)
+    if arm.kind == "pool" and forget_stage < len(grown) and grown[forget_stage]:
+        result["forget"] = forget(model, grown[forget_stage], forget_stage, data, stream)
     return result
+
+
+def forget(model: PEERTransformer, plan: dict[int, list[int]], stage: int, data: Data, stream: Stream) -> dict:
+    """The model with the segments of ``plan`` masked, as a service forget job of that stage's corpus does it
+    (repaired on the other stages' text for PEER_FORGET_REPAIR_STEPS steps), measured like a stage."""
+    from service.jobs.options import job_train_config
+    from service.settings import Settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(home=tmp, base_model=BASE)
+    others = [data.train[k] for k in range(len(stream.corpora)) if k != stage]
+    cfg = job_train_config(settings, max(1, settings.forget_repair_steps), 0, pretrained=True)
+    child, _ = forget_segments(model, plan, others, settings.forget_repair_steps, cfg, settings.distill_weight)
+    record = evaluate(child, model.tokenizer, data, stream, len(stream.corpora))
+    print(f"forgetting stage {stage + 1}: {json.dumps(record)}", flush=True)
+    return {"stage": stage, "masked_segments": {str(i): p for i, p in plan.items()},
+            "repair_steps": settings.forget_repair_steps, **record}
 
 
 def _peer_config():
@@ -351,14 +378,39 @@ def table(folder: Path) -> str:
         cells = [f"{sum(end[kind][0] for end in ends) / sum(end[kind][1] for end in ends):.0%}" for kind in kinds]
         lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join([f"base: bpb {base_bpb}; general questions answered {floor['questions']} of "
-                      f"{floor['candidates']} candidates (kept: of those)", "", *lines])
+                      f"{floor['candidates']} candidates (kept: of those)", "", *lines, *forget_table(runs, floor)])
+
+
+def forget_table(runs: list[dict], floor: dict) -> list[str]:
+    """Forgetting on request, per run that measured it: the forgotten stage's facts before and after (and the
+    base's recall of them), the other stages' facts and the general answers kept through the forgetting."""
+    rows = [run for run in runs if "forget" in run]
+    if not rows:
+        return []
+    lines = ["", "Forgetting on request: the segments grown in one stage masked after the stream:", "",
+             "| arm | seed | forgotten stage | its facts before → after (base) | other stages' facts before → after "
+             "| their recall kept | general answers before → after | general bpb before → after |",
+             "|---|---|---|---|---|---|---|---|"]
+    general = floor["stream"]["general"]
+    for run in rows:
+        forgotten, end = run["forget"], run["stages"][-1]
+        stage = forgotten["stage"]
+        others = [k for k in range(len(end["fact_recall"])) if k != stage]
+        before = sum(end["fact_recall"][k] for k in others) / len(others)
+        after = sum(forgotten["fact_recall"][k] for k in others) / len(others)
+        base = floor["before"]["fact_recall"][stage]
+        lines.append(f"| {run['arm']['name']} | {run['seed']} | {stage + 1} | {end['fact_recall'][stage]:.0%} → "
+                     f"{forgotten['fact_recall'][stage]:.0%} ({base:.0%}) | {before:.0%} → {after:.0%} | "
+                     f"{f'{after / before:.0%}' if before else '-'} | {end['general_correct']} → "
+                     f"{forgotten['general_correct']} | {end['bpb'][general]:.3f} → {forgotten['bpb'][general]:.3f} |")
+    return lines
 
 
 # ---- the command line ---------------------------------------------------------------------------------
 
 
 STREAM_ARGUMENTS = ("corpora", "general", "corpus_bytes", "facts", "fact_repeats", "steps", "batch_size", "seq_len",
-                    "eval_batches", "out", "threads")
+                    "eval_batches", "out", "threads", "forget_stage")
 
 
 def main() -> None:
@@ -377,6 +429,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument("--forget-stage", type=int, default=1, help="the stage (from 0) whose segments are masked")
     parser.add_argument("--out", type=Path, default=RUNS)
     add_threads_argument(parser)
     args = parser.parse_args()
@@ -387,7 +440,7 @@ def main() -> None:
     elif args.command == "run":
         setup_torch(args.threads)
         path = args.out / f"{args.arm}-seed{args.seed}.json"
-        result = run_arm(ARMS[args.arm], args.seed, stream, path)
+        result = run_arm(ARMS[args.arm], args.seed, stream, path, args.forget_stage)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")
