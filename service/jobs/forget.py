@@ -20,7 +20,7 @@ from peer_model.train import resolve_device
 from ..context import ServiceContext
 from ..db.models import Job, PoolVersion
 from ..errors import Conflict
-from ..store.versions import get_version
+from ..store.versions import get_version, is_pretrained
 from .lease import Dispatch, JobCancelled
 from .options import job_train_config, parse_forget_options
 from .progress import Attempt, JobProgress
@@ -64,14 +64,14 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> N
         corpus_id = job.corpus_ids[0]
         plan = segments_to_mask(base, corpus_id)
         remaining = [c for c in base.corpus_ids if c != corpus_id]
-        parent_segments, base_checkpoint = base.segments, base.checkpoint
+        parent_segments, base_checkpoint, pretrained = base.segments, base.checkpoint, is_pretrained(base)
     repair_steps = settings.forget_repair_steps if options.repair_steps is None else options.repair_steps
     # a corpus deleted since (its text gone from the store) is neither repaired towards nor evaluated
     repair_on = [c for c in remaining if corpus_available(ctx, c, "train")]
     if repair_steps and not repair_on:
         repair_steps = 0  # nothing left to repair towards
     parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
-    cfg = job_train_config(settings, max(1, repair_steps), options.seed)
+    cfg = job_train_config(settings, max(1, repair_steps), options.seed, pretrained)  # a training job's rates
     progress = JobProgress(attempt, max(1, repair_steps), {"strategy": "forget", "masked_segments": plan,
                                                            "base_follows_active": follows_active})
     attempt.beat(metrics=progress.metrics())
@@ -90,7 +90,7 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> N
     publish_version(ctx, job_id, attempt.lease, base_id, child, parent_segments, [], remaining, "forget",
                     {c: child_bpb[c] for c in remaining if c in child_bpb}, gate, options.activate, {
                         "strategy": "forget", "forgotten_corpus_id": corpus_id, "masked_segments": plan,
-                        "repair_steps": repair.steps_done if repair is not None else 0,
+                        "repair_steps": repair.steps_done if repair is not None else 0, "expert_lr": cfg.expert_lr,
                         "bpb": {str(c): v for c, v in child_bpb.items()},
                         "parent_bpb": {str(c): v for c, v in parent_bpb.items()},
                     })

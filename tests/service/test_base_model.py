@@ -28,6 +28,7 @@ from service.api.schemas import ChatMessage
 from service.context import ServiceContext
 from service.db.migrate import upgrade
 from service.db.models import Job
+from service.jobs.forget import run_forget_job
 from service.jobs.ingest import run_ingest_job
 from service.jobs.train import run_train_job
 from service.settings import InvalidSetting, Settings
@@ -148,6 +149,31 @@ def test_a_corpus_trains_version_2_which_is_served_and_counted(service):
     usage = wait_for(lambda: (lambda u: u if u["layers"]["1"]["tokens"] else None)(
         ok(http.get("/v1/experts/utilization", params={"version": 2}))), 30, what="expert usage of version 2")
     assert usage["layers"]["1"]["tokens"] >= body["prompt_tokens"]
+
+
+def test_forgetting_a_corpus_of_a_pretrained_base_repairs_at_the_rate_its_training_had(service):
+    """The repair after masking trains the experts at PEER_BASE_TRAIN_EXPERT_LR, as a job on this base does (it
+    took PEER_TRAIN_EXPERT_LR, the byte-level model's rate, at which the pool barely moves on a pretrained base)."""
+    _, http, settings, sent = service
+    assert settings.base_train_expert_lr != settings.train_expert_lr
+    ctx = ServiceContext.from_settings(settings)
+    try:
+        ids = []
+        for seed, name in ((5, "first"), (6, "second")):
+            accepted = ok(http.post("/v1/corpora", json={"name": name, "text": "".join(english_text(600, seed=seed)),
+                                                         "train_options": {"steps": 5, "activate": "always"}}), 202)
+            run_ingest_job(ctx, accepted["job"]["id"], sent.append)
+            run_train_job(ctx, sent[-1].id)
+            assert ok(http.get(f"/v1/jobs/{sent[-1].id}"))["state"] == "succeeded"
+            ids.append(accepted["corpus"]["id"])
+        forget = ok(http.post(f"/v1/corpora/{ids[0]}/forget", json={"options": {"repair_steps": 3}}), 202)
+        run_forget_job(ctx, forget["id"])
+    finally:
+        ctx.close()
+    job = ok(http.get(f"/v1/jobs/{forget['id']}"))
+    assert job["state"] == "succeeded", job["error"]
+    assert job["metrics"]["repair_steps"] == 3 and job["metrics"]["expert_lr"] == settings.base_train_expert_lr
+    assert ids[0] not in ok(http.get(f"/v1/versions/{job['result_version_id']}"))["corpus_ids"]
 
 
 def test_a_template_that_writes_bos_gives_a_prompt_without_it(tmp_path):
