@@ -326,7 +326,15 @@ def cmd_upload(api: API, args) -> int:
 
 
 def cmd_probe(api: API, args) -> int:
-    """``probe upload FILE``: a JSONL probe, validated by the service; its id is what ``--probe`` takes."""
+    """``probe upload FILE``: a JSONL probe, validated by the service; its id is what ``--probe`` takes.
+    ``probe delete ID``: the probe and its file (the versions scored on it keep their scores)."""
+    if args.action == "delete":
+        probe = api.request("DELETE", f"/v1/probes/{args.probe_id}")
+        if args.json:
+            print_json(probe)
+        else:
+            out(f"probe {probe['id']} ({probe['name']}) deleted")
+        return 0
     data, name = _read_upload(args.file, args.name)
     probe = api.post("/v1/probes", params={"name": name}, content=data, headers={"Content-Type": "application/jsonl"})
     if args.json:
@@ -495,11 +503,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions.add_parser("cancel", parents=[common], help="cancel a job").add_argument("job_id", type=int)
     actions.add_parser("show", parents=[common], help="one job in detail").add_argument("job_id", type=int)
 
-    p = sub.add_parser("probe", parents=[common], help="probe upload FILE: questions a training job scores")
+    p = sub.add_parser("probe", parents=[common], help="probe upload FILE | delete ID: questions a training job scores")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     q = actions.add_parser("upload", parents=[common], help='upload a JSONL probe ({"prompt", "answer", "kind"} lines)')
     q.add_argument("file", help="a JSONL file, or - for stdin")
     q.add_argument("--name", help="probe name (default: the file name without extension)")
+    actions.add_parser("delete", parents=[common], help="delete a probe").add_argument("probe_id", type=int)
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("versions", parents=[common], help="versions, the active one marked *")

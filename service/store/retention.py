@@ -128,6 +128,24 @@ def delete_corpus(ctx: ServiceContext, corpus_id: int) -> Corpus:
     return corpus
 
 
+def delete_probe(ctx: ServiceContext, probe_id: int) -> Probe:
+    """Delete the probe (its row and its file); 404 when there is none, 409 while a queued or running job names it.
+    The scores versions recorded on it stay with them (GET /v1/versions: its id and name)."""
+    with transaction(ctx.sessions) as session:
+        probe = session.get(Probe, probe_id)
+        if probe is None:
+            raise NotFound(f"probe {probe_id} not found")
+        session.expunge(probe)  # what the answer shows, kept past the commit that deletes its row
+        session.execute(delete(Probe).where(Probe.id == probe_id))  # holds the row until the check below commits
+        jobs = [job.id for job in _live_jobs(session) if job.options.get("probe") == probe_id]
+        if jobs:
+            raise Conflict(f"probe {probe_id} cannot be deleted: queued or running jobs {jobs} name it "
+                           f"(cancel them first: POST /v1/jobs/{{id}}/cancel)")
+    ctx.store.remove_probe(probe_id)
+    log.info("deleted probe %s", probe_id)
+    return probe
+
+
 # ---- retention -----------------------------------------------------------------------------------------
 
 

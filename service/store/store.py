@@ -84,6 +84,9 @@ class Store:
     def read_probe(self, probe_id: int) -> str:
         return bytes(self.files.read(self.probe_key(probe_id))).decode("utf-8")
 
+    def remove_probe(self, probe_id: int) -> None:
+        self.files.remove(f"probes/{probe_id}")
+
     # ---- versions ------------------------------------------------------------------------------
 
     @staticmethod

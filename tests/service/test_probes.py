@@ -154,7 +154,12 @@ def test_peerctl_uploads_a_probe_and_lists_the_scores(service, probed, tmp_path,
     path = tmp_path / "arith.jsonl"
     path.write_bytes(jsonl([{"prompt": "2 + 2 =", "answer": "4", "kind": "arithmetic"}]))
     assert peerctl(["--url", url, "probe", "upload", str(path)]) == 0
-    assert re.search(r"probe \d+ \(arith\): 1 items \(arithmetic 1\)", capsys.readouterr().out)
+    uploaded = re.search(r"probe (\d+) \(arith\): 1 items \(arithmetic 1\)", capsys.readouterr().out)
+    assert uploaded
+    assert peerctl(["--url", url, "probe", "delete", uploaded[1]]) == 0
+    assert f"probe {uploaded[1]} (arith) deleted" in capsys.readouterr().out
+    assert peerctl(["--url", url, "probe", "delete", uploaded[1]]) != 0
+    assert f"probe {uploaded[1]} not found" in capsys.readouterr().err
     assert peerctl(["--url", url, "versions"]) == 0
     assert re.search(r"\d+% \(parent 100%\)|\d+% \(parent \d+%\)", capsys.readouterr().out)
     path.write_bytes(b'{"prompt": "2 + 2 ="}\n')
@@ -253,3 +258,28 @@ def test_garbage_collection_keeps_probes_and_removes_files_no_probe_row_names(se
         assert parse_probe(ctx.store.read_probe(probe["id"]))
     finally:
         ctx.close()
+
+
+def test_a_probe_is_deleted_with_its_file_unless_a_live_job_names_it_and_the_scores_stay(service, probed):
+    settings, _, http = service
+    probe, _, _, child_job = probed
+    spare = ok(upload_probe(http, b'{"prompt": "a", "answer": "b"}\n', name="spare"), 201)
+    store = Store(settings.resolved_store_dir)
+    ctx = ServiceContext.from_settings(settings)
+    try:
+        with transaction(ctx.sessions) as session:  # queued, never dispatched
+            job_id = create_job(session, "train", child_job["corpus_ids"], {"probe": spare["id"]}).id
+        refused = ok(http.delete(f"/v1/probes/{spare['id']}"), 409)["detail"]
+        assert f"queued or running jobs [{job_id}] name it" in refused
+        assert ok(http.get(f"/v1/probes/{spare['id']}")) == spare and store.read_probe(spare["id"])
+        with transaction(ctx.sessions) as session:
+            request_cancel(session, job_id)
+    finally:
+        ctx.close()
+    assert ok(http.delete(f"/v1/probes/{spare['id']}")) == spare
+    assert "not found" in ok(http.get(f"/v1/probes/{spare['id']}"), 404)["detail"]
+    assert not store.files.exists(store.probe_key(spare["id"]))
+    assert "not found" in ok(http.delete(f"/v1/probes/{spare['id']}"), 404)["detail"]
+    ok(http.delete(f"/v1/probes/{probe['id']}"))  # the scores it gave stay with the version
+    child = ok(http.get(f"/v1/versions/{child_job['result_version_id']}"))
+    assert child["probe_scores"]["probe"] == probe["id"] and child["probe_scores"]["name"] == "code facts"

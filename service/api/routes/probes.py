@@ -1,4 +1,4 @@
-"""Probes: upload (a JSONL body), listing. A training job names one in its options (``"probe": id``) and its version
+"""Probes: upload (a JSONL body), listing, deletion. A training job names one in its options (``"probe": id``) and its version
 then records the new version's and its parent's scores on it (GET /v1/versions)."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ...db.models import Probe
 from ...errors import InvalidInput, NotFound
 from ...jobs.probes import accept_probe
 from ...store.lock import store_write
+from ...store.retention import delete_probe
 from ..deps import get_ctx, get_session
 from ..schemas import IdPath, Name, Offset, ProbeOut
 from ..security import require_scope
@@ -60,3 +61,10 @@ def get_probe(probe_id: IdPath, session: Session = Depends(get_session)):
     if probe is None:
         raise NotFound(f"probe {probe_id} not found")
     return probe
+
+
+@router.delete("/v1/probes/{probe_id}", response_model=ProbeOut, dependencies=[Depends(require_scope("train"))])
+def delete_probe_route(probe_id: IdPath, ctx=Depends(get_ctx)):
+    """Delete a probe and its file; the versions scored on it keep their scores. 409 while a queued or running job
+    names it; a job queued later that names it fails with "probe N not found"."""
+    return delete_probe(ctx, probe_id)
