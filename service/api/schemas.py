@@ -192,7 +192,8 @@ class ForgetRequest(BaseModel):
         default_factory=dict,
         description="repair_steps (training steps on the remaining corpora with distillation to the parent; default "
                     "PEER_FORGET_REPAIR_STEPS), "
-                    "activate (auto|always|never), seed")
+                    "activate (auto|always|never), seed, probe (an uploaded probe: the job scores the new version "
+                    "and its parent on it)")
 
 
 class ActivateRequest(BaseModel):

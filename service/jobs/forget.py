@@ -23,6 +23,7 @@ from ..errors import Conflict
 from ..store.versions import get_version, is_pretrained
 from .lease import Dispatch, JobCancelled
 from .options import job_train_config, parse_forget_options
+from .probes import load_job_probe, probe_units, score_child_and_parent
 from .progress import Attempt, JobProgress
 from .publish import check_evaluations, forget_gate, publish_version
 from .runner import claim_base, corpus_available, evaluate_child_and_parent, run_owned_job, token_data
@@ -71,6 +72,7 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> N
     if repair_steps and not repair_on:
         repair_steps = 0  # nothing left to repair towards
     parent = ctx.store.load_model(base_checkpoint, str(resolve_device(settings.device)))
+    probe = load_job_probe(ctx, options.probe, parent) if options.probe is not None else None
     cfg = job_train_config(settings, max(1, repair_steps), options.seed, pretrained)  # a training job's rates
     progress = JobProgress(attempt, max(1, repair_steps), {"strategy": "forget", "masked_segments": plan,
                                                            "base_follows_active": follows_active})
@@ -84,8 +86,10 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> N
 
     val_sets = {c: token_data(ctx, [c], "val", parent.tokenizer) for c in [*remaining, corpus_id]
                 if corpus_available(ctx, c, "val")}
-    child_bpb, parent_bpb = evaluate_child_and_parent(ctx, child, parent, val_sets, cfg.seq_len, progress)
+    child_bpb, parent_bpb = evaluate_child_and_parent(ctx, child, parent, val_sets, cfg.seq_len, progress,
+                                                      also=probe_units(probe))
     check_evaluations(child_bpb, parent_bpb)
+    probe_scores = score_child_and_parent(probe, child, parent, progress) if probe is not None else None
     gate = forget_gate(child_bpb, parent_bpb, remaining, corpus_id, settings.activation_tolerance)
     publish_version(ctx, job_id, attempt.lease, base_id, child, parent_segments, [], remaining, "forget",
                     {c: child_bpb[c] for c in remaining if c in child_bpb}, gate, options.activate, {
@@ -93,4 +97,4 @@ def _forget_and_publish(ctx: ServiceContext, job_id: int, attempt: Attempt) -> N
                         "repair_steps": repair.steps_done if repair is not None else 0, "expert_lr": cfg.expert_lr,
                         "bpb": {str(c): v for c, v in child_bpb.items()},
                         "parent_bpb": {str(c): v for c, v in parent_bpb.items()},
-                    })
+                    }, probe_scores)

@@ -260,6 +260,28 @@ def test_garbage_collection_keeps_probes_and_removes_files_no_probe_row_names(se
         ctx.close()
 
 
+def test_a_forget_job_that_names_the_probe_records_the_scores_without_the_corpus_and_before(service, probed):
+    """Forgetting the code corpus (its segment masked) from the version that learnt it: the job scores the forgetting
+    child and that version on the probe, as score_probe does on the two checkpoints."""
+    settings, _, http = service
+    probe, items, _, child_job = probed
+    learnt = ok(http.get(f"/v1/versions/{child_job['result_version_id']}"))
+    code = child_job["corpus_ids"][0]
+    unknown = http.post(f"/v1/corpora/{code}/forget",
+                        json={"base_version_id": learnt["id"], "options": {"probe": 999999}})
+    assert "probe 999999 not found" in ok(unknown, 422)["detail"]
+    job = wait_job(http, ok(http.post(f"/v1/corpora/{code}/forget", json={
+        "base_version_id": learnt["id"], "options": {"probe": probe["id"], "activate": "never"}}), 202)["id"])
+    assert job["state"] == "succeeded", job["error"]
+    forgot = ok(http.get(f"/v1/versions/{job['result_version_id']}"))
+    store = Store(settings.resolved_store_dir)
+    expected = {label: score_probe(model, model.tokenizer, items)
+                for label, model in (("child", store.load_model(forgot["checkpoint"])),
+                                     ("parent", store.load_model(learnt["checkpoint"])))}
+    assert forgot["probe_scores"] == {"probe": probe["id"], "name": "code facts", "items": len(items), **expected}
+    assert job["progress"] == 1.0
+
+
 def test_a_probe_is_deleted_with_its_file_unless_a_live_job_names_it_and_the_scores_stay(service, probed):
     settings, _, http = service
     probe, _, _, child_job = probed

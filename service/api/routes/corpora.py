@@ -16,6 +16,7 @@ from ...jobs.forget import segments_to_mask
 from ...jobs.ingest import Upload, parse_upload
 from ...jobs.lease import create_job, dispatch_job
 from ...jobs.options import parse_forget_options, validate_job_options
+from ...jobs.probes import check_probe_option
 from ...jobs.uploads import accept_corpus
 from ...store.lock import store_write
 from ...store.retention import delete_corpus
@@ -135,7 +136,7 @@ def forget_corpus(corpus_id: IdPath, body: ForgetRequest, ctx=Depends(get_ctx), 
     if base_id is None:
         raise Conflict("no version to forget from")
     segments_to_mask(live_version(session, base_id, "forgotten from"), corpus_id)
-    parse_forget_options(body.options, ctx.settings.max_train_steps)
+    check_probe_option(ctx.settings, session, parse_forget_options(body.options, ctx.settings.max_train_steps).probe)
     job = create_job(session, "forget", [corpus_id], body.options, base_version_id=body.base_version_id)
     session.commit()
     dispatch_job(ctx.sessions, dispatch, job)
