@@ -1,7 +1,8 @@
 """Probes over HTTP on SQLite and PostgreSQL, jobs run by an in-process worker: a probe is uploaded (bad ones are a
 4xx with the reason, nothing stored), a training job that names it records the new version's and its parent's scores,
 which are those of :func:`peer_model.probe.score_probe` called on the published checkpoints, and they appear in
-/v1/versions, on the console's versions page and in ``peerctl versions``; a cancel stops the scoring."""
+/v1/versions, on the console's versions page and in ``peerctl versions``; a cancel stops the scoring; a forget job
+scores the same way; a probe is deleted unless a live job names it."""
 from __future__ import annotations
 
 import json
