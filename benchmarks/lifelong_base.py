@@ -14,8 +14,8 @@ what the arm kept, not what it was shown again. Measured before the stream and a
   (benchmarks/general_probe.py: capitals, opposites, sequences, the same asked as chat instructions);
 * facts: greedy recall of every stage's facts, right after its stage and at the end;
 * cost: trainable parameters, parameters the stream changed, seconds per step, the process' peak memory;
-* forgetting on request (pool arms that grow): after the stream, the segments grown in stage ``--forget-stage``
-  are masked as the service's forget job masks them (peer_model.continual.forget_segments, with the service's
+* forgetting on request (pool arms that grow): after the stream, the segments grown in each stage of
+  ``--forget-stages`` (one at a time, each from the stream's end) are masked as the service's forget job masks them (peer_model.continual.forget_segments, with the service's
   PEER_FORGET_REPAIR_STEPS) and everything is measured again: that stage's facts should fall back to the
   base's recall while the other stages' facts and the general answers stay.
 
@@ -233,7 +233,7 @@ def changed(before: dict[str, torch.Tensor], model) -> int:
     return count
 
 
-def run_arm(arm: Arm, seed: int, stream: Stream, out: Path, forget_stage: int) -> dict:
+def run_arm(arm: Arm, seed: int, stream: Stream, out: Path, forget_stages: list[int]) -> dict:
     torch.manual_seed(seed)
     base = load_hf(BASE, max_seq_len=max(512, stream.seq_len))
     tokenizer = base.tokenizer
@@ -282,8 +282,8 @@ def run_arm(arm: Arm, seed: int, stream: Stream, out: Path, forget_stage: int) -
             result["stages"].append(record)
             print(f"{arm.name} seed {seed} stage {stage + 1}: {json.dumps(record)}", flush=True)
     result["changed_params"] = changed(initial, model)
-    if arm.kind == "pool" and forget_stage < len(grown) and grown[forget_stage]:
-        result["forget"] = forget(model, grown[forget_stage], forget_stage, data, stream)
+    if arm.kind == "pool":
+        result["forget"] = [forget(model, grown[k], k, data, stream) for k in forget_stages if grown[k]]
     return result
 
 
@@ -382,25 +382,29 @@ def table(folder: Path) -> str:
 
 
 def forget_table(runs: list[dict], floor: dict) -> list[str]:
-    """Forgetting on request, per run that measured it: the forgotten stage's facts before and after (and the
-    base's recall of them), the other stages' facts and the general answers kept through the forgetting."""
-    rows = [run for run in runs if "forget" in run]
+    """Forgetting on request, per run and masked stage: the forgotten stage's facts before and after (and the
+    base's recall of them), its corpus' bits per byte before and after (and the base's), the other stages' facts
+    and the general answers kept through the forgetting."""
+    rows = [(run, forgotten) for run in runs for forgotten in run.get("forget", [])]
     if not rows:
         return []
     lines = ["", "Forgetting on request: the segments grown in one stage masked after the stream:", "",
-             "| arm | seed | forgotten stage | its facts before → after (base) | other stages' facts before → after "
-             "| their recall kept | general answers before → after | general bpb before → after |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| arm | seed | forgotten stage | its facts before → after (base) | its corpus' bpb before → after (base) "
+             "| other stages' facts before → after | their recall kept | general answers before → after "
+             "| general bpb before → after |",
+             "|---|---|---|---|---|---|---|---|---|"]
     general = floor["stream"]["general"]
-    for run in rows:
-        forgotten, end = run["forget"], run["stages"][-1]
+    for run, forgotten in rows:
+        end = run["stages"][-1]
         stage = forgotten["stage"]
         others = [k for k in range(len(end["fact_recall"])) if k != stage]
         before = sum(end["fact_recall"][k] for k in others) / len(others)
         after = sum(forgotten["fact_recall"][k] for k in others) / len(others)
-        base = floor["before"]["fact_recall"][stage]
+        base, corpus = floor["before"], floor["stream"]["corpora"][stage]
         lines.append(f"| {run['arm']['name']} | {run['seed']} | {stage + 1} | {end['fact_recall'][stage]:.0%} → "
-                     f"{forgotten['fact_recall'][stage]:.0%} ({base:.0%}) | {before:.0%} → {after:.0%} | "
+                     f"{forgotten['fact_recall'][stage]:.0%} ({base['fact_recall'][stage]:.0%}) | "
+                     f"{end['bpb'][corpus]:.3f} → {forgotten['bpb'][corpus]:.3f} ({base['bpb'][corpus]:.3f}) | "
+                     f"{before:.0%} → {after:.0%} | "
                      f"{f'{after / before:.0%}' if before else '-'} | {end['general_correct']} → "
                      f"{forgotten['general_correct']} | {end['bpb'][general]:.3f} → {forgotten['bpb'][general]:.3f} |")
     return lines
@@ -410,7 +414,7 @@ def forget_table(runs: list[dict], floor: dict) -> list[str]:
 
 
 STREAM_ARGUMENTS = ("corpora", "general", "corpus_bytes", "facts", "fact_repeats", "steps", "batch_size", "seq_len",
-                    "eval_batches", "out", "threads", "forget_stage")
+                    "eval_batches", "out", "threads")
 
 
 def main() -> None:
@@ -429,7 +433,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-batches", type=int, default=4)
-    parser.add_argument("--forget-stage", type=int, default=1, help="the stage (from 0) whose segments are masked")
+    parser.add_argument("--forget-stages", type=int, nargs="+", default=[1, 2],
+                        help="the stages (from 0) whose segments are masked after the stream, one at a time")
     parser.add_argument("--out", type=Path, default=RUNS)
     add_threads_argument(parser)
     args = parser.parse_args()
@@ -440,7 +445,7 @@ def main() -> None:
     elif args.command == "run":
         setup_torch(args.threads)
         path = args.out / f"{args.arm}-seed{args.seed}.json"
-        result = run_arm(ARMS[args.arm], args.seed, stream, path, args.forget_stage)
+        result = run_arm(ARMS[args.arm], args.seed, stream, path, args.forget_stages)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")
@@ -452,7 +457,8 @@ def main() -> None:
                 if path.exists():
                     print(f"{path} exists: skipped")
                     continue
-                run = subprocess.run([sys.executable, __file__, "run", "--arm", arm, "--seed", str(seed), *options])
+                run = subprocess.run([sys.executable, __file__, "run", "--arm", arm, "--seed", str(seed), *options,
+                                      "--forget-stages", *map(str, args.forget_stages)])
                 if run.returncode:
                     print(f"{arm} seed {seed} failed (exit status {run.returncode}); the other arms go on")
         print(table(args.out))
