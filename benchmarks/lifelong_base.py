@@ -15,9 +15,10 @@ what the arm kept, not what it was shown again. Measured before the stream and a
 * facts: greedy recall of every stage's facts, right after its stage and at the end;
 * cost: trainable parameters, parameters the stream changed, seconds per step, the process' peak memory;
 * forgetting on request (pool arms that grow): after the stream, the segments grown in each stage of
-  ``--forget-stages`` (one at a time, each from the stream's end) are masked as the service's forget job masks them (peer_model.continual.forget_segments, with the service's
-  PEER_FORGET_REPAIR_STEPS) and everything is measured again: that stage's facts should fall back to the
-  base's recall while the other stages' facts and the general answers stay.
+  ``--forget-stages`` (one at a time, each from the stream's end) are masked as the service's forget job masks
+  them (peer_model.continual.forget_segments, with the service's PEER_FORGET_REPAIR_STEPS) and everything is
+  measured again: that stage's facts should fall back to the base's recall while the other stages' facts and
+  the general answers stay.
 
 Arms (``ARMS``), same data, same steps, same tokens per stage, each in a process of its own (``all`` starts them
 one after another and skips those already done, so an interrupted run resumes at the arm it was in):
