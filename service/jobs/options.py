@@ -3,7 +3,7 @@
 again when the job runs, where a training job's resolve over the service settings into a continual stage's."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session
@@ -17,7 +17,8 @@ from .probes import check_probe_option
 
 
 SEED_MAX = 2**63 - 1  # a signed 64-bit integer; torch takes seeds up to 2^64 - 1, and a job adds small offsets to it
-PROBE_OPTION = "an uploaded probe (POST /v1/probes): the job scores the new version and its parent on it"
+ProbeOption = Annotated[int | None, Field(ge=1, le=2**31 - 1, description="an uploaded probe (POST /v1/probes): the "
+                                         "job scores the new version and its parent on it")]
 
 
 class JobOptions(BaseModel):
@@ -37,7 +38,7 @@ class JobOptions(BaseModel):
     review_steps: int | None = Field(None, ge=0)  # routing-only review after training; None: PEER_REVIEW_STEPS
     activate: Literal["auto", "always", "never"] = "auto"
     seed: int = Field(0, ge=0, le=SEED_MAX)
-    probe: int | None = Field(None, ge=1, le=2**31 - 1, description=PROBE_OPTION)
+    probe: ProbeOption = None
 
 
 def parse_options(schema: type[BaseModel], options: dict, what: str):
@@ -174,7 +175,7 @@ class ForgetOptions(BaseModel):
     repair_steps: int | None = Field(None, ge=0)
     activate: Literal["auto", "always", "never"] = "auto"
     seed: int = Field(0, ge=0, le=SEED_MAX)
-    probe: int | None = Field(None, ge=1, le=2**31 - 1, description=PROBE_OPTION)
+    probe: ProbeOption = None
 
 
 def parse_forget_options(options: dict, max_steps: int) -> ForgetOptions:

@@ -1,5 +1,5 @@
-"""Probes: upload (a JSONL body), listing, deletion. A training job names one in its options (``"probe": id``) and its version
-then records the new version's and its parent's scores on it (GET /v1/versions)."""
+"""Probes: upload (a JSONL body), listing, deletion. A training or forget job names one in its options
+(``"probe": id``) and its version then records the new version's and its parent's scores on it (GET /v1/versions)."""
 from __future__ import annotations
 
 from typing import Annotated
