@@ -183,13 +183,21 @@ def stage_config(stream: Stream, seed: int, stage: int, lr: float) -> TrainConfi
                        log_every=max(1, stream.steps // 3), device="cpu", seed=seed * 1000 + stage)
 
 
-def pool_options(arm: Arm, cfg: TrainConfig, has_old: bool, tmp: Path) -> ContinualOptions:
+def service_settings(**overrides):
+    """The service's settings on the default base: their defaults but ``overrides`` (with a home of their own, gone
+    once they are read, so nothing is written to the user's)."""
+    from service.settings import Settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return Settings(home=tmp, base_model=BASE, **overrides)
+
+
+def pool_options(arm: Arm, cfg: TrainConfig, has_old: bool) -> ContinualOptions:
     """What a service job with ``arm.job``'s options does on a pretrained base: the service's own code builds
     them, then the run's steps, batch and seed; with no earlier corpus it replays the parent's own samples."""
     from service.jobs.options import continual_options, parse_job_options, replay_source
-    from service.settings import Settings
 
-    settings = Settings(home=tmp, base_model=BASE, **dict(arm.settings))
+    settings = service_settings(**dict(arm.settings))
     options = continual_options(settings, parse_job_options(dict(arm.job)), has_old_corpora=True, has_pool=True,
                                 pretrained=True)
     train_cfg = replace(cfg, lr=options.train.lr, expert_lr=options.train.expert_lr)
@@ -253,35 +261,33 @@ def run_arm(arm: Arm, seed: int, stream: Stream, out: Path, forget_stages: list[
     result["trainable_params"] = trainable(model)
     initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     grown: list[dict[int, list[int]]] = []  # per stage: {PEER layer: the positions of the segments it grew}
-    with tempfile.TemporaryDirectory(prefix="peer-lifelong-") as tmp:
-        for stage in range(len(stream.corpora)):
-            cfg = stage_config(stream, seed, stage, LORA_LR if arm.kind == "lora" else FINETUNE_LR)
-            started = time.perf_counter()
-            if arm.kind == "lora":
-                model.train()
-                outcome = train(model, data.train[stage], None, cfg)
-                model.eval()
+    for stage in range(len(stream.corpora)):
+        cfg = stage_config(stream, seed, stage, LORA_LR if arm.kind == "lora" else FINETUNE_LR)
+        started = time.perf_counter()
+        if arm.kind == "lora":
+            model.train()
+            outcome = train(model, data.train[stage], None, cfg)
+            model.eval()
+        else:
+            if arm.kind == "pool":
+                options = pool_options(arm, cfg, stage > 0)
+            elif arm.protect:
+                options = ContinualOptions(strategy="replay", replay_fraction=0.5, distill_weight=1.0, train=cfg,
+                                           replay_source="corpora" if stage else "parent")
             else:
-                if arm.kind == "pool":
-                    options = pool_options(arm, cfg, stage > 0, Path(tmp))
-                elif arm.protect:
-                    options = ContinualOptions(strategy="replay", replay_fraction=0.5, distill_weight=1.0, train=cfg,
-                                               replay_source="corpora" if stage else "parent")
-                else:
-                    options = ContinualOptions(strategy="naive", train=cfg)
-                staged = continual_stage(model, data.train[stage], data.replay[:stage], options, tag=f"stage{stage}")
-                model, outcome = staged.child, staged.train_result
-                layers = model.peer_layers()
-                grown.append({i: [position for position, s in enumerate(layers[i].segments) if s.start == segment.start]
-                              for i, segment in staged.segments.items()})
-            seconds = time.perf_counter() - started
-            record = evaluate(model, tokenizer, data, stream, stage + 1)
-            record.update(steps=outcome.steps_done, train_seconds=round(seconds, 1),
-                          seconds_per_step=round(outcome.elapsed_s / max(1, outcome.steps_done), 2),
-                          peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-                          trainable_params=trainable(model))
-            result["stages"].append(record)
-            print(f"{arm.name} seed {seed} stage {stage + 1}: {json.dumps(record)}", flush=True)
+                options = ContinualOptions(strategy="naive", train=cfg)
+            staged = continual_stage(model, data.train[stage], data.replay[:stage], options, tag=f"stage{stage}")
+            model, outcome = staged.child, staged.train_result
+            layers = model.peer_layers()  # growth appends the stage's segment
+            grown.append({i: [len(layers[i].segments) - 1] for i in staged.segments})
+        seconds = time.perf_counter() - started
+        record = evaluate(model, tokenizer, data, stream, stage + 1)
+        record.update(steps=outcome.steps_done, train_seconds=round(seconds, 1),
+                      seconds_per_step=round(outcome.elapsed_s / max(1, outcome.steps_done), 2),
+                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                      trainable_params=trainable(model))
+        result["stages"].append(record)
+        print(f"{arm.name} seed {seed} stage {stage + 1}: {json.dumps(record)}", flush=True)
     result["changed_params"] = changed(initial, model)
     if arm.kind == "pool":
         result["forget"] = [forget(model, grown[k], k, data, stream) for k in forget_stages if grown[k]]
@@ -292,10 +298,8 @@ def forget(model: PEERTransformer, plan: dict[int, list[int]], stage: int, data:
     """The model with the segments of ``plan`` masked, as a service forget job of that stage's corpus does it
     (repaired on the other stages' text for PEER_FORGET_REPAIR_STEPS steps), measured like a stage."""
     from service.jobs.options import job_train_config
-    from service.settings import Settings
 
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(home=tmp, base_model=BASE)
+    settings = service_settings()
     others = [data.train[k] for k in range(len(stream.corpora)) if k != stage]
     cfg = job_train_config(settings, max(1, settings.forget_repair_steps), 0, pretrained=True)
     child, _ = forget_segments(model, plan, others, settings.forget_repair_steps, cfg, settings.distill_weight)
@@ -307,10 +311,7 @@ def forget(model: PEERTransformer, plan: dict[int, list[int]], stage: int, data:
 
 def _peer_config():
     """The service's pool shape (PEER_PEER_EXPERTS and friends' defaults)."""
-    from service.settings import Settings
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return Settings(home=tmp).peer_config()
+    return service_settings().peer_config()
 
 
 # ---- the table ----------------------------------------------------------------------------------------
