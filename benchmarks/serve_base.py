@@ -9,8 +9,11 @@ the clients as one batch (the same prompt for every client, so no padding; ``min
 Every arm runs once per repeat, the arms alternating, in one process, and each arm's best repeat is reported: on a
 shared machine the ratios are what count.
 
-Quality: bits per byte of each format on the first ``--quality-bytes`` of real text (corpora of
-peer_model/corpora.py; ``PEER_DATA_DIR``), int8 measured through its int8 kernel alone (no bf16 copy).
+Quality, on the first ``--quality-bytes`` of real text (corpora of peer_model/corpora.py; ``PEER_DATA_DIR``), int8
+through its int8 kernel alone (no bf16 copy): each format's bits per byte, and how often its greedy next token
+(teacher-forced, every position) is fp32's, with the output layer's top logits recomputed in fp32 as served
+(``RescoredOutput``, PEER_SERVE_EXACT_TOP_K) and with the kernels' bf16-rounded logits alone (``--rounded-logits``
+also decodes with those).
 
     PYTHONPATH=. .venv/bin/python benchmarks/serve_base.py                          # 1 thread, 3 repeats
     PYTHONPATH=. .venv/bin/python benchmarks/serve_base.py --clients 1,8 --repeats 1 --quality-bytes 0  # quick
@@ -19,12 +22,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import platform
 import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from common import add_threads_argument, parser_for, setup_torch
 
 from peer_model.batching import BatchDecoder
@@ -32,7 +37,7 @@ from peer_model.corpora import load_corpus
 from peer_model.generate import SamplingParams
 from peer_model.hf.bases import PACKAGED_BASES
 from peer_model.quantize import WEIGHT_FORMATS, convert_linears
-from peer_model.train import TokenData, evaluate_bpb
+from peer_model.train import TokenData
 from service.settings import Settings
 from service.store.versions import base_model
 
@@ -92,17 +97,39 @@ def throughput(arms: dict, prompt_ids: list[int], levels: list[int], tokens: int
     return best, ratios
 
 
-def quality(model, corpora: list[str], max_bytes: int) -> dict:
-    """Bits per byte of each weight format on each corpus, and its cost relative to fp32."""
-    out = {}
+def next_token_scores(model, data: TokenData, seq_len: int = 512, batch_size: int = 2) -> tuple[float, torch.Tensor]:
+    """Bits per byte of ``model`` on ``data``'s evaluation windows from its forward logits (what a converted model
+    serves), and its greedy next token at every position."""
+    nats, count, greedy = 0.0, 0, []
+    with torch.no_grad():
+        for inputs, targets in data.iter_eval_batches(batch_size, seq_len):
+            logits = model(inputs).flatten(0, 1)
+            nats += F.cross_entropy(logits, targets.flatten(), reduction="sum").item()
+            count += targets.numel()
+            greedy.append(logits.argmax(-1))
+    return nats / count / math.log(2) / data.bytes_per_token, torch.cat(greedy)
+
+
+def quality(model, corpora: list[str], max_bytes: int, exact_top_k: int) -> dict:
+    """Per weight format and output layer (``rescored``: its top ``exact_top_k`` logits in fp32, as served;
+    ``rounded``: the kernel's logits alone), on each corpus: bits per byte and the share of positions whose greedy
+    next token is fp32's; the bits per byte cost relative to fp32 averaged over the corpora."""
+    arms = {"float32": ("float32", None)}
+    for weights in WEIGHT_FORMATS[1:]:
+        arms |= {f"{weights}, rescored": (weights, exact_top_k), f"{weights}, rounded": (weights, None)}
+    out: dict[str, dict] = {}
     for corpus in corpora:
         data = TokenData.from_text(load_corpus(corpus, max_bytes=max_bytes), model.tokenizer)
-        for weights in WEIGHT_FORMATS:
-            converted = convert_linears(copy.deepcopy(model), weights, int8_max_rows=None)
-            out.setdefault(weights, {})[corpus] = evaluate_bpb(converted, data, seq_len=512, batch_size=4)
-            print(f"{corpus}, {weights}: {out[weights][corpus]:.5f} bits per byte", flush=True)
-    return {weights: {**bpb, "relative_to_float32": statistics.mean(
-        bpb[c] / out["float32"][c] - 1 for c in corpora)} for weights, bpb in out.items()}
+        reference = None
+        for name, (weights, top_k) in arms.items():
+            converted = convert_linears(copy.deepcopy(model), weights, int8_max_rows=None, exact_top_k=top_k)
+            bpb, greedy = next_token_scores(converted, data)
+            reference = greedy if reference is None else reference
+            agreement = (greedy == reference).float().mean().item()
+            out.setdefault(name, {})[corpus] = {"bpb": bpb, "greedy_agreement": agreement}
+            print(f"{corpus}, {name}: {bpb:.5f} bits per byte, greedy token = fp32's at {agreement:.2%}", flush=True)
+    return {name: {**row, "relative_to_float32": statistics.mean(
+        row[c]["bpb"] / out["float32"][c]["bpb"] - 1 for c in corpora)} for name, row in out.items()}
 
 
 def print_report(results: dict) -> None:
@@ -117,11 +144,13 @@ def print_report(results: dict) -> None:
         print(f"| {name} | {cells} | {ratios[name]['scaling']:.1f}× |")
     if results["quality"]:
         corpora = results["corpora"]
-        print("\n| weights | " + " | ".join(f"{c} bits/byte" for c in corpora) + " | cost vs fp32 |")
-        print("|---|" + "---:|" * (len(corpora) + 1))
-        for weights, row in results["quality"].items():
-            print(f"| {weights} | " + " | ".join(f"{row[c]:.4f}" for c in corpora)
-                  + f" | {row['relative_to_float32']:+.2%} |")
+        print("\n| weights, output layer | " + " | ".join(f"{c} bits/byte" for c in corpora) + " | cost vs fp32 | "
+              + " | ".join(f"{c}: greedy = fp32's" for c in corpora) + " |")
+        print("|---|" + "---:|" * (2 * len(corpora) + 1))
+        for name, row in results["quality"].items():
+            print(f"| {name} | " + " | ".join(f"{row[c]['bpb']:.4f}" for c in corpora)
+                  + f" | {row['relative_to_float32']:+.2%} | "
+                  + " | ".join(f"{row[c]['greedy_agreement']:.2%}" for c in corpora) + " |")
 
 
 def main() -> None:
@@ -132,6 +161,8 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(WEIGHT_FORMATS), help="our weight formats to run")
     parser.add_argument("--corpora", default="shakespeare,python-docs")
     parser.add_argument("--quality-bytes", type=int, default=32_000, help="text per corpus for bits per byte; 0: skip")
+    parser.add_argument("--rounded-logits", action="store_true",
+                        help="also decode each format with its bf16-rounded logits alone (no fp32 rescoring)")
     parser.add_argument("--json", help="also write the results here")
     add_threads_argument(parser)
     args = parser.parse_args()
@@ -142,9 +173,12 @@ def main() -> None:
     reference = transformers_model()
     arms = {REFERENCE: lambda ids, c, n: decode_transformers(reference, ids, c, n)}
     levels = [int(c) for c in args.clients.split(",")]
+    outputs = {"": settings.serve_exact_top_k or None} | ({", rounded logits": None} if args.rounded_logits else {})
     for weights in args.formats.split(","):
-        decoder = BatchDecoder(convert_linears(copy.deepcopy(ours), weights, settings.serve_int8_max_rows), max(levels))
-        arms[f"ours {weights}"] = lambda ids, c, n, decoder=decoder: decode_ours(decoder, ids, c, n)
+        for label, top_k in outputs.items() if weights != "float32" else [("", None)]:
+            model = convert_linears(copy.deepcopy(ours), weights, settings.serve_int8_max_rows, top_k)
+            decoder = BatchDecoder(model, max(levels))
+            arms[f"ours {weights}{label}"] = lambda ids, c, n, decoder=decoder: decode_ours(decoder, ids, c, n)
     corpora = args.corpora.split(",")
     rates, ratios = throughput(arms, prompt_ids, levels, args.tokens, args.repeats)
     results = {
@@ -152,7 +186,7 @@ def main() -> None:
         f"{torch.get_num_threads()} torch threads of {__import__('os').cpu_count()} CPUs",
         "threads": torch.get_num_threads(), "clients": levels, "tokens": args.tokens, "corpora": corpora,
         "tokens_per_s": rates, "ratios": ratios,
-        "quality": quality(ours, corpora, args.quality_bytes) if args.quality_bytes else {},
+        "quality": quality(ours, corpora, args.quality_bytes, settings.serve_exact_top_k) if args.quality_bytes else {},
     }
     print_report(results)
     if args.json:

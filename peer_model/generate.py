@@ -247,12 +247,12 @@ def completion_budget(model: nn.Module, prompt_ids: list[int], max_tokens: int) 
 
 def prefill(model: nn.Module, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """tokens (B, T) → logits of the last position (B, V); the cache then holds all T tokens."""
-    return model(tokens, cache)[:, -1]
+    return model.last_logits(tokens, cache)
 
 
 def decode_one_token(model: nn.Module, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """token (B,) → next logits (B, V)."""
-    return model(token.view(-1, 1), cache)[:, -1]
+    return model.last_logits(token.view(-1, 1), cache)
 
 
 def sample_tokens(model: nn.Module, prompt_ids: list[int], params: SamplingParams, budget: int) -> Iterator[int]:

@@ -158,7 +158,15 @@ class PEERTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """tokens: (B, T) → logits (B, T, vocab). With a cache, tokens continue what it holds."""
-        logits = self.lm_head(self.hidden(tokens, cache))
+        return self._logits(self.hidden(tokens, cache))
+
+    def last_logits(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens: (B, T) → the logits of the last position (B, vocab), what decoding needs: the output layer
+        runs on that position alone (a prompt's prefill would otherwise spend T × vocab × d on it)."""
+        return self._logits(self.hidden(tokens, cache)[:, -1])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
         scale = logit_scale(self.config)
         return logits if scale == 1.0 else logits * scale
 

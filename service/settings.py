@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     # BENCHMARKS.md 14)
     serve_weights: str = "int8"
     serve_int8_max_rows: int = Field(4, ge=1)  # int8 layers run calls of more rows (prefill, big batches) in bf16
+    # the output layer's top logits per row recomputed in fp32 (bf16/int8 products round logits to bf16, which
+    # ties near-tied tokens; peer_model/quantize.py RescoredOutput); 0: the rounded logits alone
+    serve_exact_top_k: int = Field(64, ge=0)
     worker_torch_threads: int = 0  # 0: torch's default (all cores)
     # processes one training job runs on, the expert tables split over them by columns (service/jobs/sharded_stage.py);
     # each gets a GPU of its own when there are as many, else they share the CPU cores (gloo)

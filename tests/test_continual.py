@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from fake_lm import FakeLM
 from peer_model.config import ModelConfig, PEERConfig
 from peer_model.continual import (
     BatchSparseSelection, ContinualOptions, MixedData, background_frequency, continual_stage, evaluate_all,
@@ -154,7 +155,7 @@ def test_facts_are_deterministic_and_distinct_across_stages():
         make_facts(-1, 10)
 
 
-class ForcingModel(nn.Module):
+class ForcingModel(FakeLM):
     """Stand-in language model: its logits force the continuation of the known sentence the context
     starts (``wrong``: always '#'). Works with and without the generation KV cache."""
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from fake_lm import FakeLM
 from peer_model.config import ModelConfig, PEERConfig
 from peer_model.generate import (
     MAX_STOP_STRINGS,
@@ -39,7 +40,7 @@ def model() -> PEERTransformer:
     return tiny_model()
 
 
-class ScriptedLM(nn.Module):
+class ScriptedLM(FakeLM):
     """Stands in for a model: whatever the context, it predicts ``script[n]`` as the n-th new token."""
 
     tokenizer = TOK

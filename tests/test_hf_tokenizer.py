@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from fake_lm import FakeLM
 from hf_fixtures import build_bpe_tokenizer_dir
 from peer_model.batching import BatchDecoder
 from peer_model.checkpoint import load_checkpoint, save_checkpoint
@@ -250,7 +251,7 @@ def tiny_model(hf: HFTokenizer, seed: int = 0) -> PEERTransformer:
     return model
 
 
-class ScriptLM(nn.Module):
+class ScriptLM(FakeLM):
     """Stands in for a model: records what it is fed, and predicts ``script[n]`` as the n-th new token."""
 
     def __init__(self, hf: HFTokenizer, script: list[int]):

@@ -7,7 +7,8 @@ from peer_model.batching import BatchDecoder
 from peer_model.config import ModelConfig, PEERConfig
 from peer_model.generate import SamplingParams
 from peer_model.model import PEERTransformer
-from peer_model.quantize import BFloat16Linear, Int8WeightOnlyLinear, convert_linears, int8_per_channel
+from peer_model.quantize import (BFloat16Linear, Int8WeightOnlyLinear, RescoredOutput, convert_linears,
+                                 int8_per_channel)
 
 
 def bf16(t: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,40 @@ def test_bfloat16_linear_rounds_weights_and_inputs_to_bf16():
     torch.testing.assert_close(BFloat16Linear(linear)(x), expected, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("fast", [BFloat16Linear, lambda linear: Int8WeightOnlyLinear(linear, max_rows=None)])
+def test_rescored_output_takes_its_top_logits_from_fp32_and_breaks_bf16_ties(fast):
+    """Logits of 25.20 and 25.21 come back from either kernel as the same bf16 value (a multiple of 0.125), so the
+    fast layer ties them and its argmax is the lower id; the rescored layer gives fp32's logits for its top k, so
+    fp32's argmax, and the fast logits elsewhere."""
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 40, bias=False)
+    x = torch.randn(3, 16)
+    x[0] = 0
+    x[0, 0] = 1
+    with torch.no_grad():
+        linear.weight.mul_(0.1)
+        linear.weight[3, 0], linear.weight[7, 0] = 25.20, 25.21
+        expected = linear(x)
+    plain = fast(linear)
+    rounded = plain(x)
+    assert rounded[0, 3] == rounded[0, 7] and int(rounded[0].argmax()) == 3
+    layer = RescoredOutput(plain, linear.weight, None, top_k=4)
+    got = layer(x)
+    assert int(got[0].argmax()) == 7 == int(expected[0].argmax())
+    top = rounded.topk(4, dim=-1).indices
+    torch.testing.assert_close(got.gather(-1, top), expected.gather(-1, top), rtol=1e-6, atol=1e-6)
+    rest = torch.ones_like(got, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.equal(got[rest], rounded[rest])
+
+
+def test_rescored_output_keeps_the_bias_and_the_input_shape():
+    torch.manual_seed(1)
+    linear = nn.Linear(32, 24, bias=True)
+    x = torch.randn(2, 5, 32)
+    layer = RescoredOutput(BFloat16Linear(linear), linear.weight, linear.bias, top_k=24)  # every logit rescored
+    torch.testing.assert_close(layer(x), linear(x).detach(), rtol=1e-6, atol=1e-6)
+
+
 def tiny_model() -> PEERTransformer:
     torch.manual_seed(0)
     config = ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=136, max_seq_len=64, peer_layers=[1],
@@ -73,6 +108,8 @@ def test_convert_linears_swaps_the_base_and_keeps_the_expert_layers(weights):
     convert_linears(model, weights, int8_max_rows=4)
     assert peer.query is query and peer.expert_down.dtype == torch.float32  # expert layers stay fp32
     assert model.embed.weight.dtype == torch.float32  # the tied table stays for the lookup
+    assert isinstance(model.lm_head, RescoredOutput)  # and rescores the top logits: no fp32 copy of it is made
+    assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
     kinds = {name: type(m) for name, m in model.named_modules() if name.startswith("blocks.0.")}
     assert kinds["blocks.0.attn.qkv"] is (Int8WeightOnlyLinear if weights == "int8" else BFloat16Linear)
     assert kinds["blocks.0.ffw.down"] is BFloat16Linear  # 136 inputs: not a whole number of int8 blocks
@@ -91,4 +128,6 @@ def test_convert_linears_swaps_the_base_and_keeps_the_expert_layers(weights):
 def test_convert_linears_refuses_unknown_formats():
     with pytest.raises(ValueError, match="weights must be one of"):
         convert_linears(tiny_model(), "fp8")
+    with pytest.raises(ValueError, match="exact_top_k must be None or >= 1"):
+        convert_linears(tiny_model(), "int8", exact_top_k=0)
     assert convert_linears(model := tiny_model(), "float32") is model

