@@ -101,6 +101,7 @@ ARMS = {arm.name: arm for arm in (
     Arm("pool-nogrow", "pool", job=(("new_experts", 0),)),
     Arm("pool-sparse", "pool", job=(("strategy", "sparse_finetune"),)),
     Arm("pool-4blocks", "pool", layers="6,12,18,24"),
+    Arm("pool-grow-freeze", "pool", job=(("freeze_old_experts", True),)),
 )}
 
 

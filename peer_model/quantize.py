@@ -100,7 +100,7 @@ class RescoredOutput(nn.Module):
         exact = torch.bmm(self.weight[top].to(x.dtype), flat.unsqueeze(-1)).squeeze(-1)
         if self.bias is not None:
             exact = exact + self.bias[top].to(x.dtype)
-        return logits.reshape(-1, vocab).scatter(-1, top, exact).view(logits.shape)
+        return logits.reshape(-1, vocab).scatter_(-1, top, exact).view(logits.shape)
 
 
 def convert_linears(model: nn.Module, weights: str, int8_max_rows: int | None = 4,
