@@ -163,6 +163,8 @@ def main() -> None:
     parser.add_argument("--quality-bytes", type=int, default=32_000, help="text per corpus for bits per byte; 0: skip")
     parser.add_argument("--rounded-logits", action="store_true",
                         help="also decode each format with its bf16-rounded logits alone (no fp32 rescoring)")
+    parser.add_argument("--base-layers", nargs="+", metavar="SPEC",
+                        help="also decode the base with PEER layers in these blocks (PEER_BASE_LAYERS specs)")
     parser.add_argument("--json", help="also write the results here")
     add_threads_argument(parser)
     args = parser.parse_args()
@@ -174,11 +176,14 @@ def main() -> None:
     arms = {REFERENCE: lambda ids, c, n: decode_transformers(reference, ids, c, n)}
     levels = [int(c) for c in args.clients.split(",")]
     outputs = {"": settings.serve_exact_top_k or None} | ({", rounded logits": None} if args.rounded_logits else {})
+    bases = {"": ours} | {f", PEER in {spec}": base_model(Settings(base_layers=spec))
+                          for spec in args.base_layers or []}
     for weights in args.formats.split(","):
         for label, top_k in outputs.items() if weights != "float32" else [("", None)]:
-            model = convert_linears(copy.deepcopy(ours), weights, settings.serve_int8_max_rows, top_k)
-            decoder = BatchDecoder(model, max(levels))
-            arms[f"ours {weights}{label}"] = lambda ids, c, n, decoder=decoder: decode_ours(decoder, ids, c, n)
+            for placed, base in bases.items():
+                model = convert_linears(copy.deepcopy(base), weights, settings.serve_int8_max_rows, top_k)
+                decoder = BatchDecoder(model, max(levels))
+                arms[f"ours {weights}{label}{placed}"] = lambda ids, c, n, d=decoder: decode_ours(d, ids, c, n)
     corpora = args.corpora.split(",")
     rates, ratios = throughput(arms, prompt_ids, levels, args.tokens, args.repeats)
     results = {

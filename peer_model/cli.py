@@ -181,8 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_retrofit(args: argparse.Namespace) -> None:
     base = load_hf(args.hf_dir, max_seq_len=args.max_seq_len)
     peer = PEERConfig(num_experts=args.experts, heads=args.peer_heads, top_k=args.top_k, d_key=args.d_key)
-    layers = args.layers if args.layers in ("middle", "all") else args.layers.split(",")
-    model = retrofit(base, peer, layers, args.branch, args.base_trains, seed=args.seed)
+    model = retrofit(base, peer, args.layers, args.branch, args.base_trains, seed=args.seed)
     save_checkpoint(model, args.out, extra={"retrofit_of": str(Path(args.hf_dir).resolve())})
     print(json.dumps({"out": args.out, "family": model.config.hf_config["model_type"],
                       "peer_layers": model.config.peer_layers, "branch": args.branch,
@@ -309,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retrofit", help="insert PEER layers into a pretrained model (Hugging Face directory or GGUF)")
     p.add_argument("hf_dir", help="a local model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--layers", default="middle", help="middle, all, or comma-separated block indices")
+    p.add_argument("--layers", default="middle", help="middle, all, spread:K, or comma-separated block indices")
     p.add_argument("--branch", default="parallel", choices=["parallel", "replace"],
                    help="beside the block's feed-forward (function-preserving) or in its place")
     p.add_argument("--base-trains", default="none", choices=list(BASE_TRAINS),

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from peer_model.config import ATTENTION_KINDS, BASE_TRAINS, FFW_KINDS, ModelConfig, MoEConfig, PEERConfig
 from peer_model.continual import STRATEGIES
+from peer_model.hf.retrofit import SPREAD
 from peer_model.presets import PRESETS
 from peer_model.probe import MAX_ITEMS
 from peer_model.quantize import WEIGHT_FORMATS
@@ -279,8 +280,10 @@ class Settings(BaseSettings):
     @field_validator("peer_layers", "base_layers")
     @classmethod
     def _blocks(cls, value: str, info) -> str:
-        if value not in ("middle", "all") and not all(part.strip().isdigit() for part in value.split(",")):
-            raise ValueError(f'{info.field_name} must be "middle", "all" or comma-separated block indices')
+        spread = info.field_name == "base_layers" and SPREAD.fullmatch(value) is not None  # a depth-free spec
+        if value not in ("middle", "all") and not spread and not all(p.strip().isdigit() for p in value.split(",")):
+            kinds = '"middle", "all", "spread:K"' if info.field_name == "base_layers" else '"middle", "all"'
+            raise ValueError(f"{info.field_name} must be {kinds} or comma-separated block indices")
         return value
 
     @field_validator("preset", mode="before")

@@ -17,6 +17,7 @@ and every continual strategy work on the result like on any PEER model.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import torch
@@ -25,16 +26,31 @@ from ..config import ModelConfig, PEERConfig
 from ..model import PEERTransformer
 
 
+SPREAD = re.compile(r"spread:([0-9]+)")
+
+
 def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
-    """``middle`` (the paper's single middle block), ``all``, or block indices."""
+    """``middle`` (the paper's single middle block), ``all``, ``spread:K`` (K blocks evenly spaced through the
+    depth, none at either end: 6, 12, 18, 24 of 30 for K = 4), or block indices ("1,3" or a list)."""
     if spec == "middle":
         return [n_layers // 2]
     if spec == "all":
         return list(range(n_layers))
-    layers = sorted({int(i) for i in (spec.split(",") if isinstance(spec, str) else spec)})
+    spread = SPREAD.fullmatch(spec) if isinstance(spec, str) else None
+    if spread is not None:
+        count = int(spread.group(1))
+        if not 1 <= count <= n_layers:
+            raise ValueError(f"retrofit layers {spec!r}: between 1 and {n_layers} blocks, got {count}")
+        return sorted({n_layers * (i + 1) // (count + 1) for i in range(count)} if count < n_layers
+                      else range(n_layers))
+    try:
+        layers = sorted({int(i) for i in (spec.split(",") if isinstance(spec, str) else spec)})
+    except ValueError:
+        layers = []
     bad = [i for i in layers if not 0 <= i < n_layers]
     if not layers or bad:
-        raise ValueError(f"retrofit layers must be 'middle', 'all' or indices in 0..{n_layers - 1}, got {spec!r}")
+        raise ValueError(f"retrofit layers must be 'middle', 'all', 'spread:K' or indices in 0..{n_layers - 1}, "
+                         f"got {spec!r}")
     return layers
 
 

@@ -78,6 +78,19 @@ def test_peer_layers_setting_places_the_expert_blocks():
     assert Settings(n_layers=4, peer_layers="0,3").fresh_model_config().peer_layers == [0, 3]
     with pytest.raises(ValueError):
         Settings(peer_layers="every")
+    with pytest.raises(ValueError, match='"middle", "all" or'):
+        Settings(peer_layers="spread:4")  # a fresh model's blocks are counted by PEER_N_LAYERS: indices do
+
+
+@pytest.mark.parametrize("spec", ["middle", "all", "spread:4", "6,12"])
+def test_base_layers_setting_takes_a_depth_free_spread(spec):
+    assert Settings(base_layers=spec).base_layers == spec
+
+
+@pytest.mark.parametrize("spec", ["spread", "spread:x", "spread:-1", "every"])
+def test_base_layers_setting_refuses_other_specs(spec):
+    with pytest.raises(ValueError, match='base_layers must be "middle", "all", "spread:K"'):
+        Settings(base_layers=spec)
 
 
 def test_a_job_on_a_pretrained_base_replays_its_samples_beside_the_earlier_corpora():
