@@ -35,7 +35,9 @@ one after another and skips those already done, so an interrupted run resumes at
   and ``pool-expert-lr3e-3``: that with the experts at the byte-level model's rate (the service's defaults
   before this benchmark); ``pool-nogrow``: without growth; ``pool-sparse``: Sparse Memory
   Finetuning (the experts this batch uses more than the background, per batch); ``pool-4blocks``: PEER in 4
-  of the 30 blocks.
+  of the 30 blocks (6, 12, 18, 24: the service's PEER_BASE_LAYERS default, ``spread:4``, since this benchmark;
+  the middle block alone before); ``pool-4blocks-freeze``: that with the old experts frozen (the job option
+  ``freeze_old_experts``: only each stage's new segment learns, so masking it can take the stage back).
 
 Every arm's randomness comes from its seed alone (the stage's batches, growth, LoRA's initialisation), so its
 result does not depend on which arms ran before it. The base's evaluation is computed once and shared.
@@ -101,7 +103,7 @@ ARMS = {arm.name: arm for arm in (
     Arm("pool-nogrow", "pool", job=(("new_experts", 0),)),
     Arm("pool-sparse", "pool", job=(("strategy", "sparse_finetune"),)),
     Arm("pool-4blocks", "pool", layers="6,12,18,24"),
-    Arm("pool-grow-freeze", "pool", job=(("freeze_old_experts", True),)),
+    Arm("pool-4blocks-freeze", "pool", layers="6,12,18,24", job=(("freeze_old_experts", True),)),
 )}
 
 

@@ -146,7 +146,9 @@ class Settings(BaseSettings):
     # a packaged base's name (peer_model/hf/bases.py), a Hugging Face model directory (Llama, Qwen, Mistral, GPT-2)
     # or a GGUF file; None (PEER_BASE_MODEL=fresh): a fresh byte-level model of the shape below
     base_model: str | None = "smollm2"
-    base_layers: str = "middle"  # blocks that get a PEER layer: "middle", "all" or indices "1,3"
+    # blocks that get a PEER layer: "spread:K" (K blocks evenly through the depth), "middle", "all" or indices "1,3";
+    # 4 blocks learnt 1.8x the facts and 1.5x the new text of the middle block alone (BENCHMARKS.md 15)
+    base_layers: str = "spread:4"
     base_branch: str = "parallel"  # parallel: beside the dense feed-forward (function kept); replace: instead of it
     base_trains: str = "none"  # what trains besides the experts: none (a frozen base), norms, all
     base_max_seq_len: int = 2048  # the context served (at most the model's own); the KV cache grows with it

@@ -31,7 +31,8 @@ SPREAD = re.compile(r"spread:([0-9]+)")
 
 def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
     """``middle`` (the paper's single middle block), ``all``, ``spread:K`` (K blocks evenly spaced through the
-    depth, none at either end: 6, 12, 18, 24 of 30 for K = 4), or block indices ("1,3" or a list)."""
+    depth, none at either end: 6, 12, 18, 24 of 30 for K = 4; every block of a base with at most K), or block
+    indices ("1,3" or a list)."""
     if spec == "middle":
         return [n_layers // 2]
     if spec == "all":
@@ -39,8 +40,8 @@ def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
     spread = SPREAD.fullmatch(spec) if isinstance(spec, str) else None
     if spread is not None:
         count = int(spread.group(1))
-        if not 1 <= count <= n_layers:
-            raise ValueError(f"retrofit layers {spec!r}: between 1 and {n_layers} blocks, got {count}")
+        if count < 1:
+            raise ValueError(f"retrofit layers {spec!r}: at least 1 block")
         return sorted({n_layers * (i + 1) // (count + 1) for i in range(count)} if count < n_layers
                       else range(n_layers))
     try:

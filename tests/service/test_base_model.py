@@ -73,7 +73,8 @@ def test_version_1_is_the_retrofit_and_generates_what_the_pretrained_model_does(
     assert f'id="served-base">{base_dir}</b>' in http.get("/ui/versions").text  # the console says it too
     version = ok(http.get("/v1/versions/1"))
     assert version["active"] and sent == []  # no bootstrap training on a pretrained base
-    assert version["model_config"]["peer_layers"] == [1] and version["model_config"]["peer_branch"] == "parallel"
+    # the default PEER_BASE_LAYERS, spread:4, puts a PEER layer in each block of this 2-block base
+    assert version["model_config"]["peer_layers"] == [0, 1] and version["model_config"]["peer_branch"] == "parallel"
     assert version["model_config"]["max_seq_len"] == 128 and "pretrained" in version["gate_reason"]
     tokenizer = reference.tokenizer
     for prompt in PROMPTS:
