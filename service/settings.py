@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     # or a GGUF file; None (PEER_BASE_MODEL=fresh): a fresh byte-level model of the shape below
     base_model: str | None = "smollm2"
     # blocks that get a PEER layer: "spread:K" (K blocks evenly through the depth), "middle", "all" or indices "1,3";
-    # 4 blocks learnt 1.8x the facts and 1.5x the new text of the middle block alone (BENCHMARKS.md 15)
+    # 4 blocks learnt 1.7x the facts and 1.5x the new text of the middle block alone (BENCHMARKS.md 15)
     base_layers: str = "spread:4"
     base_branch: str = "parallel"  # parallel: beside the dense feed-forward (function kept); replace: instead of it
     base_trains: str = "none"  # what trains besides the experts: none (a frozen base), norms, all
