@@ -128,6 +128,8 @@ def test_served_formats_reply_to_the_chat_example_as_transformers_does(ours, ref
     ids = ours.tokenizer.encode(ours.tokenizer.apply_chat_template(CHATS[0]))
     decoder = BatchDecoder(model, 1)
     decoder.add(ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
-    reply = [step.token_id for _ in range(NEW_TOKENS) if len(decoder) for _, step in decoder.step()]
+    reply = []
+    while len(decoder):
+        reply += [step.token_id for _, step in decoder.step()]
     assert reply == greedy(reference, ids)
     assert ours.tokenizer.decode(reply).startswith("The capital of France is Paris.")
