@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import platform
 import statistics
 import sys
@@ -107,16 +106,18 @@ def next_token_scores(model, data: TokenData, seq_len: int = 512, batch_size: in
             nats += F.cross_entropy(logits, targets.flatten(), reduction="sum").item()
             count += targets.numel()
             greedy.append(logits.argmax(-1))
-    return nats / count / math.log(2) / data.bytes_per_token, torch.cat(greedy)
+    return data.bits_per_byte(nats, count), torch.cat(greedy)
 
 
 def quality(model, corpora: list[str], max_bytes: int, exact_top_k: int) -> dict:
     """Per weight format and output layer (``rescored``: its top ``exact_top_k`` logits in fp32, as served;
-    ``rounded``: the kernel's logits alone), on each corpus: bits per byte and the share of positions whose greedy
-    next token is fp32's; the bits per byte cost relative to fp32 averaged over the corpora."""
-    arms = {"float32": ("float32", None)}
+    ``rounded``: the kernel's logits alone; no ``rescored`` arm when ``exact_top_k`` is 0), on each corpus: bits per
+    byte and the share of positions whose greedy next token is fp32's; the bits per byte cost relative to fp32
+    averaged over the corpora."""
+    arms = {"float32": ("float32", 0)}
     for weights in WEIGHT_FORMATS[1:]:
-        arms |= {f"{weights}, rescored": (weights, exact_top_k), f"{weights}, rounded": (weights, None)}
+        arms |= ({f"{weights}, rescored": (weights, exact_top_k)} if exact_top_k else {}) | {
+            f"{weights}, rounded": (weights, 0)}
     out: dict[str, dict] = {}
     for corpus in corpora:
         data = TokenData.from_text(load_corpus(corpus, max_bytes=max_bytes), model.tokenizer)
@@ -175,11 +176,11 @@ def main() -> None:
     reference = transformers_model()
     arms = {REFERENCE: lambda ids, c, n: decode_transformers(reference, ids, c, n)}
     levels = [int(c) for c in args.clients.split(",")]
-    outputs = {"": settings.serve_exact_top_k or None} | ({", rounded logits": None} if args.rounded_logits else {})
+    outputs = {"": settings.serve_exact_top_k} | ({", rounded logits": 0} if args.rounded_logits else {})
     bases = {"": ours} | {f", PEER in {spec}": base_model(Settings(base_layers=spec))
                           for spec in args.base_layers or []}
     for weights in args.formats.split(","):
-        for label, top_k in outputs.items() if weights != "float32" else [("", None)]:
+        for label, top_k in outputs.items() if weights != "float32" else [("", 0)]:
             for placed, base in bases.items():
                 model = convert_linears(copy.deepcopy(base), weights, settings.serve_int8_max_rows, top_k)
                 decoder = BatchDecoder(model, max(levels))

@@ -141,7 +141,7 @@ class BatchDecoder:
                 span = max(s.cached for s in self.rows) + 1
                 running = KVCache(cache.keys[:, :n], cache.values[:, :n], lengths=cache.lengths[:n], span=span)
                 tokens = torch.tensor(pending, dtype=torch.long, device=self.device).view(n, 1)
-                logits = self.model(tokens, running)[:, -1]  # (n, vocab)
+                logits = self.model.last_logits(tokens, running)  # (n, vocab)
             for i, sequence in enumerate(self.rows):
                 sequence.cached += 1
                 sequence.pending = int(sample_next(logits[i : i + 1], sequence.params, sequence.generator,
@@ -195,7 +195,7 @@ class DecodeGraphs:
     def _step(self, b: int) -> torch.Tensor:
         cache = self.cache
         rows = KVCache(cache.keys[:, :b], cache.values[:, :b], lengths=cache.lengths[:b], span=cache.keys.shape[3])
-        return self.model(self.tokens[:b], rows)[:, -1]
+        return self.model.last_logits(self.tokens[:b], rows)
 
     def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         lengths = self.cache.lengths[:b].clone()

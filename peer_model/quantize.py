@@ -104,20 +104,20 @@ class RescoredOutput(nn.Module):
 
 
 def convert_linears(model: nn.Module, weights: str, int8_max_rows: int | None = 4,
-                    exact_top_k: int | None = 64) -> nn.Module:
+                    exact_top_k: int = 64) -> nn.Module:
     """Swap, in place, every ``nn.Linear`` of ``model`` outside its expert layers (``model.expert_layers()``,
     when it has them) for the ``weights`` format (:data:`WEIGHT_FORMATS`; ``float32`` changes nothing);
     returns ``model``. A tied output layer gets its own copy (the embedding table stays fp32).
     ``int8_max_rows``: see :class:`Int8WeightOnlyLinear`. The output layer (``model.lm_head``) becomes a
-    :class:`RescoredOutput` with ``exact_top_k`` logits recomputed in fp32 (None: the fast logits alone)."""
+    :class:`RescoredOutput` with ``exact_top_k`` logits recomputed in fp32 (0: the fast logits alone)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     if weights == "float32":
         return model
     if int8_max_rows is not None and int8_max_rows < 1:
         raise ValueError(f"int8_max_rows must be None or >= 1, got {int8_max_rows}")
-    if exact_top_k is not None and exact_top_k < 1:
-        raise ValueError(f"exact_top_k must be None or >= 1, got {exact_top_k}")
+    if exact_top_k < 0:
+        raise ValueError(f"exact_top_k must be >= 0, got {exact_top_k}")
     experts = getattr(model, "expert_layers", dict)().values()
     kept = {id(m) for layer in experts for m in layer.modules()}
     output = getattr(model, "lm_head", None)
@@ -127,7 +127,7 @@ def convert_linears(model: nn.Module, weights: str, int8_max_rows: int | None = 
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and id(child) not in kept:
                 fast = _converted(child, weights, int8_max_rows)
-                if child is output and exact_top_k is not None:
+                if child is output and exact_top_k:
                     fast = RescoredOutput(fast, child.weight, child.bias, exact_top_k)
                 setattr(parent, name, fast)
     return model

@@ -164,6 +164,11 @@ class TokenData:
     def __len__(self) -> int:
         return self.tokens.numel()
 
+    def bits_per_byte(self, nats: float, tokens: int) -> float:
+        """``nats`` of next-token cross-entropy summed over ``tokens`` predicted tokens of this text, in bits per
+        byte of its UTF-8 text (see :func:`evaluate_bpb`)."""
+        return nats / tokens / math.log(2) / self.bytes_per_token
+
     def sample_batch(
         self, batch_size: int, seq_len: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,7 +445,7 @@ def evaluate_bpb(
         model.train(was_training)
     if count == 0:
         raise ValueError(f"no evaluation window: {len(data)} tokens")
-    return total_nats / count / math.log(2) / data.bytes_per_token
+    return data.bits_per_byte(total_nats, count)
 
 
 # ---- training ------------------------------------------------------------------------------------

@@ -128,6 +128,8 @@ def test_convert_linears_swaps_the_base_and_keeps_the_expert_layers(weights):
 def test_convert_linears_refuses_unknown_formats():
     with pytest.raises(ValueError, match="weights must be one of"):
         convert_linears(tiny_model(), "fp8")
-    with pytest.raises(ValueError, match="exact_top_k must be None or >= 1"):
-        convert_linears(tiny_model(), "int8", exact_top_k=0)
+    with pytest.raises(ValueError, match="exact_top_k must be >= 0"):
+        convert_linears(tiny_model(), "int8", exact_top_k=-1)
     assert convert_linears(model := tiny_model(), "float32") is model
+    fast_only = convert_linears(tiny_model(), "bfloat16", exact_top_k=0)  # PEER_SERVE_EXACT_TOP_K=0: no rescoring
+    assert isinstance(fast_only.lm_head, BFloat16Linear)

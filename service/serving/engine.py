@@ -235,7 +235,7 @@ class ModelHost:
             raise NotReady(f"version {version_id} cannot be loaded: {type(exc).__name__}: {exc}") from None
         if model.embed.weight.device.type == "cpu":
             convert_linears(model, self.settings.serve_weights, self.settings.serve_int8_max_rows,
-                            self.settings.serve_exact_top_k or None)
+                            self.settings.serve_exact_top_k)
         for layer in model.peer_layers().values():
             layer.track_usage = True
         graphs = self.settings.cuda_graphs and model.embed.weight.is_cuda
