@@ -37,7 +37,8 @@ one after another and skips those already done, so an interrupted run resumes at
   Finetuning (the experts this batch uses more than the background, per batch); ``pool-4blocks``: PEER in 4
   of the 30 blocks (6, 12, 18, 24: the service's PEER_BASE_LAYERS default, ``spread:4``, since this benchmark;
   the middle block alone before); ``pool-4blocks-freeze``: that with the old experts frozen (the job option
-  ``freeze_old_experts``: only each stage's new segment learns, so masking it can take the stage back).
+  ``freeze_old_experts``: only each stage's new segment learns, so masking it can take the stage back);
+  ``pool-8blocks``: PEER in 8 of the 30 blocks (``spread:8``: 3, 6, 10, 13, 16, 20, 23, 26).
 
 Every arm's randomness comes from its seed alone (the stage's batches, growth, LoRA's initialisation), so its
 result does not depend on which arms ran before it. The base's evaluation is computed once and shared.
@@ -104,6 +105,7 @@ ARMS = {arm.name: arm for arm in (
     Arm("pool-sparse", "pool", job=(("strategy", "sparse_finetune"),)),
     Arm("pool-4blocks", "pool", layers="6,12,18,24"),
     Arm("pool-4blocks-freeze", "pool", layers="6,12,18,24", job=(("freeze_old_experts", True),)),
+    Arm("pool-8blocks", "pool", layers="spread:8"),
 )}
 
 
@@ -438,7 +440,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-batches", type=int, default=4)
-    parser.add_argument("--forget-stages", type=int, nargs="+", default=[1, 2],
+    parser.add_argument("--forget-stages", type=int, nargs="*", default=[1, 2],
                         help="the stages (from 0) whose segments are masked after the stream, one at a time")
     parser.add_argument("--out", type=Path, default=RUNS)
     add_threads_argument(parser)
