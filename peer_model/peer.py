@@ -41,7 +41,7 @@ from .config import PEERConfig
 from .dynamic_k import DynamicK, kept_slots
 from .experts import expert_mix, expert_mix_reference
 from .pool import ExpertGrid, Segment
-from .retrieval import multihead_retrieve
+from .retrieval import Regions, multihead_retrieve
 
 
 class PEER(nn.Module):
@@ -101,7 +101,7 @@ class PEER(nn.Module):
         cfg = self.config
         queries = self.query_norm(self.query(x))
         return multihead_retrieve(queries, self.sub_keys1, self.sub_keys2, self.grid, cfg.d_key, cfg.retrieved_k,
-                                  self.reference, self._sub_key_offsets(queries))
+                                  self.reference, self._retrieval_regions(queries))
 
     def _keep_first(self, gates: torch.Tensor, ids: torch.Tensor,
                     importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,10 +117,18 @@ class PEER(nn.Module):
         ids = torch.where(keep, ids, ids[:, :, :1])
         return gates.reshape(m, -1), ids.reshape(m, -1), keep.reshape(m, -1)
 
-    def _sub_key_offsets(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Score offsets per sub-key of each half from the segments' offsets; None while every segment
-        is active (the common case after training: retrieval then adds nothing)."""
-        if self._open_progress is None and all(s.status == "active" for s in self.grid.segments):
+    def _retrieval_regions(self, queries: torch.Tensor) -> Regions | None:
+        """The cells retrieval may select, as regions of :func:`~peer_model.retrieval.multihead_retrieve`; None
+        while every segment is active (the common case after training: retrieval then adds nothing).
+
+        The first region is every open sub-key's row and column, with the segments' offsets (a closed
+        segment's sub-keys at ``-inf``, an opening one's at its opening offset). That is exact for a closed
+        segment with no open segment after it. A closed segment *s* followed by open ones adds two regions: its
+        rows × the later open segments' columns, and the later open segments' rows × its columns; their cells are
+        the later segments' (a cell belongs to the newer of its row's and its column's segments, pool.py), so
+        masking a corpus' segment takes exactly its experts out of reach and no later one."""
+        segments = self.grid.segments
+        if self._open_progress is None and all(s.status == "active" for s in segments):
             return None
         offsets = self.segment_offsets
         if self._open_progress is not None:
@@ -130,7 +138,16 @@ class PEER(nn.Module):
                                                       dtype=torch.bool)
             offsets = torch.where(opening, -(1.0 - self._open_progress) * self._open_margin, offsets)
         row_segment, col_segment = self.grid.row_segments(offsets.device)
-        return offsets[row_segment], offsets[col_segment]
+        regions = [(offsets[row_segment], offsets[col_segment])]
+        closed = [s.status == "masked" or (s.status == "new" and self._open_progress is None) for s in segments]
+        for index in range(len(segments)):
+            if closed[index] and not all(closed[index + 1:]):
+                own = torch.full_like(offsets, float("-inf"))
+                own[index] = 0.0
+                later = offsets.clone()
+                later[: index + 1] = float("-inf")
+                regions += [(own[row_segment], later[col_segment]), (later[row_segment], own[col_segment])]
+        return regions
 
     @torch.no_grad()
     def _score_margin(self, queries: torch.Tensor) -> torch.Tensor:
@@ -249,8 +266,8 @@ class PEER(nn.Module):
         self._open_progress = max(0.0, float(progress))
 
     def set_segment_status(self, index: int, status: str) -> Segment:
-        """``active``: in retrieval; ``new`` or ``masked``: out of reach (see pool.py for what that
-        covers when an older segment is masked)."""
+        """``active``: in retrieval; ``new`` or ``masked``: this segment's experts out of reach (and no
+        other: see :meth:`_retrieval_regions`)."""
         segment = self.grid.set_status(index, status)
         self.segment_offsets[index] = 0.0 if status == "active" else float("-inf")
         return segment

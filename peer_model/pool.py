@@ -16,10 +16,10 @@ O((rows + cols + k²) · d_key); an id, once given, never changes.
 
 A segment has a retrieval *status*: ``active`` experts compete in top-k; ``new`` ones (just grown, not
 yet trained) and ``masked`` ones (a corpus forgotten on request) do not. Exclusion is done on the
-sub-keys (see :meth:`ExpertGrid.row_segments`): a segment's own rows and columns are closed, so every
-cell on them is out of reach, including the cells of *later* segments that pair an older segment's
-row with a newer column. For the newest segment those are exactly its own cells; for an older masked
-segment they also include later experts grown on its sub-keys.
+sub-keys (see :meth:`ExpertGrid.row_segments`): a segment's own rows and columns are closed. For the
+newest segment those hold exactly its own cells; an older masked segment's rows and columns also hold
+cells of *later* segments (an older row with a newer column), which the PEER layer searches as extra
+regions so that they stay in reach (peer_model/peer.py ``_retrieval_regions``).
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ Both functions take queries already split in halves, ``q1, q2: (M, d_key/2)``, t
 that numbers their cells, and return ``(scores, ids)``, both ``(M, k)``, best first.
 The score of expert (i, j) is ``q1·keys1[i] + q2·keys2[j]`` (+ ``offsets1[i] + offsets2[j]`` when the
 sub-keys carry score offsets: a separable bias keeps the product-key search exact, and ``-inf`` takes a
-sub-key, and every cell on it, out of reach).
+sub-key, and every cell on it, out of reach). A set of cells that is not one product of rows and columns (a
+masked segment's cells without the later cells that share its sub-keys, see pool.py) is searched as a union
+of disjoint *regions*, each one such product given by its own offsets (:func:`multihead_retrieve`).
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class _ScoreTopK(torch.autograd.Function):
 
 
 Offsets = tuple[torch.Tensor, torch.Tensor] | None  # per-sub-key score offsets of each half, or none
+Regions = list[tuple[torch.Tensor, torch.Tensor]]  # disjoint products of rows and columns, each by its offsets
 
 
 def product_key_topk(
@@ -91,17 +94,24 @@ def brute_force_topk(
 
 def multihead_retrieve(
     queries: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, grid: ExpertGrid, d_key: int, k: int,
-    reference: bool = False, offsets: Offsets = None,
+    reference: bool = False, regions: Regions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """queries (M, heads * d_key), already normalised → (weights, ids), both (M, heads * k): each head's
     exact top-k over the shared product keys, its k scores softmaxed (weights sum to 1 within a head); scores and
     weights are fp32 whatever the queries' dtype.
-    ``reference``: the brute-force search; ``offsets``: per-sub-key score offsets (rows,), (cols,).
-    Shared by the PEER layer and product-key memory."""
+    ``reference``: the brute-force search. ``regions``: the searched cells as disjoint products of rows and
+    columns, each given by per-sub-key score offsets (rows,), (cols,) (``-inf`` outside it); None: every cell.
+    Several regions are searched one by one and their top-k merged: exact, since a cell of the union's top-k is
+    in its own region's top-k. The first region must hold at least k cells, so that no out-of-region cell (at
+    ``-inf``) is ever picked. Shared by the PEER layer and product-key memory."""
     m, heads = queries.shape[0], queries.shape[1] // d_key
     q = queries.reshape(-1, d_key)  # (M * heads, d_key)
     half = d_key // 2
     retrieve = brute_force_topk if reference else product_key_topk
-    scores, ids = retrieve(q[:, :half], q[:, half:], keys1, keys2, grid, k, offsets)
+    found = [retrieve(q[:, :half], q[:, half:], keys1, keys2, grid, k, offsets) for offsets in regions or [None]]
+    scores, ids = found[0]
+    if len(found) > 1:
+        scores, best = torch.cat([s for s, _ in found], dim=1).topk(k, dim=-1)
+        ids = torch.cat([i for _, i in found], dim=1).gather(1, best)
     weights = torch.softmax(scores, dim=-1)
     return weights.view(m, heads * k), ids.view(m, heads * k)  # M may be 0 (a process with no tokens)

@@ -71,21 +71,44 @@ def test_fast_path_equals_brute_force_after_growth():
     assert bool((ids >= 24 * 24).any()), "new experts must be reachable by retrieval"
 
 
+@torch.no_grad()
+def cell_by_cell_topk(layer, x):
+    """Independent reference: every expert's full key scored, the experts of closed segments at -inf, top-k."""
+    cfg, n = layer.config, layer.num_experts
+    queries = layer.query_norm(layer.query(x)).reshape(-1, cfg.d_key).float()
+    i, j = layer.grid.id_to_cell(torch.arange(n))
+    scores = queries @ torch.cat([layer.sub_keys1[i], layer.sub_keys2[j]], dim=1).float().t()
+    closed = torch.tensor([s.status != "active" for s in layer.segments])
+    scores = scores.masked_fill(closed[layer.grid.segment_of(torch.arange(n))], float("-inf"))
+    return scores.topk(cfg.retrieved_k, dim=-1).indices.view(x.shape[0], -1)
+
+
 @pytest.mark.parametrize("statuses", [("new", "new", "new"), ("active", "masked", "active"),
-                                      ("masked", "active", "new")])
+                                      ("masked", "active", "new"), ("masked", "masked", "active")])
 def test_closed_segments_are_out_of_reach_and_search_stays_exact(statuses):
+    """A closed segment's experts are never selected, and no other expert is lost: the selection is the
+    cell-by-cell top-k over the open segments' experts, including later experts on a masked segment's
+    rows and columns (masking a corpus must not take another corpus' experts with it)."""
     fast, reference = grown_pair()
     for layer in (fast, reference):
         for index, status in enumerate(statuses, start=1):
             layer.set_segment_status(index, status)
-    x = torch.randn(4, 16, D_MODEL)
+        with torch.no_grad():  # grown sub-keys as long as the old ones (as trained), so that cells pairing two grown
+            layer.sub_keys1[24:] *= 2  # sub-keys compete (at half the length, as grown, they are rarely selected)
+            layer.sub_keys2[24:] *= 2
+    x = torch.randn(4, 64, D_MODEL)
     assert_same_forward_and_backward(fast, reference, x)
     ids = fast.route(x.reshape(-1, D_MODEL))[1]
+    expected = cell_by_cell_topk(fast, x.reshape(-1, D_MODEL))
+    assert torch.equal(ids, expected)
+    closed = torch.tensor([False] + [s != "active" for s in statuses])
+    assert not bool(closed[fast.grid.segment_of(ids)].any()), "a closed segment's expert was selected"
+    assert bool((ids >= 24 * 24).any()) == ("active" in statuses)
     rows, cols = fast.grid.id_to_cell(ids)
     row_segment, col_segment = fast.grid.row_segments(ids.device)
-    closed = torch.tensor([False] + [s != "active" for s in statuses])
-    assert not bool((closed[row_segment[rows]] | closed[col_segment[cols]]).any()), "a closed sub-key was selected"
-    assert bool((ids >= 24 * 24).any()) == ("active" in statuses)
+    on_closed_sub_keys = closed[row_segment[rows]] | closed[col_segment[cols]]
+    shares_sub_keys = "masked" in statuses and "active" in statuses[statuses.index("masked"):]
+    assert bool(on_closed_sub_keys.any()) == shares_sub_keys, "later experts on a masked segment's sub-keys"
 
 
 def test_opening_segments_search_stays_exact():
