@@ -116,8 +116,9 @@ def quality(model, corpora: list[str], max_bytes: int, exact_top_k: int) -> dict
     averaged over the corpora."""
     arms = {"float32": ("float32", 0)}
     for weights in WEIGHT_FORMATS[1:]:
-        arms |= ({f"{weights}, rescored": (weights, exact_top_k)} if exact_top_k else {}) | {
-            f"{weights}, rounded": (weights, 0)}
+        if exact_top_k:
+            arms[f"{weights}, rescored"] = (weights, exact_top_k)
+        arms[f"{weights}, rounded"] = (weights, 0)
     out: dict[str, dict] = {}
     for corpus in corpora:
         data = TokenData.from_text(load_corpus(corpus, max_bytes=max_bytes), model.tokenizer)
